@@ -2,29 +2,41 @@
 
 Why a writer thread: the ``libsql`` client is synchronous, and an asyncio loop (the bridge's,
 the webhooks') must never wait on the database. Every write is queued; the writer drains the
-queue into ONE transaction (up to ``batch_max_rows`` statements or ``batch_max_wait_ms``),
+queue into ONE transaction (up to ``batch_max_rows`` queued writes or ``batch_max_wait_ms``),
 commits, then resolves each caller's future. A future resolves only after its row is
 committed, so "acknowledged" always means "durable": a process killed mid-batch loses only
 writes nobody was told about.
 
-If a batch fails (a constraint, a dropped connection), it is rolled back and replayed one
-statement per transaction so a single bad write fails alone and the others still land.
+Why rows are coalesced: against a remote server (sqld, Turso) every statement inside an
+interactive transaction is one HTTP round trip (~1.6 ms on loopback), and ``executemany`` is
+one request per row. Consecutive plain ``INSERT INTO t (…) VALUES (?, …)`` writes of the same
+statement (single ``submit``s or ``submit_many`` rows) are therefore sent as one multi-row
+``INSERT … VALUES (…), (…), …`` per chunk, with bound parameters only. The embedded file takes
+the same path; it is faster there too.
 
-Reads use one connection per reading thread (embedded: WAL lets them run beside the writer).
+If a batch fails (a constraint, a dropped connection), it is rolled back and replayed one
+queued write per transaction, so a single bad write fails alone and the others still land.
+``submit_script`` queues several statements as one write: they commit together or not at all
+(migrations depend on that).
+
+Reads use one connection per reading thread (embedded: WAL lets them run beside the writer);
+async callers go through a small reader pool.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import libsql
 
@@ -35,6 +47,11 @@ log = logging.getLogger("xswarm.store")
 
 Params = Sequence[Any]
 T = TypeVar("T")
+
+_PARAMS_PER_STATEMENT = 8000
+"""Bound parameters in one multi-row INSERT (SQLite's limit is 32,766); large enough that a
+remote batch is a handful of requests, small enough to keep each request modest."""
+_ROWS_PER_STATEMENT = 1000
 
 
 class StoreError(Exception):
@@ -72,7 +89,11 @@ class Target:
     @classmethod
     def from_settings(cls, settings: Settings) -> "Target":
         if settings.database.url:
-            return cls(settings.database.url, secret(settings.database.auth_token))
+            url = settings.database.url
+            # Turso hands out libsql:// URLs; the Python client speaks Hrana over HTTPS for them.
+            if url.startswith("libsql://"):
+                url = "https://" + url[len("libsql://") :]
+            return cls(url, secret(settings.database.auth_token))
         path = settings.database.path or resolve_paths().database
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         return cls(str(path))
@@ -80,13 +101,47 @@ class Target:
 
 @dataclass
 class _Write:
+    kind: Literal["one", "many", "script"]
     sql: str
-    params: Params
-    many: bool = False
-    """``params`` is a sequence of parameter tuples for one statement (executemany)."""
+    params: Any
+    """``one``: a parameter tuple; ``many``: a list of them; ``script``: (sql, params) pairs."""
     returning: bool = False
     """Collect the statement's result rows for the caller."""
     future: concurrent.futures.Future[Any] = field(default_factory=concurrent.futures.Future)
+
+    def rows(self) -> list[tuple[Any, ...]]:
+        return [self.params] if self.kind == "one" else self.params
+
+
+@dataclass(frozen=True)
+class _InsertShape:
+    """A plain single-row INSERT that can be widened to many rows."""
+
+    head: str
+    group: str
+    columns: int
+
+    def statement(self, rows: int) -> str:
+        return self.head + " " + ",".join([self.group] * rows)
+
+
+_PLAIN_INSERT = re.compile(
+    r"^\s*(INSERT\s+INTO\s+[\w\"\[\]`.]+\s*\([^()]*\)\s*VALUES)\s*(\(\s*\?(?:\s*,\s*\?)*\s*\))\s*;?\s*$",
+    re.IGNORECASE,
+)
+
+
+@functools.lru_cache(maxsize=256)
+def _insert_shape(sql: str) -> _InsertShape | None:
+    """The shape of ``sql`` if it is a plain INSERT of one row of ``?`` placeholders.
+
+    Statements with a conflict clause, RETURNING, OR IGNORE, expressions or literals are not
+    coalesced: their per-row result matters to the caller or cannot be widened safely."""
+    match = _PLAIN_INSERT.match(sql)
+    if not match:
+        return None
+    group = re.sub(r"\s+", "", match.group(2))
+    return _InsertShape(match.group(1), group, group.count("?"))
 
 
 _STOP = object()
@@ -101,6 +156,8 @@ class Database:
         self.batch_max_wait_s = batch_max_wait_ms / 1000
         self._queue: queue.SimpleQueue[_Write | object] = queue.SimpleQueue()
         self._local = threading.local()
+        self._reader_conns: list[Any] = []
+        self._reader_lock = threading.Lock()
         self._writer: threading.Thread | None = None
         self._readers = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="xswarm-db-read")
         self.commits = 0
@@ -120,10 +177,19 @@ class Database:
         """Open the writer connection and start the writer thread."""
         if self._writer is None:
             ready: concurrent.futures.Future[None] = concurrent.futures.Future()
-            self._writer = threading.Thread(target=self._write_loop, args=(ready,), name="xswarm-db-writer", daemon=True)
-            self._writer.start()
-            ready.result()  # raises StoreError if the database cannot be opened
+            writer = threading.Thread(target=self._write_loop, args=(ready,), name="xswarm-db-writer", daemon=True)
+            writer.start()
+            try:
+                ready.result()  # raises StoreError if the database cannot be opened
+            except BaseException:
+                writer.join()
+                raise
+            self._writer = writer
         return self
+
+    @property
+    def started(self) -> bool:
+        return self._writer is not None
 
     def close(self) -> None:
         """Flush queued writes, then stop the writer and the readers."""
@@ -132,6 +198,13 @@ class Database:
             self._writer.join()
             self._writer = None
         self._readers.shutdown(wait=True)
+        with self._reader_lock:
+            conns, self._reader_conns = self._reader_conns, []
+        for conn in conns:
+            try:
+                conn.close()
+            except Exception:
+                pass
 
     def __enter__(self) -> "Database":
         return self.start()
@@ -144,11 +217,18 @@ class Database:
     def submit(self, sql: str, params: Params = (), *, returning: bool = False) -> concurrent.futures.Future[Any]:
         """Queue one statement; the future resolves (rows if ``returning``, else rowcount)
         once it is committed, or fails with ``StoreError``."""
-        return self._put(_Write(sql, tuple(params), returning=returning))
+        return self._put(_Write("one", sql, tuple(params), returning=returning))
 
     def submit_many(self, sql: str, rows: Sequence[Params]) -> concurrent.futures.Future[Any]:
-        """Queue one statement for many parameter rows (one future for all of them)."""
-        return self._put(_Write(sql, [tuple(r) for r in rows], many=True))
+        """Queue one statement for many parameter rows (one future for all of them; it
+        resolves to the number of rows)."""
+        return self._put(_Write("many", sql, [tuple(r) for r in rows]))
+
+    def submit_script(self, statements: Sequence[str | tuple[str, Params]]) -> concurrent.futures.Future[Any]:
+        """Queue several statements that must commit together or not at all (one write
+        item, one transaction). The future resolves to the list of rowcounts."""
+        pairs = [(s, ()) if isinstance(s, str) else (s[0], tuple(s[1])) for s in statements]
+        return self._put(_Write("script", "", pairs))
 
     def write(self, sql: str, params: Params = (), *, returning: bool = False) -> Any:
         """Blocking write for threads and the CLI (never call it on an event loop)."""
@@ -161,6 +241,11 @@ class Database:
     def _put(self, item: _Write) -> concurrent.futures.Future[Any]:
         if self._writer is None:
             raise StoreError("database is not started")
+        shape = _insert_shape(item.sql) if item.kind != "script" and not item.returning else None
+        if shape is not None and any(len(row) != shape.columns for row in item.rows()):
+            # Caught here because a widened statement would shift the other rows' values.
+            item.future.set_exception(StoreError(f"expected {shape.columns} parameters per row for: {item.sql}"))
+            return item.future
         self._queue.put(item)
         return item.future
 
@@ -170,8 +255,10 @@ class Database:
         """Blocking read on this thread's own connection."""
         try:
             return self._reader().execute(sql, tuple(params)).fetchall()
+        except StoreError:
+            raise
         except Exception as exc:  # libsql raises ValueError / its own errors for everything
-            self._local.conn = None  # a broken remote connection is reopened next time
+            self._drop_reader()  # a broken remote connection is reopened next time
             raise StoreError(f"read failed: {exc}") from exc
 
     async def aquery(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
@@ -184,6 +271,12 @@ class Database:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._readers, fn, self)
 
+    def ping(self) -> float:
+        """Round trip of ``SELECT 1`` in seconds (the doctor and health checks use it)."""
+        started = time.perf_counter()
+        self.query("SELECT 1")
+        return time.perf_counter() - started
+
     def _reader(self) -> Any:
         conn = getattr(self._local, "conn", None)
         if conn is None:
@@ -192,7 +285,17 @@ class Database:
             except Exception as exc:
                 raise StoreError(f"cannot open {self.target.describe()}: {exc}") from exc
             self._local.conn = conn
+            with self._reader_lock:
+                self._reader_conns.append(conn)
         return conn
+
+    def _drop_reader(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            with self._reader_lock:
+                if conn in self._reader_conns:
+                    self._reader_conns.remove(conn)
 
     # --------------------------------------------------------------------- writer thread
 
@@ -200,6 +303,8 @@ class Database:
         conn: Any = None
         try:
             conn = self.target.connect()
+            if self.target.remote:
+                conn.execute("SELECT 1").fetchall()  # a remote connect is lazy: prove it answers
         except Exception as exc:
             ready.set_exception(StoreError(f"cannot open {self.target.describe()}: {exc}"))
             return
@@ -213,8 +318,8 @@ class Database:
             deadline = time.monotonic() + self.batch_max_wait_s
             while len(batch) < self.batch_max_rows:
                 try:
-                    timeout = max(0.0, deadline - time.monotonic())
-                    item = self._queue.get(timeout=timeout) if timeout else self._queue.get_nowait()
+                    timeout = deadline - time.monotonic()
+                    item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if item is _STOP:
@@ -232,7 +337,8 @@ class Database:
         try:
             results = self._run(conn, batch)
         except Exception as exc:
-            log.warning("batch of %d failed (%s); replaying one by one", len(batch), exc)
+            if len(batch) > 1:
+                log.warning("batch of %d writes failed (%s); replaying one by one", len(batch), exc)
             conn = self._reconnect(conn)
             for item in batch:
                 try:
@@ -248,18 +354,27 @@ class Database:
         return conn
 
     def _run(self, conn: Any, batch: list[_Write]) -> list[Any]:
-        results: list[Any] = []
+        results: list[Any] = [None] * len(batch)
         conn.execute("BEGIN")
         try:
-            for item in batch:
-                if item.many:
-                    cur = conn.executemany(item.sql, item.params)
-                    results.append(len(item.params))
-                    self.rows_written += len(item.params)
-                else:
-                    cur = conn.execute(item.sql, item.params)
-                    results.append(cur.fetchall() if item.returning else cur.rowcount)
-                    self.rows_written += 1
+            i = 0
+            while i < len(batch):
+                item = batch[i]
+                shape = _insert_shape(item.sql) if item.kind != "script" and not item.returning else None
+                if shape is None:
+                    results[i] = self._execute(conn, item)
+                    i += 1
+                    continue
+                # A run of writes of the same plain INSERT becomes a few multi-row statements.
+                rows: list[tuple[Any, ...]] = []
+                j = i
+                while j < len(batch) and batch[j].sql == item.sql and batch[j].kind != "script" and not batch[j].returning:
+                    item_rows = batch[j].rows()
+                    rows.extend(item_rows)
+                    results[j] = len(item_rows)
+                    j += 1
+                self._insert_rows(conn, shape, rows)
+                i = j
             conn.commit()
         except Exception:
             try:
@@ -270,10 +385,34 @@ class Database:
         self.commits += 1
         return results
 
+    def _execute(self, conn: Any, item: _Write) -> Any:
+        if item.kind == "script":
+            counts = []
+            for sql, params in item.params:
+                counts.append(conn.execute(sql, params).rowcount)
+            self.rows_written += len(counts)
+            return counts
+        if item.kind == "many":
+            conn.executemany(item.sql, item.params)
+            self.rows_written += len(item.params)
+            return len(item.params)
+        cur = conn.execute(item.sql, item.params)
+        self.rows_written += 1
+        return cur.fetchall() if item.returning else cur.rowcount
+
+    def _insert_rows(self, conn: Any, shape: _InsertShape, rows: list[tuple[Any, ...]]) -> None:
+        per = max(1, min(_ROWS_PER_STATEMENT, _PARAMS_PER_STATEMENT // max(1, shape.columns)))
+        for start in range(0, len(rows), per):
+            chunk = rows[start : start + per]
+            conn.execute(shape.statement(len(chunk)), [value for row in chunk for value in row])
+        self.rows_written += len(rows)
+
     def _reconnect(self, conn: Any) -> Any:
         """After a failure the connection may be dead (remote) or mid-transaction; renew it."""
         try:
             conn.rollback()
+            if self.target.remote:
+                conn.execute("SELECT 1").fetchall()
             return conn
         except Exception:
             pass

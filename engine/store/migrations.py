@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from engine.config import Settings
 from engine.store.db import Database, StoreError
 
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
@@ -49,24 +50,41 @@ def applied(db: Database) -> set[int]:
 
 
 def migrate(db: Database) -> list[Migration]:
-    """Apply every pending migration; returns the ones applied now."""
+    """Apply every pending migration; returns the ones applied now.
+
+    Each migration and its ``schema_migrations`` row are ONE write item (``submit_script``),
+    so they commit together or not at all. When another node applies the same version first,
+    our insert of its row conflicts, the whole script rolls back, and we count it as done."""
     done = applied(db)
     pending = [m for m in available() if m.version not in done]
+    applied_now = []
     for migration in pending:
-        statements = [s.strip() for s in _split(migration.sql) if s.strip()]
-        futures = [db.submit(s) for s in statements]
-        futures.append(
-            db.submit(
+        statements: list[str | tuple[str, tuple[object, ...]]] = [s.strip() for s in _split(migration.sql) if s.strip()]
+        statements.append(
+            (
                 "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
                 (migration.version, migration.name, int(time.time() * 1000)),
             )
         )
         try:
-            for future in futures:
-                future.result()
+            db.submit_script(statements).result()
         except StoreError as exc:
+            if migration.version in applied(db):
+                continue
             raise StoreError(f"migration {migration.version:04d}_{migration.name} failed: {exc}") from exc
-    return pending
+        applied_now.append(migration)
+    return applied_now
+
+
+def open_database(settings: Settings) -> Database:
+    """The started, migrated database the settings point at (the runtime and CLI use this)."""
+    db = Database.from_settings(settings).start()
+    try:
+        migrate(db)
+    except BaseException:
+        db.close()
+        raise
+    return db
 
 
 def version(db: Database) -> int:

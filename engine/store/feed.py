@@ -1,0 +1,128 @@
+"""The ``events`` table: the feed of what happened (calls, messages, payments, supervisor
+actions) that the TUI shows and that survives restarts.
+
+High-rate samples (latency, ticks, system load, transcript tokens) are not feed items: they
+go to metrics and live panels only. ``recorder(db)`` is a bus subscriber that appends every
+other event without waiting, so publishing from the 80 ms tick never touches the database.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from engine.events import Event
+from engine.logging_setup import mask_phone
+from engine.store.db import Database
+
+SAMPLE_TYPES = frozenset({"LatencySampled", "TickSampled", "SystemSampled", "TranscriptAppended"})
+"""Event types too frequent or too fine-grained to keep in the feed."""
+
+_INSERT = "INSERT INTO events (at, type, call_id, user_id, summary, payload) VALUES (?, ?, ?, ?, ?, ?)"
+_SUMMARY_MAX = 500
+
+
+@dataclass(frozen=True)
+class FeedEntry:
+    id: int
+    at: int
+    """Unix milliseconds."""
+    type: str
+    call_id: str | None
+    user_id: str | None
+    summary: str | None
+    payload: dict[str, Any] | None
+
+
+def append(
+    db: Database,
+    *,
+    type: str,
+    summary: str,
+    call_id: str | None = None,
+    user_id: str | None = None,
+    payload: dict[str, Any] | None = None,
+    at_ms: int | None = None,
+) -> concurrent.futures.Future[Any]:
+    """Queue one feed row; the future resolves once it is committed."""
+    return db.submit(
+        _INSERT,
+        (
+            at_ms if at_ms is not None else int(time.time() * 1000),
+            type,
+            call_id,
+            user_id,
+            summary[:_SUMMARY_MAX],
+            json.dumps(payload, separators=(",", ":"), default=str) if payload is not None else None,
+        ),
+    )
+
+
+def summarize(event: Event) -> str:
+    """One human line for an event; callers' numbers are masked."""
+    fields = dataclasses.asdict(event)  # type: ignore[call-overload]
+    if isinstance(fields.get("summary"), str):
+        return fields["summary"]
+    parts = []
+    for name, value in fields.items():
+        if name == "at" or value is None or value == "" or isinstance(value, (list, dict)):
+            continue
+        if name in ("caller", "phone"):
+            value = mask_phone(str(value))
+        parts.append(f"{name}={value}")
+    return " ".join(parts)
+
+
+def append_event(db: Database, event: Event) -> concurrent.futures.Future[Any]:
+    """Queue a bus event as a feed row (type = its class name, payload = its wire form)."""
+    wire = event.to_wire()
+    at = wire.get("at")
+    return append(
+        db,
+        type=type(event).__name__,
+        summary=summarize(event),
+        call_id=wire.get("call_id"),
+        user_id=wire.get("user_id"),
+        payload=wire,
+        at_ms=int(at * 1000) if isinstance(at, (int, float)) else None,
+    )
+
+
+def recorder(db: Database) -> Callable[[Event], None]:
+    """A bus subscriber that keeps every non-sample event in the feed, without blocking."""
+
+    def record(event: Event) -> None:
+        if type(event).__name__ not in SAMPLE_TYPES:
+            append_event(db, event)
+
+    return record
+
+
+def recent(
+    db: Database, limit: int = 100, *, type: str | None = None, call_id: str | None = None, before_id: int | None = None
+) -> list[FeedEntry]:
+    """Newest first; ``before_id`` pages further back."""
+    clauses, params = [], []
+    for column, value in (("type", type), ("call_id", call_id)):
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            params.append(value)
+    if before_id is not None:
+        clauses.append("id < ?")
+        params.append(before_id)
+    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    rows = db.query(
+        f"SELECT id, at, type, call_id, user_id, summary, payload FROM events{where} ORDER BY id DESC LIMIT ?",
+        (*params, max(1, min(int(limit), 10_000))),
+    )
+    return [FeedEntry(*row[:6], json.loads(row[6]) if row[6] else None) for row in rows]
+
+
+def prune(db: Database, older_than_ms: int) -> int:
+    """Delete feed rows older than the cut-off; returns how many went."""
+    return int(db.write("DELETE FROM events WHERE at < ?", (older_than_ms,)))
