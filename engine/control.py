@@ -1,0 +1,253 @@
+"""Supervisor actions on live calls, one code path for every front end.
+
+The supervisor socket, the embedded TUI and ``xswarm attach`` all end here: ``CallControl``
+checks the actor's role, applies the command to the live ``CallSession`` (engine/calls.py),
+writes the action to ``audit_log`` and publishes ``SupervisorActed`` so every other console
+sees it. It runs on the runtime loop; the session methods it calls are cheap and take effect
+at the next 80 ms tick.
+
+Results are plain dicts (``{"ok": True, …}`` or ``{"ok": False, "error": …, "code": …}``) so the
+socket can send them as they are and the TUI can show them without knowing the protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+from xml.sax.saxutils import escape
+
+from engine.config import secret
+from engine.events import (
+    Command,
+    HandBack,
+    HangUp,
+    Listen,
+    Mute,
+    StartLocalCall,
+    SupervisorActed,
+    TakeOver,
+    Transfer,
+    Unlisten,
+    Unmute,
+    Whisper,
+)
+
+if TYPE_CHECKING:
+    from engine.runtime import Runtime
+
+log = logging.getLogger("xswarm.control")
+
+Tap = Callable[[str, Any], None]
+"""tap(direction "caller"|"ai", float32 24 kHz frame) as in ``CallSession.add_tap``."""
+
+ACTIONS: dict[type[Command], str] = {
+    Listen: "listen",
+    Unlisten: "unlisten",
+    Whisper: "whisper",
+    Mute: "mute",
+    Unmute: "unmute",
+    TakeOver: "takeover",
+    HandBack: "handback",
+    HangUp: "hangup",
+    Transfer: "transfer",
+    StartLocalCall: "start_local_call",
+}
+"""Command class -> the action name used in audit_log, SupervisorActed and docs."""
+
+MONITOR_ACTIONS = frozenset({"listen", "unlisten"})
+"""What the read-only role may do: watching and listening change nothing on the call."""
+
+_E164 = re.compile(r"^\+[1-9]\d{6,14}$")
+TRANSFER_TIMEOUT_S = 10.0
+
+
+class ControlError(Exception):
+    """A command that cannot be applied; ``code`` is machine-readable for clients."""
+
+    def __init__(self, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.extra = extra
+
+
+class CallControl:
+    """Applies supervisor commands to live calls. One instance per front end is fine:
+    exclusivity of takeover lives in the ``CallSession`` itself."""
+
+    def __init__(self, runtime: "Runtime") -> None:
+        self.runtime = runtime
+        self._taps: dict[tuple[str, str], Callable[[], None]] = {}
+        """(actor, call_id) -> the function that removes that actor's tap."""
+        self._held: dict[str, set[str]] = {}
+        """actor -> call ids this actor has taken over (for hand-back when it goes away)."""
+
+    # ------------------------------------------------------------------------------- API
+
+    async def execute(self, command: Command, actor: str, role: str, *, tap: Tap | None = None) -> dict[str, Any]:
+        """Check, apply, audit and announce one command. Never raises for a bad command:
+        the answer says what went wrong."""
+        action = ACTIONS.get(type(command))
+        call_id = getattr(command, "call_id", None)
+        detail: dict[str, Any] = {}
+        try:
+            if action is None:
+                raise ControlError("invalid", f"{type(command).__name__} is not a supervisor command")
+            if role not in ("operator", "monitor"):
+                raise ControlError("forbidden", f"unknown role {role!r}")
+            if role != "operator" and action not in MONITOR_ACTIONS:
+                raise ControlError("forbidden", f"the {role} role may only watch and listen; {action} needs an operator token")
+            result = await self._apply(action, command, actor, tap, detail)
+        except ControlError as exc:
+            answer = {"ok": False, "error": str(exc), "code": exc.code, **exc.extra}
+            await self._audit(actor, role, action or type(command).__name__, call_id, detail, f"error: {exc}")
+            return answer
+        except Exception as exc:  # a bug or a dead socket in the session must not kill the caller
+            log.exception("%s on %s failed", action, call_id)
+            await self._audit(actor, role, action or "?", call_id, detail, f"error: {exc}")
+            return {"ok": False, "error": f"{action} failed: {exc}", "code": "failed"}
+        await self._audit(actor, role, action, call_id, detail, "ok")
+        return {"ok": True, **result}
+
+    async def release(self, actor: str, role: str, reason: str) -> None:
+        """Undo what ``actor`` holds: stop its taps and hand back its takeovers (a supervisor
+        whose socket dropped must never leave a caller talking to nobody)."""
+        for key in [k for k in self._taps if k[0] == actor]:
+            remove = self._taps.pop(key)
+            _quietly(remove)
+        for call_id in sorted(self._held.pop(actor, set())):
+            call = self.runtime.calls.get(call_id)
+            if call is None or call.operator != actor:
+                continue
+            try:
+                call.hand_back(actor)
+                result = "ok"
+            except Exception as exc:
+                log.exception("automatic hand-back of %s failed", call_id)
+                result = f"error: {exc}"
+            await self._audit(actor, role, "handback", call_id, {"reason": reason, "automatic": True}, result)
+
+    def listening(self, actor: str) -> list[str]:
+        return sorted(call_id for a, call_id in self._taps if a == actor)
+
+    def holding(self, actor: str) -> list[str]:
+        return sorted(self._held.get(actor, ()))
+
+    # ---------------------------------------------------------------------------- actions
+
+    async def _apply(self, action: str, command: Command, actor: str, tap: Tap | None, detail: dict[str, Any]) -> dict[str, Any]:
+        if action == "start_local_call":
+            return await self._start_local_call()
+        call_id: str = command.call_id  # type: ignore[attr-defined]
+        call = self.runtime.calls.get(call_id)
+        if action == "unlisten":
+            remove = self._taps.pop((actor, call_id), None)
+            if remove is None:
+                raise ControlError("not_listening", f"not listening to {call_id}")
+            _quietly(remove)
+            return {"call_id": call_id}
+        if call is None:
+            raise ControlError("not_found", f"no live call {call_id}")
+        if action == "listen":
+            if tap is None:
+                raise ControlError("invalid", "listen needs an audio sink")
+            previous = self._taps.pop((actor, call_id), None)
+            if previous is not None:
+                _quietly(previous)
+            self._prune_taps()
+            self._taps[(actor, call_id)] = call.add_tap(tap)
+        elif action == "whisper":
+            text = command.text.strip()  # type: ignore[attr-defined]
+            if not text:
+                raise ControlError("invalid", "whisper text is empty")
+            detail["text"] = text
+            call.whisper(text)
+        elif action in ("mute", "unmute"):
+            call.mute(action == "mute")
+        elif action == "takeover":
+            self._session_call(call.take_over, actor, call)
+            self._held.setdefault(actor, set()).add(call_id)
+        elif action == "handback":
+            self._session_call(call.hand_back, actor, call)
+            self._held.get(actor, set()).discard(call_id)
+        elif action == "hangup":
+            await call.hang_up(f"hung up by {actor}")
+        elif action == "transfer":
+            detail["to"] = await self._transfer(call)
+        return {"call_id": call_id, "mode": call.mode, "operator": call.operator}
+
+    @staticmethod
+    def _session_call(method: Callable[[str], None], actor: str, call: Any) -> None:
+        from engine.calls import CallControlError
+
+        try:
+            method(actor)
+        except CallControlError as exc:
+            raise ControlError("conflict", str(exc), operator=call.operator) from None
+
+    async def _transfer(self, call: Any) -> str:
+        """Redirect the live Twilio call to ``<Dial>`` the transfer number (Twilio then ends the
+        media stream, and the bridge ends the call here)."""
+        tw = self.runtime.settings.twilio
+        number = tw.transfer_number
+        if not number or not _E164.match(number):
+            raise ControlError("unavailable", "no valid twilio.transfer_number (E.164) is configured")
+        if call.source != "twilio":
+            raise ControlError("unavailable", f"a {call.source} call cannot be transferred")
+        token = secret(tw.auth_token)
+        if not tw.account_sid or not token:
+            raise ControlError("unavailable", "Twilio credentials (account_sid, auth_token) are not configured")
+        import aiohttp  # only this action needs an HTTP client
+
+        twiml = f"<Response><Dial>{escape(number)}</Dial></Response>"
+        url = f"{tw.api_base_url.rstrip('/')}/2010-04-01/Accounts/{tw.account_sid}/Calls/{call.call_id}.json"
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TRANSFER_TIMEOUT_S)) as http:
+                async with http.post(url, data={"Twiml": twiml}, auth=aiohttp.BasicAuth(tw.account_sid, token)) as resp:
+                    if resp.status >= 300:
+                        body = await resp.text()
+                        raise ControlError("failed", f"Twilio refused the transfer ({resp.status}): {body[:300]}")
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise ControlError("failed", f"Twilio could not be reached: {exc or type(exc).__name__}") from None
+        return number
+
+    async def _start_local_call(self) -> dict[str, Any]:
+        start = getattr(self.runtime, "start_local_call", None)
+        if start is None:
+            raise ControlError("unavailable", "this runtime cannot start local-audio calls")
+        call_id = await start()
+        return {"call_id": call_id}
+
+    def _prune_taps(self) -> None:
+        """Forget taps of calls that have ended (the session dropped them with itself)."""
+        for key in [k for k in self._taps if self.runtime.calls.get(k[1]) is None]:
+            del self._taps[key]
+
+    # ------------------------------------------------------------------------------ audit
+
+    async def _audit(self, actor: str, role: str, action: str, call_id: str | None, detail: dict[str, Any], result: str) -> None:
+        """Write audit_log (awaited: an acknowledged action is an audited one) and tell every
+        console through the bus."""
+        at = time.time()
+        self.runtime.bus.publish(SupervisorActed(actor=actor, action=action, call_id=call_id, result=result, at=at))
+        db = self.runtime.db
+        if db is None:
+            return
+        from engine.store import audit
+
+        try:
+            await asyncio.wrap_future(
+                audit.record(db, actor=actor, role=role, action=action, call_id=call_id, detail=detail or None, result=result, at=at)
+            )
+        except Exception:
+            log.exception("could not write audit_log for %s by %s", action, actor)
+
+
+def _quietly(remove: Callable[[], None]) -> None:
+    try:
+        remove()
+    except Exception:
+        log.exception("removing a listen tap failed")

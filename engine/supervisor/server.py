@@ -1,0 +1,578 @@
+"""Supervisor server (:9999): the authenticated live feed, listen, whisper, takeover, metrics.
+
+One ``websockets`` server on the runtime loop serves three things on one port:
+``GET /health`` and ``GET /metrics`` (answered in ``process_request`` before any upgrade) and the
+WebSocket on ``/`` (protocol v1, engine/supervisor/protocol.py, docs/supervisor-protocol.md).
+
+Why the fan-out looks the way it does: the scheduler publishes on the bus every 80 ms, and a
+supervisor on a slow link must never make a call late. So the bus subscriber only hands the
+event to the loop; each event is serialised once; every client has its own bounded queues and
+its own writer task. Samples (latency, tick, system figures) are coalesced per key so an
+unsent one is replaced by the newer one; audio keeps only the newest frames; events and
+answers are kept in order up to a limit past which the client is disconnected (4408) —
+each drop and disconnect is counted in /metrics.
+
+Commands go to ``engine.control.CallControl``, the same code the embedded TUI uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import re
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from engine.control import CallControl
+from engine.events import (
+    CallEnded,
+    Event,
+    LatencySampled,
+    Listen,
+    SystemSampled,
+    TickSampled,
+    Unlisten,
+)
+from engine.supervisor import protocol as p
+from engine.supervisor.auth import Authenticator, Role, bearer, load_tokens
+
+if TYPE_CHECKING:
+    from engine.runtime import Runtime
+    from engine.telemetry.metrics import Metrics
+
+log = logging.getLogger("xswarm.supervisor")
+
+AUTH_TIMEOUT_S = 2.0
+SAMPLE_INTERVAL_S = 0.25
+"""Latency samples leave the server at most 4 times a second per call."""
+MAX_QUEUED_EVENTS = 2000
+"""Events and answers waiting for one client; past this it is too slow and is disconnected."""
+MAX_QUEUED_AUDIO = 12
+"""Audio frames waiting for one client (about 0.5 s of both directions); older ones are dropped:
+late audio is worth less than live audio."""
+SEND_STALL_S = 10.0
+"""A client whose socket accepted nothing for this long is disconnected."""
+MAX_CLIENTS = 100
+ERROR_INTERVAL_S = 1.0
+"""Errors about a client's audio frames are answered at most this often (12.5 frames a second
+of bad audio must not become 12.5 error messages)."""
+_NAME = re.compile(r"[^A-Za-z0-9_.@+-]")
+_SAMPLES = (LatencySampled, TickSampled, SystemSampled)
+
+
+@dataclass(eq=False)
+class _Listen:
+    """One listened call for one client: codec and per-direction encoder state."""
+
+    codec: str
+    encoders: dict[str, p.OpusEncoder] = field(default_factory=dict)
+    seq: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class _Client:
+    """A connected, authenticated supervisor and its outgoing queues."""
+
+    ws: ServerConnection
+    actor: str
+    role: Role
+    address: str
+    events: deque[str] = field(default_factory=deque)
+    samples: dict[tuple[str, str], str] = field(default_factory=dict)
+    audio: deque[bytes] = field(default_factory=lambda: deque(maxlen=MAX_QUEUED_AUDIO))
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    listens: dict[str, _Listen] = field(default_factory=dict)
+    decoders: dict[str, p.OpusDecoder] = field(default_factory=dict)
+    last_error_at: float = 0.0
+    closing: bool = False
+
+
+class SupervisorServer:
+    """The supervisor WebSocket, /health and /metrics of one runtime."""
+
+    def __init__(self, runtime: "Runtime") -> None:
+        self.runtime = runtime
+        self.control = CallControl(runtime)
+        self.port: int | None = None
+        self.metrics: "Metrics | None" = None
+        self._server: Server | None = None
+        self._auth: Authenticator | None = None
+        self._clients: set[_Client] = set()
+        self._header_roles: weakref.WeakKeyDictionary[ServerConnection, tuple[Role, str]] = weakref.WeakKeyDictionary()
+        self._numbers = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        self._unsubscribe: Callable[[], None] | None = None
+        self._last_system: SystemSampled | None = None
+        self._sample_sent: dict[str, float] = {}
+        self._sample_pending: dict[str, LatencySampled] = {}
+        self._sample_timers: dict[str, asyncio.TimerHandle] = {}
+
+    # ------------------------------------------------------------------------ lifecycle
+
+    async def start(self, host: str, port: int) -> None:
+        from engine.telemetry.metrics import Metrics
+
+        self._auth = Authenticator(load_tokens(self.runtime.settings))
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self.metrics = Metrics(self.runtime, supervisor=self)
+        self._unsubscribe = self.runtime.bus.subscribe(self._on_bus)
+        self._server = await serve(
+            self._handle,
+            host,
+            port,
+            process_request=self._process_request,
+            compression=None,  # deflate costs CPU per client per message; events are small
+            max_size=p.MAX_FRAME_BYTES,
+            max_queue=32,
+            ping_interval=10,
+            ping_timeout=10,
+            close_timeout=2,
+            server_header=None,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("supervisor listening on %s:%s", host, self.port)
+
+    async def stop(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        for timer in self._sample_timers.values():
+            timer.cancel()
+        self._sample_timers.clear()
+        if self._server is not None:
+            self._server.close(close_connections=True)
+            await self._server.wait_closed()
+            self._server = None
+        if self.metrics is not None:
+            self.metrics.close()
+
+    @property
+    def client_count(self) -> int:
+        return len(self._clients)
+
+    # ------------------------------------------------------------------------ HTTP side
+
+    async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        if path == "/health":
+            return _json_response(conn, 200, self._health())
+        if path == "/metrics":
+            assert self.metrics is not None
+            body, content_type = self.metrics.render()
+            response = conn.respond(200, "")
+            return _with_body(response, body, content_type)
+        if path != "/":
+            return conn.respond(404, "not found: the supervisor socket is at /, plus /health and /metrics\n")
+        if len(self._clients) >= MAX_CLIENTS:
+            return conn.respond(503, "too many supervisors connected\n")
+        address = _address(conn)
+        token = bearer(request.headers.get("Authorization"))
+        if token is None:
+            return None  # the client may still authenticate with its first message
+        role = self._check(address, token)
+        if role is None:
+            blocked = self._auth is not None and self._auth.blocked(address)
+            return conn.respond(429 if blocked else 401, "too many failed attempts\n" if blocked else "invalid token\n")
+        self._header_roles[conn] = (role, _name(request.headers.get("X-Xswarm-Name")) or role)
+        return None
+
+    def _health(self) -> dict[str, Any]:
+        model = self.runtime.model
+        return {
+            "status": "ok",
+            "node": self.runtime.node_id,
+            "model": model.name if model is not None else None,
+            "calls": len(self.runtime.calls),
+            "supervisors": len(self._clients),
+            "uptime_s": round(time.time() - self.runtime.started_at, 1),
+        }
+
+    def _check(self, address: str, token: str | None) -> Role | None:
+        """Role for a token, counting (and auditing) failures; None when refused."""
+        assert self._auth is not None
+        if self._auth.blocked(address):
+            if self.metrics is not None:
+                self.metrics.auth_failures.labels(reason="rate_limited").inc()
+            return None
+        role = self._auth.role_of(token)
+        if role is None:
+            self._auth.failed(address)
+            reason = "missing_token" if not token else "bad_token"
+            if self.metrics is not None:
+                self.metrics.auth_failures.labels(reason=reason).inc()
+            self._audit_login(address, None, f"error: {reason.replace('_', ' ')}")
+            log.warning("supervisor login from %s refused: %s", address, reason)
+            return None
+        self._auth.succeeded(address)
+        return role
+
+    def _audit_login(self, address: str, actor: str | None, result: str, role: str | None = None) -> None:
+        db = self.runtime.db
+        if db is None:
+            return
+        from engine.store import audit
+
+        future = audit.record(db, actor=actor or address, role=role, action="connect", detail={"address": address}, result=result)
+        future.add_done_callback(_log_failure)
+
+    # ------------------------------------------------------------------- socket handler
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        address = _address(ws)
+        held = self._header_roles.pop(ws, None)
+        if held is None:
+            held = await self._first_message_auth(ws, address)
+            if held is None:
+                return
+        role, name = held
+        actor = f"{name}#{next(self._numbers)}"
+        client = _Client(ws, actor, role, address)
+        self._audit_login(address, actor, "ok", role)
+        log.info("supervisor %s (%s) connected from %s", actor, role, address)
+        # Snapshot and registration in one synchronous step: no event can fall between them.
+        client.events.append(self._snapshot(client))
+        self._clients.add(client)
+        client.wake.set()
+        writer = asyncio.get_running_loop().create_task(self._writer(client), name=f"supervisor-writer-{actor}")
+        try:
+            async for message in ws:
+                if isinstance(message, str):
+                    await self._on_text(client, message)
+                else:
+                    self._on_audio(client, message)
+        except ConnectionClosed:
+            pass
+        finally:
+            self._clients.discard(client)
+            client.closing = True
+            writer.cancel()
+            await self.control.release(actor, role, "supervisor socket closed")
+            log.info("supervisor %s disconnected (%s)", actor, ws.close_code)
+
+    async def _first_message_auth(self, ws: ServerConnection, address: str) -> tuple[Role, str] | None:
+        """No Authorization header: the first message must be ``auth`` within 2 s."""
+        reason = "missing token"
+        try:
+            raw = await asyncio.wait_for(ws.recv(), AUTH_TIMEOUT_S)
+            request = p.parse_request(raw)
+            if request.type == p.AUTH:
+                token = request.body.get("token") if request.body else None
+                role = self._check(address, token if isinstance(token, str) else None)
+                if role is not None:
+                    return role, _name((request.body or {}).get("name")) or role
+                reason = "rate limited" if self._auth and self._auth.blocked(address) else "invalid token"
+            else:
+                self._check(address, None)
+        except (TimeoutError, asyncio.TimeoutError):
+            self._check(address, None)
+            reason = "no auth message within 2 s"
+        except p.ProtocolError:
+            self._check(address, None)
+        except ConnectionClosed:
+            return None
+        code = p.CLOSE_RATE_LIMITED if reason == "rate limited" else p.CLOSE_UNAUTHORIZED
+        await ws.close(code, reason)
+        return None
+
+    def _snapshot(self, client: _Client) -> str:
+        try:
+            state = dict(self.runtime.snapshot())
+        except Exception as exc:  # a half-started runtime still lets the supervisor in
+            log.exception("runtime snapshot failed")
+            state = {"error": f"snapshot incomplete: {exc}"}
+        state.update(
+            v=p.VERSION,
+            type=p.SNAPSHOT,
+            id=None,
+            you={"actor": client.actor, "role": client.role},
+            server_time=time.time(),
+            opus=p.opus_available(),
+        )
+        state.setdefault("system", self._last_system.to_wire() if self._last_system else None)
+        return p.encode(state)
+
+    # --------------------------------------------------------------------- client input
+
+    async def _on_text(self, client: _Client, text: str) -> None:
+        try:
+            request = p.parse_request(text)
+        except p.ProtocolError as exc:
+            self._push_event(client, p.error_frame(getattr(exc, "id", None), str(exc), code="bad_request"))
+            return
+        if request.type == p.PING:
+            self._push_event(client, p.encode({"v": p.VERSION, "type": p.PONG, "id": request.id, "server_time": time.time()}))
+            return
+        if request.type == p.AUTH:
+            self._push_event(client, p.error_frame(request.id, "already authenticated", code="bad_request"))
+            return
+        command = request.command
+        assert command is not None
+        tap = None
+        if isinstance(command, Listen):
+            codec = (request.body or {}).get("codec", "pcm16")
+            if codec not in p.CODECS:
+                self._push_event(client, p.error_frame(request.id, f"codec must be one of {', '.join(p.CODECS)}", code="bad_request"))
+                return
+            if codec == "opus" and not p.opus_available():
+                self._push_event(client, p.error_frame(request.id, "opus needs sphn on the server; use pcm16", code="unavailable"))
+                return
+            state = _Listen(codec)
+            tap = self._make_tap(client, command.call_id, state)
+        answer = await self.control.execute(command, client.actor, client.role, tap=tap)
+        if answer.pop("ok"):
+            if isinstance(command, Listen):
+                client.listens[command.call_id] = state
+            elif isinstance(command, Unlisten):
+                client.listens.pop(command.call_id, None)
+            self._push_event(client, p.ok_frame(request.id, type_of=request.type, **answer))
+        else:
+            self._push_event(client, p.error_frame(request.id, answer.pop("error"), type_of=request.type, **answer))
+
+    def _on_audio(self, client: _Client, data: bytes) -> None:
+        """Operator audio for a call this client has taken over."""
+        try:
+            frame = p.AudioFrame.unpack(data)
+            if frame.direction != "operator":
+                raise p.ProtocolError("clients may only send operator audio")
+            if client.role != "operator" or frame.call_id not in self.control.holding(client.actor):
+                raise p.ProtocolError(f"take over {frame.call_id} before sending audio to it")
+            call = self.runtime.calls.get(frame.call_id)
+            if call is None:
+                raise p.ProtocolError(f"no live call {frame.call_id}")
+            if frame.codec == "pcm16":
+                pcm = p.pcm16_to_float(frame.payload)
+            else:
+                decoder = client.decoders.get(frame.call_id)
+                if decoder is None:
+                    if not p.opus_available():
+                        raise p.ProtocolError("opus needs sphn on the server; send pcm16")
+                    decoder = client.decoders[frame.call_id] = p.OpusDecoder()
+                pcm = decoder.decode(frame.payload)
+                if len(pcm) > p.MAX_AUDIO_SAMPLES:
+                    raise p.ProtocolError("decoded Opus frame is over one second")
+            if len(pcm):
+                call.feed_operator_audio(pcm)
+        except p.ProtocolError as exc:
+            now = time.monotonic()
+            if now - client.last_error_at >= ERROR_INTERVAL_S:
+                client.last_error_at = now
+                self._push_event(client, p.error_frame(None, str(exc), code="bad_audio"))
+
+    def _make_tap(self, client: _Client, call_id: str, state: _Listen) -> Callable[[str, np.ndarray], None]:
+        """The function ``CallSession`` calls with each 80 ms frame of both directions. It may
+        run on the tick's thread, so it encodes there and only hands bytes to the loop."""
+        loop = self._loop
+        assert loop is not None
+
+        def tap(direction: str, pcm: np.ndarray) -> None:
+            if client.closing:
+                return
+            seq = state.seq.get(direction, 0)
+            state.seq[direction] = seq + 1
+            if state.codec == "opus":
+                encoder = state.encoders.get(direction)
+                if encoder is None:
+                    encoder = state.encoders[direction] = p.OpusEncoder()
+                payload = encoder.encode(pcm)
+            else:
+                payload = p.pcm16_bytes(pcm)
+            data = p.AudioFrame(call_id, direction, state.codec, seq, time.time(), payload).pack()
+            if threading.get_ident() == self._loop_thread:
+                self._push_audio(client, data)
+            else:
+                loop.call_soon_threadsafe(self._push_audio, client, data)
+
+        return tap
+
+    # ------------------------------------------------------------------------- fan-out
+
+    def _on_bus(self, event: Event) -> None:
+        """Bus subscriber: may run on any thread, so it only hands the event to the loop."""
+        if threading.get_ident() == self._loop_thread:
+            self._dispatch(event)
+        elif self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._dispatch, event)
+
+    def _dispatch(self, event: Event) -> None:
+        if isinstance(event, SystemSampled):
+            self._last_system = event
+        elif isinstance(event, LatencySampled):
+            if not self._due(event):
+                return
+        elif isinstance(event, CallEnded):
+            self._forget_call(event.call_id)
+        if not self._clients:
+            return
+        frame = p.event_frame(event)
+        if isinstance(event, _SAMPLES):
+            key = (type(event).__name__, getattr(event, "call_id", ""))
+            for client in self._clients:
+                self._push_sample(client, key, frame)
+        else:
+            for client in self._clients:
+                self._push_event(client, frame)
+
+    def _due(self, event: LatencySampled) -> bool:
+        """Coalesce latency samples to ≤ 4 Hz per call: send now when the last one left long
+        enough ago, else keep the newest and send it when its turn comes."""
+        now = time.monotonic()
+        last = self._sample_sent.get(event.call_id)
+        if last is None or now - last >= SAMPLE_INTERVAL_S:
+            self._sample_sent[event.call_id] = now
+            return True
+        self._sample_pending[event.call_id] = event
+        if event.call_id not in self._sample_timers and self._loop is not None:
+            self._sample_timers[event.call_id] = self._loop.call_later(last + SAMPLE_INTERVAL_S - now, self._flush_sample, event.call_id)
+        return False
+
+    def _flush_sample(self, call_id: str) -> None:
+        self._sample_timers.pop(call_id, None)
+        event = self._sample_pending.pop(call_id, None)
+        if event is not None:
+            self._sample_sent[call_id] = time.monotonic()
+            self._dispatch_sample(event)
+
+    def _dispatch_sample(self, event: LatencySampled) -> None:
+        frame = p.event_frame(event)
+        for client in self._clients:
+            self._push_sample(client, ("LatencySampled", event.call_id), frame)
+
+    def _forget_call(self, call_id: str) -> None:
+        self._sample_sent.pop(call_id, None)
+        self._sample_pending.pop(call_id, None)
+        timer = self._sample_timers.pop(call_id, None)
+        if timer is not None:
+            timer.cancel()
+        for client in self._clients:
+            client.listens.pop(call_id, None)
+            client.decoders.pop(call_id, None)
+
+    # ------------------------------------------------------------------ per-client queues
+
+    def _push_event(self, client: _Client, frame: str) -> None:
+        if client.closing:
+            return
+        if len(client.events) >= MAX_QUEUED_EVENTS:
+            self._drop_client(client, "event queue overflowed")
+            return
+        client.events.append(frame)
+        client.wake.set()
+
+    def _push_sample(self, client: _Client, key: tuple[str, str], frame: str) -> None:
+        if client.closing:
+            return
+        if key in client.samples:
+            del client.samples[key]  # the older unsent sample is superseded: drop it
+            self._count_drop("sample")
+        client.samples[key] = frame
+        client.wake.set()
+
+    def _push_audio(self, client: _Client, data: bytes) -> None:
+        if client.closing:
+            return
+        if len(client.audio) == MAX_QUEUED_AUDIO:
+            self._count_drop("audio")  # deque(maxlen) drops the oldest frame
+        client.audio.append(data)
+        client.wake.set()
+
+    def _count_drop(self, kind: str) -> None:
+        if self.metrics is not None:
+            self.metrics.dropped.labels(kind=kind).inc()
+
+    def _drop_client(self, client: _Client, why: str) -> None:
+        """Disconnect a client that cannot keep up (its hand-back happens in its handler)."""
+        if client.closing:
+            return
+        client.closing = True
+        client.events.clear()
+        client.samples.clear()
+        client.audio.clear()
+        if self.metrics is not None:
+            self.metrics.slow_disconnects.inc()
+        log.warning("disconnecting slow supervisor %s: %s", client.actor, why)
+        asyncio.get_running_loop().create_task(self._close_slow(client))
+
+    @staticmethod
+    async def _close_slow(client: _Client) -> None:
+        try:
+            await asyncio.wait_for(client.ws.close(p.CLOSE_TOO_SLOW, "too slow: queue overflowed"), 3.0)
+        except Exception:
+            pass
+        if client.ws.transport is not None:
+            client.ws.transport.abort()
+
+    async def _writer(self, client: _Client) -> None:
+        """Send the client's queues: answers and events first, then audio, then samples."""
+        ws = client.ws
+        try:
+            while not client.closing:
+                await client.wake.wait()
+                client.wake.clear()
+                while not client.closing:
+                    if client.events:
+                        message: str | bytes = client.events.popleft()
+                    elif client.audio:
+                        message = client.audio.popleft()
+                    elif client.samples:
+                        key = next(iter(client.samples))
+                        message = client.samples.pop(key)
+                    else:
+                        break
+                    try:
+                        async with asyncio.timeout(SEND_STALL_S):
+                            await ws.send(message)
+                    except TimeoutError:
+                        self._drop_client(client, f"nothing sent for {SEND_STALL_S:.0f} s")
+                        return
+        except ConnectionClosed:
+            pass
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def _address(conn: ServerConnection) -> str:
+    remote = conn.remote_address
+    return str(remote[0]) if remote else "unknown"
+
+
+def _name(value: Any) -> str | None:
+    """A display name a client offers for itself, cleaned for logs and the audit table."""
+    if not isinstance(value, str):
+        return None
+    cleaned = _NAME.sub("", value)[:40]
+    return cleaned or None
+
+
+def _json_response(conn: ServerConnection, status: int, body: dict[str, Any]) -> Response:
+    return _with_body(conn.respond(status, ""), json.dumps(body).encode(), "application/json")
+
+
+def _with_body(response: Response, body: bytes, content_type: str) -> Response:
+    headers = Headers(
+        (k, v) for k, v in response.headers.raw_items() if k.lower() not in ("content-type", "content-length")
+    )
+    headers["Content-Type"] = content_type
+    headers["Content-Length"] = str(len(body))
+    return Response(response.status_code, response.reason_phrase, headers, body)
+
+
+def _log_failure(future: Any) -> None:
+    exc = future.exception()
+    if exc is not None:
+        log.error("could not write audit_log: %s", exc)

@@ -1,0 +1,137 @@
+"""Prometheus metrics of one runtime, served by the supervisor server at ``GET /metrics``.
+
+Why a custom collector for most of it: the hot paths (the 80 ms tick, every bridge frame) keep
+their own ``engine.telemetry.latency.Histogram`` and plain counters, and observing a second,
+locked prometheus histogram per frame would double that cost. The collector reads those
+objects only when Prometheus scrapes. Counters that have no other home (webhooks, supervisor
+clients) are ordinary prometheus-client metrics in this registry.
+
+Every name starts with ``xswarm_``; each ``Metrics`` has its own ``CollectorRegistry`` so two
+runtimes in one process (tests) never share counters.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from engine.events import CallRefused, Event, WebhookFailed, WebhookReceived
+
+if TYPE_CHECKING:
+    from engine.runtime import Runtime
+    from engine.supervisor.server import SupervisorServer
+
+
+class Metrics:
+    """The registry behind /metrics; subscribes to the bus for webhook and refusal counts."""
+
+    def __init__(self, runtime: "Runtime", *, supervisor: "SupervisorServer | None" = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.webhooks = Counter(
+            "xswarm_webhooks_received", "Webhook deliveries accepted, per provider.", ["provider"], registry=self.registry
+        )
+        self.webhook_failures = Counter(
+            "xswarm_webhooks_failed", "Webhook deliveries that failed processing, per provider.", ["provider", "dead"],
+            registry=self.registry,
+        )
+        self.refused = Counter(
+            "xswarm_calls_refused_events", "CallRefused events seen on the bus, per reason.", ["reason"], registry=self.registry
+        )
+        self.auth_failures = Counter(
+            "xswarm_supervisor_auth_failures", "Refused supervisor logins, per reason.", ["reason"], registry=self.registry
+        )
+        self.dropped = Counter(
+            "xswarm_supervisor_dropped", "Messages not sent to a slow supervisor (samples superseded, audio too late).",
+            ["kind"], registry=self.registry,
+        )
+        self.slow_disconnects = Counter(
+            "xswarm_supervisor_slow_disconnects", "Supervisors disconnected because they did not keep up.",
+            registry=self.registry,
+        )
+        self.clients = Gauge("xswarm_supervisor_clients", "Connected supervisors.", registry=self.registry)
+        if supervisor is not None:
+            self.clients.set_function(lambda: supervisor.client_count)
+        self.registry.register(_RuntimeCollector(runtime))
+        self._unsubscribe: Callable[[], None] | None = runtime.bus.subscribe(self._on_event)
+
+    def _on_event(self, event: Event) -> None:
+        """Bus subscriber (any thread): prometheus-client counters are thread-safe."""
+        if isinstance(event, WebhookReceived):
+            self.webhooks.labels(provider=event.provider).inc()
+        elif isinstance(event, WebhookFailed):
+            self.webhook_failures.labels(provider=event.provider, dead=str(event.dead).lower()).inc()
+        elif isinstance(event, CallRefused):
+            self.refused.labels(reason=event.reason).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def close(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+
+
+class _RuntimeCollector(Collector):
+    """Reads the runtime's live figures at scrape time (runs on the scraping thread: reads only)."""
+
+    def __init__(self, runtime: "Runtime") -> None:
+        self.runtime = runtime
+
+    def collect(self) -> Iterator[Metric]:
+        rt = self.runtime
+        calls = rt.calls
+        yield _gauge("xswarm_calls_open", "Live calls on this node.", len(calls))
+        model = rt.model
+        yield _gauge("xswarm_slots_total", "Call slots of the loaded model (0 before it loads).", model.slots if model else 0)
+        yield _gauge(
+            "xswarm_uptime_seconds", "Seconds since the runtime started.", max(0.0, time.time() - float(rt.started_at))
+        )
+        scheduler = getattr(rt, "scheduler", None)
+        bridge = getattr(rt, "bridge", None)
+        yield from _histogram("xswarm_step_duration_ms", "Batched model step duration per 80 ms tick.", scheduler, "step_ms")
+        yield from _histogram("xswarm_bridge_added_latency_ms", "Latency the bridge adds between a caller frame arriving and its reply going out.", bridge, "bal_ms")
+        yield from _histogram("xswarm_playout_lag_ms", "Twilio playout lag measured by mark echoes.", bridge, "playout_lag_ms")
+        yield from _counter("xswarm_missed_ticks", "Ticks that started late because a step overran 80 ms.", scheduler, "missed_ticks")
+        yield from _counter("xswarm_late_frames", "Caller frames that missed their tick (concealed with silence).", scheduler, "late_frames")
+        yield from _counter("xswarm_admission_refusals", "Calls refused at admission (no free slot, bad token …).", bridge, "refusals")
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=float(value))
+
+
+def _histogram(name: str, doc: str, owner: Any, attr: str) -> Iterator[Metric]:
+    """A latency.Histogram (cumulative buckets, count, sum) as a Prometheus histogram."""
+    hist = getattr(owner, attr, None) if owner is not None else None
+    if hist is None or not hasattr(hist, "cumulative_buckets"):
+        return
+    buckets = [(_bound(bound), float(count)) for bound, count in hist.cumulative_buckets()]
+    family = HistogramMetricFamily(name, doc)
+    family.add_metric([], buckets, sum_value=float(hist.sum))
+    yield family
+
+
+def _counter(name: str, doc: str, owner: Any, attr: str) -> Iterator[Metric]:
+    """A plain int counter, or a dict of reason -> int (labelled ``reason``)."""
+    value = getattr(owner, attr, None) if owner is not None else None
+    if value is None:
+        return
+    if isinstance(value, dict):
+        family = CounterMetricFamily(name, doc, labels=["reason"])
+        for reason, count in sorted(value.items()):
+            family.add_metric([str(reason)], float(count))
+        yield family
+    else:
+        yield CounterMetricFamily(name, doc, value=float(value))
+
+
+def _bound(value: float) -> str:
+    return "+Inf" if value == float("inf") else f"{value:g}"
