@@ -1,0 +1,467 @@
+"""The operator console: one Textual app over a ``Link`` (embedded runtime or supervisor socket).
+
+Data path: the link calls ``_on_runtime_event`` on whatever thread publishes; it only appends
+to a deque and posts one coalescing ``EventsArrived``. The UI thread drains the deque into
+``ConsoleState`` and redraws at most 4 times a second, touching only rows and panels that
+changed. Pausing keeps the fold running and skips the drawing, so un-pausing is instant and
+nothing is lost.
+
+First paint never waits for the runtime: the link is opened in a thread worker after mount
+(building the runtime is what imports torch), and the model's progress arrives as events.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from functools import partial
+
+from textual import on, work
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import Screen
+from textual.theme import Theme as TextualTheme
+from textual.widgets import DataTable, Footer, Header, Input
+from textual.worker import Worker, WorkerState
+
+from engine import events as ev
+from themes import DEFAULT_THEME, ThemeError, list_themes, load_theme
+from xswarm_tui.link import Link, LinkError
+from xswarm_tui.messages import EventsArrived, LinkFailed, LinkOpened, LogsArrived
+from xswarm_tui.screens.detail import CallDetailScreen
+from xswarm_tui.screens.dialogs import ConfirmScreen, WhisperScreen
+from xswarm_tui.screens.help import HelpScreen
+from xswarm_tui.screens.logs import LogMirror, LogsScreen
+from xswarm_tui.screens.users import UsersScreen
+from xswarm_tui.state import ConsoleState
+from xswarm_tui.widgets.calls import CallBoard
+from xswarm_tui.widgets.feed import EventsFeed
+from xswarm_tui.widgets.telemetry import SystemPanel
+
+log = logging.getLogger("xswarm.tui")
+
+RENDER_INTERVAL_S = 0.25
+"""At most 4 redraws a second, however fast samples arrive (12.5 Hz per call at most)."""
+DEBOUNCE_S = 0.3
+"""A second press of a destructive key within this is ignored (key repeat, double taps)."""
+
+ACTING = frozenset({"take_over", "hand_back", "listen", "whisper", "mute", "hang_up", "local_call"})
+"""Actions that change a call; `--read-only` and monitor tokens hide them everywhere."""
+
+
+def _binding(key: str, action: str, description: str, tooltip: str, *, show: bool = True,
+             priority: bool = False, group: str = "call") -> Binding:
+    return Binding(key, action, description, show=show, priority=priority, id=f"{group}.{action}", tooltip=tooltip)
+
+
+BINDINGS: list[Binding] = [
+    _binding("t", "take_over", "Take over", "Your microphone replaces the AI on the selected call"),
+    _binding("b", "hand_back", "Hand back", "Give the selected call back to the AI"),
+    _binding("l", "listen", "Listen", "Hear the selected call on this machine (press again to stop)"),
+    _binding("w", "whisper", "Whisper", "Type a line the AI takes into account on the selected call"),
+    _binding("m", "mute", "Mute", "Mute or unmute the AI on the selected call (it keeps listening)"),
+    _binding("x", "hang_up", "Hang up", "End the selected call (asks first)", priority=True),
+    _binding("v", "local_call", "Voice", "Talk to the AI through this machine's microphone and speakers"),
+    _binding("p", "pause", "Pause", "Freeze the panels; data keeps being collected", group="view"),
+    _binding("question_mark,f1", "help", "Help", "Keys and how to read the panels", group="view"),
+    _binding("q", "quit", "Quit", "Leave the console (the embedded runtime stops cleanly)", priority=True,
+             group="app"),
+    _binding("r", "reveal", "Reveal", "Show or mask callers' phone numbers", show=False, group="view"),
+    _binding("s", "sort", "Sort", "Cycle the calls board's sort order", show=False, group="view"),
+    _binding("slash", "filter", "Filter", "Filter the focused panel (escape clears)", show=False, group="view"),
+    _binding("c", "focus_calls", "Calls", "Focus the calls board", show=False, group="view"),
+    _binding("e", "focus_events", "Events", "Focus the events feed", show=False, group="view"),
+    _binding("u", "users", "Users", "Users with tier and this month's usage", show=False, group="view"),
+    _binding("g", "logs", "Logs", "The log records of this session", show=False, group="view"),
+]
+
+
+def textual_theme(name: str) -> TextualTheme:
+    """A ``themes/`` file as a Textual theme: palette plus the domain colours as variables."""
+    t = load_theme(name)
+    return TextualTheme(name=t.name, dark=t.dark, variables=dict(t.variables), **t.palette)
+
+
+class XswarmApp(App[None]):
+    CSS_PATH = "xswarm.tcss"
+    TITLE = "xswarm"
+    BINDINGS = BINDINGS
+
+    def __init__(self, link: Link, *, read_only: bool = False, theme: str = DEFAULT_THEME,
+                 clock: Callable[[], float] = time.time, poll_interval_s: float = 1.0,
+                 reveal_callers: bool = False) -> None:
+        super().__init__()
+        self.link = link
+        self.read_only = read_only or not link.can_act
+        self.clock = clock
+        self.poll_interval_s = poll_interval_s
+        self.state = ConsoleState()
+        self.paused = False
+        """True while the operator froze the panels (collection goes on)."""
+        self.listening: set[str] = set()
+        self._inbox: deque[ev.Event] = deque()
+        self._wake_posted = False
+        self._last_render = 0.0
+        self._render_timer = None
+        self._last_press: dict[str, float] = {}
+        self._reveal = reveal_callers
+        self.log_mirror = LogMirror(lambda: self.post_message(LogsArrived()))
+        self._theme_name = theme
+        self.animation_level = "none"  # suits SSH; nothing here needs motion
+
+    # ------------------------------------------------------------------------- layout
+    def compose(self) -> ComposeResult:
+        yield Header(show_clock=False)
+        with Vertical(id="calls-area"):
+            yield Input(placeholder="filter calls (escape clears)", id="calls-filter", classes="filter")
+            yield CallBoard(self.state, self.clock, id="calls")
+        with Horizontal(id="bottom"):
+            yield SystemPanel(self.state, self.clock, self.poll_interval_s, id="system")
+            with Vertical(id="events-area"):
+                yield Input(placeholder="filter events: sms, payment, error, any word", id="events-filter",
+                            classes="filter")
+                yield EventsFeed(self.state, id="events")
+        yield Footer(compact=True)
+
+    def get_theme_variable_defaults(self) -> dict[str, str]:
+        """Textual's own themes lack our domain colours: borrow the default theme's."""
+        return dict(load_theme(DEFAULT_THEME).variables)
+
+    def on_mount(self) -> None:
+        self._register_themes()
+        board = self.query_one(CallBoard)
+        board.reveal = self._reveal
+        board.focus()
+        self.sub_title = f"{self.link.kind}: {self.link.target} · starting…"
+        logging.getLogger("xswarm").addHandler(self.log_mirror)
+        self.theme_changed_signal.subscribe(self, lambda _theme: self._render_all())
+        self.set_interval(1.0, self._every_second)
+        self.call_after_refresh(self._first_paint)
+        self._open_link()
+
+    def _first_paint(self) -> None:
+        log.info("first paint")
+
+    def on_unmount(self) -> None:
+        logging.getLogger("xswarm").removeHandler(self.log_mirror)
+
+    def _register_themes(self) -> None:
+        for name in list_themes():
+            try:
+                self.register_theme(textual_theme(name))
+            except ThemeError as exc:  # one bad user file: say so, keep the others
+                self.notify(str(exc), title="Theme skipped", severity="warning", timeout=10)
+        try:
+            self.theme = self._theme_name
+        except Exception:  # InvalidThemeError: unknown name in the settings
+            self.notify(f"unknown theme {self._theme_name!r}; using {DEFAULT_THEME}", severity="warning")
+            self.theme = DEFAULT_THEME
+
+    # ----------------------------------------------------------------- runtime link
+    @work(thread=True, exclusive=True, group="link", exit_on_error=False, description="Starting the runtime")
+    def _open_link(self) -> None:
+        try:
+            snapshot = self.link.open(self._on_runtime_event)
+        except Exception as exc:  # LinkError, a port in use, a bad token: shown, the app stays up
+            log.exception("runtime link failed")
+            self.post_message(LinkFailed(str(exc) or type(exc).__name__))
+            return
+        self.post_message(LinkOpened(snapshot))
+
+    def _on_runtime_event(self, event: ev.Event) -> None:
+        """Bus subscriber, any thread: queue and wake the UI once; never block the publisher."""
+        self._inbox.append(event)
+        if not self._wake_posted:
+            self._wake_posted = True
+            self.post_message(EventsArrived())
+
+    @on(LinkOpened)
+    def _link_opened(self, message: LinkOpened) -> None:
+        self.state.load_snapshot(message.snapshot)
+        self._drain()
+
+    @on(LinkFailed)
+    def _link_failed(self, message: LinkFailed) -> None:
+        self.sub_title = f"{self.link.kind}: {self.link.target} · not connected"
+        self.notify(message.error, title="Runtime unavailable", severity="error", timeout=30)
+
+    @on(EventsArrived)
+    def _events_arrived(self) -> None:
+        self._wake_posted = False
+        wait = RENDER_INTERVAL_S - (time.monotonic() - self._last_render)
+        if wait <= 0:
+            self._drain()
+        elif self._render_timer is None:
+            self._render_timer = self.set_timer(wait, self._drain)
+
+    def _drain(self) -> None:
+        self._render_timer = None
+        while self._inbox:
+            self.state.apply(self._inbox.popleft())
+        if not self.paused:
+            self._render_dirty()
+
+    def _render_dirty(self) -> None:
+        """Redraw what changed since the last redraw, in one batch (no flicker)."""
+        self._last_render = time.monotonic()
+        s = self.state
+        with self.batch_update():
+            if "calls" in s.dirty:
+                self.query_one(CallBoard).refresh_rows(s.changed_calls | s.removed_calls)
+            if s.dirty & {"system", "model"}:
+                self.query_one(SystemPanel).refresh_panel()
+            if "feed" in s.dirty:
+                self.query_one(EventsFeed).refresh_feed()
+            if isinstance(self.screen, CallDetailScreen) and self.screen.call_id in s.changed_calls | s.removed_calls:
+                self.screen.refresh_detail()
+        s.changed_calls.clear()
+        s.removed_calls.clear()
+        s.dirty.clear()
+        self._update_subtitle()
+
+    def _render_all(self) -> None:
+        """Theme changed or pause lifted: every panel redraws from the state."""
+        self.state.dirty.update(("calls", "system", "feed"))
+        self.state.changed_calls.update(self.state.calls)
+        self._render_dirty()
+
+    def _every_second(self) -> None:
+        if self.paused:
+            return
+        self.query_one(CallBoard).tick_durations()
+        self.query_one(SystemPanel).check_stale()
+        if isinstance(self.screen, CallDetailScreen):
+            self.screen.refresh_detail()
+
+    def _update_subtitle(self) -> None:
+        model = self.state.model
+        parts = [f"{self.link.kind}: {self.link.target}", f"{len(self.state.calls)} live"]
+        if model is not None:
+            parts.append(f"model {model.model} {model.state}")
+        if self.read_only:
+            parts.append("read-only")
+        if self.paused:
+            parts.append("PAUSED")
+        self.sub_title = " · ".join(parts)
+
+    @on(LogsArrived)
+    def _logs_arrived(self) -> None:
+        if isinstance(self.screen, LogsScreen):
+            self.screen.refresh_logs()
+
+    @on(Worker.StateChanged)
+    def _worker_changed(self, event: Worker.StateChanged) -> None:
+        """One place for worker failures: a toast naming what failed, the app carries on."""
+        if event.state == WorkerState.ERROR:
+            log.error("worker %s failed: %s", event.worker.name, event.worker.error)
+            self.notify(f"{event.worker.description or event.worker.name}: {event.worker.error}",
+                        title="Failed", severity="error")
+
+    # ---------------------------------------------------------------------- bindings
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if self.read_only and action in ACTING:
+            return False  # hidden from the footer, help and palette, and does nothing
+        return True
+
+    def key_rows(self) -> list[tuple[str, str, str]]:
+        """(keys, description, tooltip) for every binding this session may use: the help table."""
+        rows = []
+        for binding in self.BINDINGS:
+            assert isinstance(binding, Binding)
+            if self.check_action(binding.action, ()):
+                keys = ", ".join(self.get_key_display(Binding(k, binding.action)) for k in binding.key.split(","))
+                rows.append((keys, binding.description, binding.tooltip))
+        rows.append(("ctrl+p", "Palette", "Every action, theme change and call by name"))
+        rows.append(("enter", "Detail", "Open the selected call's detail"))
+        return rows
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        """Every action in the palette, named "noun: verb"; per-call actions for each live call."""
+        yield from super().get_system_commands(screen)
+        for binding in self.BINDINGS:
+            assert isinstance(binding, Binding)
+            if binding.action in ("quit", "help") or not self.check_action(binding.action, ()):
+                continue
+            group = (binding.id or "app").split(".")[0]
+            if group == "call":
+                continue
+            yield SystemCommand(f"{group}: {binding.description.lower()}", binding.tooltip,
+                                partial(self.run_action, binding.action))
+        for call_id in list(self.state.calls)[:50]:
+            yield SystemCommand(f"call {call_id}: open detail", "Latency, levels, transcript",
+                                partial(self._open_detail, call_id))
+            for binding in self.BINDINGS:
+                assert isinstance(binding, Binding)
+                if binding.action in ACTING - {"local_call"} and self.check_action(binding.action, ()):
+                    yield SystemCommand(f"call {call_id}: {binding.description.lower()}", binding.tooltip,
+                                        partial(self._act_on, call_id, binding.action))
+        if self.check_action("local_call", ()):
+            yield SystemCommand("call: start a local voice conversation", "Microphone and speakers of this machine",
+                                partial(self.run_action, "local_call"))
+
+    async def _act_on(self, call_id: str, action: str) -> None:
+        self._select(call_id)
+        await self.run_action(action)
+
+    def _select(self, call_id: str) -> None:
+        board = self.query_one(CallBoard)
+        if call_id in board.rows:
+            board.move_cursor(row=board.get_row_index(call_id))
+
+    # ---------------------------------------------------------------------- actions
+    def selected_call(self) -> str | None:
+        if isinstance(self.screen, CallDetailScreen):
+            return self.screen.call_id
+        return self.query_one(CallBoard).selected_call
+
+    def _need_call(self) -> str | None:
+        call_id = self.selected_call()
+        if call_id is None:
+            self.notify("no call selected", severity="warning", timeout=3)
+        return call_id
+
+    def _debounced(self, action: str) -> bool:
+        now = time.monotonic()
+        last = self._last_press.get(action, 0.0)
+        self._last_press[action] = now
+        return now - last < DEBOUNCE_S
+
+    def _send(self, command: ev.Command, done: str, after: Callable[[], object] | None = None) -> None:
+        self.run_worker(self._execute(command, done, after), group="command", exit_on_error=False,
+                        description=type(command).__name__)
+
+    async def _execute(self, command: ev.Command, done: str, after: Callable[[], object] | None) -> None:
+        try:
+            await self.link.execute(command)
+        except LinkError as exc:
+            self.notify(str(exc), title=f"{type(command).__name__} refused", severity="error")
+            return
+        self.notify(done, timeout=3)
+        if after is not None:
+            result = after()
+            if hasattr(result, "__await__"):
+                reason = await result  # type: ignore[misc]
+                if reason:
+                    self.notify(reason, title="Audio", severity="warning", timeout=8)
+
+    def action_take_over(self) -> None:
+        if (call_id := self._need_call()) and not self._debounced("take_over"):
+            self._send(ev.TakeOver(call_id), f"You have {call_id}: speak now",
+                       lambda: self.link.talk(call_id, True))
+
+    def action_hand_back(self) -> None:
+        if call_id := self._need_call():
+            self._send(ev.HandBack(call_id), f"{call_id} is back with the AI", lambda: self.link.talk(call_id, False))
+
+    def action_listen(self) -> None:
+        if not (call_id := self._need_call()):
+            return
+        if call_id in self.listening:
+            self.listening.discard(call_id)
+            self._send(ev.Unlisten(call_id), f"stopped listening to {call_id}",
+                       lambda: self.link.listen(call_id, False))
+        else:
+            self.listening.add(call_id)
+            self._send(ev.Listen(call_id), f"listening to {call_id}", lambda: self.link.listen(call_id, True))
+
+    def action_whisper(self) -> None:
+        if not (call_id := self._need_call()):
+            return
+
+        def send(text: str | None) -> None:
+            if text:
+                self._send(ev.Whisper(call_id, text), f"whispered to the AI on {call_id}")
+
+        self.push_screen(WhisperScreen(call_id), send)
+
+    def action_mute(self) -> None:
+        if not (call_id := self._need_call()):
+            return
+        call = self.state.calls.get(call_id)
+        if call is not None and call.mode == "muted":
+            self._send(ev.Unmute(call_id), f"AI unmuted on {call_id}")
+        else:
+            self._send(ev.Mute(call_id), f"AI muted on {call_id}")
+
+    def action_hang_up(self) -> None:
+        if not (call_id := self._need_call()) or self._debounced("hang_up"):
+            return
+
+        def answer(yes: bool | None) -> None:
+            if yes:
+                self._send(ev.HangUp(call_id), f"hung up {call_id}")
+
+        self.push_screen(ConfirmScreen(f"Hang up call {call_id}?"), answer)
+
+    def action_local_call(self) -> None:
+        if not self._debounced("local_call"):
+            self._send(ev.StartLocalCall(), "local conversation started: speak to the AI")
+
+    def action_pause(self) -> None:
+        self.paused = not self.paused
+        if not self.paused:
+            self._drain()
+            self._render_all()
+        self._update_subtitle()
+
+    def action_reveal(self) -> None:
+        board = self.query_one(CallBoard)
+        board.set_reveal(not board.reveal)
+
+    def action_sort(self) -> None:
+        self.notify(f"calls sorted by {self.query_one(CallBoard).cycle_sort()}", timeout=2)
+
+    def action_filter(self) -> None:
+        target = "events-filter" if self.query_one(EventsFeed).has_focus else "calls-filter"
+        box = self.query_one(f"#{target}", Input)
+        box.add_class("shown")
+        box.focus()
+
+    def action_focus_calls(self) -> None:
+        self.query_one(CallBoard).focus()
+
+    def action_focus_events(self) -> None:
+        self.query_one(EventsFeed).focus()
+
+    def action_users(self) -> None:
+        self.push_screen(UsersScreen(self.link))
+
+    def action_logs(self) -> None:
+        self.push_screen(LogsScreen(self.log_mirror))
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen(self.key_rows()))
+
+    def _open_detail(self, call_id: str) -> None:
+        self.push_screen(CallDetailScreen(call_id, self.state, self.clock, self.query_one(CallBoard).reveal))
+
+    @on(DataTable.RowSelected, "#calls")
+    def _row_selected(self, event: DataTable.RowSelected) -> None:
+        self._open_detail(str(event.row_key.value))
+
+    @on(Input.Changed, ".filter")
+    def _filter_changed(self, event: Input.Changed) -> None:
+        panel = self.query_one(CallBoard) if event.input.id == "calls-filter" else self.query_one(EventsFeed)
+        panel.set_filter(event.value)
+
+    @on(Input.Submitted, ".filter")
+    def _filter_done(self, event: Input.Submitted) -> None:
+        (self.query_one(CallBoard) if event.input.id == "calls-filter" else self.query_one(EventsFeed)).focus()
+        if not event.value:
+            event.input.remove_class("shown")
+
+    def on_key(self, event: object) -> None:
+        """Escape in a filter box clears it and hands focus back to its panel."""
+        key = getattr(event, "key", "")
+        focused = self.focused
+        if key == "escape" and isinstance(focused, Input) and focused.has_class("filter"):
+            focused.value = ""
+            focused.remove_class("shown")
+            (self.query_one(CallBoard) if focused.id == "calls-filter" else self.query_one(EventsFeed)).focus()
+
+    async def action_quit(self) -> None:
+        self.exit()

@@ -1,0 +1,238 @@
+"""What the console knows: runtime events folded into plain Python state.
+
+Why a separate fold: events arrive on other threads at up to 12.5 Hz per call, but the screen
+redraws at most 4 Hz. The app drains a queue of events into this ``ConsoleState`` (cheap, no
+widgets touched) and then asks the widgets to show the result. The same fold serves the
+embedded bus and the attached socket, and tests can check it without a terminal.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine import events as ev
+
+HISTORY = 120
+"""Samples kept per sparkline: 30 s at 4 Hz."""
+FEED_SIZE = 500
+"""Events kept in the feed and the log mirror."""
+TICK_MS = 80.0
+"""One scheduler step: the budget every batched model step must fit in."""
+
+
+@dataclass
+class CallView:
+    """One live call as the console shows it."""
+
+    call_id: str
+    slot: int
+    source: str
+    caller: str | None
+    user_id: str | None
+    theme: str | None
+    started_at: float
+    mode: str = "ai"
+    operator: str | None = None
+    listeners: int = 0
+    late_frames: int = 0
+    in_level: float = 0.0
+    out_level: float = 0.0
+    step_ms: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))
+    bal_ms: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))
+    lag_ms: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))
+    transcript: deque[tuple[str, str]] = field(default_factory=lambda: deque(maxlen=400))
+    """(speaker, text) pieces in arrival order."""
+    dtmf: str = ""
+    actions: deque[str] = field(default_factory=lambda: deque(maxlen=50))
+
+    @property
+    def bal_p50(self) -> float | None:
+        return statistics.median(self.bal_ms) if self.bal_ms else None
+
+    @property
+    def lag(self) -> float | None:
+        return self.lag_ms[-1] if self.lag_ms else None
+
+
+@dataclass(frozen=True)
+class FeedItem:
+    """One line of the events feed."""
+
+    seq: int
+    at: float
+    category: str
+    """sms, email, payment, user, webhook, call, supervisor, model or error: what `/` filters on."""
+    text: str
+
+
+def mask_caller(number: str | None) -> str:
+    """``+1 555 0100 123`` → ``+1•••••••123``: enough to tell callers apart, not to dial them."""
+    if not number:
+        return "—"
+    if len(number) <= 4:
+        return "•" * len(number)
+    head = 2 if number.startswith("+") else 0
+    return number[:head] + "•" * (len(number) - head - 3) + number[-3:]
+
+
+class ConsoleState:
+    """Everything on screen, rebuilt from events; single-threaded (the UI thread owns it)."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, CallView] = {}
+        self.system: ev.SystemSampled | None = None
+        self.tick: ev.TickSampled | None = None
+        self.tick_history: deque[float] = deque(maxlen=HISTORY)
+        self.model: ev.ModelStatusChanged | None = None
+        self.feed: deque[FeedItem] = deque(maxlen=FEED_SIZE)
+        self.ended: int = 0
+        self._seq = 0
+        self.changed_calls: set[str] = set()
+        """Calls whose row needs redrawing since the widgets last looked."""
+        self.removed_calls: set[str] = set()
+        self.dirty: set[str] = set()
+        """Panels with news: "calls", "system", "feed", "model"."""
+
+    # ---------------------------------------------------------------------------------------
+    def load_snapshot(self, snap: dict[str, Any]) -> None:
+        """Seed live calls and model state from ``Runtime.snapshot()`` (or the socket's hello)."""
+        for call in snap.get("calls", []) or []:
+            try:
+                self.apply(ev.CallStarted(
+                    call_id=str(call["call_id"]), slot=int(call.get("slot", 0)),
+                    source=str(call.get("source", "twilio")), caller=call.get("caller"),
+                    user_id=call.get("user_id"), theme=call.get("theme"),
+                    at=float(call.get("started_at", 0.0)),
+                ))
+                if call.get("mode"):
+                    self.apply(ev.CallUpdated(call_id=str(call["call_id"]), mode=call["mode"],
+                                              operator=call.get("operator"),
+                                              listeners=int(call.get("listeners", 0))))
+            except (KeyError, TypeError, ValueError):
+                continue  # one malformed entry must not hide the others
+        model = snap.get("model")
+        if isinstance(model, dict) and model.get("state"):
+            self.apply(ev.ModelStatusChanged(model=str(model.get("name", "?")), state=model["state"],
+                                             detail=str(model.get("detail", "")),
+                                             progress=model.get("progress")))
+
+    def apply(self, event: ev.Event) -> None:
+        handler = _HANDLERS.get(type(event))
+        if handler is not None:
+            handler(self, event)
+
+    # ------------------------------------------------------------------------ handlers
+    def _started(self, e: ev.CallStarted) -> None:
+        self.calls[e.call_id] = CallView(e.call_id, e.slot, e.source, e.caller, e.user_id, e.theme, e.at)
+        self.removed_calls.discard(e.call_id)
+        self._touch(e.call_id)
+        who = "local microphone" if e.source == "local" else mask_caller(e.caller)
+        self._feed(e.at, "call", f"call {e.call_id} started ({who}, slot {e.slot})")
+
+    def _updated(self, e: ev.CallUpdated) -> None:
+        call = self.calls.get(e.call_id)
+        if call is None:
+            return
+        call.mode, call.operator, call.listeners = e.mode, e.operator, e.listeners
+        self._touch(e.call_id)
+
+    def _ended(self, e: ev.CallEnded) -> None:
+        if self.calls.pop(e.call_id, None) is not None:
+            self.removed_calls.add(e.call_id)
+            self.changed_calls.discard(e.call_id)
+            self.dirty.add("calls")
+        self.ended += 1
+        self._feed(e.at, "call", f"call {e.call_id} ended: {e.reason} after {e.duration_s:.0f} s")
+
+    def _latency(self, e: ev.LatencySampled) -> None:
+        call = self.calls.get(e.call_id)
+        if call is None:
+            return
+        call.step_ms.append(e.step_ms)
+        if e.bal_ms is not None:
+            call.bal_ms.append(e.bal_ms)
+        if e.playout_lag_ms is not None:
+            call.lag_ms.append(e.playout_lag_ms)
+        call.late_frames, call.in_level, call.out_level = e.late_frames, e.in_level, e.out_level
+        self._touch(e.call_id)
+
+    def _tick(self, e: ev.TickSampled) -> None:
+        self.tick = e
+        self.tick_history.append(e.step_ms_p50)
+        self.dirty.add("system")
+
+    def _transcript(self, e: ev.TranscriptAppended) -> None:
+        call = self.calls.get(e.call_id)
+        if call is not None:
+            call.transcript.append((e.speaker, e.text))
+            self._touch(e.call_id)
+
+    def _dtmf(self, e: ev.DtmfReceived) -> None:
+        call = self.calls.get(e.call_id)
+        if call is not None:
+            call.dtmf = (call.dtmf + e.digit)[-32:]
+            self._touch(e.call_id)
+        self._feed(e.at, "call", f"DTMF {e.digit} on {e.call_id}")
+
+    def _system(self, e: ev.SystemSampled) -> None:
+        self.system = e
+        self.dirty.add("system")
+
+    def _model(self, e: ev.ModelStatusChanged) -> None:
+        self.model = e
+        self.dirty.update(("model", "system"))
+        if e.progress is None or e.state != "loading":  # progress ticks would flood the feed
+            detail = f": {e.detail}" if e.detail else ""
+            self._feed(e.at, "model" if e.state != "failed" else "error", f"model {e.model} {e.state}{detail}")
+
+    def _acted(self, e: ev.SupervisorActed) -> None:
+        call = self.calls.get(e.call_id or "")
+        line = f"{e.actor}: {e.action} → {e.result}"
+        if call is not None:
+            call.actions.append(line)
+            self._touch(call.call_id)
+        self._feed(e.at, "supervisor", f"{line}" + (f" ({e.call_id})" if e.call_id else ""))
+
+    def _touch(self, call_id: str) -> None:
+        self.changed_calls.add(call_id)
+        self.dirty.add("calls")
+
+    def _feed(self, at: float, category: str, text: str) -> None:
+        self._seq += 1
+        self.feed.append(FeedItem(self._seq, at, category, text))
+        self.dirty.add("feed")
+
+
+def _message(s: ConsoleState, e: ev.MessageReceived) -> None:
+    s._feed(e.at, e.channel if e.channel != "voicemail" else "sms",
+            f"{e.channel} from {e.user_id or 'unknown'}: {e.summary}")
+
+
+def _payment(s: ConsoleState, e: ev.PaymentStatusChanged) -> None:
+    tier = f" (tier {e.tier})" if e.tier else ""
+    s._feed(e.at, "payment", f"payment {e.status} for {e.user_id or 'unknown'}{tier}")
+
+
+_HANDLERS: dict[type, Any] = {
+    ev.CallStarted: ConsoleState._started,
+    ev.CallUpdated: ConsoleState._updated,
+    ev.CallEnded: ConsoleState._ended,
+    ev.LatencySampled: ConsoleState._latency,
+    ev.TickSampled: ConsoleState._tick,
+    ev.TranscriptAppended: ConsoleState._transcript,
+    ev.DtmfReceived: ConsoleState._dtmf,
+    ev.SystemSampled: ConsoleState._system,
+    ev.ModelStatusChanged: ConsoleState._model,
+    ev.SupervisorActed: ConsoleState._acted,
+    ev.MessageReceived: _message,
+    ev.PaymentStatusChanged: _payment,
+    ev.CallRefused: lambda s, e: s._feed(e.at, "call", f"call refused: {e.reason} {e.detail}".rstrip()),
+    ev.WebhookReceived: lambda s, e: s._feed(e.at, "webhook", f"{e.provider} {e.event_type}: {e.summary}"),
+    ev.WebhookFailed: lambda s, e: s._feed(
+        e.at, "error", f"{e.provider} webhook {e.event_id} {'dead-lettered' if e.dead else 'failed'}: {e.error}"),
+    ev.UserCreated: lambda s, e: s._feed(e.at, "user", f"new user {e.name} ({e.tier})"),
+    ev.ErrorRaised: lambda s, e: s._feed(e.at, "error", f"{e.source}: {e.message}"),
+}

@@ -1,0 +1,1 @@
+"""Widgets grouped by domain: calls, telemetry, events feed."""

@@ -1,0 +1,73 @@
+"""The events feed: SMS, email, payments, users, webhook failures, calls, errors; filterable."""
+
+from __future__ import annotations
+
+import time
+
+from rich.text import Text
+from textual.widgets import DataTable
+
+from xswarm_tui.state import FEED_SIZE, ConsoleState, FeedItem
+
+CATEGORY_COLOURS = {
+    "payment": "event-money", "sms": "event-message", "email": "event-message",
+    "user": "event-money", "error": "event-error", "webhook": "event-message",
+    "call": "call-live", "supervisor": "call-operator", "model": "gpu",
+}
+
+
+class EventsFeed(DataTable):
+    """Newest at the bottom; rows keyed by sequence number so new ones append, old ones drop."""
+
+    def __init__(self, state: ConsoleState, **kwargs: object) -> None:
+        super().__init__(cursor_type="row", show_cursor=False, **kwargs)  # type: ignore[arg-type]
+        self.state = state
+        self.filter_text = ""
+        self._shown: list[int] = []
+        self._last_seq = 0
+
+    def on_mount(self) -> None:
+        self.add_column("Time", key="at", width=8)
+        self.add_column("Kind", key="kind", width=10)
+        self.add_column("Event", key="text")
+        self._title()
+
+    def matches(self, item: FeedItem) -> bool:
+        f = self.filter_text.lower()
+        return not f or f in item.category or f in item.text.lower()
+
+    def refresh_feed(self) -> None:
+        """Append what is new since the last call; drop rows beyond the feed size."""
+        colours = self.app.theme_variables
+        at_end = self.scroll_y >= self.max_scroll_y
+        for item in self.state.feed:
+            if item.seq <= self._last_seq:
+                continue
+            self._last_seq = item.seq
+            if self.matches(item):
+                self._add(item, colours)
+        while len(self._shown) > FEED_SIZE:
+            self.remove_row(str(self._shown.pop(0)))
+        if at_end:  # follow the tail unless the operator scrolled up to read
+            self.scroll_end(animate=False)
+        self._title()
+
+    def set_filter(self, text: str) -> None:
+        """A new filter is rare and deliberate: rebuilding the rows is fine here."""
+        self.filter_text = text.strip()
+        self.clear()
+        self._shown.clear()
+        self._last_seq = 0
+        self.refresh_feed()
+
+    def _add(self, item: FeedItem, colours: dict[str, str]) -> None:
+        style = colours.get(CATEGORY_COLOURS.get(item.category, ""), "")
+        self.add_row(time.strftime("%H:%M:%S", time.localtime(item.at)), Text(item.category, style=style),
+                     item.text, key=str(item.seq))
+        self._shown.append(item.seq)
+
+    def _title(self) -> None:
+        title = f"[u]E[/u]vents {len(self._shown)}"
+        if self.filter_text:
+            title += f" · filter “{self.filter_text}”"
+        self.border_title = title
