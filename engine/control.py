@@ -13,6 +13,7 @@ socket can send them as they are and the TUI can show them without knowing the p
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import re
 import time
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import escape
 
+from engine.calls import CallControlError
 from engine.config import secret
 from engine.events import (
     Command,
@@ -100,7 +102,11 @@ class CallControl:
                 raise ControlError("forbidden", f"unknown role {role!r}")
             if role != "operator" and action not in MONITOR_ACTIONS:
                 raise ControlError("forbidden", f"the {role} role may only watch and listen; {action} needs an operator token")
-            result = await self._apply(action, command, actor, tap, detail)
+            try:
+                result = await self._apply(action, command, actor, tap, detail)
+            except CallControlError as exc:  # the session refused: someone else holds it, it ended …
+                call = self.runtime.calls.get(call_id) if call_id else None
+                raise ControlError("conflict", str(exc), operator=call.operator if call else None) from None
         except ControlError as exc:
             answer = {"ok": False, "error": str(exc), "code": exc.code, **exc.extra}
             await self._audit(actor, role, action or type(command).__name__, call_id, detail, f"error: {exc}")
@@ -168,25 +174,16 @@ class CallControl:
         elif action in ("mute", "unmute"):
             call.mute(action == "mute")
         elif action == "takeover":
-            self._session_call(call.take_over, actor, call)
+            call.take_over(actor)
             self._held.setdefault(actor, set()).add(call_id)
         elif action == "handback":
-            self._session_call(call.hand_back, actor, call)
+            call.hand_back(actor)
             self._held.get(actor, set()).discard(call_id)
         elif action == "hangup":
             await call.hang_up(f"hung up by {actor}")
         elif action == "transfer":
             detail["to"] = await self._transfer(call)
         return {"call_id": call_id, "mode": call.mode, "operator": call.operator}
-
-    @staticmethod
-    def _session_call(method: Callable[[str], None], actor: str, call: Any) -> None:
-        from engine.calls import CallControlError
-
-        try:
-            method(actor)
-        except CallControlError as exc:
-            raise ControlError("conflict", str(exc), operator=call.operator) from None
 
     async def _transfer(self, call: Any) -> str:
         """Redirect the live Twilio call to ``<Dial>`` the transfer number (Twilio then ends the
@@ -206,7 +203,7 @@ class CallControl:
         url = f"{tw.api_base_url.rstrip('/')}/2010-04-01/Accounts/{tw.account_sid}/Calls/{call.call_id}.json"
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TRANSFER_TIMEOUT_S)) as http:
-                async with http.post(url, data={"Twiml": twiml}, auth=aiohttp.BasicAuth(tw.account_sid, token)) as resp:
+                async with http.post(url, data={"Twiml": twiml}, headers={"Authorization": _basic(tw.account_sid, token)}) as resp:
                     if resp.status >= 300:
                         body = await resp.text()
                         raise ControlError("failed", f"Twilio refused the transfer ({resp.status}): {body[:300]}")
@@ -244,6 +241,10 @@ class CallControl:
             )
         except Exception:
             log.exception("could not write audit_log for %s by %s", action, actor)
+
+
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 def _quietly(remove: Callable[[], None]) -> None:

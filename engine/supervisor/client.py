@@ -115,6 +115,8 @@ class SupervisorClient:
         self.actor: str | None = None
         self.connected = asyncio.Event()
         self.reconnects = 0
+        self.last_error: str | None = None
+        """The latest error the server sent that answered no command (bad operator audio)."""
         self._ws: ClientConnection | None = None
         self._ids = itertools.count(1)
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -251,8 +253,9 @@ class SupervisorClient:
             future = self._pending.pop(str(data.get("id")), None)
             if future is not None and not future.done():
                 future.set_result(data)
-            elif kind == p.ERROR:
-                log.warning("supervisor error: %s", data.get("error"))
+            elif kind == p.ERROR:  # not an answer: e.g. about an operator audio frame
+                self.last_error = str(data.get("error"))
+                log.warning("supervisor error: %s", self.last_error)
             return
         try:
             event = from_wire(data)
