@@ -18,7 +18,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -32,7 +32,14 @@ class ConfigError(Exception):
     """The configuration cannot be used; the message is meant for the operator as is."""
 
 
-class ServerSettings(BaseModel):
+class _Section(BaseModel):
+    """A ``[section]`` of the file: unknown keys are errors (a typo must not pass silently),
+    and each field's docstring becomes its comment in ``xswarm config init``."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class ServerSettings(_Section):
     host: str = "127.0.0.1"
     """Address every server binds to. Public exposure belongs behind a TLS proxy."""
     bridge_port: int = Field(9998, ge=0, le=65535)
@@ -51,7 +58,7 @@ class ServerSettings(BaseModel):
     """Name of this node in the `nodes` table (default: the host name)."""
 
 
-class ModelSettings(BaseModel):
+class ModelSettings(_Section):
     name: str = "auto"
     """auto | moshi | moshi-mlx | synthetic:tiny | synthetic:7b | echo."""
     variant: Literal["moshiko", "moshika"] = "moshiko"
@@ -71,7 +78,7 @@ class ModelSettings(BaseModel):
     """Fix the sampling seed (tests and benchmarks)."""
 
 
-class TwilioSettings(BaseModel):
+class TwilioSettings(_Section):
     account_sid: str | None = None
     auth_token: SecretStr | None = None
     from_number: str | None = None
@@ -82,14 +89,14 @@ class TwilioSettings(BaseModel):
     """Twilio's REST base URL (tests point it at a local fake)."""
 
 
-class StripeSettings(BaseModel):
+class StripeSettings(_Section):
     api_key: SecretStr | None = None
     webhook_secret: SecretStr | None = None
     price_tiers: dict[str, str] = Field(default_factory=dict)
     """Stripe price id -> xswarm tier, e.g. {"price_123" = "personal"}."""
 
 
-class SendGridSettings(BaseModel):
+class SendGridSettings(_Section):
     api_key: SecretStr | None = None
     webhook_public_key: str | None = None
     """Base64 DER public key from SendGrid's signed Event Webhook settings."""
@@ -97,7 +104,7 @@ class SendGridSettings(BaseModel):
     api_base_url: str = "https://api.sendgrid.com"
 
 
-class DatabaseSettings(BaseModel):
+class DatabaseSettings(_Section):
     url: str | None = None
     """Remote libSQL/Turso URL; unset means the embedded file under the data folder."""
     auth_token: SecretStr | None = None
@@ -109,7 +116,7 @@ class DatabaseSettings(BaseModel):
     """How long the writer waits to fill a batch before committing what it has."""
 
 
-class S3Settings(BaseModel):
+class S3Settings(_Section):
     endpoint_url: str | None = None
     bucket: str | None = None
     access_key_id: SecretStr | None = None
@@ -119,7 +126,7 @@ class S3Settings(BaseModel):
     """Key prefix inside the bucket, so several deployments can share one."""
 
 
-class LlmSettings(BaseModel):
+class LlmSettings(_Section):
     provider: Literal["auto", "anthropic", "openai", "none"] = "auto"
     anthropic_api_key: SecretStr | None = None
     openai_api_key: SecretStr | None = None
@@ -135,14 +142,14 @@ class LlmSettings(BaseModel):
     max_tokens_email: int = 1500
 
 
-class SupervisorSettings(BaseModel):
+class SupervisorSettings(_Section):
     token: SecretStr | None = None
     """Operator token (may act). Generated at first start when unset."""
     monitor_token: SecretStr | None = None
     """Read-only token. Generated at first start when unset."""
 
 
-class TelephonySettings(BaseModel):
+class TelephonySettings(_Section):
     call_token_secret: SecretStr | None = None
     """HMAC key for one-time call tokens shared by the voice webhook and the bridge."""
     call_token_ttl_s: int = Field(60, ge=1, le=600)
@@ -151,19 +158,19 @@ class TelephonySettings(BaseModel):
     """Close a stream whose `start` has not arrived by then."""
 
 
-class RecordingSettings(BaseModel):
+class RecordingSettings(_Section):
     enabled: bool = False
     """Record calls (stereo WAV + transcript) for users who consented."""
     retention_days: int = Field(30, ge=1)
 
 
-class BackupSettings(BaseModel):
+class BackupSettings(_Section):
     retention_days: int = Field(30, ge=1)
     daily: bool = True
     """Take one backup a day inside the runtime."""
 
 
-class UiSettings(BaseModel):
+class UiSettings(_Section):
     theme: str = "xswarm"
     """Theme file name under themes/ (palette and persona)."""
     reveal_callers: bool = False
@@ -300,9 +307,19 @@ def _describe(exc: ValidationError, config_file: Path) -> str:
     for err in exc.errors():
         key = ".".join(str(part) for part in err["loc"])
         where = _line_of(config_file, err["loc"])
-        location = f" ({config_file}:{where})" if where else ""
+        env = _env_name_of(err["loc"])
+        location = f" (environment variable {env})" if env else f" ({config_file}:{where})" if where else ""
         lines.append(f"config key '{key}'{location}: {err['msg']}")
     return "; ".join(lines)
+
+
+def _env_name_of(loc: tuple[Any, ...]) -> str | None:
+    """The environment variable that supplied the value at ``loc``, if one is set."""
+    if len(loc) < 2:
+        return None
+    candidates = [f"XSWARM_{loc[0]}__{loc[1]}".upper()]
+    candidates += [name for name, place in ALIASES.items() if place == (str(loc[0]), str(loc[1]))]
+    return next((name for name in candidates if os.environ.get(name)), None)
 
 
 def _line_of(config_file: Path, loc: tuple[Any, ...]) -> int | None:
@@ -321,7 +338,7 @@ def _line_of(config_file: Path, loc: tuple[Any, ...]) -> int | None:
         header = re.match(r"^\[([^\]]+)\]$", stripped)
         if header:
             current = header.group(1).strip()
-            if section and current == section and len(loc) == 1:
+            if len(loc) == 1 and current == key:
                 return number
             continue
         if re.match(rf"^{re.escape(key)}\s*=", stripped) and (section is None or current == section):
@@ -334,3 +351,62 @@ def _line_of(config_file: Path, loc: tuple[Any, ...]) -> int | None:
 def secret(value: SecretStr | None) -> str | None:
     """The plain value of an optional secret, for the one place that needs it."""
     return value.get_secret_value() if value is not None else None
+
+
+# ------------------------------------------------------------------------ operator views
+
+MASK = "********"
+
+
+def public_view(settings: Settings) -> dict[str, dict[str, Any]]:
+    """The settings as plain data for ``xswarm config show``: every secret that is set
+    becomes ``MASK`` (an unset one stays None), so the output is safe to paste anywhere."""
+    view: dict[str, dict[str, Any]] = {}
+    for section_name in Settings.model_fields:
+        section = getattr(settings, section_name)
+        values: dict[str, Any] = {}
+        for key in type(section).model_fields:
+            value = getattr(section, key)
+            if isinstance(value, SecretStr):
+                value = MASK
+            elif isinstance(value, Path):
+                value = str(value)
+            values[key] = value
+        view[section_name] = values
+    return view
+
+
+def default_toml() -> str:
+    """A complete settings file with every key commented out at its default, each with the
+    field's own documentation, for ``xswarm config init``. Uncommenting a line sets it."""
+    aliases = {place: name for name, place in ALIASES.items()}
+    lines = [
+        "# xswarm settings. Every key below is commented out at its default; uncomment to change it.",
+        "# Environment variables win over this file: XSWARM_<SECTION>__<KEY> (e.g. XSWARM_SERVER__BRIDGE_PORT)",
+        "# and the providers' usual names noted beside their keys (e.g. TWILIO_AUTH_TOKEN).",
+        "# Prefer environment variables for secrets; if you keep them here, make this file private (chmod 600).",
+    ]
+    for section_name, section_field in Settings.model_fields.items():
+        section_cls = section_field.annotation
+        assert isinstance(section_cls, type) and issubclass(section_cls, BaseModel)
+        lines += ["", f"[{section_name}]"]
+        for key, field in section_cls.model_fields.items():
+            doc = " ".join((field.description or "").split())
+            env = aliases.get((section_name, key))
+            notes = [part for part in (doc, f"env: {env}" if env else "") if part]
+            if notes:
+                lines.append("# " + " | ".join(notes))
+            lines.append(f"# {key} = {_toml_value(field.get_default(call_default_factory=True))}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if value is None or isinstance(value, SecretStr):
+        return '""'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{_toml_value(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
