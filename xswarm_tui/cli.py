@@ -3,11 +3,15 @@
 Each command group lives in ``xswarm_tui/commands/<group>.py`` and keeps its heavy imports
 (textual, torch, aiohttp servers) inside the command functions, so ``xswarm --help`` stays
 fast and never imports torch, moshi or textual.
+
+Errors reach the operator as one line on stderr: a broken settings file exits 2 naming the
+key and line, never with a traceback.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 
 import typer
 
@@ -19,16 +23,34 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-# (module under xswarm_tui.commands, how it attaches). "callback" modules define the root
-# behaviour (`xswarm` with no subcommand); "commands" modules add top-level commands to `app`;
+# (module under xswarm_tui.commands, how it attaches). "callback" and "commands" modules get
+# `register(app)`: a "callback" module defines the root behaviour (`xswarm` with no
+# subcommand, replacing the default below), a "commands" module adds top-level commands;
 # every other module exposes `app` as a sub-command group of that name.
-_GROUPS: list[tuple[str, str]] = [("supervisor", "supervisor")]
+_GROUPS: list[tuple[str, str]] = [
+    ("config", "config"),
+    ("db", "db"),
+    ("users", "users"),
+    ("doctor", "commands"),
+    ("backup", "backup"),
+    ("supervisor", "supervisor"),
+]
+
+
+@app.callback(invoke_without_command=True)
+def _root(ctx: typer.Context) -> None:
+    """Operator console for a voice AI that answers phone calls."""
+    from engine.logging_setup import configure
+
+    configure()
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
 
 
 def _register() -> None:
     for module_name, how in _GROUPS:
         module = importlib.import_module(f"xswarm_tui.commands.{module_name}")
-        if how == "commands":
+        if how in ("callback", "commands"):
             module.register(app)
         else:
             app.add_typer(module.app, name=how)
@@ -38,7 +60,14 @@ _register()
 
 
 def main() -> None:
-    app()
+    """Console-script entry: settings errors raised anywhere become one line and exit 2."""
+    from engine.config import ConfigError
+
+    try:
+        app()
+    except ConfigError as exc:
+        print(f"xswarm: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
