@@ -237,6 +237,8 @@ class SystemSampled(Event):
     gpus: list[dict[str, Any]] = field(default_factory=list)
     """One dict per GPU: name, util_percent, mem_used, mem_total, temp_c, power_w."""
     at: float = field(default_factory=now)
+    gpu_reason: str | None = None
+    """Why ``gpus`` is empty (no driver, no device), in words; None when GPUs were found."""
 
 
 @message

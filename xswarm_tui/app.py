@@ -92,8 +92,10 @@ class XswarmApp(App[None]):
 
     def __init__(self, link: Link, *, read_only: bool = False, theme: str = DEFAULT_THEME,
                  clock: Callable[[], float] = time.time, poll_interval_s: float = 1.0,
-                 reveal_callers: bool = False) -> None:
+                 reveal_callers: bool = False, started_at: float | None = None) -> None:
         super().__init__()
+        self._started_at = time.perf_counter() if started_at is None else started_at
+        """perf_counter() at the process's start, for the time-to-first-paint log line."""
         self.link = link
         self.read_only = read_only or not link.can_act
         self.clock = clock
@@ -143,7 +145,7 @@ class XswarmApp(App[None]):
         self._open_link()
 
     def _first_paint(self) -> None:
-        log.info("first paint")
+        log.info("first paint %.0f ms after start", (time.perf_counter() - self._started_at) * 1000)
 
     def on_unmount(self) -> None:
         logging.getLogger("xswarm").removeHandler(self.log_mirror)
@@ -164,7 +166,7 @@ class XswarmApp(App[None]):
     @work(thread=True, exclusive=True, group="link", exit_on_error=False, description="Starting the runtime")
     def _open_link(self) -> None:
         try:
-            snapshot = self.link.open(self._on_runtime_event)
+            snapshot = self.link.open(self._on_runtime_event, self._on_snapshot)
         except Exception as exc:  # LinkError, a port in use, a bad token: shown, the app stays up
             log.exception("runtime link failed")
             self.post_message(LinkFailed(str(exc) or type(exc).__name__))
@@ -178,8 +180,15 @@ class XswarmApp(App[None]):
             self._wake_posted = True
             self.post_message(EventsArrived())
 
+    def _on_snapshot(self, snapshot: dict) -> None:
+        """A reconnect brought a fresh snapshot (any thread)."""
+        self.post_message(LinkOpened(snapshot))
+
     @on(LinkOpened)
     def _link_opened(self, message: LinkOpened) -> None:
+        if not self.link.can_act and not self.read_only:  # a monitor token: act as --read-only
+            self.read_only = True
+            self.refresh_bindings()
         self.state.load_snapshot(message.snapshot)
         self._drain()
 
@@ -335,37 +344,32 @@ class XswarmApp(App[None]):
 
     async def _execute(self, command: ev.Command, done: str, after: Callable[[], object] | None) -> None:
         try:
-            await self.link.execute(command)
+            answer = await self.link.execute(command)
         except LinkError as exc:
-            self.notify(str(exc), title=f"{type(command).__name__} refused", severity="error")
+            self.notify(str(exc), title=f"{type(command).__name__} refused", severity="error", timeout=8)
             return
-        self.notify(done, timeout=3)
         if after is not None:
-            result = after()
-            if hasattr(result, "__await__"):
-                reason = await result  # type: ignore[misc]
-                if reason:
-                    self.notify(reason, title="Audio", severity="warning", timeout=8)
+            after()
+        self.notify(done, timeout=3)
+        if answer.get("audio"):
+            self.notify(str(answer["audio"]), title="Audio", severity="warning", timeout=8)
 
     def action_take_over(self) -> None:
         if (call_id := self._need_call()) and not self._debounced("take_over"):
-            self._send(ev.TakeOver(call_id), f"You have {call_id}: speak now",
-                       lambda: self.link.talk(call_id, True))
+            self._send(ev.TakeOver(call_id), f"you have {call_id}: speak now")
 
     def action_hand_back(self) -> None:
         if call_id := self._need_call():
-            self._send(ev.HandBack(call_id), f"{call_id} is back with the AI", lambda: self.link.talk(call_id, False))
+            self._send(ev.HandBack(call_id), f"{call_id} is back with the AI")
 
     def action_listen(self) -> None:
         if not (call_id := self._need_call()):
             return
         if call_id in self.listening:
-            self.listening.discard(call_id)
             self._send(ev.Unlisten(call_id), f"stopped listening to {call_id}",
-                       lambda: self.link.listen(call_id, False))
+                       lambda: self.listening.discard(call_id))
         else:
-            self.listening.add(call_id)
-            self._send(ev.Listen(call_id), f"listening to {call_id}", lambda: self.link.listen(call_id, True))
+            self._send(ev.Listen(call_id), f"listening to {call_id}", lambda: self.listening.add(call_id))
 
     def action_whisper(self) -> None:
         if not (call_id := self._need_call()):

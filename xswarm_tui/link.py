@@ -4,14 +4,15 @@ Why one interface: the issue asks for ONE UI code path for `xswarm` (the runtime
 this process) and `xswarm attach ws://…` (a runtime elsewhere, over the supervisor socket).
 The app only ever talks to a ``Link``:
 
-* ``open(on_event)``: connect, start delivering runtime events to ``on_event`` (from any
-  thread; it must not block), and return the runtime's snapshot. Blocking: the app calls it in
-  a thread worker, after its first paint, so the screen never waits for the runtime or torch.
-* ``execute(command)``: run one supervisor command (``engine.events`` Command types) and
-  return the runtime's answer, or raise ``LinkError`` with a sentence for the operator.
+* ``open(on_event, on_snapshot)``: connect, deliver runtime events to ``on_event`` (called
+  from another thread; it must not block) and return the runtime's snapshot; later snapshots
+  (after a reconnect) go to ``on_snapshot``. Blocking: the app calls it in a thread worker
+  after its first paint, so the screen never waits for the runtime or torch.
+* ``execute(command)``: run one supervisor command (``engine.events`` Command types), with
+  the audio it implies (listen plays the call on this machine; takeover opens the microphone),
+  and return the answer; a refusal raises ``LinkError`` with a sentence for the operator. An
+  ``"audio"`` entry in the answer says why sound is missing while the command itself worked.
 * ``users()``: tier and usage rows, or ``None`` with ``users_unavailable`` saying why.
-* listen/talk audio: the runtime's call audio to this machine's speakers and the microphone
-  into a call; each returns ``None`` when it works, else the reason it cannot.
 
 ``EmbeddedLink`` drives an in-process ``engine.runtime.Runtime`` through
 ``engine.control.CallControl``; ``AttachedLink`` drives ``engine.supervisor.client``.
@@ -21,20 +22,27 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import concurrent.futures
 import getpass
-import inspect
 import logging
 import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from engine import events as ev
 
 log = logging.getLogger("xswarm.tui.link")
 
 EventSink = Callable[[ev.Event], None]
+SnapshotSink = Callable[[dict[str, Any]], None]
+AudioFactory = Callable[[], Any]
+"""Returns a ``LocalAudio``-like object (play/start_speakers/stop_speakers/start_microphone/
+stop_microphone/close) or a string saying why there is no sound."""
 
 
 class LinkError(Exception):
@@ -63,35 +71,88 @@ def operator_name() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
+def _default_audio() -> Any:
+    from xswarm_tui.audio import open_audio
+
+    return open_audio()
+
+
 class Link(abc.ABC):
     """A runtime as the console sees it (see the module docstring)."""
 
     kind: str
     """"embedded" or "attached"."""
     target: str
-    """Where the runtime is, for the header: "this process" or the socket URL."""
-    can_act: bool
-    """False when read-only (the `--read-only` flag or a monitor token)."""
+    """Where the runtime is, for the header."""
     users_unavailable: str | None = None
     """Why ``users()`` returns None, when it does."""
 
-    @abc.abstractmethod
-    def open(self, on_event: EventSink) -> dict[str, Any]: ...
+    def __init__(self, *, read_only: bool, audio: AudioFactory = _default_audio) -> None:
+        self.can_act = not read_only
+        """False when read-only (``--read-only`` or a monitor token); may turn False on open."""
+        self.actor = operator_name()
+        self._audio_factory = audio
+        self._audio: Any = None
+        self._listening: set[str] = set()
+
+    @property
+    def role(self) -> str:
+        return "operator" if self.can_act else "monitor"
 
     @abc.abstractmethod
-    async def execute(self, command: ev.Command) -> dict[str, Any]: ...
+    def open(self, on_event: EventSink, on_snapshot: SnapshotSink) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    async def _send(self, command: ev.Command) -> dict[str, Any]:
+        """Deliver one command to the runtime; returns its answer dict (``ok`` True/False)."""
+
+    @abc.abstractmethod
+    def _microphone_sink(self, call_id: str) -> Callable[[np.ndarray], None]:
+        """Where 80 ms microphone frames go while this console holds ``call_id``."""
 
     @abc.abstractmethod
     def users(self) -> list[UserRow] | None: ...
 
     @abc.abstractmethod
-    async def listen(self, call_id: str, on: bool) -> str | None: ...
-
-    @abc.abstractmethod
-    async def talk(self, call_id: str, on: bool) -> str | None: ...
-
-    @abc.abstractmethod
     def close(self) -> None: ...
+
+    def local_audio(self) -> Any:
+        """The sound device (opened once), or the reason there is none."""
+        if self._audio is None:
+            self._audio = self._audio_factory()
+        return self._audio
+
+    async def execute(self, command: ev.Command) -> dict[str, Any]:
+        audio = self.local_audio()
+        note: str | None = None
+        if isinstance(command, ev.Listen):
+            if isinstance(audio, str):  # listening without speakers would only waste the call's bandwidth
+                raise LinkError(f"cannot listen: {audio}")
+            audio.start_speakers()
+        answer = await self._send(command)
+        if not answer.get("ok", True):
+            if isinstance(command, ev.Listen) and not self._listening and not isinstance(audio, str):
+                audio.stop_speakers()
+            raise LinkError(str(answer.get("error") or "refused"))
+        call_id = getattr(command, "call_id", None)
+        if isinstance(command, ev.Listen):
+            self._listening.add(command.call_id)
+        elif isinstance(command, ev.Unlisten):
+            self._listening.discard(command.call_id)
+            if not self._listening and not isinstance(audio, str):
+                audio.stop_speakers()
+        elif isinstance(command, ev.TakeOver) and call_id:
+            if isinstance(audio, str):
+                note = f"{audio}; the caller hears silence until you hand back"
+            else:
+                audio.start_microphone(self._microphone_sink(call_id))
+        elif isinstance(command, ev.HandBack) and not isinstance(audio, str):
+            audio.stop_microphone()
+        return {**answer, "audio": note} if note else answer
+
+    def _close_audio(self) -> None:
+        if self._audio is not None and not isinstance(self._audio, str):
+            self._audio.close()
 
 
 USERS_SQL = """
@@ -102,108 +163,177 @@ ORDER BY u.created_at DESC LIMIT 1000
 """
 
 
-def rows_to_users(rows: list[tuple[Any, ...]]) -> list[UserRow]:
-    return [UserRow(str(r[0]), str(r[1]), str(r[2]), r[3], float(r[4]) / 60.0, int(r[5]), int(r[6]))
-            for r in rows]
-
-
 class EmbeddedLink(Link):
     """The runtime in this process: its bus, its ``CallControl``, its database, this machine's audio."""
 
     kind = "embedded"
     target = "this process"
 
-    def __init__(self, build_runtime: Callable[[], Any], *, read_only: bool = False) -> None:
+    def __init__(self, build_runtime: Callable[[], Any], *, read_only: bool = False,
+                 audio: AudioFactory = _default_audio) -> None:
+        super().__init__(read_only=read_only, audio=audio)
         self._build = build_runtime
         """Makes (not starts) the Runtime; called in the worker so imports stay off the first paint."""
         self.runtime: Any = None
-        self.can_act = not read_only
-        self._role = "operator" if self.can_act else "monitor"
-        self._actor = operator_name()
         self._control: Any = None
         self._unsubscribe: Callable[[], None] | None = None
-        self._audio: Any = None
-        self._taps: dict[str, Callable[[], None]] = {}
+        self._sampler: Any = None
 
-    def open(self, on_event: EventSink) -> dict[str, Any]:
+    def open(self, on_event: EventSink, on_snapshot: SnapshotSink) -> dict[str, Any]:
         from engine.control import CallControl
 
         self.runtime = self._build()
         self._unsubscribe = self.runtime.bus.subscribe(on_event)
         self.runtime.start()
         self._control = CallControl(self.runtime)
+        if getattr(self.runtime, "system_sampler", None) is None:  # a runtime that samples itself wins
+            from engine.telemetry.system import SystemSampler
+
+            self._sampler = SystemSampler(self.runtime.bus.publish, self.runtime.settings.ui.poll_interval_s)
+            self._sampler.start()
         return self.runtime.snapshot()
 
-    async def _on_runtime(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` (sync or async) on the runtime's loop, where call sessions live."""
+    def _on_loop(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
+        return self.runtime.call_soon(coro)
 
-        async def run() -> Any:
-            result = fn()
-            return await result if inspect.isawaitable(result) else result
-
-        try:
-            return await asyncio.wrap_future(self.runtime.call_soon(run()))
-        except LinkError:
-            raise
-        except Exception as exc:  # CallControlError, PermissionError, …: the message is for the operator
-            raise LinkError(str(exc) or type(exc).__name__) from None
-
-    async def execute(self, command: ev.Command) -> dict[str, Any]:
+    async def _send(self, command: ev.Command) -> dict[str, Any]:
         if self._control is None:
             raise LinkError("the runtime is still starting")
-        answer = await self._on_runtime(lambda: self._control.execute(command, self._actor, self._role))
-        return answer if isinstance(answer, dict) else {"result": answer}
+        tap = None
+        if isinstance(command, ev.Listen):
+            tap = self.local_audio().play
+        return await asyncio.wrap_future(self._on_loop(self._control.execute(command, self.actor, self.role, tap=tap)))
+
+    def _microphone_sink(self, call_id: str) -> Callable[[np.ndarray], None]:
+        session = self.runtime.calls.get(call_id)
+        loop = self.runtime.loop
+        if session is None:
+            return lambda pcm: None
+        return lambda pcm: loop.call_soon_threadsafe(session.feed_operator_audio, pcm)
 
     def users(self) -> list[UserRow] | None:
         db = getattr(self.runtime, "db", None)
         if db is None:
             self.users_unavailable = "no database is open in this runtime"
             return None
-        return rows_to_users(db.query(USERS_SQL, (time.strftime("%Y-%m", time.gmtime()),)))
+        rows = db.query(USERS_SQL, (time.strftime("%Y-%m", time.gmtime()),))
+        return [UserRow(str(r[0]), str(r[1]), str(r[2]), r[3], float(r[4]) / 60.0, int(r[5]), int(r[6]))
+                for r in rows]
 
-    def _local_audio(self) -> Any:
-        from xswarm_tui.audio import open_audio
+    def close(self) -> None:
+        if self._sampler is not None:
+            self._sampler.stop()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        if self._control is not None:  # hand back anything this console still holds
+            try:
+                self._on_loop(self._control.release(self.actor, self.role, "console closed")).result(timeout=5)
+            except Exception:
+                log.exception("releasing this console's calls failed")
+        self._close_audio()
+        if self.runtime is not None:
+            self.runtime.stop()
 
-        if self._audio is None:
-            self._audio = open_audio()
-        return self._audio
 
-    async def listen(self, call_id: str, on: bool) -> str | None:
-        audio = self._local_audio()
-        if isinstance(audio, str):
-            return audio
-        if not on:
-            remove = self._taps.pop(call_id, None)
-            if remove is not None:
-                await self._on_runtime(remove)
-            if not self._taps:
-                audio.stop_speakers()
-            return None
-        session = self.runtime.calls.get(call_id)
-        if session is None:
-            return f"call {call_id} has ended"
-        audio.start_speakers()
-        self._taps[call_id] = await self._on_runtime(lambda: session.add_tap(audio.play))
-        return None
+class AttachedLink(Link):
+    """A runtime elsewhere, through ``SupervisorClient`` on a private event loop thread.
 
-    async def talk(self, call_id: str, on: bool) -> str | None:
-        audio = self._local_audio()
-        if isinstance(audio, str):
-            return audio
-        if not on:
-            audio.stop_microphone()
-            return None
-        session = self.runtime.calls.get(call_id)
-        if session is None:
-            return f"call {call_id} has ended"
-        loop = self.runtime.loop
-        audio.start_microphone(lambda pcm: loop.call_soon_threadsafe(session.feed_operator_audio, pcm))
+    Why its own loop: the client parses every event and audio frame; on Textual's loop that
+    work would compete with drawing, and on its own thread it behaves like the embedded bus.
+    """
+
+    kind = "attached"
+    users_unavailable = ("user data is not sent over the supervisor socket; "
+                         "run `xswarm` on the server (or query its database) to see users")
+
+    def __init__(self, url: str, token: str, *, read_only: bool = False,
+                 audio: AudioFactory = _default_audio, open_timeout_s: float = 15.0) -> None:
+        super().__init__(read_only=read_only, audio=audio)
+        self.target = url
+        self._token = token
+        self._open_timeout_s = open_timeout_s
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="xswarm-attach", daemon=True)
+        self._client: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _run(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def open(self, on_event: EventSink, on_snapshot: SnapshotSink) -> dict[str, Any]:
+        self._thread.start()
+        try:
+            return self._run(self._connect(on_event, on_snapshot)).result(timeout=self._open_timeout_s)
+        except concurrent.futures.TimeoutError:
+            raise LinkError(f"no answer from {self.target} within {self._open_timeout_s:.0f} s") from None
+
+    async def _connect(self, on_event: EventSink, on_snapshot: SnapshotSink) -> dict[str, Any]:
+        from engine.supervisor.client import SupervisorClient, SupervisorError
+
+        self._client = SupervisorClient(self.target, self._token, name=self.actor)
+        try:
+            await self._client.start()
+        except SupervisorError as exc:
+            await self._client.close()
+            raise LinkError(f"{self.target}: {exc}") from None
+        except OSError as exc:
+            await self._client.close()
+            raise LinkError(f"cannot reach {self.target}: {exc}") from None
+        if self._client.role != "operator":
+            self.can_act = False
+        self._tasks.append(asyncio.get_running_loop().create_task(self._pump(on_event, on_snapshot)))
+        return dict(self._client.snapshot or {})
+
+    async def _pump(self, on_event: EventSink, on_snapshot: SnapshotSink) -> None:
+        from engine.supervisor.client import Snapshot, SupervisorError
+
+        try:
+            async for message in self._client.messages():
+                if isinstance(message, Snapshot):
+                    on_snapshot(message.data)
+                else:
+                    on_event(message)
+        except SupervisorError as exc:  # the token was revoked: say so on the feed, stop reading
+            on_event(ev.ErrorRaised(source="supervisor", message=str(exc)))
+
+    async def _play(self) -> None:
+        audio = self.local_audio()
+        async for frame in self._client.audio():
+            if frame.call_id in self._listening:
+                audio.play(frame.direction, frame.pcm)
+
+    async def _send(self, command: ev.Command) -> dict[str, Any]:
+        from engine.supervisor.client import CommandError, SupervisorError
+
+        async def send() -> dict[str, Any]:
+            if isinstance(command, ev.Listen) and not any(t.get_name() == "audio" for t in self._tasks):
+                self._tasks.append(asyncio.get_running_loop().create_task(self._play(), name="audio"))
+            try:
+                return await self._client.command(command)
+            except CommandError as exc:
+                return {"ok": False, "error": str(exc), "code": exc.code}
+            except SupervisorError as exc:
+                return {"ok": False, "error": f"{self.target}: {exc}"}
+
+        return await asyncio.wrap_future(self._run(send()))
+
+    def _microphone_sink(self, call_id: str) -> Callable[[np.ndarray], None]:
+        return lambda pcm: self._run(self._client.send_audio(call_id, pcm))
+
+    def users(self) -> list[UserRow] | None:
         return None
 
     def close(self) -> None:
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-        if self._audio is not None and not isinstance(self._audio, str):
-            self._audio.close()
-        if self.runtime is not None:
-            self.runtime.stop()
+        self._close_audio()
+        if self._thread.is_alive():
+            async def shutdown() -> None:
+                for task in self._tasks:
+                    task.cancel()
+                if self._client is not None:
+                    await self._client.close()
+
+            try:
+                self._run(shutdown()).result(timeout=5)
+            finally:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join(timeout=5)

@@ -98,8 +98,20 @@ class ConsoleState:
 
     # ---------------------------------------------------------------------------------------
     def load_snapshot(self, snap: dict[str, Any]) -> None:
-        """Seed live calls and model state from ``Runtime.snapshot()`` (or the socket's hello)."""
-        for call in snap.get("calls", []) or []:
+        """Seed live calls and model state from ``Runtime.snapshot()`` (or the socket's hello).
+
+        Idempotent: calls the snapshot no longer lists are gone (they ended while a reconnect
+        was under way); calls still live keep their histories."""
+        listed = snap.get("calls", []) or []
+        live = {str(c.get("call_id")) for c in listed if isinstance(c, dict)}
+        for call_id in [cid for cid in self.calls if cid not in live]:
+            del self.calls[call_id]
+            self.removed_calls.add(call_id)
+            self.dirty.add("calls")
+        for call in listed:
+            if isinstance(call, dict) and str(call.get("call_id")) in self.calls:
+                self._refresh_mode(call)
+                continue
             try:
                 self.apply(ev.CallStarted(
                     call_id=str(call["call_id"]), slot=int(call.get("slot", 0)),
@@ -107,17 +119,28 @@ class ConsoleState:
                     user_id=call.get("user_id"), theme=call.get("theme"),
                     at=float(call.get("started_at", 0.0)),
                 ))
-                if call.get("mode"):
-                    self.apply(ev.CallUpdated(call_id=str(call["call_id"]), mode=call["mode"],
-                                              operator=call.get("operator"),
-                                              listeners=int(call.get("listeners", 0))))
-            except (KeyError, TypeError, ValueError):
+                self._refresh_mode(call)
+            except (KeyError, TypeError, ValueError, AttributeError):
                 continue  # one malformed entry must not hide the others
         model = snap.get("model")
-        if isinstance(model, dict) and model.get("state"):
-            self.apply(ev.ModelStatusChanged(model=str(model.get("name", "?")), state=model["state"],
-                                             detail=str(model.get("detail", "")),
+        if isinstance(model, dict) and model.get("state") in ("loading", "warming", "ready", "failed", "fallback"):
+            self.apply(ev.ModelStatusChanged(model=str(model.get("name") or model.get("spec") or "?"),
+                                             state=model["state"], detail=str(model.get("detail") or ""),
                                              progress=model.get("progress")))
+        if self.feed:  # a reconnect: the feed already holds these
+            return
+        for wire in snap.get("recent_events", []) or []:
+            try:
+                event = ev.from_wire(wire)
+            except ev.WireError:
+                continue
+            if isinstance(event, _FEED_ONLY):
+                self.apply(event)
+
+    def _refresh_mode(self, call: dict[str, Any]) -> None:
+        if call.get("mode") in ("ai", "operator", "muted"):
+            self.apply(ev.CallUpdated(call_id=str(call["call_id"]), mode=call["mode"],
+                                      operator=call.get("operator"), listeners=int(call.get("listeners", 0) or 0)))
 
     def apply(self, event: ev.Event) -> None:
         handler = _HANDLERS.get(type(event))
@@ -215,6 +238,10 @@ def _payment(s: ConsoleState, e: ev.PaymentStatusChanged) -> None:
     tier = f" (tier {e.tier})" if e.tier else ""
     s._feed(e.at, "payment", f"payment {e.status} for {e.user_id or 'unknown'}{tier}")
 
+
+_FEED_ONLY = (ev.MessageReceived, ev.PaymentStatusChanged, ev.WebhookReceived, ev.WebhookFailed, ev.UserCreated,
+              ev.ErrorRaised, ev.CallRefused, ev.SupervisorActed)
+"""Recent events a snapshot may replay into the feed (call events are the snapshot's own calls)."""
 
 _HANDLERS: dict[type, Any] = {
     ev.CallStarted: ConsoleState._started,

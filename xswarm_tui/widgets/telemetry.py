@@ -51,7 +51,7 @@ class SystemPanel(Vertical):
         else:
             if not sample.gpus:
                 out.append("No GPU", style="bold")
-                out.append(": NVML found no NVIDIA device; the model runs on the CPU\n")
+                out.append(f": {sample.gpu_reason or 'none found'}\n")
             for i, gpu in enumerate(sample.gpus):
                 util = gpu.get("util_percent")
                 out.append(f"GPU{i} ", style="bold")

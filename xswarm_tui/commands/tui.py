@@ -1,0 +1,71 @@
+"""`xswarm` (the console with the runtime embedded) and `xswarm attach URL --token T`.
+
+Registered as the root callback: with no sub-command, `xswarm` opens the console. Textual and
+the runtime are imported inside the functions, so `xswarm --help` and every other command stay
+light, and the console paints before the runtime (and torch) is even imported.
+"""
+
+from __future__ import annotations
+
+import time
+
+import typer
+
+_STARTED = time.perf_counter()
+"""When the CLI imported this module: the origin of the time-to-first-paint figure in the log."""
+
+
+def _run_console(link: object, *, read_only: bool, theme: str | None) -> None:
+    from engine.config import load_settings
+    from xswarm_tui.app import XswarmApp
+
+    settings = load_settings()
+    app = XswarmApp(link, read_only=read_only, theme=theme or settings.ui.theme,  # type: ignore[arg-type]
+                    poll_interval_s=settings.ui.poll_interval_s, reveal_callers=settings.ui.reveal_callers,
+                    started_at=_STARTED)
+    try:
+        app.run()
+    finally:
+        link.close()  # type: ignore[attr-defined]  # embedded: ends calls, stops servers, flushes the DB
+
+
+def register(app: typer.Typer) -> None:
+    @app.callback(invoke_without_command=True)
+    def console(
+        ctx: typer.Context,
+        model: str | None = typer.Option(None, "--model", help="Voice model: auto, moshi, synthetic:tiny, echo, …"),
+        read_only: bool = typer.Option(False, "--read-only", help="Hide every key that acts on a call."),
+        theme: str | None = typer.Option(None, "--theme", help="Theme name from themes/ (default: settings ui.theme)."),
+    ) -> None:
+        """Operator console for a voice AI that answers phone calls (runs the runtime in this process)."""
+        from engine.logging_setup import configure
+
+        configure()  # the console owns the terminal: every record goes to the log file
+        if ctx.invoked_subcommand is not None:
+            return
+        from engine.config import load_settings
+        from xswarm_tui.link import EmbeddedLink
+
+        settings = load_settings()
+
+        def build() -> object:
+            from engine.runtime import Runtime
+
+            return Runtime(settings, model_spec=model)
+
+        _run_console(EmbeddedLink(build, read_only=read_only), read_only=read_only, theme=theme)
+
+    @app.command("attach")
+    def attach(
+        url: str = typer.Argument(..., help="Supervisor socket, e.g. ws://127.0.0.1:9999"),
+        token: str = typer.Option(..., "--token", envvar="XSWARM_SUPERVISOR_TOKEN",
+                                  help="Operator token (may act) or monitor token (watch only)."),
+        read_only: bool = typer.Option(False, "--read-only", help="Hide every key that acts on a call."),
+        theme: str | None = typer.Option(None, "--theme", help="Theme name from themes/."),
+    ) -> None:
+        """The same console, fed by a runtime elsewhere over the supervisor protocol."""
+        if not url.startswith(("ws://", "wss://")):
+            raise typer.BadParameter("must start with ws:// or wss://", param_hint="URL")
+        from xswarm_tui.link import AttachedLink
+
+        _run_console(AttachedLink(url, token, read_only=read_only), read_only=read_only, theme=theme)
