@@ -21,9 +21,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+from pydantic_settings.exceptions import SettingsError
 
 from engine.paths import Paths, resolve_paths
 
@@ -213,7 +215,7 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (
             init_settings,
-            env_settings,
+            _NestedEnvSource(settings_cls),
             _AliasSource(settings_cls),
             _TomlSource(settings_cls, _CURRENT_FILE.get()),
         )
@@ -246,6 +248,15 @@ ALIASES: dict[str, tuple[str, str]] = {
     "XSWARM_S3_REGION": ("s3", "region"),
     "XSWARM_MODEL": ("model", "name"),
 }
+
+
+class _NestedEnvSource(EnvSettingsSource):
+    """``XSWARM_SECTION__FIELD`` variables. The flat names in ``ALIASES`` are left to
+    ``_AliasSource``: ``XSWARM_MODEL`` (a model name) would otherwise be read as the whole
+    ``model`` section."""
+
+    def _load_env_vars(self) -> Any:
+        return {k: v for k, v in super()._load_env_vars().items() if k.upper() not in ALIASES}
 
 
 class _AliasSource(PydanticBaseSettingsSource):
@@ -297,6 +308,8 @@ def load_settings(paths: Paths | None = None, **overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, config_file)) from None
+    except SettingsError as exc:  # e.g. XSWARM_STRIPE__PRICE_TIERS that is not JSON
+        raise ConfigError(f"{exc}: {exc.__cause__}" if exc.__cause__ else str(exc)) from None
     finally:
         _CURRENT_FILE.reset(token)
 

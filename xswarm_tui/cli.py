@@ -34,6 +34,7 @@ _GROUPS: list[tuple[str, str]] = [
     ("doctor", "commands"),
     ("backup", "backup"),
     ("supervisor", "supervisor"),
+    ("tui", "callback"),
 ]
 
 
@@ -61,13 +62,16 @@ _register()
 
 def main() -> None:
     """Console-script entry: settings errors raised anywhere become one line and exit 2."""
-    from engine.config import ConfigError
-
     try:
         app()
-    except ConfigError as exc:
-        print(f"xswarm: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except Exception as exc:
+        # A ConfigError implies engine.config is loaded; not importing it up front keeps
+        # `xswarm --help` from paying for pydantic.
+        config = sys.modules.get("engine.config")
+        if config is not None and isinstance(exc, config.ConfigError):
+            print(f"xswarm: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        raise
 
 
 if __name__ == "__main__":
