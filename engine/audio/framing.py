@@ -1,0 +1,168 @@
+"""Framing between Twilio's 20 ms mu-law chunks and the model's 80 ms frames.
+
+Inbound, ``InboundFrames`` is the per-call jitter buffer: it collects chunks with their
+arrival times and hands the scheduler one 640-byte (80 ms at 8 kHz) frame per tick. Why the
+alignment logic: every call arrives with its own 20 ms phase against our single 80 ms tick.
+Grouping chunks 1-4, 5-8, ... blindly would make a call wait up to 80 ms for the tick; we
+instead choose, once, the frame boundary that ends on the newest chunk that arrived at least
+``guard_s`` before a tick, so the wait is ``guard_s`` plus at most one chunk (20 ms). After that
+frames are taken strictly in order. A backlog that persists (the caller's clock runs fast, or
+a burst after a stall) is trimmed so the added delay cannot creep up; a missing chunk makes
+the frame late (the scheduler conceals it with silence and counts it).
+
+Outbound is simpler: one 640-byte frame becomes four 160-byte payloads.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+from engine.audio.mulaw import SILENCE
+from engine.models.base import FRAME_SIZE
+
+CHUNK_BYTES = 160
+"""One Twilio media payload: 20 ms of 8 kHz mu-law."""
+CHUNKS_PER_FRAME = 4
+FRAME_BYTES = CHUNK_BYTES * CHUNKS_PER_FRAME
+"""One 80 ms frame at 8 kHz (640 samples, 1920 at 24 kHz)."""
+
+
+def split_frame(codes: bytes) -> list[bytes]:
+    """One 640-byte frame -> four 160-byte payloads, in play order."""
+    return [codes[i : i + CHUNK_BYTES] for i in range(0, len(codes), CHUNK_BYTES)]
+
+
+class InboundFrames:
+    """One call's inbound mu-law bytes -> one aligned 80 ms frame per tick."""
+
+    def __init__(self, guard_s: float = 0.004, trim_after_ticks: int = 12) -> None:
+        self.guard_s = guard_s
+        self.trim_after_ticks = trim_after_ticks
+        self._buf = bytearray()
+        self._arrivals: deque[tuple[int, float]] = deque()  # (cumulative end offset, time)
+        self._in = 0  # bytes ever pushed (plus silence padding)
+        self._out = 0  # bytes ever consumed or dropped
+        self._aligned = False
+        self._backlog_ticks = 0
+        self.late = 0
+        self.dropped_bytes = 0
+
+    @property
+    def started(self) -> bool:
+        return self._in > 0
+
+    @property
+    def buffered(self) -> int:
+        return self._in - self._out
+
+    def push(self, payload: bytes, at: float) -> None:
+        """Queue one media payload that arrived at monotonic time ``at``."""
+        if payload:
+            self._buf += payload
+            self._in += len(payload)
+            self._arrivals.append((self._in, at))
+
+    def pop(self, tick_at: float) -> tuple[bytes | None, float | None]:
+        """The frame for the tick firing at ``tick_at``: (640 bytes, arrival of its last chunk),
+        or (None, None) when the frame is not complete (late, or nothing sent yet)."""
+        if not self._in:
+            return None, None
+        eligible = self._eligible_end(tick_at) - self._out
+        if not self._aligned:
+            if eligible <= 0:
+                return None, None
+            self._align(eligible)
+            eligible = FRAME_BYTES
+        if eligible < FRAME_BYTES:
+            self.late += 1
+            return None, None
+        end = self._out + FRAME_BYTES
+        completed_at = next(t for cum, t in self._arrivals if cum >= end)
+        frame = bytes(self._buf[:FRAME_BYTES])
+        self._drop(FRAME_BYTES)
+        self._trim(eligible - FRAME_BYTES)
+        return frame, completed_at
+
+    def _eligible_end(self, tick_at: float) -> int:
+        """Cumulative offset of the last byte that arrived at least ``guard_s`` before the tick."""
+        cutoff = tick_at - self.guard_s
+        for cum, t in reversed(self._arrivals):
+            if t <= cutoff:
+                return cum
+        return self._out
+
+    def _align(self, eligible: int) -> None:
+        """First frame: pad with silence in front (short) or drop the oldest audio (long), so
+        the frame ends exactly on the newest eligible chunk."""
+        if eligible < FRAME_BYTES:
+            pad = FRAME_BYTES - eligible
+            self._buf[0:0] = bytes([SILENCE]) * pad
+            self._out -= pad
+        elif eligible > FRAME_BYTES:
+            self._drop(eligible - FRAME_BYTES)
+            self.dropped_bytes += eligible - FRAME_BYTES
+        self._aligned = True
+
+    def _trim(self, backlog: int) -> None:
+        """Drop a backlog of whole chunks that has lasted ``trim_after_ticks`` ticks."""
+        if backlog < CHUNK_BYTES:
+            self._backlog_ticks = 0
+            return
+        self._backlog_ticks += 1
+        if self._backlog_ticks >= self.trim_after_ticks:
+            self._drop(backlog)
+            self.dropped_bytes += backlog
+            self._backlog_ticks = 0
+
+    def _drop(self, n: int) -> None:
+        del self._buf[:n]
+        self._out += n
+        while self._arrivals and self._arrivals[0][0] <= self._out:
+            self._arrivals.popleft()
+
+
+class PcmFrames:
+    """Float32 24 kHz audio of any chunk length -> whole 1920-sample frames (operator audio,
+    the local microphone). Holds at most ``max_frames`` so a stalled consumer cannot grow it."""
+
+    def __init__(self, max_frames: int = 25) -> None:
+        self._parts: deque[np.ndarray] = deque()
+        self._size = 0
+        self.max_samples = max_frames * FRAME_SIZE
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def push(self, pcm: np.ndarray) -> None:
+        pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
+        if pcm.size:
+            self._parts.append(pcm)
+            self._size += pcm.size
+        excess = self._size - self.max_samples
+        if excess > 0:  # keep the newest audio: the oldest is already too late to play
+            self._take(excess)
+            self.dropped += excess
+
+    def pop(self) -> np.ndarray | None:
+        """One 1920-sample frame, or None when less than a frame is buffered."""
+        if self._size < FRAME_SIZE:
+            return None
+        return self._take(FRAME_SIZE)
+
+    def _take(self, n: int) -> np.ndarray:
+        out = np.empty(n, np.float32)
+        filled = 0
+        while filled < n:
+            part = self._parts[0]
+            use = min(n - filled, part.size)
+            out[filled : filled + use] = part[:use]
+            filled += use
+            if use == part.size:
+                self._parts.popleft()
+            else:
+                self._parts[0] = part[use:]
+        self._size -= n
+        return out

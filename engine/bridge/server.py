@@ -1,0 +1,443 @@
+"""Twilio Media Streams server (``/twilio``) and ``GET /health`` on one port (default 9998).
+
+One ``TwilioStream`` per socket. Its life: the upgrade is refused (403) unless
+``X-Twilio-Signature`` is valid for our public URL; then ``connected``, and ``start`` must come
+within ``telephony.start_timeout_s`` with 8 kHz mu-law and a one-time token bound to its
+CallSid; the call is admitted into a model slot; ``media`` feeds the call's jitter buffer,
+``mark`` echoes give the playout lag, ``dtmf`` goes on the bus, ``stop`` ends the call.
+
+Every refusal closes only its own socket with a 4xxx code and a reason (1009 for an oversized
+message, which websockets enforces), counts it in ``refusals``, logs one line and publishes
+``CallRefused``. Output goes through a per-call writer task so a slow socket never holds up
+the tick or the other calls. Nothing is logged per frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import http
+import json
+import logging
+import re
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import numpy as np
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from engine import events
+from engine.audio.framing import InboundFrames, split_frame
+from engine.calls import CallControlError, CallSession, NoFreeSlot
+from engine.config import secret
+from engine.telemetry.latency import Histogram
+from engine.telephony.calltoken import TokenError, TokenLedger
+
+if TYPE_CHECKING:
+    from engine.runtime import Runtime
+
+log = logging.getLogger("xswarm.bridge")
+
+PATH = "/twilio"
+MAX_MESSAGE = 64 * 1024
+FLOOD_RATE = 150.0
+"""Messages per second a stream may sustain (Twilio sends 50 media + a few marks)."""
+FLOOD_BURST = 300.0
+OUT_QUEUE_FRAMES = 25
+"""Output frames (2 s) a call may have waiting for its socket before we drop the oldest."""
+_SID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_DIGITS = frozenset("0123456789*#ABCD")
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+class Refusal(Exception):
+    """Close this stream: ``key`` is the counter name, ``code``/``reason`` go on the wire."""
+
+    def __init__(self, key: str, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.key, self.code, self.reason = key, code, reason
+
+
+# close codes (4000-4999 are the application's own)
+START_TIMEOUT = 4001
+BAD_FORMAT = 4002
+BAD_TOKEN = 4003
+MALFORMED = 4004
+FLOOD = 4008
+NO_SLOT = 4009
+NOT_READY = 4010
+
+
+class BridgeServer:
+    """The websockets server; owns the token ledger and the bridge-wide figures."""
+
+    def __init__(self, runtime: "Runtime") -> None:
+        self.runtime = runtime
+        self.settings = runtime.settings
+        self.ledger = TokenLedger()
+        self.bal_ms = Histogram()
+        self.playout_lag_ms = Histogram()
+        self.refusals: Counter[str] = Counter()
+        self.streams: set[TwilioStream] = set()
+        self.port: int | None = None
+        self._server: Server | None = None
+        self._auth_token = secret(self.settings.twilio.auth_token)
+        self._token_secret = secret(self.settings.telephony.call_token_secret)
+
+    async def start(self, host: str, port: int) -> None:
+        self._server = await serve(
+            self._handle, host, port, process_request=self._http, max_size=MAX_MESSAGE,
+            compression=None, max_queue=64, server_header=None,
+        )
+        self.port = self._server.sockets[0].getsockname()[1] if self._server.sockets else port
+        if not self._auth_token:
+            log.warning("bridge on %s:%s does not check X-Twilio-Signature: TWILIO_AUTH_TOKEN is not set", host, self.port)
+        if not self._token_secret:
+            if host in LOOPBACK:
+                log.warning("bridge accepts calls without a call token: XSWARM_CALL_TOKEN_SECRET is not set (loopback only)")
+            else:
+                log.error("XSWARM_CALL_TOKEN_SECRET is not set: the bridge on %s refuses every call", host)
+        log.info("bridge listening on %s:%s%s", host, self.port, PATH)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    @property
+    def tokens_required(self) -> bool:
+        return bool(self._token_secret) or self.settings.server.host not in LOOPBACK
+
+    # --------------------------------------------------------------------- HTTP side
+
+    def _http(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = urlsplit(request.path).path
+        if path == "/health" and "upgrade" not in request.headers.get("Connection", "").lower():
+            return _json_response(200, self.health())
+        if path != PATH:
+            return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
+        if self._auth_token and not self._signature_ok(request):
+            self.refused("bad_signature", "X-Twilio-Signature missing or invalid", None)
+            return connection.respond(http.HTTPStatus.FORBIDDEN, "invalid Twilio signature\n")
+        return None
+
+    def _signature_ok(self, request: Request) -> bool:
+        from twilio.request_validator import RequestValidator
+
+        signature = request.headers.get("X-Twilio-Signature")
+        if not signature:
+            return False
+        public = self.settings.server.bridge_public_url
+        if public:
+            candidates = [public.rstrip("/") + request.path]
+        else:  # no public URL configured: trust the Host header Twilio dialled
+            host = request.headers.get("Host", "")
+            candidates = [f"wss://{host}{request.path}", f"ws://{host}{request.path}"]
+        validator = RequestValidator(self._auth_token)
+        return any(validator.validate(url, {}, signature) for url in candidates)
+
+    def health(self) -> dict[str, Any]:
+        rt = self.runtime
+        return {
+            "status": "ok" if rt.model is not None else "starting",
+            "service": "bridge",
+            "node": rt.node_id,
+            "model": rt.model.name if rt.model else None,
+            "model_state": rt.model_state,
+            "slots": {"total": rt.calls.capacity, "used": rt.calls.used, "free": rt.calls.free},
+            "uptime_s": round(time.time() - rt.started_at, 1),
+            "auth": {"signature": bool(self._auth_token), "call_token": self.tokens_required},
+        }
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "streams": len(self.streams),
+            "bal_ms": self.bal_ms.summary(),
+            "playout_lag_ms": self.playout_lag_ms.summary(),
+            "refusals": dict(self.refusals),
+        }
+
+    def refused(self, key: str, reason: str, call_sid: str | None) -> None:
+        self.refusals[key] += 1
+        log.warning("refused stream%s: %s (%s)", f" for {call_sid}" if call_sid else "", reason, key)
+        self.runtime.bus.publish(events.CallRefused(reason=key, detail=reason))
+
+    # -------------------------------------------------------------------- WebSocket
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        stream = TwilioStream(self, ws)
+        self.streams.add(stream)
+        try:
+            await stream.run()
+        finally:
+            self.streams.discard(stream)
+
+
+def _json_response(status: int, body: dict[str, Any]) -> Response:
+    data = json.dumps(body).encode()
+    headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(data))),
+                       ("Cache-Control", "no-store"), ("Connection", "close")])
+    return Response(status, http.HTTPStatus(status).phrase, headers, data)
+
+
+class TwilioStream:
+    """One Twilio Media Stream: protocol, admission, and the call's transport."""
+
+    source = "twilio"
+
+    def __init__(self, server: BridgeServer, ws: ServerConnection) -> None:
+        self.server = server
+        self.ws = ws
+        self.session: CallSession | None = None
+        self.stream_sid = ""
+        self.call_sid: str | None = None
+        self._out: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+        self._marks: dict[str, float] = {}
+        self._cleared_at = 0.0
+        self._tokens = FLOOD_BURST
+        self._last = time.monotonic()
+        self._unknown_logged = False
+        self._dropped_logged = False
+        self.dropped_frames = 0
+        self._end_reason: str | None = None
+
+    # ---------------------------------------------------------------------- receive
+
+    async def run(self) -> None:
+        registry = self.server.runtime.calls
+        try:
+            try:
+                async with asyncio.timeout(self.server.settings.telephony.start_timeout_s):
+                    while self.session is None:
+                        self._on_message(await self.ws.recv())
+            except TimeoutError:
+                raise Refusal("start_timeout", START_TIMEOUT, "no start message in time") from None
+            self._writer = asyncio.get_running_loop().create_task(self._write_loop(), name=f"xswarm-out-{self.call_sid}")
+            async for raw in self.ws:
+                self._on_message(raw)
+                if self._end_reason:
+                    break
+            if self._end_reason is None:
+                self._end_reason = "stream closed"
+        except Refusal as refusal:
+            self.server.refused(refusal.key, refusal.reason, self.call_sid)
+            self._end_reason = f"refused: {refusal.key}"
+            await self.ws.close(refusal.code, refusal.reason)
+        except ConnectionClosed as exc:
+            if exc.sent is not None and exc.sent.code == 1009:
+                self.server.refused("message_too_big", f"message over {MAX_MESSAGE} bytes", self.call_sid)
+                self._end_reason = "refused: message_too_big"
+            elif self._end_reason is None:
+                self._end_reason = "connection lost"
+        finally:
+            if self._writer is not None:
+                self._writer.cancel()
+            if self.session is not None:
+                registry.finish(self.session, self._end_reason or "stream closed")
+        if self._end_reason in ("caller hung up",):
+            await self.ws.close(1000, "stream stopped")
+
+    def _on_message(self, raw: str | bytes) -> None:
+        now = time.monotonic()
+        self._tokens = min(FLOOD_BURST, self._tokens + (now - self._last) * FLOOD_RATE)
+        self._last = now
+        if self._tokens < 1.0:
+            raise Refusal("flood", FLOOD, "message flood")
+        self._tokens -= 1.0
+        try:
+            msg = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise Refusal("malformed_json", MALFORMED, "malformed JSON") from None
+        if not isinstance(msg, dict):
+            raise Refusal("malformed_json", MALFORMED, "message is not a JSON object")
+        event = msg.get("event")
+        if event == "media":
+            self._on_media(msg, now)
+        elif event == "mark":
+            self._on_mark(msg, now)
+        elif event == "start":
+            self._on_start(msg)
+        elif event == "dtmf":
+            self._on_dtmf(msg)
+        elif event == "stop":
+            self._end_reason = "caller hung up"
+        elif event == "connected":
+            pass
+        elif not self._unknown_logged:
+            self._unknown_logged = True
+            log.info("stream %s: ignoring unknown event %r", self.stream_sid or "?", event)
+
+    def _on_media(self, msg: dict[str, Any], now: float) -> None:
+        media = msg.get("media")
+        payload = media.get("payload") if isinstance(media, dict) else None
+        if not isinstance(payload, str):
+            raise Refusal("malformed_media", MALFORMED, "media without a payload")
+        try:
+            audio = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise Refusal("malformed_base64", MALFORMED, "media payload is not base64") from None
+        if self.session is None or media.get("track", "inbound") not in ("inbound", "inbound_track"):
+            return
+        self.session.inbound.push(audio, now)  # type: ignore[union-attr]
+
+    def _on_mark(self, msg: dict[str, Any], now: float) -> None:
+        mark = msg.get("mark")
+        name = mark.get("name") if isinstance(mark, dict) else None
+        sent = self._marks.pop(name, None) if isinstance(name, str) else None
+        if sent is None or sent < self._cleared_at or self.session is None:
+            return  # unknown, or flushed by a clear: it was discarded, not played
+        lag = (now - sent) * 1000
+        self.session.playout_lag.observe(lag)
+        self.session.last_lag_ms = round(lag, 3)
+        self.server.playout_lag_ms.observe(lag)
+
+    def _on_dtmf(self, msg: dict[str, Any]) -> None:
+        dtmf = msg.get("dtmf")
+        digit = dtmf.get("digit") if isinstance(dtmf, dict) else None
+        if self.session is None or not isinstance(digit, str) or digit not in _DIGITS:
+            return
+        log.debug("call %s: DTMF %s", self.session.call_id, digit)
+        self.server.runtime.bus.publish(events.DtmfReceived(call_id=self.session.call_id, digit=digit))
+
+    def _on_start(self, msg: dict[str, Any]) -> None:
+        if self.session is not None:
+            return  # a repeated start changes nothing
+        start = msg.get("start")
+        if not isinstance(start, dict):
+            raise Refusal("malformed_start", MALFORMED, "start without a start object")
+        stream_sid = start.get("streamSid") or msg.get("streamSid")
+        call_sid = start.get("callSid")
+        if not (isinstance(stream_sid, str) and _SID.match(stream_sid) and isinstance(call_sid, str) and _SID.match(call_sid)):
+            raise Refusal("malformed_start", MALFORMED, "start without valid streamSid/callSid")
+        self.stream_sid, self.call_sid = stream_sid, call_sid
+        fmt = start.get("mediaFormat")
+        if not isinstance(fmt, dict) or fmt.get("encoding") != "audio/x-mulaw" or str(fmt.get("sampleRate")) != "8000" \
+                or str(fmt.get("channels", 1)) != "1":
+            raise Refusal("bad_media_format", BAD_FORMAT, "media format must be audio/x-mulaw 8000 Hz mono")
+        params = start.get("customParameters") or {}
+        if not isinstance(params, dict):
+            raise Refusal("malformed_start", MALFORMED, "customParameters is not an object")
+        self._check_token(params.get("token"), call_sid)
+        user_id = params.get("user_id")
+        session = CallSession(
+            call_sid, self, bus=self.server.runtime.bus, caller=_text(params.get("caller")),
+            user_id=None if user_id in (None, "", "guest") else _text(user_id),
+            theme=_text(params.get("theme") or params.get("persona")), stream_sid=stream_sid,
+            inbound=InboundFrames(),
+        )
+        try:
+            self.server.runtime.calls.admit(session)
+        except NoFreeSlot as exc:
+            if self.server.runtime.model is None:
+                raise Refusal("model_not_ready", NOT_READY, "model not ready") from None
+            raise Refusal("no_free_slot", NO_SLOT, str(exc)) from None
+        except CallControlError as exc:
+            raise Refusal("duplicate_call", BAD_TOKEN, str(exc)) from None
+        self.session = session
+
+    def _check_token(self, token: object, call_sid: str) -> None:
+        server = self.server
+        if not server.tokens_required:
+            return
+        if not server._token_secret:
+            raise Refusal("bad_token", BAD_TOKEN, "call tokens are not configured on this node")
+        if not isinstance(token, str) or not token:
+            raise Refusal("bad_token", BAD_TOKEN, "missing call token")
+        try:
+            server.ledger.burn(server._token_secret, token, call_sid)
+        except TokenError as exc:
+            raise Refusal("bad_token", BAD_TOKEN, str(exc)) from None
+
+    # ------------------------------------------------------------------ transport
+
+    def send_frame(self, session: CallSession, step: int, ulaw: bytes, pcm: np.ndarray) -> None:
+        if self._out.qsize() >= OUT_QUEUE_FRAMES:
+            self._out.get_nowait()  # the oldest frame is already too late to matter
+            self.dropped_frames += 1
+            if not self._dropped_logged:
+                self._dropped_logged = True
+                log.warning("call %s: socket too slow, dropping output frames", session.call_id)
+        self._out.put_nowait(("frame", step, ulaw, session.last_input_at))
+
+    def clear(self) -> None:
+        while not self._out.empty():
+            self._out.get_nowait()
+        self._out.put_nowait(("clear",))
+
+    async def hang_up(self, reason: str) -> None:
+        """Twilio REST ``Status=completed`` when credentials are set; always close the socket."""
+        if self.call_sid:
+            await complete_call(self.server.settings, self.call_sid)
+        self._end_reason = f"hung up: {reason}"
+        if self.session is not None:
+            self.server.runtime.calls.finish(self.session, self._end_reason)
+        await self.ws.close(1000, _reason(f"hung up: {reason}"))
+
+    async def _write_loop(self) -> None:
+        sid = self.stream_sid
+        media_head = f'{{"event":"media","streamSid":"{sid}","media":{{"payload":"'
+        ws, server, session = self.ws, self.server, self.session
+        assert session is not None
+        try:
+            while True:
+                item = await self._out.get()
+                if item[0] == "clear":
+                    await ws.send(f'{{"event":"clear","streamSid":"{sid}"}}')
+                    self._cleared_at = time.monotonic()
+                    continue
+                _, step, ulaw, completed_at = item
+                chunks = split_frame(ulaw)
+                await ws.send(media_head + base64.b64encode(chunks[0]).decode() + '"}}')
+                if completed_at is not None:
+                    bal = (time.monotonic() - completed_at) * 1000
+                    session.bal.observe(bal)
+                    session.last_bal_ms = round(bal, 3)
+                    server.bal_ms.observe(bal)
+                for chunk in chunks[1:]:
+                    await ws.send(media_head + base64.b64encode(chunk).decode() + '"}}')
+                name = f"f:{step}"
+                await ws.send(f'{{"event":"mark","streamSid":"{sid}","mark":{{"name":"{name}"}}}}')
+                self._marks[name] = time.monotonic()
+                if len(self._marks) > 256:  # marks Twilio never echoed (should not happen)
+                    self._marks.pop(next(iter(self._marks)))
+        except ConnectionClosed:
+            pass
+
+
+def _text(value: object) -> str | None:
+    return value[:200] if isinstance(value, str) and value else None
+
+
+def _reason(text: str) -> str:
+    """Close reasons are limited to 123 bytes."""
+    return text.encode()[:120].decode(errors="ignore")
+
+
+async def complete_call(settings: Any, call_sid: str) -> bool:
+    """End a call through Twilio's REST API (``Status=completed``); 404 means already ended.
+    Returns True when Twilio confirmed (or there is nothing to do), False on failure (logged)."""
+    account = settings.twilio.account_sid
+    token = secret(settings.twilio.auth_token)
+    if not (account and token):
+        return True
+    import aiohttp
+
+    url = f"{settings.twilio.api_base_url.rstrip('/')}/2010-04-01/Accounts/{account}/Calls/{call_sid}.json"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http_session:
+            async with http_session.post(url, data={"Status": "completed"}, auth=aiohttp.BasicAuth(account, token)) as resp:
+                if resp.status < 300 or resp.status == 404:
+                    log.info("call %s completed through Twilio REST (%s)", call_sid, resp.status)
+                    return True
+                log.warning("Twilio REST hang-up of %s answered %s: %s", call_sid, resp.status, (await resp.text())[:200])
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        log.warning("Twilio REST hang-up of %s failed: %s", call_sid, exc)
+    return False

@@ -1,0 +1,329 @@
+"""The headless runtime: one asyncio loop on its own thread that hosts every server and the tick.
+
+`xswarm serve` runs it alone; the TUI runs the very same object in the background and only
+consumes its bus and its ``snapshot``. Start order: database (migrated) -> scheduler tick ->
+bridge / supervisor / webhooks servers -> model load on the inference thread (it may take
+minutes, so it never holds up the servers: calls are refused with "model not ready" until it
+is done, and ``ModelStatusChanged`` events report progress) -> node heartbeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import importlib
+import inspect
+import logging
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Coroutine
+from typing import Any
+
+from engine import events
+from engine.calls import CallRegistry, CallSession
+from engine.config import Settings
+from engine.events import EventBus
+from engine.models import registry as models
+from engine.models.base import VoiceModel
+from engine.scheduler import Scheduler
+from engine.store import calls as call_rows
+from engine.store import nodes
+from engine.store.db import Database, StoreError
+from engine.store.migrations import migrate
+
+log = logging.getLogger("xswarm.runtime")
+
+RECENT_EVENTS = 50
+_QUIET_EVENTS = (events.LatencySampled, events.TickSampled, events.SystemSampled)
+"""High-rate samples are not kept in the snapshot's recent-events list."""
+
+
+def _optional(module: str, name: str) -> Any | None:
+    """A server class from a part that may not be in this build; None (logged) when absent."""
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module == exc.name or module.startswith(exc.name + ".")):
+            log.warning("%s is not available in this build; that server stays off", module)
+            return None
+        raise
+    return getattr(mod, name)
+
+
+class Runtime:
+    """Owns the bus, the database, the model, the scheduler, the live calls and the servers."""
+
+    def __init__(self, settings: Settings, *, model_spec: str | None = None, bridge_port: int | None = None,
+                 supervisor_port: int | None = None, webhooks_port: int | None = None,
+                 bus: EventBus | None = None) -> None:
+        self.settings = settings
+        self.bus = bus or EventBus()
+        self.db: Database | None = None
+        self.model: VoiceModel | None = None
+        self.model_spec = model_spec or settings.model.name
+        self.model_state = "idle"
+        self.model_detail = ""
+        self.calls = CallRegistry(self.bus, on_start=self._call_live, on_end=self._call_ended)
+        self.scheduler = Scheduler(self.calls, self.bus)
+        self.node_id = settings.server.node_id or socket.gethostname()
+        self.started_at = time.time()
+        self.loop = asyncio.new_event_loop()
+        self._want = {
+            "bridge": settings.server.bridge_port if bridge_port is None else bridge_port,
+            "supervisor": settings.server.supervisor_port if supervisor_port is None else supervisor_port,
+            "webhooks": (settings.server.webhooks_port if settings.server.webhooks_enabled else 0)
+            if webhooks_port is None else webhooks_port,
+        }
+        self.bridge_port: int | None = None
+        self.supervisor_port: int | None = None
+        self.webhooks_port: int | None = None
+        self.bridge: Any = None
+        self.supervisor: Any = None
+        self.webhooks: Any = None
+        self.storage: Any = None
+        self._recent: deque[events.Event] = deque(maxlen=RECENT_EVENTS)
+        self._unsubscribe = self.bus.subscribe(self._remember)
+        self._thread: threading.Thread | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._stopped = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Open the database, start the loop thread and the servers; the model loads behind."""
+        self.db = Database.from_settings(self.settings).start()
+        try:
+            migrate(self.db)
+        except StoreError:
+            self.db.close()
+            raise
+        self._thread = threading.Thread(target=self.loop.run_forever, name="xswarm-runtime", daemon=True)
+        self._thread.start()
+        try:
+            self.call_soon(self._astart()).result(timeout=60)
+        except BaseException:
+            self.stop()
+            raise
+        log.info("runtime %s started: bridge %s, supervisor %s, webhooks %s", self.node_id,
+                 self.bridge_port, self.supervisor_port, self.webhooks_port)
+
+    def stop(self) -> None:
+        """End live calls, stop the servers and the tick, flush and close the database."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._thread is not None and self._thread.is_alive():
+            try:
+                self.call_soon(self._astop()).result(timeout=20)
+            except Exception:
+                log.exception("runtime stop did not finish cleanly")
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=10)
+        self.scheduler.shutdown()
+        if self.db is not None:
+            self.db.close()
+        self._unsubscribe()
+        if not self.loop.is_running():
+            self.loop.close()
+        log.info("runtime %s stopped", self.node_id)
+
+    def call_soon(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
+        """Run a coroutine on the runtime loop from any thread."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    async def _astart(self) -> None:
+        host = self.settings.server.host
+        self.scheduler.start()
+        if self._want["bridge"]:
+            from engine.bridge.server import BridgeServer
+
+            self.bridge = BridgeServer(self)
+            await self.bridge.start(host, self._want["bridge"])
+            self.bridge_port = self.bridge.port
+        if self._want["supervisor"]:
+            cls = _optional("engine.supervisor.server", "SupervisorServer")
+            if cls is not None:
+                self.supervisor = cls(self)
+                await self.supervisor.start(host, self._want["supervisor"])
+                self.supervisor_port = self.supervisor.port
+        if self._want["webhooks"]:
+            cls = _optional("webhooks.server", "WebhooksServer")
+            if cls is not None:
+                self.webhooks = cls(self.settings, self.db, self.bus)
+                await self.webhooks.start(host, self._want["webhooks"])
+                self.webhooks_port = self.webhooks.port
+        cls = _optional("engine.storage.service", "StorageService")
+        if cls is not None:
+            self.storage = cls(self)
+            started = self.storage.start()
+            if inspect.isawaitable(started):
+                await started
+        self._begin_model_load()
+        self._heartbeat = self.loop.create_task(self._heartbeat_loop(), name="xswarm-heartbeat")
+
+    async def _astop(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        for session in list(self.calls):
+            try:
+                await asyncio.wait_for(session.hang_up("node shutting down"), 5)
+            except Exception:
+                log.exception("could not hang up %s", session.call_id)
+            self.calls.finish(session, "node shutting down")
+        for server in (self.bridge, self.supervisor, self.webhooks):
+            if server is not None:
+                try:
+                    await server.stop()
+                except Exception:
+                    log.exception("stopping %s failed", type(server).__name__)
+        if self.storage is not None and hasattr(self.storage, "stop"):
+            try:
+                stopped = self.storage.stop()
+                if inspect.isawaitable(stopped):
+                    await stopped
+            except Exception:
+                log.exception("stopping storage failed")
+        await self.scheduler.stop()
+        if self.db is not None:
+            try:
+                await asyncio.wrap_future(nodes.remove(self.db, self.node_id))  # type: ignore[arg-type]
+            except StoreError:
+                log.warning("could not remove node row %s", self.node_id)
+
+    # ----------------------------------------------------------------------- model
+
+    def _begin_model_load(self) -> None:
+        self._model_status("loading", f"resolving {self.model_spec}", model=self.model_spec, progress=0.0)
+        future = self.scheduler.executor.submit(self._load_model)
+        future.add_done_callback(lambda f: self.loop.call_soon_threadsafe(self._model_loaded, f))
+
+    def _load_model(self) -> VoiceModel:
+        """Runs on the inference thread: resolve, build, load, warm up; auto falls back to echo."""
+        spec = self.model_spec
+        fallback_reason = None
+        if spec == "auto":
+            try:
+                choice = models.resolve("auto", self.settings)
+            except ImportError as exc:  # no checkpoint finder in this build
+                choice = models.Choice("echo", f"cannot look for MOSHI weights ({exc}); serving the echo model")
+            spec = choice.spec
+            if spec == "echo":
+                fallback_reason = choice.reason
+        else:
+            models.resolve(spec, self.settings)  # raises ModelSpecError for unknown names
+        slots = self.settings.model.slots or None
+        try:
+            model = models.create(spec, self.settings, slots)
+            self._model_status("loading", f"loading {spec}", model=spec, progress=0.0)
+            model.load(lambda fraction, what: self._model_status("loading", what, model=spec, progress=fraction))
+            self._model_status("warming", f"warming up {spec}", model=spec)
+            model.warmup()
+        except Exception as exc:
+            if self.model_spec != "auto" or spec == "echo":
+                raise
+            log.exception("loading %s failed; falling back to echo", spec)
+            fallback_reason = f"{spec} failed to load ({exc}); serving the echo model"
+            model = models.create("echo", self.settings, slots)
+        if fallback_reason:
+            self._model_status("fallback", fallback_reason, model="echo")
+        return model
+
+    def _model_loaded(self, future: concurrent.futures.Future[VoiceModel]) -> None:
+        try:
+            model = future.result()
+        except Exception as exc:
+            log.error("model %s failed to load: %s", self.model_spec, exc)
+            self._model_status("failed", str(exc), model=self.model_spec)
+            return
+        self.scheduler.attach(model)
+        self.model = model
+        self._model_status("ready", f"{model.name}: {model.slots} slots", model=model.name, progress=1.0)
+        self._beat()
+
+    def _model_status(self, state: str, detail: str, *, model: str, progress: float | None = None) -> None:
+        self.model_state, self.model_detail = state, detail
+        if state in ("ready", "failed", "fallback"):
+            log.info("model %s: %s (%s)", model, state, detail)
+        self.bus.publish(events.ModelStatusChanged(model=model, state=state, detail=detail, progress=progress))  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ heartbeat
+
+    @property
+    def bridge_url(self) -> str | None:
+        """What the voice webhook puts in TwiML (``<base>/twilio``)."""
+        if self.settings.server.bridge_public_url:
+            return self.settings.server.bridge_public_url.rstrip("/")
+        if self.bridge_port:
+            return f"ws://{self.settings.server.host}:{self.bridge_port}"
+        return None
+
+    def _beat(self) -> None:
+        if self.db is None:
+            return
+        future = nodes.heartbeat(
+            self.db, self.node_id, bridge_url=self.bridge_url if self.bridge_port else None,
+            model=self.model.name if self.model else self.model_spec, slots_total=self.calls.capacity,
+            slots_free=self.calls.free, step_ms_p99=self.scheduler.step_ms.percentile(99),
+            started_at=int(self.started_at * 1000),
+        )
+        future.add_done_callback(_log_failure("heartbeat"))  # type: ignore[attr-defined]
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            self._beat()
+            await asyncio.sleep(nodes.HEARTBEAT_S)
+
+    # ------------------------------------------------------------------ call rows
+
+    def _call_live(self, session: CallSession) -> None:
+        if self.db is None:
+            return
+        call_rows.record_live(
+            self.db, call_id=session.call_id, stream_sid=session.stream_sid, user_id=session.user_id,
+            caller=session.caller, source=session.source, node_id=self.node_id, slot=session.slot,
+            theme=session.theme, started_at=session.started_at,
+        ).add_done_callback(_log_failure("call start row"))
+
+    def _call_ended(self, session: CallSession, reason: str) -> None:
+        if self.db is None:
+            return
+        summary = session.summary()
+        call_rows.record_end(
+            self.db, call_id=session.call_id, reason=reason, step_p50_ms=self.scheduler.step_ms.percentile(50),
+            **summary,
+        ).add_done_callback(_log_failure("call end row"))
+
+    # -------------------------------------------------------------------- snapshot
+
+    def _remember(self, event: events.Event) -> None:
+        if not isinstance(event, _QUIET_EVENTS):
+            self._recent.append(event)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything a status page needs, JSON-able."""
+        return {
+            "node": {
+                "id": self.node_id, "started_at": self.started_at, "uptime_s": round(time.time() - self.started_at, 1),
+                "bridge_port": self.bridge_port, "supervisor_port": self.supervisor_port,
+                "webhooks_port": self.webhooks_port, "bridge_url": self.bridge_url,
+            },
+            "model": {"spec": self.model_spec, "name": self.model.name if self.model else None,
+                      "state": self.model_state, "detail": self.model_detail},
+            "slots": {"total": self.calls.capacity, "used": self.calls.used, "free": self.calls.free},
+            "calls": [s.stats() | {"caller": s.caller, "user_id": s.user_id, "theme": s.theme,
+                                   "started_at": s.started_at} for s in self.calls],
+            "scheduler": self.scheduler.describe(),
+            "bridge": self.bridge.describe() if self.bridge is not None else None,
+            "recent_events": [e.to_wire() for e in list(self._recent)],
+        }
+
+
+def _log_failure(what: str):  # type: ignore[no-untyped-def]
+    def check(future: concurrent.futures.Future[Any]) -> None:
+        exc = future.exception()
+        if exc is not None:
+            log.warning("%s write failed: %s", what, exc)
+
+    return check

@@ -1,0 +1,302 @@
+"""The lockstep 80 ms tick: one batched model step for every live call.
+
+Why lockstep: MOSHI's cost is dominated by the batched step, so every call shares ONE step
+per 80 ms. Ticks are scheduled against the loop's monotonic clock at ``origin + k * 80 ms``
+(never ``sleep(0.08)`` in a loop, which drifts by the work done each time); a tick that could
+not run in its slot (the loop stalled, or the previous step overran) is counted as missed and
+skipped, so the grid never shifts.
+
+Per tick, on the runtime loop: gather one frame per live slot (a slot whose frame is not
+complete gets silence and a late-frame count) and each slot's controls. On the single
+inference thread: mu-law decode and 8k->24k for the whole batch, ``model.step``, takeover
+audio, 24k->8k and mu-law encode for the whole batch (all numpy, one call per tick, not per
+call). Back on the loop: hand each call its frame, feed taps, publish coalesced figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine import events
+from engine.audio import mulaw
+from engine.audio.framing import FRAME_BYTES
+from engine.audio.resample import Downsampler, Upsampler
+from engine.calls import CallRegistry, CallSession
+from engine.events import EventBus
+from engine.models.base import FRAME_S, FRAME_SIZE, Progress, StepInput, VoiceModel
+from engine.telemetry.latency import Histogram
+
+log = logging.getLogger("xswarm.scheduler")
+
+LATENCY_EVERY = 4
+"""Ticks between a call's LatencySampled events (80 ms x 4 = 3.1 Hz, under the 4 Hz cap)."""
+TICK_EVERY = 12
+"""Ticks between TickSampled events (about once a second)."""
+
+
+@dataclass
+class _Batch:
+    tick: int
+    at: float
+    sessions: list[CallSession | None]
+    rows: int
+    """Rows that hold a call (max live slot + 1): the resamplers skip the rest."""
+    ulaw: np.ndarray
+    pcm_rows: dict[int, np.ndarray]
+    step_input: StepInput
+
+
+@dataclass
+class _Result:
+    pcm_in: np.ndarray
+    pcm_out: np.ndarray
+    ulaw_out: np.ndarray
+    ready: np.ndarray
+    text: list[str]
+    in_level: np.ndarray
+    out_level: np.ndarray
+    step_ms: float
+
+
+class Scheduler:
+    """Runs the tick on the runtime loop and the model on its one inference thread."""
+
+    def __init__(self, calls: CallRegistry, bus: EventBus, *, tick_s: float = FRAME_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.calls = calls
+        self.bus = bus
+        self.tick_s = tick_s
+        self.clock = clock
+        self.model: VoiceModel | None = None
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="xswarm-infer")
+        self.step_ms = Histogram()
+        self.admission_ms = Histogram()
+        self.missed_ticks = 0
+        self.late_frames = 0
+        self.ticks = 0
+        self.steps = 0
+        self._window_steps: list[float] = []
+        self._window_missed = 0
+        self._up: Upsampler | None = None
+        self._down: Downsampler | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # -------------------------------------------------------------------- model
+
+    def load_model(self, model: VoiceModel, progress: Progress | None = None) -> "concurrent.futures.Future[VoiceModel]":
+        """Load and warm the model on the inference thread (the only thread that touches it)."""
+
+        def work() -> VoiceModel:
+            model.load(progress)
+            model.warmup()
+            return model
+
+        return self.executor.submit(work)
+
+    def attach(self, model: VoiceModel) -> None:
+        """Serve calls with a loaded model (on the loop, while no call is live)."""
+        self.calls.set_capacity(model.slots)
+        self._up = Upsampler(model.slots)
+        self._down = Downsampler(model.slots)
+        self.model = model
+
+    # ---------------------------------------------------------------------- loop
+
+    def start(self) -> None:
+        """Start ticking on the running loop."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="xswarm-tick")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+    async def _run(self) -> None:
+        origin = self.clock()
+        k = 0
+        while True:
+            k += 1
+            deadline = origin + k * self.tick_s
+            delay = deadline - self.clock()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            now = self.clock()
+            behind = int((now - deadline) / self.tick_s)
+            if behind > 0:  # the loop stalled past whole ticks: skip them, keep the grid
+                self.missed_ticks += behind
+                self._window_missed += behind
+                k += behind
+            self.ticks += 1
+            try:
+                await self.tick(now)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a failing step must not stop every call's clock
+                log.exception("tick %d failed", self.ticks)
+
+    async def tick(self, now: float) -> None:
+        """One tick: gather on the loop, compute on the inference thread, deliver on the loop."""
+        if self.model is None or not len(self.calls):
+            return
+        batch = self.gather(now)
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(self.executor, self.compute, batch)
+        self.deliver(batch, result)
+
+    # --------------------------------------------------------------- the three phases
+
+    def gather(self, now: float) -> _Batch:
+        """Collect one frame and the controls of every live slot (runtime loop)."""
+        assert self.model is not None
+        slots = self.model.slots
+        sessions = list(self.calls.by_slot)
+        active = np.fromiter((s is not None for s in sessions), bool, slots)
+        admitted = np.zeros(slots, bool)
+        for slot in self.calls.admitted:
+            admitted[slot] = True
+        self.calls.admitted.clear()
+        live = np.flatnonzero(active)
+        rows = int(live[-1]) + 1 if live.size else 0
+        ulaw = np.full((rows, FRAME_BYTES), mulaw.SILENCE, np.uint8)
+        frame_slots: list[int] = []
+        frames: list[bytes] = []
+        pcm_rows: dict[int, np.ndarray] = {}
+        takeover: np.ndarray | None = None
+        operator_pcm: np.ndarray | None = None
+        forced: dict[int, str] = {}
+        for slot in live.tolist():
+            s = sessions[slot]
+            assert s is not None
+            if s.first_tick_at is None:
+                s.first_tick_at = now
+                self.admission_ms.observe((now - s.admitted_at) * 1000)
+            if s.inbound is not None:
+                late = s.inbound.late
+                frame, completed_at = s.inbound.pop(now)
+                self.late_frames += s.inbound.late - late
+                s.last_input_at = completed_at
+                if frame is not None:
+                    frame_slots.append(slot)
+                    frames.append(frame)
+            elif s.mic is not None:
+                mic = s.mic.pop()
+                s.last_input_at = now if mic is not None else None
+                if mic is not None:
+                    pcm_rows[slot] = mic
+            if s.operator is not None:
+                if takeover is None:
+                    takeover = np.zeros(slots, bool)
+                    operator_pcm = np.zeros((slots, FRAME_SIZE), np.float32)
+                takeover[slot] = True
+                spoken = s.operator_audio.pop()
+                if spoken is not None:
+                    operator_pcm[slot] = spoken  # type: ignore[index]
+            text = s.take_forced_text()
+            if text:
+                forced[slot] = text
+        if frames:
+            ulaw[frame_slots] = np.frombuffer(b"".join(frames), np.uint8).reshape(len(frames), FRAME_BYTES)
+        step_input = StepInput(
+            pcm=np.zeros((slots, FRAME_SIZE), np.float32), active=active, admitted=admitted,
+            operator_pcm=operator_pcm, takeover=takeover, forced_text=forced,
+        )
+        return _Batch(self.ticks, now, sessions, rows, ulaw, pcm_rows, step_input)
+
+    def compute(self, batch: _Batch) -> _Result:
+        """DSP and the model step for the whole batch (inference thread)."""
+        assert self.model is not None and self._up is not None and self._down is not None
+        inp = batch.step_input
+        for slot in np.flatnonzero(inp.admitted).tolist():
+            self._up.reset(slot)
+            self._down.reset(slot)
+        rows = batch.rows
+        if rows:
+            inp.pcm[:rows] = self._up.process(mulaw.decode(batch.ulaw))
+        for slot, frame in batch.pcm_rows.items():
+            inp.pcm[slot] = frame
+        inp.pcm[~inp.active] = 0.0
+        out = self.model.step(inp)
+        pcm_out = np.asarray(out.pcm, np.float32)
+        if inp.takeover is not None and inp.operator_pcm is not None:
+            # the caller hears the operator even if a model forgets to pass the audio through
+            pcm_out = np.where(inp.takeover[:, None], inp.operator_pcm, pcm_out)
+        ulaw_out = mulaw.encode(self._down.process(pcm_out[:rows])) if rows else np.zeros((0, FRAME_BYTES), np.uint8)
+        in_level = np.sqrt(np.mean(np.square(inp.pcm[:rows]), axis=1)) if rows else np.zeros(0)
+        out_level = np.sqrt(np.mean(np.square(pcm_out[:rows]), axis=1)) if rows else np.zeros(0)
+        step_ms = (self.clock() - batch.at) * 1000
+        return _Result(inp.pcm, pcm_out, ulaw_out, np.asarray(out.ready, bool), list(out.text), in_level, out_level, step_ms)
+
+    def deliver(self, batch: _Batch, result: _Result) -> None:
+        """Hand every call its output and publish coalesced figures (runtime loop)."""
+        self.steps += 1
+        self.step_ms.observe(result.step_ms)
+        self._window_steps.append(result.step_ms)
+        tick = batch.tick
+        for slot, s in enumerate(batch.sessions[: batch.rows]):
+            if s is None or s.ended:
+                continue
+            s.step_ms = result.step_ms
+            s.in_level = float(result.in_level[slot])
+            s.out_level = float(result.out_level[slot])
+            if s.taps:
+                self._feed_taps(s, result.pcm_in[slot], result.pcm_out[slot])
+            if result.ready[slot] and not s.muted:
+                s.transport.send_frame(s, tick, result.ulaw_out[slot].tobytes(), result.pcm_out[slot])
+                s.frames_out += 1
+            if result.text[slot]:
+                s.transcript.append(result.text[slot])
+            if (tick + slot) % LATENCY_EVERY == 0:
+                self._publish_call(s)
+        if tick % TICK_EVERY == 0 and self._window_steps:
+            steps = np.asarray(self._window_steps)
+            self.bus.publish(events.TickSampled(
+                step_ms_p50=round(float(np.median(steps)), 3), step_ms_max=round(float(steps.max()), 3),
+                active=len(self.calls), slots=self.calls.capacity, missed_ticks=self.missed_ticks,
+            ))
+            self._window_steps.clear()
+            self._window_missed = 0
+
+    def _publish_call(self, s: CallSession) -> None:
+        self.bus.publish(events.LatencySampled(
+            call_id=s.call_id, step_ms=round(s.step_ms, 3), bal_ms=s.last_bal_ms, playout_lag_ms=s.last_lag_ms,
+            late_frames=s.late_frames, in_level=round(s.in_level, 4), out_level=round(s.out_level, 4),
+        ))
+        if s.transcript:
+            text = "".join(s.transcript)
+            s.transcript.clear()
+            self.bus.publish(events.TranscriptAppended(call_id=s.call_id, text=text, speaker="operator" if s.operator else "ai"))
+
+    @staticmethod
+    def _feed_taps(s: CallSession, caller: np.ndarray, ai: np.ndarray) -> None:
+        for tap in list(s.taps):
+            try:
+                tap("caller", caller)
+                tap("ai", ai)
+            except Exception:  # a broken listener is dropped once, not logged every frame
+                log.exception("tap on call %s failed; removed", s.call_id)
+                s.taps.remove(tap)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "ticks": self.ticks,
+            "steps": self.steps,
+            "missed_ticks": self.missed_ticks,
+            "late_frames": self.late_frames,
+            "step_ms": self.step_ms.summary(),
+            "admission_ms": self.admission_ms.summary(),
+        }
