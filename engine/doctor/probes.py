@@ -213,6 +213,11 @@ def model_weights(settings: Settings) -> Path | None:
     if checkpoints is not None and hasattr(checkpoints, "find_local"):
         found = checkpoints.find_local(settings)
         return Path(found) if found else None
+    return find_weights_folder(settings)
+
+
+def find_weights_folder(settings: Settings) -> Path | None:
+    """``model.weights_path`` or the newest Hugging Face cache snapshot holding safetensors."""
     candidates: list[Path] = []
     if settings.model.weights_path:
         candidates.append(Path(settings.model.weights_path))

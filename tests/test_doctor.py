@@ -1,0 +1,208 @@
+"""The doctor's judgement and capacity arithmetic on faked facts, and its real probes where cheap."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from engine.config import load_settings
+from engine.doctor import Probes, run
+from engine.doctor import probes as real
+from engine.doctor.probes import CpuInfo, MemoryInfo, OsInfo
+from engine.telemetry.gpu import GpuInfo, GpuProbe
+
+GIB = 1024**3
+H100 = GpuInfo(0, "NVIDIA H100 80GB HBM3", 81559 * 1024**2, 500 * 1024**2, "570.86.15", 3.0, 31.0, 70.5, "12.8")
+
+
+def healthy(**overrides: object) -> Probes:
+    """A well-equipped Linux GPU box with every probe answering."""
+    fields: dict[str, object] = dict(
+        os=lambda: OsInfo("Linux", "6.8", "Ubuntu 24.04, kernel 6.8", "x86_64"),
+        cpu=lambda: CpuInfo(16, 32, "AMD EPYC 9354", True, False),
+        memory=lambda: MemoryInfo(128 * GIB, 120 * GIB),
+        disk_free=lambda path: 500 * GIB,
+        gpus=lambda: GpuProbe([H100]),
+        metal=lambda: False,
+        portaudio=lambda: None,
+        port_free=lambda host, port: True,
+        python=lambda: (3, 12, 4),
+        database=lambda settings: ("/data/xswarm.db", 0.0004),
+        storage=lambda settings: "local folder /data/storage",
+        weights=lambda settings: Path("/models/moshiko"),
+    )
+    fields.update(overrides)
+    return Probes(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def all_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {
+        "TWILIO_ACCOUNT_SID": "AC123", "TWILIO_AUTH_TOKEN": "tw-secret", "STRIPE_API_KEY": "sk_secret",
+        "STRIPE_WEBHOOK_SECRET": "whsec_secret", "SENDGRID_API_KEY": "SG.secret", "SENDGRID_WEBHOOK_PUBLIC_KEY": "MFkw",
+        "ANTHROPIC_API_KEY": "sk-ant-secret", "XSWARM_S3_BUCKET": "b", "XSWARM_S3_ACCESS_KEY_ID": "AKIA",
+        "XSWARM_S3_SECRET_ACCESS_KEY": "s3-secret",
+    }.items():
+        monkeypatch.setenv(name, value)
+
+
+def statuses(report) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    return {c.name: c.status for c in report.checks}
+
+
+def test_a_healthy_box_passes_everything_and_never_shows_secrets(all_credentials: None) -> None:
+    report = run(load_settings(), healthy())
+    assert set(statuses(report).values()) == {"pass"}, [c for c in report.checks if c.status != "pass"]
+    assert report.exit_code == 0
+    text = json.dumps(report.as_dict())
+    for value in ("tw-secret", "sk_secret", "whsec_secret", "SG.secret", "sk-ant-secret", "s3-secret", "AKIA"):
+        assert value not in text
+    assert "TWILIO_AUTH_TOKEN set" in text or "TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN set" in text
+
+
+def test_capacity_follows_the_reference_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    free = H100.memory_total - H100.memory_used
+    kv = 2 * 32 * 4096 * 2 * 3000  # 512 KiB per step, context 3000
+    cap = run(load_settings(), healthy()).capacity
+    assert cap["kv_bytes_per_call"] == kv == 1_572_864_000
+    assert cap["bf16"]["calls"] == (free - int(14.3 * GIB) - 10**9) // kv == 43
+    assert cap["int8"]["calls"] == (free - int(8.17e9) - 10**9) // kv == 48
+    assert cap["gpu"] == "0: NVIDIA H100 80GB HBM3"
+    monkeypatch.setenv("XSWARM_MODEL__CONTEXT", "750")
+    short = run(load_settings(), healthy()).capacity
+    assert short["bf16"]["calls"] == (free - int(14.3 * GIB) - 10**9) // (kv // 4) == 174
+    monkeypatch.delenv("XSWARM_MODEL__CONTEXT")
+    small = GpuInfo(0, "RTX 4090", 24 * GIB, 0, "550", None, None, None)
+    cap = run(load_settings(), healthy(gpus=lambda: GpuProbe([small]))).capacity
+    # ref-moshi §9 says "4 (bf16) / 9 (int8)" for a 4090 with ~7 / ~14.5 GB left; a whole free 24 GiB fits one more.
+    assert (cap["bf16"]["calls"], cap["int8"]["calls"]) == (5, 10)
+
+
+def test_without_a_gpu_nothing_runs_in_real_time_but_memory_is_reported() -> None:
+    report = run(load_settings(), healthy(gpus=lambda: GpuProbe([], "NVML unavailable: no driver")))
+    gpu = next(c for c in report.checks if c.name == "gpu")
+    assert gpu.status == "warn" and "no driver" in gpu.detail and gpu.fix
+    assert report.capacity["bf16"]["calls"] == 0 and report.capacity["bf16"]["calls_by_vram"] is None
+    assert report.capacity["bf16"]["calls_by_ram"] == (120 * GIB - int(14.3 * GIB) - 10**9) // 1_572_864_000
+    assert report.exit_code == 1
+
+
+def test_asking_for_cuda_without_a_gpu_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XSWARM_MODEL__DEVICE", "cuda")
+    report = run(load_settings(), healthy(gpus=lambda: GpuProbe([], "no driver")))
+    assert statuses(report)["gpu"] == "fail" and report.exit_code == 2
+
+
+def test_apple_silicon_passes_through_metal() -> None:
+    report = run(
+        load_settings(),
+        healthy(gpus=lambda: GpuProbe([], "no NVML on macOS"), metal=lambda: True,
+                cpu=lambda: CpuInfo(10, 10, "Apple M2 Pro", None, True)),
+    )
+    assert statuses(report)["gpu"] == "pass" and statuses(report)["cpu-features"] == "pass"
+
+
+@pytest.mark.parametrize(
+    ("probes", "name", "status", "words"),
+    [
+        (dict(port_free=lambda host, port: port != 9999), "port-supervisor", "fail", "9999 is in use"),
+        (dict(python=lambda: (3, 10, 12)), "python", "fail", "3.10.12"),
+        (dict(memory=lambda: MemoryInfo(2 * GIB, GIB)), "ram", "fail", "2.0 GiB total"),
+        (dict(memory=lambda: MemoryInfo(12 * GIB, 10 * GIB)), "ram", "warn", "12.0 GiB"),
+        (dict(disk_free=lambda path: GIB), "disk", "fail", "1.0 GiB free"),
+        (dict(disk_free=lambda path: 10 * GIB), "disk", "warn", "10.0 GiB free"),
+        (dict(cpu=lambda: CpuInfo(2, 2, "tiny", True, False)), "cpu", "warn", "2 threads"),
+        (dict(cpu=lambda: CpuInfo(8, 8, "old", False, False)), "cpu-features", "warn", "no AVX2"),
+        (dict(portaudio=lambda: "PortAudio library not found"), "portaudio", "warn", "library not found"),
+        (dict(weights=lambda settings: None), "model-weights", "warn", "no MOSHI moshiko"),
+        (dict(database=lambda settings: ("http://db", 0.25)), "database", "warn", "250.0 ms"),
+        (dict(os=lambda: OsInfo("Windows", "11", "Windows 11", "AMD64")), "os", "warn", "Windows 11"),
+    ],
+)
+def test_each_finding_has_a_status_and_a_fix(probes: dict, name: str, status: str, words: str) -> None:
+    report = run(load_settings(), healthy(**probes))
+    check = next(c for c in report.checks if c.name == name)
+    assert (check.status, words in check.detail, bool(check.fix)) == (status, True, True), check
+    assert report.exit_code == (2 if status == "fail" else 1)
+
+
+def test_a_crashing_probe_is_a_failed_check_not_a_crash() -> None:
+    def boom(settings: object) -> str:
+        raise PermissionError("denied")
+
+    def broken() -> OsInfo:
+        raise RuntimeError("no os")
+
+    report = run(load_settings(), healthy(storage=boom, os=broken))
+    assert statuses(report)["storage"] == "fail" and "PermissionError: denied" in next(c for c in report.checks if c.name == "storage").detail
+    assert statuses(report)["os"] == "fail"
+
+
+def test_credentials_report_presence_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TWILIO_ACCOUNT_SID", "AC-visible-sid")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-secret")
+    checks = {c.name: c for c in run(load_settings(), healthy()).checks}
+    assert checks["credentials-twilio"].status == "warn" and "TWILIO_AUTH_TOKEN missing" in checks["credentials-twilio"].detail
+    assert checks["credentials-llm"].status == "pass" and "OPENAI_API_KEY set" in checks["credentials-llm"].detail
+    assert checks["credentials-stripe"].status == "warn" and "STRIPE_API_KEY" in checks["credentials-stripe"].fix
+    assert checks["credentials-turso"].status == "pass"
+    assert "AC-visible-sid" not in str(checks) and "sk-openai-secret" not in str(checks)
+
+
+def test_real_probes_database_storage_and_ports(tmp_path: Path) -> None:
+    settings = load_settings()
+    where, rtt = real.database_rtt(settings)
+    assert where.endswith("xswarm.db") and 0 < rtt < 1
+    assert real.storage(settings).startswith("local folder")
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        assert real.port_free("127.0.0.1", held.getsockname()[1]) is False
+    assert real.disk_free(tmp_path / "not" / "yet") > 0
+    assert real.cpu_info().threads >= 1 and real.memory_info().total > 0
+    assert isinstance(real.portaudio(), (str, type(None)))
+
+
+def test_real_database_probe_fails_clearly_when_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TURSO_DATABASE_URL", "http://127.0.0.1:1")
+    report = run(load_settings(), healthy(database=real.database_rtt))
+    check = next(c for c in report.checks if c.name == "database")
+    assert check.status == "fail" and "cannot open http://127.0.0.1:1" in check.detail
+
+
+def test_real_s3_probe_against_a_local_s3_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        for name, value in {"XSWARM_S3_ENDPOINT_URL": endpoint, "XSWARM_S3_BUCKET": "backups",
+                            "XSWARM_S3_ACCESS_KEY_ID": "test", "XSWARM_S3_SECRET_ACCESS_KEY": "test",
+                            "XSWARM_S3_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(Exception, match="404|Not Found"):
+            real.storage(load_settings())
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test",
+                     aws_secret_access_key="test").create_bucket(Bucket="backups")
+        assert real.storage(load_settings()) == f"bucket backups at {endpoint}"
+    finally:
+        server.stop()
+
+
+def test_weights_found_in_the_hugging_face_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert real.find_weights_folder(load_settings()) is None
+    snapshot = tmp_path / "hub" / "models--kyutai--moshiko-pytorch-bf16" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    assert real.find_weights_folder(load_settings()) is None  # a folder without weights is not enough
+    (snapshot / "model.safetensors").write_bytes(b"x")
+    assert real.find_weights_folder(load_settings()) == snapshot
+    monkeypatch.setenv("XSWARM_MODEL__VARIANT", "moshika")
+    assert real.find_weights_folder(load_settings()) is None
