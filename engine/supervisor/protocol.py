@@ -206,7 +206,7 @@ class AudioFrame:
 
 def pcm16_bytes(pcm: np.ndarray) -> bytes:
     """float32 -1..1 -> PCM16 little-endian (clipped, so a hot signal cannot wrap around)."""
-    return (np.clip(pcm, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+    return np.rint(np.clip(pcm, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
 
 
 def pcm16_to_float(payload: bytes) -> np.ndarray:
@@ -252,3 +252,91 @@ def opus_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+# --------------------------------------------------------------------------------- schemas
+
+
+def schemas() -> dict[str, dict[str, Any]]:
+    """One JSON schema per v1 text message, derived from the dataclasses in engine/events.py
+    plus the protocol-only messages. docs/supervisor-protocol.md embeds these; a test checks
+    the document still matches, so the written protocol cannot drift from the code."""
+    import dataclasses
+    import typing
+
+    from engine import events
+
+    def field_schema(tp: Any) -> dict[str, Any]:
+        origin = typing.get_origin(tp)
+        simple = {str: "string", int: "integer", float: "number", bool: "boolean"}
+        if tp in simple:
+            return {"type": simple[tp]}
+        if origin is typing.Literal:
+            return {"enum": list(typing.get_args(tp))}
+        if origin is list:
+            return {"type": "array"}
+        if origin is dict:
+            return {"type": "object"}
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:  # Optional[X]
+            inner = field_schema(args[0])
+            if "type" in inner:
+                return {"type": [inner["type"], "null"]}
+            return {"enum": [*inner["enum"], None]}
+        raise TypeError(f"no JSON schema for {tp!r}")
+
+    def message(name: str, required: list[str], props: dict[str, Any], *, with_id: bool) -> dict[str, Any]:
+        base: dict[str, Any] = {"v": {"const": VERSION}, "type": {"const": name}}
+        if with_id:
+            base["id"] = {"type": ["string", "integer", "null"]}
+        return {
+            "$id": f"xswarm-supervisor/v{VERSION}/{name}",
+            "type": "object",
+            "required": ["v", "type", *required],
+            "properties": {**base, **props},
+            "additionalProperties": False,
+        }
+
+    out: dict[str, dict[str, Any]] = {}
+    any_object = {"type": "object"}
+    out[AUTH] = message(AUTH, ["token"], {"token": {"type": "string"}, "name": {"type": ["string", "null"]}}, with_id=True)
+    out[PING] = message(PING, [], {}, with_id=True)
+    out[PONG] = message(PONG, ["id", "server_time"], {"server_time": {"type": "number"}}, with_id=True)
+    out[SNAPSHOT] = {
+        **message(SNAPSHOT, ["id", "you", "server_time", "opus", "node", "model", "calls", "recent_events", "system"], {
+            "you": {"type": "object", "required": ["actor", "role"], "properties": {
+                "actor": {"type": "string"}, "role": {"enum": ["operator", "monitor"]}}},
+            "server_time": {"type": "number"},
+            "opus": {"type": "boolean"},
+            "node": any_object,
+            "model": any_object,
+            "slots": any_object,
+            "calls": {"type": "array", "items": {"type": "object", "required": ["call_id", "mode"]}},
+            "recent_events": {"type": "array", "items": any_object},
+            "system": {"type": ["object", "null"]},
+        }, with_id=True),
+        "additionalProperties": True,  # the runtime may add sections (scheduler, bridge …)
+    }
+    out[OK] = {
+        **message(OK, ["id", "type_of"], {"type_of": {"type": "string"}, "call_id": {"type": "string"},
+                                          "mode": {"enum": ["ai", "operator", "muted"]},
+                                          "operator": {"type": ["string", "null"]}}, with_id=True),
+        "additionalProperties": True,
+    }
+    out[ERROR] = {
+        **message(ERROR, ["id", "error", "code"], {"error": {"type": "string"}, "code": {"type": "string"},
+                                                  "type_of": {"type": "string"},
+                                                  "operator": {"type": ["string", "null"]}}, with_id=True),
+        "additionalProperties": False,
+    }
+    for name, cls in sorted(events._REGISTRY.items(), key=lambda item: (item[1].kind, item[0])):
+        hints = typing.get_type_hints(cls, vars(events))
+        fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+        props = {f.name: field_schema(hints[f.name]) for f in fields}
+        if issubclass(cls, Command):
+            required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+            props.update({k: {"enum": list(CODECS)} for k in _COMMAND_OPTIONS.get(name, ())})
+            out[name] = message(name, required, props, with_id=True)
+        else:  # the server always sends every field of an event
+            out[name] = message(name, [f.name for f in fields], props, with_id=False)
+    return out
