@@ -215,7 +215,8 @@ class Scheduler:
             pcm=np.zeros((slots, FRAME_SIZE), np.float32), active=active, admitted=admitted,
             operator_pcm=operator_pcm, takeover=takeover, forced_text=forced,
         )
-        return _Batch(self.ticks, now, sessions, rows, ulaw, pcm_rows, step_input)
+        self.steps += 1
+        return _Batch(self.steps - 1, now, sessions, rows, ulaw, pcm_rows, step_input)
 
     def compute(self, batch: _Batch) -> _Result:
         """DSP and the model step for the whole batch (inference thread)."""
@@ -243,7 +244,6 @@ class Scheduler:
 
     def deliver(self, batch: _Batch, result: _Result) -> None:
         """Hand every call its output and publish coalesced figures (runtime loop)."""
-        self.steps += 1
         self.step_ms.observe(result.step_ms)
         self._window_steps.append(result.step_ms)
         tick = batch.tick

@@ -1,0 +1,277 @@
+"""The 80 ms lockstep scheduler: concealment, drift, missed ticks, controls, echo delay."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from engine import events
+from engine.audio import mulaw
+from engine.audio.framing import CHUNK_BYTES, InboundFrames
+from engine.calls import CallControlError, CallRegistry, CallSession, NoFreeSlot
+from engine.events import EventBus
+from engine.models.base import FRAME_SIZE, StepInput, StepOutput, VoiceModel
+from engine.models.echo import EchoModel
+from engine.scheduler import Scheduler
+
+
+class Sink:
+    """A transport that records what the scheduler hands it."""
+
+    source = "twilio"
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[int, bytes, np.ndarray]] = []
+        self.clears = 0
+        self.hung_up: str | None = None
+
+    def send_frame(self, session: CallSession, step: int, ulaw: bytes, pcm: np.ndarray) -> None:
+        self.frames.append((step, ulaw, pcm.copy()))
+
+    def clear(self) -> None:
+        self.clears += 1
+
+    async def hang_up(self, reason: str) -> None:
+        self.hung_up = reason
+
+
+class Recording(VoiceModel):
+    """Records each StepInput and its wall time; optionally slow."""
+
+    name = "recording"
+
+    def __init__(self, slots: int, delay_s: float = 0.0) -> None:
+        super().__init__(slots)
+        self.inputs: list[StepInput] = []
+        self.times: list[float] = []
+        self.delay_s = delay_s
+        self.slow_once_s = 0.0
+
+    def step(self, batch: StepInput) -> StepOutput:
+        self.times.append(time.monotonic())
+        self.inputs.append(batch)
+        pause = self.delay_s + self.slow_once_s
+        self.slow_once_s = 0.0
+        if pause:
+            time.sleep(pause)
+        return StepOutput(pcm=batch.pcm.copy(), ready=batch.active.copy(), text=[""] * self.slots)
+
+
+def make(model: VoiceModel) -> tuple[Scheduler, CallRegistry, EventBus, list[events.Event]]:
+    bus = EventBus()
+    seen: list[events.Event] = []
+    bus.subscribe(seen.append)
+    calls = CallRegistry(bus)
+    scheduler = Scheduler(calls, bus)
+    scheduler.attach(model)
+    return scheduler, calls, bus, seen
+
+
+def twilio_call(bus: EventBus, call_id: str, guard_s: float = 0.0) -> tuple[CallSession, Sink]:
+    sink = Sink()
+    return CallSession(call_id, sink, bus=bus, inbound=InboundFrames(guard_s=guard_s)), sink
+
+
+def push_frame(session: CallSession, code: int, at: float) -> None:
+    for i in range(4):
+        session.inbound.push(bytes([code]) * CHUNK_BYTES, at - 0.06 + 0.02 * i)  # type: ignore[union-attr]
+
+
+def best_lag(x: np.ndarray, y: np.ndarray, max_lag: int) -> int:
+    """The delay of ``x`` inside ``y`` by cross-correlation (normalised over the overlap)."""
+    n = len(y) - max_lag
+    scores = [float(np.dot(y[d : d + n], x[:n])) for d in range(max_lag)]
+    return int(np.argmax(scores))
+
+
+def run_tick(scheduler: Scheduler, now: float) -> None:
+    batch = scheduler.gather(now)
+    scheduler.deliver(batch, scheduler.compute(batch))
+
+
+# ----------------------------------------------------------------------- admission
+
+
+def test_admission_fills_slots_and_refuses_when_full() -> None:
+    scheduler, calls, bus, seen = make(EchoModel(2))
+    a, _ = twilio_call(bus, "CA-a")
+    b, _ = twilio_call(bus, "CA-b")
+    c, _ = twilio_call(bus, "CA-c")
+    assert calls.admit(a) == 0 and calls.admit(b) == 1
+    with pytest.raises(NoFreeSlot):
+        calls.admit(c)
+    calls.finish(a, "caller hung up")
+    assert calls.free == 1 and calls.admit(c) == 0
+    kinds = [type(e).__name__ for e in seen]
+    assert kinds.count("CallStarted") == 3 and kinds.count("CallEnded") == 1
+
+
+# ---------------------------------------------------------------- concealment & masks
+
+
+def test_late_slot_gets_silence_and_a_count_while_others_go_on() -> None:
+    model = Recording(3)
+    scheduler, calls, bus, _ = make(model)
+    ok, ok_sink = twilio_call(bus, "CA-ok")
+    late, late_sink = twilio_call(bus, "CA-late")
+    calls.admit(ok)
+    calls.admit(late)
+    t = 100.0
+    push_frame(ok, 0x10, t)
+    push_frame(late, 0x20, t)
+    run_tick(scheduler, t)
+    first = model.inputs[-1]
+    assert first.admitted[:2].all() and not first.admitted[2]
+    assert first.active.tolist() == [True, True, False]
+    # next tick: only the first call's frame arrived
+    t += 0.08
+    push_frame(ok, 0x10, t)
+    late.inbound.push(b"\x20" * CHUNK_BYTES, t - 0.06)  # type: ignore[union-attr]  # one chunk of four
+    run_tick(scheduler, t)
+    second = model.inputs[-1]
+    assert not second.admitted.any()
+    # concealment: silence, after the resampler's 1.5 ms tail of the previous frame (no click)
+    assert np.abs(second.pcm[1][80:]).max() == 0.0
+    assert np.abs(second.pcm[0]).max() > 0.0  # the other call is untouched
+    assert late.late_frames == 1 and ok.late_frames == 0 and scheduler.late_frames == 1
+    assert np.abs(second.pcm[2]).max() == 0.0  # idle slot
+    assert len(ok_sink.frames) == 2 and len(late_sink.frames) == 2  # the model clock moved for both
+
+
+def test_echo_returns_input_one_frame_later_through_the_codec() -> None:
+    scheduler, calls, bus, _ = make(EchoModel(2))
+    session, sink = twilio_call(bus, "CA-echo")
+    calls.admit(session)
+    t = 10.0
+    rng = np.random.default_rng(7)
+    spectrum = np.fft.rfft(rng.standard_normal(640 * 30))
+    spectrum[(np.fft.rfftfreq(640 * 30, 1 / 8000) < 300) | (np.fft.rfftfreq(640 * 30, 1 / 8000) > 3000)] = 0
+    speech = np.fft.irfft(spectrum).astype(np.float32)
+    speech *= 0.4 / np.abs(speech).max()
+    codes = mulaw.encode(speech).tobytes()
+    for k in range(30):
+        for i in range(4):
+            session.inbound.push(codes[(4 * k + i) * 160 : (4 * k + i + 1) * 160], t - 0.06 + 0.02 * i)  # type: ignore[union-attr]
+        run_tick(scheduler, t)
+        t += 0.08
+    out = mulaw.decode(b"".join(f[1] for f in sink.frames))
+    lag = best_lag(speech, out, max_lag=2000)
+    assert lag == 640 + 23  # one frame, plus the resamplers' 2.9 ms
+    aligned = out[lag : lag + 8000]
+    assert np.corrcoef(aligned, speech[:8000])[0, 1] > 0.99
+    assert [f[0] for f in sink.frames] == list(range(len(sink.frames)))  # step numbers come through
+
+
+# ------------------------------------------------------------------------- controls
+
+
+def test_takeover_mute_whisper_and_taps() -> None:
+    model = Recording(2)
+    scheduler, calls, bus, seen = make(model)
+    session, sink = twilio_call(bus, "CA-ctl")
+    calls.admit(session)
+    t = 5.0
+    push_frame(session, 0x40, t)
+    run_tick(scheduler, t)
+
+    session.take_over("alice")
+    with pytest.raises(CallControlError):
+        session.take_over("bob")
+    assert session.mode == "operator" and sink.clears == 1
+    voice = np.full(FRAME_SIZE, 0.25, np.float32)
+    session.feed_operator_audio(voice[:1000])
+    session.feed_operator_audio(voice[1000:])
+    session.whisper("be brief")
+    heard: list[tuple[str, float]] = []
+    remove = session.add_tap(lambda direction, pcm: heard.append((direction, float(pcm.mean()))))
+    t += 0.08
+    push_frame(session, 0x40, t)
+    run_tick(scheduler, t)
+    step_in = model.inputs[-1]
+    assert step_in.takeover is not None and step_in.takeover[0]
+    assert step_in.forced_text == {0: "be brief"}
+    assert np.allclose(sink.frames[-1][2], 0.25)  # the caller hears the operator
+    assert [d for d, _ in heard] == ["caller", "ai"] and heard[1][1] == pytest.approx(0.25)
+    remove()
+
+    with pytest.raises(CallControlError):
+        session.hand_back("bob")
+    session.hand_back("alice")
+    session.mute(True)
+    frames_before = len(sink.frames)
+    t += 0.08
+    push_frame(session, 0x40, t)
+    run_tick(scheduler, t)
+    assert len(sink.frames) == frames_before and session.mode == "muted"  # muted: nothing sent
+    assert sink.clears == 3  # take over, hand back, mute
+    modes = [e.mode for e in seen if isinstance(e, events.CallUpdated)]
+    assert modes[:2] == ["operator", "operator"] and "muted" in modes
+    with pytest.raises(CallControlError):
+        session.whisper("  ")
+
+
+def test_controls_refused_after_the_call_ended() -> None:
+    scheduler, calls, bus, _ = make(EchoModel(1))
+    session, _ = twilio_call(bus, "CA-gone")
+    calls.admit(session)
+    calls.finish(session, "caller hung up")
+    with pytest.raises(CallControlError):
+        session.take_over("alice")
+    assert calls.get("CA-gone") is None
+
+
+# ------------------------------------------------------------------- clock and drift
+
+
+async def test_ticks_follow_the_monotonic_grid_without_drift() -> None:
+    model = Recording(1, delay_s=0.03)  # a sleep(0.08) loop would drift 30 ms per tick
+    scheduler, calls, bus, _ = make(model)
+    session, _ = twilio_call(bus, "CA-clock")
+    calls.admit(session)
+    scheduler.start()
+    await asyncio.sleep(0.08 * 25 + 0.04)
+    await scheduler.stop()
+    times = np.asarray(model.times)
+    assert len(times) >= 20
+    k = np.round((times - times[0]) / 0.08)
+    error = (times - times[0]) - k * 0.08
+    assert np.abs(error).max() < 0.015  # every tick within 15 ms of its grid point
+    assert k[-1] == len(times) - 1  # no tick skipped
+    assert scheduler.missed_ticks == 0
+
+
+async def test_overrunning_step_counts_missed_ticks_and_keeps_the_grid() -> None:
+    model = Recording(1)
+    scheduler, calls, bus, _ = make(model)
+    session, _ = twilio_call(bus, "CA-slow")
+    calls.admit(session)
+    scheduler.start()
+    await asyncio.sleep(0.4)
+    model.slow_once_s = 0.25  # one step takes three ticks
+    await asyncio.sleep(0.8)
+    await scheduler.stop()
+    assert scheduler.missed_ticks >= 2
+    times = np.asarray(model.times)
+    offsets = ((times - times[0]) / 0.08) % 1.0
+    offsets = np.minimum(offsets, 1 - offsets)
+    assert offsets.max() < 0.2  # later ticks are back on the original grid
+
+
+async def test_latency_and_tick_events_are_published() -> None:
+    scheduler, calls, bus, seen = make(EchoModel(1))
+    session, _ = twilio_call(bus, "CA-events")
+    calls.admit(session)
+    scheduler.start()
+    t0 = time.monotonic()
+    for k in range(15):
+        push_frame(session, 0x33, time.monotonic())
+        await asyncio.sleep(0.08)
+    await scheduler.stop()
+    elapsed = time.monotonic() - t0
+    samples = [e for e in seen if isinstance(e, events.LatencySampled)]
+    assert samples and len(samples) <= 4 * elapsed + 1  # at most 4 Hz per call
+    assert any(isinstance(e, events.TickSampled) for e in seen)
+    assert scheduler.admission_ms.count == 1 and scheduler.step_ms.count >= 10
