@@ -339,6 +339,17 @@ def find_backup(store: ObjectStore, backup_id: str) -> Backup:
     return _describe(store, matches[0])
 
 
+def latest_backup_time(store: ObjectStore) -> float | None:
+    """When the newest backup was taken, from the keys alone (no per-object requests)."""
+    times = []
+    for info in store.list(PREFIX):
+        try:
+            times.append(_id_time(info.key[len(PREFIX) :].split(".", 1)[0]))
+        except ValueError:
+            continue
+    return max(times, default=None)
+
+
 def prune_backups(store: ObjectStore, retention_days: int, *, now: float | None = None, keep: int = 1) -> list[str]:
     """Delete backups older than ``retention_days``, always keeping the newest ``keep``
     (a stopped node must not wake up to an empty bucket). Returns the deleted ids."""
@@ -420,6 +431,7 @@ __all__ = [
     "dump",
     "find_backup",
     "inventory",
+    "latest_backup_time",
     "list_backups",
     "load_dump",
     "prune_backups",

@@ -68,7 +68,13 @@ class HashingWriter:
 
 def compress_file(codec: str, source: Path, dest: Path) -> tuple[str, int]:
     """Compress ``source`` into ``dest``; returns (sha256 of the source bytes, source size)."""
-    with open(source, "rb") as src, open(dest, "wb") as raw:
+    with open(source, "rb") as src:
+        return compress_stream(codec, src, dest)
+
+
+def compress_stream(codec: str, src: BinaryIO, dest: Path) -> tuple[str, int]:
+    """Compress what is left to read in ``src`` into ``dest``; returns (sha256, size) of the input."""
+    with open(dest, "wb") as raw:
         out = HashingWriter(codec, raw)
         while chunk := src.read(CHUNK):
             out.write(chunk)
@@ -89,4 +95,4 @@ def decompress_file(codec: str, source: Path, dest: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-__all__ = ["EXTENSIONS", "HashingWriter", "best", "compress_file", "decompress_file", "reader"]
+__all__ = ["EXTENSIONS", "HashingWriter", "best", "compress_file", "compress_stream", "decompress_file", "reader"]
