@@ -1,0 +1,58 @@
+"""The aiohttp application: routes, rate limits and the processor's effect table."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from webhooks import identity, sendgrid_mail, stripe_billing, twilio_sms, twilio_voice
+from webhooks.hub import HUB, Effect, Hub
+
+log = logging.getLogger("xswarm.webhooks")
+
+EFFECTS: dict[str, Effect] = {
+    twilio_sms.PROVIDER: twilio_sms.effect,
+    twilio_voice.PROVIDER: twilio_voice.effect,
+    stripe_billing.PROVIDER: stripe_billing.effect,
+    sendgrid_mail.PARSE: sendgrid_mail.inbound_effect,
+    sendgrid_mail.EVENTS: sendgrid_mail.events_effect,
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _group(path: str) -> str | None:
+    """The rate-limit group of a path (None: not limited)."""
+    if path == "/health":
+        return None
+    return path.split("/", 2)[1] or None
+
+
+@web.middleware
+async def _limits(request: web.Request, handler: Handler) -> web.StreamResponse:
+    hub: Hub = request.app[HUB]
+    if hub.limiter is not None:
+        group = _group(request.path)
+        if group is not None and not hub.limiter.allow(group, request.remote or "?"):
+            log.warning("rate limit: %s from %s", group, request.remote)
+            raise web.HTTPTooManyRequests(
+                text="too many requests", headers={"Retry-After": str(hub.limiter.retry_after())}
+            )
+    return await handler(request)
+
+
+def create_app(hub: Hub) -> web.Application:
+    app = web.Application(middlewares=[_limits], client_max_size=1024 * 1024)
+    app[HUB] = hub
+    app.router.add_post("/twilio/sms", twilio_sms.route)
+    app.router.add_post("/twilio/voice", twilio_voice.voice)
+    app.router.add_post("/twilio/voice/status", twilio_voice.status)
+    app.router.add_post(twilio_voice.VOICEMAIL_PATH, twilio_voice.voicemail)
+    app.router.add_post("/sendgrid/inbound", sendgrid_mail.inbound)
+    app.router.add_post("/sendgrid/events", sendgrid_mail.events)
+    app.router.add_post("/stripe/webhook", stripe_billing.route)
+    app.router.add_get("/api/identity", identity.identity)
+    app.router.add_get("/health", identity.health)
+    return app

@@ -1,0 +1,137 @@
+"""Everything the routes and the processor share, built once per server.
+
+Also the one ingest step every route uses after verification: store the raw event in the
+inbox (deduplicated) and turn a database failure into 503, so a provider is never told
+"received" for something that was not stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from engine.config import Settings, secret
+from engine.events import Event, EventBus
+from engine.store import feed, inbox
+from engine.store.db import Database, StoreError
+from webhooks.limits import DEFAULT_RATE_LIMIT, RateLimit, RateLimiter
+from webhooks.llm import provider_from_settings
+from webhooks.outbound import SendGridMail, TwilioRest
+from webhooks.replies import Replier
+from webhooks.verify import SendGridVerifier, StripeVerifier, TwilioVerifier
+
+log = logging.getLogger("xswarm.webhooks")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What processing one inbox row produced: statements committed together with the row's
+    ``done`` mark, and events published once that commit succeeded."""
+
+    statements: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+
+Effect = Callable[["Hub", inbox.InboxRow], Awaitable[Outcome]]
+
+
+class Hub:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        bus: EventBus,
+        *,
+        rate_limit: RateLimit | None = DEFAULT_RATE_LIMIT,
+        record_feed: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.bus = bus
+        self.record_feed = record_feed
+        self.twilio = TwilioVerifier(secret(settings.twilio.auth_token), settings.server.public_url)
+        self.stripe = StripeVerifier(secret(settings.stripe.webhook_secret))
+        self.sendgrid = SendGridVerifier(settings.sendgrid.webhook_public_key)
+        self.limiter = RateLimiter(rate_limit) if rate_limit else None
+        self.session: aiohttp.ClientSession | None = None
+        self.replier: Replier = Replier(settings, db, None)
+        self.twilio_rest: TwilioRest | None = None
+        self.mail: SendGridMail | None = None
+        self.wake: Callable[[], None] = lambda: None
+        """Set by the processor: called after a new row is stored."""
+        self.state: dict[str, Any] = {}
+        """Per-module runtime state (e.g. SMS replies still being composed)."""
+
+    async def open(self) -> None:
+        """Create the outbound HTTP session (needs the running loop)."""
+        self.session = aiohttp.ClientSession()
+        self.replier = Replier(self.settings, self.db, provider_from_settings(self.settings, self.session))
+        self.twilio_rest = TwilioRest.from_settings(self.settings, self.session)
+        self.mail = SendGridMail.from_settings(self.settings, self.session)
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    # ------------------------------------------------------------------------------ ingest
+
+    async def ingest(
+        self,
+        provider: str,
+        event_id: str,
+        event_type: str | None,
+        payload: str,
+        *,
+        not_before_ms: int | None = None,
+    ) -> bool:
+        """Store a verified event; True when new, False for a duplicate; 503 when the
+        database cannot take it."""
+        try:
+            added = await asyncio.wrap_future(
+                inbox.put(self.db, provider, event_id, event_type, payload, not_before_ms=not_before_ms)
+            )
+        except StoreError as exc:
+            log.error("%s: could not store event (answering 503 so it is retried): %s", provider, exc)
+            raise web.HTTPServiceUnavailable(text="storage unavailable, retry later", headers={"Retry-After": "5"}) from None
+        if added:
+            self.wake()
+        return bool(added)
+
+    async def ingest_many(self, provider: str, rows: list[tuple[str, str | None, str]]) -> int:
+        """Store several events from one request (all or 503); returns how many were new."""
+        futures = [inbox.put(self.db, provider, event_id, event_type, payload) for event_id, event_type, payload in rows]
+        try:
+            added = sum([int(await asyncio.wrap_future(f)) for f in futures])
+        except StoreError as exc:
+            log.error("%s: could not store events (answering 503 so they are retried): %s", provider, exc)
+            raise web.HTTPServiceUnavailable(text="storage unavailable, retry later", headers={"Retry-After": "5"}) from None
+        if added:
+            self.wake()
+        return added
+
+    # ------------------------------------------------------------------------------ events
+
+    def publish(self, event: Event, *, to_feed: bool) -> None:
+        """On the bus always; in the ``events`` table when asked (and ``record_feed``)."""
+        self.bus.publish(event)
+        if to_feed and self.record_feed:
+            try:
+                feed.append_event(self.db, event).add_done_callback(_log_feed_failure)
+            except StoreError as exc:
+                log.warning("feed row not written: %s", exc)
+
+
+def _log_feed_failure(future: Any) -> None:
+    if future.exception() is not None:
+        log.warning("feed row not written: %s", future.exception())
+
+
+HUB = web.AppKey("hub", Hub)
+"""Where the app keeps its ``Hub``."""

@@ -1,0 +1,141 @@
+"""The inbox processor: applies stored webhook events, retries failures, dead-letters.
+
+Why separate from the routes: a provider must get its 2xx within its timeout, and effects
+(LLM replies, outbound SMS/email, Stripe state) can be slow or fail. Rows are claimed with a
+lease (see ``engine.store.inbox``), so work in flight when the process dies comes due again;
+each row's effects commit in one transaction together with its ``done`` mark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+
+from engine.events import WebhookFailed, WebhookReceived
+from engine.store import inbox
+from engine.store.db import StoreError
+from webhooks.hub import Effect, Hub, Outcome
+
+log = logging.getLogger("xswarm.webhooks.processor")
+
+
+class PermanentError(Exception):
+    """The event can never be applied (malformed payload): dead-letter it at once."""
+
+
+class InboxProcessor:
+    def __init__(
+        self,
+        hub: Hub,
+        effects: Mapping[str, Effect],
+        *,
+        concurrency: int = 64,
+        batch: int = 256,
+        max_attempts: int = 8,
+        lease_ms: int = 120_000,
+        poll_s: float = 1.0,
+    ) -> None:
+        self.hub = hub
+        self.effects = dict(effects)
+        self.concurrency = concurrency
+        self.batch = batch
+        self.max_attempts = max_attempts
+        self.lease_ms = lease_ms
+        self.poll_s = poll_s
+        self.processed = 0
+        self.failed = 0
+        self._wake = asyncio.Event()
+        self._active: set[asyncio.Task[None]] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="xswarm-webhooks-processor")
+        self.hub.wake = self._wake.set
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Stop claiming; give rows in flight ``grace_s`` to finish (the rest come due again
+        after their lease)."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self._active:
+            _, pending = await asyncio.wait(self._active, timeout=grace_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _run(self) -> None:
+        pause = 0.0
+        while not self._stopping:
+            free = self.concurrency - len(self._active)
+            rows: list[inbox.InboxRow] = []
+            if free > 0:
+                try:
+                    rows = await asyncio.wrap_future(
+                        inbox.claim_due(self.hub.db, limit=min(self.batch, free), lease_ms=self.lease_ms)
+                    )
+                    pause = 0.0
+                except StoreError as exc:
+                    pause = min(10.0, max(0.5, pause * 2))
+                    log.warning("cannot claim inbox rows (retrying in %.1f s): %s", pause, exc)
+            for row in rows:
+                task = asyncio.create_task(self._process(row))
+                self._active.add(task)
+                task.add_done_callback(self._done)
+            if rows and len(rows) == min(self.batch, free):
+                continue  # more may be waiting
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), pause or self.poll_s)
+            except (asyncio.TimeoutError, TimeoutError):
+                pass
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._active.discard(task)
+        if not self._stopping and len(self._active) == self.concurrency - 1:
+            self._wake.set()  # a slot opened while we were saturated
+
+    async def _process(self, row: inbox.InboxRow) -> None:
+        effect = self.effects.get(row.provider)
+        try:
+            if effect is None:
+                raise PermanentError(f"no handler for provider {row.provider!r}")
+            outcome = await effect(self.hub, row)
+            await self._commit(row, outcome)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self._fail(row, exc)
+            return
+        self.processed += 1
+        for event in outcome.events:
+            self.hub.publish(event, to_feed=event is outcome.events[0])
+
+    async def _commit(self, row: inbox.InboxRow, outcome: Outcome) -> None:
+        script = [*outcome.statements, inbox.mark_done_sql(row.provider, row.event_id)]
+        await asyncio.wrap_future(self.hub.db.submit_script(script))
+
+    async def _fail(self, row: inbox.InboxRow, exc: Exception) -> None:
+        self.failed += 1
+        error = f"{type(exc).__name__}: {exc}"
+        permanent = isinstance(exc, PermanentError)
+        if not isinstance(exc, (StoreError, PermanentError)) and not getattr(exc, "expected", False):
+            log.exception("%s %s failed (attempt %d)", row.provider, row.event_id, row.attempts)
+        else:
+            log.warning("%s %s failed (attempt %d): %s", row.provider, row.event_id, row.attempts, error)
+        attempts_cap = row.attempts if permanent else self.max_attempts
+        dead, future = inbox.mark_failed(self.hub.db, row, error, max_attempts=attempts_cap)
+        try:
+            await asyncio.wrap_future(future)
+        except StoreError as store_exc:
+            log.warning("could not record the failure of %s (its lease will expire): %s", row.key, store_exc)
+        self.hub.publish(WebhookFailed(row.provider, row.event_id, error[:300], dead=dead), to_feed=dead)
+
+
+def received(row: inbox.InboxRow, summary: str, user_id: str | None = None) -> WebhookReceived:
+    """The generic 'this event was applied' event for the bus and the feed."""
+    return WebhookReceived(row.provider, row.event_type or "", summary, user_id)

@@ -1,0 +1,78 @@
+"""``WebhooksServer``: the app plus its inbox processor, started on a loop and stopped cleanly.
+
+Used by ``xswarm webhooks serve`` and by the runtime (``WebhooksServer(settings, db, bus)``).
+The processor starts with the server, so events left pending by a previous run (or another
+node) are picked up at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from aiohttp import web
+
+from engine.config import Settings
+from engine.events import EventBus
+from engine.store.db import Database
+from webhooks import twilio_sms
+from webhooks.app import EFFECTS, create_app
+from webhooks.hub import Hub
+from webhooks.limits import DEFAULT_RATE_LIMIT, RateLimit
+from webhooks.processor import InboxProcessor
+
+log = logging.getLogger("xswarm.webhooks")
+HOUSEKEEPING_S = 60.0
+
+
+class WebhooksServer:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        bus: EventBus,
+        *,
+        rate_limit: RateLimit | None = DEFAULT_RATE_LIMIT,
+        record_feed: bool = True,
+        process: bool = True,
+        max_attempts: int = 8,
+    ) -> None:
+        """``record_feed``: also write published events to the ``events`` table (turn it off
+        when the host already records the bus). ``process``: run the inbox processor here."""
+        self.hub = Hub(settings, db, bus, rate_limit=rate_limit, record_feed=record_feed)
+        self.app = create_app(self.hub)
+        self.processor = InboxProcessor(self.hub, EFFECTS, max_attempts=max_attempts) if process else None
+        self._runner: web.AppRunner | None = None
+        self._housekeeping: asyncio.Task[None] | None = None
+        self.port: int | None = None
+
+    async def start(self, host: str = "127.0.0.1", port: int = 8787) -> None:
+        await self.hub.open()
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+        if self.processor is not None:
+            self.processor.start()
+        self._housekeeping = asyncio.create_task(self._housekeep())
+        log.info("webhooks listening on http://%s:%s", host, self.port)
+
+    async def stop(self) -> None:
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeping
+        if self._runner is not None:
+            await self._runner.cleanup()  # stop taking requests first
+            self._runner = None
+        if self.processor is not None:
+            await self.processor.stop()
+        await self.hub.close()
+        log.info("webhooks stopped")
+
+    async def _housekeep(self) -> None:
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_S)
+            twilio_sms.prune(self.hub, self.hub.settings.llm.timeout_s + 120)

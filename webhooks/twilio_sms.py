@@ -1,0 +1,175 @@
+"""``POST /twilio/sms``: store the text, answer with TwiML, reply later if the LLM is slow.
+
+Route: verify → store the raw form in the inbox → compose the reply for at most
+``llm.sms_budget_s`` → answer ``<Message>`` inline, or empty TwiML if the reply is not ready.
+Processor: store the inbound message, count it, and, when the route did not answer inline,
+wait for the reply being composed (or compose it again after a restart) and send it through
+Twilio's REST API. The outbound row's provider id ``reply:<MessageSid>`` makes that idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+
+from engine.events import MessageReceived
+from engine.logging_setup import mask_phone
+from engine.store import messages, usage
+from engine.store.inbox import InboxRow
+from engine.store.users import User, find_by_phone
+from webhooks import twiml
+from webhooks.body import parse_form, read_body
+from webhooks.hub import HUB, Hub, Outcome
+from webhooks.processor import PermanentError, received
+from webhooks.replies import fit_sms
+
+log = logging.getLogger("xswarm.webhooks.sms")
+PROVIDER = "twilio-sms"
+_STATE = "sms-replies"
+
+
+@dataclass
+class PendingReply:
+    """A reply the route is composing; the processor sends it if the route could not."""
+
+    task: "asyncio.Future[str] | None" = None
+    decided: asyncio.Event = field(default_factory=asyncio.Event)
+    inline: bool = False
+    created: float = field(default_factory=time.monotonic)
+
+
+def _pending(hub: Hub) -> dict[str, PendingReply]:
+    return hub.state.setdefault(_STATE, {})
+
+
+async def find_user(hub: Hub, phone: str | None) -> User | None:
+    if not phone:
+        return None
+    return await hub.db.aread(lambda d: find_by_phone(d, phone))
+
+
+def reply_statement(sid: str, user: User | None, to: str | None, from_: str | None, text: str, meta: dict[str, str]):  # type: ignore[no-untyped-def]
+    return messages.insert_statement(
+        channel="sms",
+        direction="out",
+        provider_id=f"reply:{sid}",
+        user_id=user.id if user else None,
+        from_addr=from_,
+        to_addr=to,
+        body=text,
+        status="sent",
+        meta=meta,
+    )
+
+
+async def route(request: web.Request) -> web.Response:
+    hub: Hub = request.app[HUB]
+    raw = await read_body(request)
+    form = parse_form(request, raw)
+    hub.twilio.check(request, form)
+    sid = form.get("MessageSid") or form.get("SmsSid")
+    if not sid:
+        raise web.HTTPBadRequest(text="no MessageSid")
+    pending = _pending(hub)
+    if sid in pending:
+        return twiml.response(twiml.EMPTY)  # a concurrent retry of a message being answered
+    # Registered before the row exists, so the processor can never miss it and reply twice.
+    entry = pending[sid] = PendingReply()
+    try:
+        if not await hub.ingest(PROVIDER, sid, "sms", raw.decode("utf-8")):
+            pending.pop(sid, None)
+            return twiml.response(twiml.EMPTY)  # a retry: the first delivery got its answer
+        user = await find_user(hub, form.get("From"))
+        entry.task = task = asyncio.ensure_future(hub.replier.sms(user, form.get("Body", "")))
+        if not task.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(task), hub.settings.llm.sms_budget_s)
+            except (asyncio.TimeoutError, TimeoutError):
+                log.info("SMS %s: reply not ready in %.1f s; it goes out via REST", sid, hub.settings.llm.sms_budget_s)
+                return twiml.response(twiml.EMPTY)
+        text = fit_sms(task.result())
+        entry.inline = True
+        hub.db.submit(*reply_statement(sid, user, form.get("From"), form.get("To"), text, {"via": "twiml"}))
+        return twiml.response(twiml.sms(text))
+    except web.HTTPException:
+        pending.pop(sid, None)
+        raise
+    except Exception:
+        # Stored but not answered (a read failed): the processor composes and sends it.
+        log.exception("SMS %s: answering empty TwiML; the processor will reply", sid)
+        return twiml.response(twiml.EMPTY)
+    finally:
+        entry.decided.set()
+
+
+async def effect(hub: Hub, row: InboxRow) -> Outcome:
+    form = dict(parse_qsl(row.payload, keep_blank_values=True))
+    sid, sender, ours, body = row.event_id, form.get("From"), form.get("To"), form.get("Body", "")
+    if not sender:
+        raise PermanentError("SMS has no From")
+    user = await find_user(hub, sender)
+    statements = [
+        messages.insert_statement(
+            channel="sms",
+            direction="in",
+            provider_id=sid,
+            user_id=user.id if user else None,
+            from_addr=sender,
+            to_addr=ours,
+            body=body,
+            status="received",
+            meta={"num_media": form.get("NumMedia", "0")},
+            at_ms=row.received_at,
+        )
+    ]
+    if user is not None:
+        statements += usage.count_statements("sms", f"sms:{sid}", user.id, 1, row.received_at)
+    statements += await _deferred_reply(hub, sid, user, sender, ours, body)
+    who = mask_phone(sender)
+    summary = f"SMS from {user.name if user else 'unknown'} ({who}): {len(body)} chars"
+    return Outcome(
+        statements,
+        [MessageReceived("sms", user.id if user else None, summary), received(row, summary, user.id if user else None)],
+    )
+
+
+async def _deferred_reply(hub: Hub, sid: str, user: User | None, sender: str, ours: str | None, body: str):  # type: ignore[no-untyped-def]
+    """Send the reply through REST when the route could not answer inline."""
+    entry = _pending(hub).get(sid)
+    if entry is not None:
+        await entry.decided.wait()
+        if entry.inline:
+            _pending(hub).pop(sid, None)
+            return []
+    if entry is not None and entry.task is not None:
+        try:
+            text = fit_sms(await entry.task)
+        except Exception:
+            _pending(hub).pop(sid, None)  # the next attempt composes afresh
+            raise
+    else:
+        # After a restart or a replay: only reply if no reply was recorded.
+        if await hub.db.aread(lambda d: messages.get_by_provider_id(d, f"reply:{sid}")) is not None:
+            return []
+        text = fit_sms(await hub.replier.sms(user, body))
+    if not ours:
+        raise PermanentError("SMS has no To to reply from")
+    assert hub.twilio_rest is not None
+    rest_sid = await hub.twilio_rest.send_sms(to=sender, from_=ours, body=text)
+    _pending(hub).pop(sid, None)
+    return [reply_statement(sid, user, sender, ours, text, {"via": "rest", "sid": rest_sid})]
+
+
+def prune(hub: Hub, older_than_s: float) -> None:
+    """Forget pending replies nobody will collect (their inbox row died or was lost)."""
+    cutoff = time.monotonic() - older_than_s
+    pending = _pending(hub)
+    for sid in [s for s, e in pending.items() if e.created < cutoff]:
+        entry = pending.pop(sid)
+        if entry.task is not None:
+            entry.task.cancel()

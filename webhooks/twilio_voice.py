@@ -1,0 +1,205 @@
+"""Voice webhooks: admission of incoming calls, call status callbacks, voicemail.
+
+``POST /twilio/voice`` must answer in well under a second (the caller hears silence until
+then), so it does one pooled read (user, usage, a node with a free slot) and answers:
+``<Connect><Stream>`` to the chosen node's bridge with a one-time token, or a polite
+``<Say>`` and a ``<Record>`` voicemail when no node has room, or a refusal for unknown
+callers (``telephony.unknown_callers``) and exhausted plans.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+from multidict import MultiDict
+
+from engine.config import secret
+from engine.events import CallRefused, MessageReceived
+from engine.logging_setup import mask_phone
+from engine.store import messages, usage
+from engine.store.db import Database
+from engine.store.inbox import InboxRow
+from engine.store.nodes import Node, choose_node
+from engine.store.users import User, find_by_phone
+from engine.telephony.calltoken import mint
+from engine.tiers import tier as tier_named
+from webhooks import twiml
+from webhooks.body import parse_form, read_body
+from webhooks.hub import HUB, Hub, Outcome
+from webhooks.processor import PermanentError, received
+
+log = logging.getLogger("xswarm.webhooks.voice")
+PROVIDER = "twilio-voice"
+VOICEMAIL_PATH = "/twilio/voice/voicemail"
+TERMINAL = {"completed", "busy", "failed", "no-answer", "canceled"}
+
+REFUSE_UNKNOWN = "Hello. This line only takes calls from registered users. Goodbye."
+NO_ROOM = "Hello. All of our lines are busy right now. Please leave a message after the tone, and we will get back to you."
+NOT_READY = "Hello. The assistant is not available right now. Please leave a message after the tone."
+
+
+@dataclass(frozen=True)
+class Admission:
+    user: User | None
+    minutes_used: float
+    node: Node | None
+
+
+def _admission(db: Database, caller: str | None) -> Admission:
+    """Everything the answer depends on, in one trip to the reader pool."""
+    user = find_by_phone(db, caller) if caller else None
+    used = usage.usage_for(db, user.id).voice_minutes if user else 0.0
+    return Admission(user, used, choose_node(db))
+
+
+async def _verified_form(hub: Hub, request: web.Request) -> tuple[bytes, MultiDict[str]]:
+    raw = await read_body(request)
+    form = parse_form(request, raw)
+    hub.twilio.check(request, form)
+    return raw, form
+
+
+async def voice(request: web.Request) -> web.Response:
+    hub: Hub = request.app[HUB]
+    raw, form = await _verified_form(hub, request)
+    call_sid = form.get("CallSid")
+    if not call_sid:
+        raise web.HTTPBadRequest(text="no CallSid")
+    await hub.ingest(PROVIDER, call_sid, "call", raw.decode("utf-8"))
+    # A retried webhook for the same call is answered the same way (fresh token, same rules).
+    caller = form.get("From")
+    admission = await hub.db.aread(lambda d: _admission(d, caller))
+    return twiml.response(answer(hub, call_sid, caller, admission))
+
+
+def answer(hub: Hub, call_sid: str, caller: str | None, admission: Admission) -> str:
+    user, telephony = admission.user, hub.settings.telephony
+    if user is None and telephony.unknown_callers == "refuse":
+        hub.bus.publish(CallRefused("unknown caller", mask_phone(caller)))
+        return twiml.say_and_hang_up(REFUSE_UNKNOWN)
+    if user is not None:
+        try:
+            limit = tier_named(user.tier).voice_minutes
+        except ValueError:
+            limit = 0
+        if limit is not None and admission.minutes_used >= limit:
+            hub.bus.publish(CallRefused("voice minutes used up", f"{user.id} on {user.tier}"))
+            return twiml.say_and_hang_up(
+                f"Hello {user.name}. You have used all {limit} voice minutes of your plan this month. "
+                "You can still send a text. Goodbye."
+            )
+    token_secret = secret(telephony.call_token_secret)
+    if admission.node is None or not admission.node.bridge_url:
+        hub.bus.publish(CallRefused("no free slot", mask_phone(caller)))
+        return twiml.voicemail(NO_ROOM, VOICEMAIL_PATH)
+    if not token_secret:
+        log.error("XSWARM_CALL_TOKEN_SECRET is not set: calls cannot be admitted, taking voicemail")
+        hub.bus.publish(CallRefused("no call token secret", "XSWARM_CALL_TOKEN_SECRET unset"))
+        return twiml.voicemail(NOT_READY, VOICEMAIL_PATH)
+    token = mint(token_secret, call_sid, telephony.call_token_ttl_s)
+    theme = user.theme if user else hub.settings.ui.theme
+    url = admission.node.bridge_url.rstrip("/") + "/twilio"
+    return twiml.stream(url, {"token": token, "user_id": user.id if user else "guest", "theme": theme})
+
+
+async def status(request: web.Request) -> web.Response:
+    hub: Hub = request.app[HUB]
+    raw, form = await _verified_form(hub, request)
+    call_sid, state = form.get("CallSid"), form.get("CallStatus")
+    if not call_sid or not state:
+        raise web.HTTPBadRequest(text="no CallSid or CallStatus")
+    event_id = f"{call_sid}:{state}:{form.get('SequenceNumber', '')}"
+    await hub.ingest(PROVIDER, event_id, "status", raw.decode("utf-8"))
+    return web.Response(status=204)
+
+
+async def voicemail(request: web.Request) -> web.Response:
+    hub: Hub = request.app[HUB]
+    raw, form = await _verified_form(hub, request)
+    call_sid = form.get("CallSid")
+    if not call_sid:
+        raise web.HTTPBadRequest(text="no CallSid")
+    if form.get("RecordingUrl"):
+        await hub.ingest(PROVIDER, f"{call_sid}:voicemail", "voicemail", raw.decode("utf-8"))
+    return twiml.response(twiml.say_and_hang_up("Thank you. Your message has been saved. Goodbye."))
+
+
+# ----------------------------------------------------------------------------- effects
+
+
+async def effect(hub: Hub, row: InboxRow) -> Outcome:
+    form = dict(parse_qsl(row.payload, keep_blank_values=True))
+    if row.event_type == "call":
+        caller = form.get("From")
+        user = await hub.db.aread(lambda d: find_by_phone(d, caller)) if caller else None
+        summary = f"Incoming call from {user.name if user else 'unknown'} ({mask_phone(caller)})"
+        return Outcome([], [received(row, summary, user.id if user else None)])
+    if row.event_type == "status":
+        return await _status_effect(hub, row, form)
+    if row.event_type == "voicemail":
+        return await _voicemail_effect(hub, row, form)
+    raise PermanentError(f"unknown voice event type {row.event_type!r}")
+
+
+async def _status_effect(hub: Hub, row: InboxRow, form: dict[str, str]) -> Outcome:
+    call_sid, state, caller = form["CallSid"], form.get("CallStatus", ""), form.get("From")
+    terminal = state in TERMINAL
+    user_id = await hub.db.aread(lambda d: usage.call_user(d, call_sid))
+    if user_id is None and caller:
+        user = await hub.db.aread(lambda d: find_by_phone(d, caller))
+        user_id = user.id if user else None
+    duration = _float(form.get("CallDuration")) if terminal else None
+    statements = []
+    if terminal:
+        statements.append(
+            usage.call_status_statement(
+                call_sid,
+                status=state,
+                user_id=user_id,
+                caller=caller,
+                at_ms=row.received_at,
+                duration_s=duration,
+                end_reason=state,
+            )
+        )
+        if user_id and duration:
+            statements += usage.count_statements("voice", f"call:{call_sid}", user_id, duration, row.received_at)
+    else:
+        statements.append(
+            ("UPDATE calls SET status = ? WHERE id = ? AND status != 'ended'", ("live" if state == "in-progress" else state, call_sid))
+        )
+    summary = f"Call {mask_phone(caller)} {state}" + (f" after {duration:.0f} s" if duration else "")
+    return Outcome(statements, [received(row, summary, user_id)])
+
+
+async def _voicemail_effect(hub: Hub, row: InboxRow, form: dict[str, str]) -> Outcome:
+    caller = form.get("From")
+    user = await hub.db.aread(lambda d: find_by_phone(d, caller)) if caller else None
+    seconds = _float(form.get("RecordingDuration"))
+    statement = messages.insert_statement(
+        channel="voicemail",
+        direction="in",
+        provider_id=form.get("RecordingSid") or row.event_id,
+        user_id=user.id if user else None,
+        from_addr=caller,
+        to_addr=form.get("To"),
+        body=None,
+        status="received",
+        meta={"recording_url": form.get("RecordingUrl", ""), "duration_s": str(seconds or 0), "call_sid": form.get("CallSid", "")},
+        at_ms=row.received_at,
+    )
+    summary = f"Voicemail from {user.name if user else 'unknown'} ({mask_phone(caller)}), {seconds or 0:.0f} s"
+    return Outcome(
+        [statement],
+        [MessageReceived("voicemail", user.id if user else None, summary), received(row, summary, user.id if user else None)],
+    )
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else None
+    except ValueError:
+        return None

@@ -1,0 +1,133 @@
+"""Signature checks for the three providers, always over the untouched request.
+
+Nothing else reads a body before these pass. A failed check is a 403 and stores nothing; a
+missing secret is a 503 (the operator must configure it, and the provider keeps retrying
+meanwhile instead of dropping the event).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import time
+from typing import Any
+
+import stripe
+from aiohttp import web
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from multidict import MultiDict
+from sendgrid.helpers.eventwebhook import EventWebhook
+from twilio.request_validator import RequestValidator
+
+log = logging.getLogger("xswarm.webhooks")
+
+SENDGRID_SIGNATURE = "X-Twilio-Email-Event-Webhook-Signature"
+SENDGRID_TIMESTAMP = "X-Twilio-Email-Event-Webhook-Timestamp"
+SENDGRID_MAX_AGE_S = 300
+STRIPE_TOLERANCE_S = 300
+
+
+def forbidden(provider: str, why: str) -> web.HTTPForbidden:
+    log.warning("%s: refused unverified request: %s", provider, why)
+    return web.HTTPForbidden(text="signature verification failed")
+
+
+def not_configured(what: str) -> web.HTTPServiceUnavailable:
+    log.error("webhook refused: %s is not configured", what)
+    return web.HTTPServiceUnavailable(text=f"{what} is not configured on this server")
+
+
+class TwilioVerifier:
+    """``X-Twilio-Signature`` over the public URL Twilio called plus every posted param.
+
+    The URL is the configured public base URL + the request's path and query byte for byte:
+    behind a proxy or tunnel ``request.url`` shows the internal address and never matches."""
+
+    def __init__(self, auth_token: str | None, public_url: str | None) -> None:
+        self._validator = RequestValidator(auth_token) if auth_token else None
+        self._base = public_url.rstrip("/") if public_url else None
+
+    def url_for(self, request: web.Request) -> str:
+        base = self._base or f"{request.scheme}://{request.host}"
+        return base + request.raw_path
+
+    def check(self, request: web.Request, params: MultiDict[str]) -> None:
+        if self._validator is None:
+            raise not_configured("TWILIO_AUTH_TOKEN")
+        signature = request.headers.get("X-Twilio-Signature")
+        if not signature:
+            raise forbidden("twilio", "no X-Twilio-Signature header")
+        if not self._validator.validate(self.url_for(request), params, signature):
+            raise forbidden("twilio", "signature does not match")
+
+
+class StripeVerifier:
+    """``Stripe-Signature`` over the raw bytes with a 300 s tolerance."""
+
+    def __init__(self, secret: str | None) -> None:
+        self._secret = secret
+
+    def check(self, raw: bytes, header: str | None) -> dict[str, Any]:
+        """The verified event as a dict."""
+        if not self._secret:
+            raise not_configured("STRIPE_WEBHOOK_SECRET")
+        if not header:
+            raise forbidden("stripe", "no Stripe-Signature header")
+        try:
+            event = stripe.Webhook.construct_event(raw, header, self._secret, tolerance=STRIPE_TOLERANCE_S)
+        except stripe.SignatureVerificationError as exc:
+            raise forbidden("stripe", str(exc)) from None
+        except (ValueError, TypeError, AttributeError, KeyError):
+            # Signature was fine (construct_event verifies first) but the JSON is not an event.
+            raise web.HTTPBadRequest(text="body is not a JSON event") from None
+        data = event.to_dict()
+        if not isinstance(data.get("id"), str) or not isinstance(data.get("type"), str):
+            raise web.HTTPBadRequest(text="event has no id or type")
+        return data
+
+
+class SendGridVerifier:
+    """ECDSA P-256 over ``timestamp + raw body`` (Event Webhook and signed Inbound Parse),
+    plus the timestamp-age check the SDK leaves to us."""
+
+    def __init__(self, public_key_b64: str | None) -> None:
+        self._helper = EventWebhook()
+        self._key: ec.EllipticCurvePublicKey | None = None
+        if public_key_b64:
+            try:
+                self._key = self._helper.convert_public_key_to_ecdsa(public_key_b64)
+            except Exception as exc:  # the SDK raises ValueError, binascii.Error or cryptography's own
+                log.error("SENDGRID_WEBHOOK_PUBLIC_KEY is not a base64 DER public key: %s", exc)
+
+    def check(self, request: web.Request, raw: bytes, now: float | None = None) -> None:
+        if self._key is None:
+            raise not_configured("SENDGRID_WEBHOOK_PUBLIC_KEY")
+        signature = request.headers.get(SENDGRID_SIGNATURE)
+        timestamp = request.headers.get(SENDGRID_TIMESTAMP)
+        if not signature or not timestamp:
+            raise forbidden("sendgrid", "signature or timestamp header missing")
+        if not timestamp.isdigit() or abs((now or time.time()) - int(timestamp)) > SENDGRID_MAX_AGE_S:
+            raise forbidden("sendgrid", "timestamp missing or older than 5 minutes")
+        if not self._verify(raw, signature, timestamp):
+            raise forbidden("sendgrid", "signature does not match")
+
+    def _verify(self, raw: bytes, signature: str, timestamp: str) -> bool:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if text is not None:
+            try:
+                return bool(self._helper.verify_signature(text, signature, timestamp, self._key))
+            except (ValueError, binascii.Error):  # signature header is not base64
+                return False
+        # Binary mail parts: the SDK takes str only, so verify the same bytes it would sign.
+        try:
+            assert self._key is not None
+            self._key.verify(base64.b64decode(signature), timestamp.encode() + raw, ec.ECDSA(hashes.SHA256()))
+        except (InvalidSignature, ValueError, binascii.Error):
+            return False
+        return True
