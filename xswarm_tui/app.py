@@ -28,6 +28,7 @@ from textual.widgets import DataTable, Footer, Header, Input
 from textual.worker import Worker, WorkerState
 
 from engine import events as ev
+from engine.logging_setup import add_mirror
 from themes import DEFAULT_THEME, ThemeError, list_themes, load_theme
 from xswarm_tui.link import Link, LinkError
 from xswarm_tui.messages import EventsArrived, LinkFailed, LinkOpened, LogsArrived
@@ -113,19 +114,23 @@ class XswarmApp(App[None]):
         self.log_mirror = LogMirror(lambda: self.post_message(LogsArrived()))
         self._theme_name = theme
         self.animation_level = "none"  # suits SSH; nothing here needs motion
+        self.board = CallBoard(self.state, self.clock, id="calls")
+        self.system_panel = SystemPanel(self.state, self.clock, self.poll_interval_s, id="system")
+        self.feed_panel = EventsFeed(self.state, id="events")
+        """The dashboard's panels, kept by reference: they stay put while other screens are on top."""
 
     # ------------------------------------------------------------------------- layout
     def compose(self) -> ComposeResult:
         yield Header(show_clock=False)
         with Vertical(id="calls-area"):
             yield Input(placeholder="filter calls (escape clears)", id="calls-filter", classes="filter")
-            yield CallBoard(self.state, self.clock, id="calls")
+            yield self.board
         with Horizontal(id="bottom"):
-            yield SystemPanel(self.state, self.clock, self.poll_interval_s, id="system")
+            yield self.system_panel
             with Vertical(id="events-area"):
                 yield Input(placeholder="filter events: sms, payment, error, any word", id="events-filter",
                             classes="filter")
-                yield EventsFeed(self.state, id="events")
+                yield self.feed_panel
         yield Footer(compact=True)
 
     def get_theme_variable_defaults(self) -> dict[str, str]:
@@ -134,11 +139,11 @@ class XswarmApp(App[None]):
 
     def on_mount(self) -> None:
         self._register_themes()
-        board = self.query_one(CallBoard)
+        board = self.board
         board.reveal = self._reveal
         board.focus()
         self.sub_title = f"{self.link.kind}: {self.link.target} · starting…"
-        logging.getLogger("xswarm").addHandler(self.log_mirror)
+        self._remove_mirror = add_mirror(self.log_mirror)
         self.theme_changed_signal.subscribe(self, lambda _theme: self._render_all())
         self.set_interval(1.0, self._every_second)
         self.call_after_refresh(self._first_paint)
@@ -148,7 +153,7 @@ class XswarmApp(App[None]):
         log.info("first paint %.0f ms after start", (time.perf_counter() - self._started_at) * 1000)
 
     def on_unmount(self) -> None:
-        logging.getLogger("xswarm").removeHandler(self.log_mirror)
+        self._remove_mirror()
 
     def _register_themes(self) -> None:
         for name in list_themes():
@@ -210,7 +215,7 @@ class XswarmApp(App[None]):
         self._render_timer = None
         while self._inbox:
             self.state.apply(self._inbox.popleft())
-        if not self.paused:
+        if not self.paused and self.board.is_attached:  # not after the app has begun to close
             self._render_dirty()
 
     def _render_dirty(self) -> None:
@@ -219,11 +224,11 @@ class XswarmApp(App[None]):
         s = self.state
         with self.batch_update():
             if "calls" in s.dirty:
-                self.query_one(CallBoard).refresh_rows(s.changed_calls | s.removed_calls)
+                self.board.refresh_rows(s.changed_calls | s.removed_calls)
             if s.dirty & {"system", "model"}:
-                self.query_one(SystemPanel).refresh_panel()
+                self.system_panel.refresh_panel()
             if "feed" in s.dirty:
-                self.query_one(EventsFeed).refresh_feed()
+                self.feed_panel.refresh_feed()
             if isinstance(self.screen, CallDetailScreen) and self.screen.call_id in s.changed_calls | s.removed_calls:
                 self.screen.refresh_detail()
         s.changed_calls.clear()
@@ -238,10 +243,10 @@ class XswarmApp(App[None]):
         self._render_dirty()
 
     def _every_second(self) -> None:
-        if self.paused:
+        if self.paused or not self.board.is_attached:
             return
-        self.query_one(CallBoard).tick_durations()
-        self.query_one(SystemPanel).check_stale()
+        self.board.tick_durations()
+        self.system_panel.check_stale()
         if isinstance(self.screen, CallDetailScreen):
             self.screen.refresh_detail()
 
@@ -316,7 +321,7 @@ class XswarmApp(App[None]):
         await self.run_action(action)
 
     def _select(self, call_id: str) -> None:
-        board = self.query_one(CallBoard)
+        board = self.board
         if call_id in board.rows:
             board.move_cursor(row=board.get_row_index(call_id))
 
@@ -324,7 +329,7 @@ class XswarmApp(App[None]):
     def selected_call(self) -> str | None:
         if isinstance(self.screen, CallDetailScreen):
             return self.screen.call_id
-        return self.query_one(CallBoard).selected_call
+        return self.board.selected_call
 
     def _need_call(self) -> str | None:
         call_id = self.selected_call()
@@ -412,23 +417,23 @@ class XswarmApp(App[None]):
         self._update_subtitle()
 
     def action_reveal(self) -> None:
-        board = self.query_one(CallBoard)
+        board = self.board
         board.set_reveal(not board.reveal)
 
     def action_sort(self) -> None:
-        self.notify(f"calls sorted by {self.query_one(CallBoard).cycle_sort()}", timeout=2)
+        self.notify(f"calls sorted by {self.board.cycle_sort()}", timeout=2)
 
     def action_filter(self) -> None:
-        target = "events-filter" if self.query_one(EventsFeed).has_focus else "calls-filter"
+        target = "events-filter" if self.feed_panel.has_focus else "calls-filter"
         box = self.query_one(f"#{target}", Input)
         box.add_class("shown")
         box.focus()
 
     def action_focus_calls(self) -> None:
-        self.query_one(CallBoard).focus()
+        self.board.focus()
 
     def action_focus_events(self) -> None:
-        self.query_one(EventsFeed).focus()
+        self.feed_panel.focus()
 
     def action_users(self) -> None:
         self.push_screen(UsersScreen(self.link))
@@ -441,7 +446,7 @@ class XswarmApp(App[None]):
             self.push_screen(HelpScreen(self.key_rows()))
 
     def _open_detail(self, call_id: str) -> None:
-        self.push_screen(CallDetailScreen(call_id, self.state, self.clock, self.query_one(CallBoard).reveal))
+        self.push_screen(CallDetailScreen(call_id, self.state, self.clock, self.board.reveal))
 
     @on(DataTable.RowSelected, "#calls")
     def _row_selected(self, event: DataTable.RowSelected) -> None:
@@ -449,12 +454,12 @@ class XswarmApp(App[None]):
 
     @on(Input.Changed, ".filter")
     def _filter_changed(self, event: Input.Changed) -> None:
-        panel = self.query_one(CallBoard) if event.input.id == "calls-filter" else self.query_one(EventsFeed)
+        panel = self.board if event.input.id == "calls-filter" else self.feed_panel
         panel.set_filter(event.value)
 
     @on(Input.Submitted, ".filter")
     def _filter_done(self, event: Input.Submitted) -> None:
-        (self.query_one(CallBoard) if event.input.id == "calls-filter" else self.query_one(EventsFeed)).focus()
+        (self.board if event.input.id == "calls-filter" else self.feed_panel).focus()
         if not event.value:
             event.input.remove_class("shown")
 
@@ -465,7 +470,7 @@ class XswarmApp(App[None]):
         if key == "escape" and isinstance(focused, Input) and focused.has_class("filter"):
             focused.value = ""
             focused.remove_class("shown")
-            (self.query_one(CallBoard) if focused.id == "calls-filter" else self.query_one(EventsFeed)).focus()
+            (self.board if focused.id == "calls-filter" else self.feed_panel).focus()
 
     async def action_quit(self) -> None:
         self.exit()

@@ -12,25 +12,20 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import Footer, Header, RichLog
 
-FORMAT = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+class LogMirror:
+    """Keeps the newest formatted records for the log screen and wakes the app.
 
-
-class LogMirror(logging.Handler):
-    """Keeps the newest records for the log screen and wakes the app (any thread, never blocks)."""
+    Fed by ``engine.logging_setup.add_mirror`` from whatever thread logged: it appends and
+    notifies, never blocks and never touches a widget."""
 
     def __init__(self, notify: Callable[[], None], size: int = 2000) -> None:
-        super().__init__(level=logging.INFO)
         self.lines: deque[tuple[int, str]] = deque(maxlen=size)
         self._seq = 0
-        self._lock_seq = threading.Lock()
+        self._lock = threading.Lock()
         self._notify = notify
 
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            line = FORMAT.format(record)
-        except Exception:  # a bad format argument in someone's log call must not break the app
-            line = f"{record.name}: {record.msg!r}"
-        with self._lock_seq:
+    def __call__(self, record: logging.LogRecord, line: str) -> None:
+        with self._lock:
             self._seq += 1
             self.lines.append((self._seq, line))
         self._notify()

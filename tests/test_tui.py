@@ -1,0 +1,241 @@
+"""The console driven by Textual's Pilot against a real echo runtime with a real call in it.
+
+Every key action goes through the real ``EmbeddedLink`` -> ``CallControl`` -> ``CallSession``
+path, and the test checks what changed on the call, not just that a message was sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from engine import events as ev
+from engine.config import load_settings
+from engine.runtime import Runtime
+from tui_support import RecordingAudio, ReplayLink, busy_night, start_call, wait_until
+from xswarm_tui.app import ACTING, XswarmApp
+from xswarm_tui.link import EmbeddedLink
+from xswarm_tui.state import ConsoleState, mask_caller
+from xswarm_tui.widgets.calls import CallBoard
+from xswarm_tui.widgets.format import bar, duration, level_fraction
+
+# ------------------------------------------------------------------------------- pure parts
+
+
+def test_mask_caller_keeps_country_and_last_digits() -> None:
+    assert mask_caller("+15550100123") == "+1•••••••123"
+    assert mask_caller(None) == "—"
+    assert mask_caller("123") == "•••"
+
+
+def test_formatting_helpers() -> None:
+    assert duration(59) == "00:59" and duration(3725) == "1:02:05"
+    assert bar(0.5, 4) == "██  " and len(bar(0.33, 7)) == 7 and bar(2, 3) == "███"
+    assert level_fraction(0.0) == 0.0 and level_fraction(1.0) == 1.0 and 0.4 < level_fraction(0.05) < 0.7
+
+
+def test_state_folds_events_and_snapshots_idempotently() -> None:
+    state = ConsoleState()
+    for event in busy_night(3):
+        state.apply(event)
+    assert len(state.calls) == 3
+    call = state.calls["CA02f3e9"]
+    assert call.mode == "operator" and call.operator == "ops@console"
+    assert call.bal_p50 == pytest.approx(138.5)
+    assert {i.category for i in state.feed} >= {"sms", "email", "payment", "user", "error", "call", "model"}
+    snap = {"calls": [{"call_id": "CA02f3e9", "slot": 1, "mode": "muted"},
+                      {"call_id": "CA77", "slot": 4, "source": "twilio", "caller": "+1", "started_at": 1.0},
+                      {"slot": "garbage"}],
+            "model": {"spec": "echo", "name": None, "state": "ready"}}
+    state.load_snapshot(snap)
+    state.load_snapshot(snap)
+    assert set(state.calls) == {"CA02f3e9", "CA77"}  # CA01/CA03 ended during the reconnect
+    assert state.calls["CA02f3e9"].mode == "muted" and len(state.calls["CA02f3e9"].bal_ms) == 8
+    assert state.model is not None and state.model.model == "echo"
+
+
+# ----------------------------------------------------------------------- real runtime
+
+
+@pytest.fixture
+def runtime() -> Iterator[Runtime]:
+    rt = Runtime(load_settings(), model_spec="echo", bridge_port=0, supervisor_port=0, webhooks_port=0)
+    yield rt
+    rt.stop()
+
+
+def _board(app: XswarmApp) -> CallBoard:
+    return app.query_one(CallBoard)
+
+
+async def _until(pilot: Any, predicate: Any, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError("condition not met in time")
+        await pilot.pause(0.05)
+
+
+def _cell(app: XswarmApp, call_id: str, column: str) -> str:
+    return str(_board(app).get_cell(call_id, column))
+
+
+def _toasts(app: XswarmApp) -> str:
+    return " | ".join(str(n.message) for n in app._notifications)
+
+
+async def test_every_key_acts_on_a_real_call(runtime: Runtime) -> None:
+    audio = RecordingAudio()
+    link = EmbeddedLink(lambda: runtime, audio=lambda: audio)
+    app = XswarmApp(link)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await _until(pilot, lambda: runtime.model is not None)
+        session = start_call(runtime)
+        cid = session.call_id
+        await _until(pilot, lambda: cid in _board(app).rows)
+        assert _cell(app, cid, "caller") == "+1•••••••123"
+        assert _cell(app, cid, "mode") == "AI"
+
+        await pilot.press("t")  # take over: the session is ours, the microphone feeds it
+        await _until(pilot, lambda: session.operator == link.actor)
+        await _until(pilot, lambda: _cell(app, cid, "mode").startswith("OPERATOR"))
+        assert audio.mic_sink is not None
+
+        await pilot.press("b")  # hand back
+        await _until(pilot, lambda: session.operator is None and _cell(app, cid, "mode") == "AI")
+        assert audio.mic_sink is None
+
+        await pilot.press("l")  # listen: a tap on the session delivers both directions
+        await _until(pilot, lambda: len(session.taps) == 1 and len(audio.played) >= 4)
+        assert {d for d, _ in audio.played} == {"caller", "ai"} and audio.played[0][1] == 1920
+        await pilot.press("l")
+        await _until(pilot, lambda: not session.taps and not audio.speakers)
+
+        await pilot.press("m")
+        await _until(pilot, lambda: session.muted and _cell(app, cid, "mode") == "MUTED")
+        await pilot.press("m")
+        await _until(pilot, lambda: not session.muted)
+
+        await pilot.press("w")
+        await pilot.press(*"offer a callback")
+        await pilot.press("enter")
+        await _until(pilot, lambda: any("whisper → ok" in i.text for i in app.state.feed))
+
+        await pilot.press("r")  # reveal the number
+        await _until(pilot, lambda: _cell(app, cid, "caller") == "+15550100123")
+
+        await pilot.press("slash", *"nomatch")
+        await _until(pilot, lambda: cid not in _board(app).rows)
+        await pilot.press("escape")
+        await _until(pilot, lambda: cid in _board(app).rows)
+
+        await pilot.press("s")
+        assert _board(app).sort_name == "bal"
+
+        await pilot.press("p")  # pause: collection continues, drawing stops
+        assert "PAUSED" in app.sub_title
+        await pilot.press("p")
+        assert "PAUSED" not in app.sub_title
+
+        await pilot.press("enter")  # call detail
+        await pilot.pause(0.3)
+        assert app.screen.__class__.__name__ == "CallDetailScreen"
+        await pilot.press("escape")
+
+        await pilot.press("x", "n")  # hang up asks first; "no" leaves the call alone
+        await pilot.pause(0.4)
+        assert not session.ended
+        await pilot.press("x", "y")
+        await _until(pilot, lambda: session.ended and cid not in _board(app).rows)
+
+        await pilot.press("v")  # this runtime has no local-audio calls yet: the console says why
+        await _until(pilot, lambda: "local" in _toasts(app) or app.state.calls)
+
+        await pilot.press("q")
+    link.close()
+    rows = runtime.db.query("SELECT action, result FROM audit_log ORDER BY id") if runtime.db else []
+    actions = [a for a, r in rows if r == "ok"]
+    assert ["takeover", "handback", "listen", "unlisten", "mute", "unmute", "whisper", "hangup"] == [
+        a for a in actions if a != "start_local_call"]
+
+
+async def test_no_audio_device_is_said_and_the_console_carries_on(runtime: Runtime) -> None:
+    link = EmbeddedLink(lambda: runtime, audio=lambda: "no audio: PortAudio library not found")
+    app = XswarmApp(link)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await _until(pilot, lambda: runtime.model is not None)
+        session = start_call(runtime)
+        await _until(pilot, lambda: session.call_id in _board(app).rows)
+        await pilot.press("l")
+        await _until(pilot, lambda: "PortAudio" in _toasts(app))
+        assert not session.taps
+        await pilot.press("t")  # takeover still works; the operator is told the caller hears silence
+        await _until(pilot, lambda: session.operator is not None and "silence" in _toasts(app))
+    link.close()
+
+
+async def test_users_and_logs_screens(runtime: Runtime) -> None:
+    link = EmbeddedLink(lambda: runtime, audio=lambda: "no audio")
+    app = XswarmApp(link)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await _until(pilot, lambda: runtime.model is not None)
+        runtime.db.write("INSERT INTO users (id, name, phone, tier, created_at, updated_at) "
+                         "VALUES ('u-ada', 'Ada', '+15550100123', 'pro', 1, 1)")
+        runtime.db.write("INSERT INTO usage (user_id, period, voice_seconds, sms_count) "
+                         "VALUES ('u-ada', strftime('%Y-%m', 'now'), 600, 4)")
+        await pilot.press("u")
+        await _until(pilot, lambda: "1 users" in str(app.screen.query_one("#users-status").render()))
+        table = app.screen.query_one("#users-table")
+        assert [str(c) for c in table.get_row("u-ada")] == ["u-ada", "Ada", "pro", "+15550100123", "10.0", "4", "0"]
+        await pilot.press("escape", "g")
+        await _until(pilot, lambda: any("first paint" in line for _, line in app.log_mirror.lines))
+        await _until(pilot, lambda: len(app.screen.query_one("#log-view").lines) > 0)
+    link.close()
+
+
+async def test_read_only_hides_every_acting_key() -> None:
+    link = ReplayLink(list(busy_night(2)))
+    app = XswarmApp(link, read_only=True)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause(0.3)
+        shown = {b.binding.action for b in app.screen.active_bindings.values() if b.enabled and b.binding.show}
+        assert not shown & ACTING
+        assert {"pause", "help", "quit"} <= shown
+        await pilot.press("t", "x", "m", "l", "w", "v", "b")
+        await pilot.pause(0.2)
+        assert link.sent == []
+        await pilot.press("question_mark")
+        await pilot.pause(0.2)
+        help_text = app.screen.query_one("#help-body").source
+        assert "Pause" in help_text and "Take over" not in help_text and "Hang up" not in help_text
+        await pilot.press("escape")
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        assert not any("take over" in t or "hang up" in t for t in titles)
+
+
+async def test_help_lists_the_keys_and_palette_reaches_every_action() -> None:
+    link = ReplayLink(list(busy_night(2)))
+    app = XswarmApp(link)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause(0.3)
+        await pilot.press("question_mark")
+        await pilot.pause(0.2)
+        text = app.screen.query_one("#help-body").source
+        for words in ("Take over", "Hand back", "Listen", "Whisper", "Mute", "Hang up", "Voice", "Pause", "Quit"):
+            assert f"| {words} |" in text
+        await pilot.press("escape")
+        titles = {c.title for c in app.get_system_commands(app.screen)}
+        for action in ("take over", "hand back", "listen", "whisper", "mute", "hang up"):
+            assert f"call CA01f3e9: {action}" in titles
+        assert {"view: pause", "view: users", "view: logs", "call: start a local voice conversation"} <= titles
+        assert any(t.lower().startswith("theme") for t in titles)  # Textual's "Change theme" stays
+        await pilot.press("ctrl+p")
+        await pilot.press(*"CA02f3e9 mute")
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        await _until(pilot, lambda: bool(link.sent))
+        assert link.sent == [ev.Mute("CA02f3e9")] or link.sent == [ev.Unmute("CA02f3e9")]
