@@ -43,7 +43,7 @@ class CallDetailScreen(Screen[None]):
         with Horizontal(id="detail-bottom"):
             yield RichLog(id="transcript", classes="panel", wrap=True, markup=False, max_lines=2000)
             yield Static(id="actions", classes="panel")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.query_one("#detail-info").border_title = "Call"

@@ -42,7 +42,7 @@ class LogsScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         yield Header()
         yield RichLog(id="log-view", wrap=False, markup=False, max_lines=2000)
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.query_one(RichLog).border_title = "Log (also in the log file)"

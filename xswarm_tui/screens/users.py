@@ -25,7 +25,7 @@ class UsersScreen(Screen[None]):
         yield Header()
         yield Static("loading users…", id="users-status")
         yield DataTable(id="users-table", cursor_type="row")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)

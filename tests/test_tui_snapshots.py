@@ -1,0 +1,66 @@
+"""Snapshots of the main screens at 120×40 (one at 256 colours), from a fixed replay of events.
+
+Deterministic by construction: a fixed clock, fixed event times, UTC, no live CPU figures,
+no cursor blink, no animation. Update with `pytest tests/test_tui_snapshots.py --snapshot-update`
+after a deliberate change, and look at the SVGs before committing them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from tui_support import FIXED_NOW, ReplayLink, busy_night
+from xswarm_tui.app import XswarmApp
+
+SIZE = (120, 40)
+
+
+@pytest.fixture(autouse=True)
+def _utc(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+
+
+def _app(theme: str = "xswarm", read_only: bool = False) -> XswarmApp:
+    return XswarmApp(ReplayLink(list(busy_night(3))), theme=theme, read_only=read_only, clock=lambda: FIXED_NOW)
+
+
+async def _settle(pilot: Any) -> None:
+    app = pilot.app
+    while len(app.board.rows) < 3 or app.state.dirty:
+        await pilot.pause(0.05)
+    await pilot.pause(0.3)
+
+
+def test_dashboard(snap_compare: Any) -> None:
+    assert snap_compare(_app(), terminal_size=SIZE, run_before=_settle)
+
+
+def test_dashboard_read_only_hal(snap_compare: Any) -> None:
+    assert snap_compare(_app("hal-9000", read_only=True), terminal_size=SIZE, run_before=_settle)
+
+
+def test_call_detail(snap_compare: Any) -> None:
+    async def open_detail(pilot: Any) -> None:
+        await _settle(pilot)
+        await pilot.press("down", "enter")
+        await pilot.pause(0.3)
+
+    assert snap_compare(_app(), terminal_size=SIZE, run_before=open_detail)
+
+
+def test_help(snap_compare: Any) -> None:
+    async def open_help(pilot: Any) -> None:
+        await _settle(pilot)
+        await pilot.press("question_mark")
+        await pilot.pause(0.3)
+
+    assert snap_compare(_app(), terminal_size=SIZE, run_before=open_help)
+
+
+def test_dashboard_at_256_colours(snap_compare: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEXTUAL_COLOR_SYSTEM", "256")
+    assert snap_compare(_app("kitt"), terminal_size=SIZE, run_before=_settle)
