@@ -99,6 +99,10 @@ class InboxProcessor:
         if not self._stopping and len(self._active) == self.concurrency - 1:
             self._wake.set()  # a slot opened while we were saturated
 
+    async def process_one(self, row: inbox.InboxRow) -> None:
+        """Apply one already-claimed row (an operator's replay); failures are recorded."""
+        await self._process(row)
+
     async def _process(self, row: inbox.InboxRow) -> None:
         effect = self.effects.get(row.provider)
         try:

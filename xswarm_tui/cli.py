@@ -34,6 +34,9 @@ _GROUPS: list[tuple[str, str]] = [
     ("doctor", "commands"),
     ("backup", "backup"),
     ("supervisor", "supervisor"),
+    ("models", "models"),
+    ("bench", "bench"),
+    ("webhooks", "webhooks"),
     ("tui", "callback"),
 ]
 

@@ -157,6 +157,22 @@ def replay(db: Database, key: str) -> bool:
     return bool(count)
 
 
+def claim_one(db: Database, key: str, *, lease_ms: int, now: int | None = None) -> InboxRow | None:
+    """Take one row by key whatever its status (an operator's replay), resetting its
+    attempts; None if there is no such row."""
+    provider, sep, event_id = key.partition(":")
+    if not sep or not event_id:
+        return None
+    moment = now if now is not None else now_ms()
+    rows = db.write(
+        "UPDATE webhook_inbox SET status = 'pending', attempts = 1, next_attempt_at = ?, last_error = NULL"
+        f" WHERE provider = ? AND event_id = ? RETURNING {_COLUMNS}",
+        (moment + lease_ms, provider, event_id),
+        returning=True,
+    )
+    return InboxRow(*rows[0]) if rows else None
+
+
 def counts(db: Database) -> dict[str, int]:
     """Rows per status (the health page and the TUI show them)."""
     return {status: n for status, n in db.query("SELECT status, COUNT(*) FROM webhook_inbox GROUP BY status")}

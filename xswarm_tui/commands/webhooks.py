@@ -1,0 +1,134 @@
+"""``xswarm webhooks serve|inbox|replay``: the webhook server alone, and its durable inbox."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+import typer
+
+from xswarm_tui.commands._common import EXIT_BAD_INPUT, EXIT_FAILED, database, fail, load
+
+app = typer.Typer(help="Twilio, SendGrid and Stripe webhooks and the identity API.", no_args_is_help=True)
+
+
+@app.command()
+def serve(
+    host: str = typer.Option(None, "--host", help="Address to bind (default: server.host, 127.0.0.1)."),
+    port: int = typer.Option(None, "--port", help="Port (default: server.webhooks_port, 8787; 0 picks a free one)."),
+    rate_limit: float = typer.Option(500.0, "--rate-limit", help="Requests per second per source and route group (0: off)."),
+) -> None:
+    """Run the webhook server (and its inbox processor) until Ctrl-C or SIGTERM."""
+    import asyncio
+    import signal
+
+    from engine.events import EventBus
+    from engine.logging_setup import configure
+    from webhooks.limits import RateLimit
+    from webhooks.server import WebhooksServer
+
+    if rate_limit < 0:
+        fail("--rate-limit must be 0 or more", EXIT_BAD_INPUT)
+    settings = load()
+    log_file = configure()
+    bind_host = host or settings.server.host
+    bind_port = settings.server.webhooks_port if port is None else port
+    limit = RateLimit(rate_limit, rate_limit * 2) if rate_limit else None
+
+    async def run() -> None:
+        with database(settings) as db:
+            server = WebhooksServer(settings, db, EventBus(), rate_limit=limit)
+            try:
+                await server.start(bind_host, bind_port)
+            except OSError as exc:
+                fail(f"cannot listen on {bind_host}:{bind_port}: {exc}")
+            typer.echo(f"webhooks listening on http://{bind_host}:{server.port} (logs: {log_file})")
+            if not settings.server.public_url:
+                typer.echo("warning: XSWARM_PUBLIC_URL is not set; Twilio signatures are checked against the Host header", err=True)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+            await server.stop()
+
+    asyncio.run(run())
+
+
+def _when(ms: int | None) -> str:
+    if ms is None:
+        return "—"
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@app.command()
+def inbox(
+    dead: bool = typer.Option(False, "--dead", help="Only dead letters (gave up after all retries)."),
+    status: str = typer.Option(None, "--status", help="pending, done, failed or dead."),
+    limit: int = typer.Option(50, "--limit", min=1, max=10_000),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """List webhook events, newest first (payloads are not shown: they hold personal data)."""
+    from engine.store import inbox as store
+
+    wanted = "dead" if dead else status
+    if wanted not in (None, "pending", "done", "failed", "dead"):
+        fail(f"unknown status {wanted!r}; use pending, done, failed or dead", EXIT_BAD_INPUT)
+    with database() as db:
+        rows = store.list_rows(db, status=wanted, limit=limit)  # type: ignore[arg-type]
+    if as_json:
+        typer.echo(json.dumps([
+            {"id": r.key, "provider": r.provider, "event_id": r.event_id, "type": r.event_type, "status": r.status,
+             "attempts": r.attempts, "received_at": r.received_at, "next_attempt_at": r.next_attempt_at,
+             "last_error": r.last_error} for r in rows
+        ]))
+        return
+    if not rows:
+        typer.echo("no events" + (f" with status {wanted}" if wanted else ""))
+        return
+    typer.echo(f"{'ID':<52} {'TYPE':<32} {'STATUS':<8} {'TRIES':>5}  {'RECEIVED (UTC)':<19}  LAST ERROR")
+    for r in rows:
+        typer.echo(
+            f"{r.key[:52]:<52} {(r.event_type or '')[:32]:<32} {r.status:<8} {r.attempts:>5}  {_when(r.received_at):<19}  "
+            f"{(r.last_error or '')[:60]}"
+        )
+
+
+@app.command()
+def replay(
+    event: str = typer.Argument(..., metavar="ID", help="provider:event_id, as `xswarm webhooks inbox` shows it."),
+    queue_only: bool = typer.Option(False, "--queue", help="Only queue it again for the running server."),
+) -> None:
+    """Run one stored event again now (dead letters included), or queue it with --queue."""
+    import asyncio
+
+    from engine.events import EventBus
+    from engine.store import inbox as store
+    from webhooks.app import EFFECTS
+    from webhooks.hub import Hub
+    from webhooks.processor import InboxProcessor
+
+    settings = load()
+    with database(settings) as db:
+        if queue_only:
+            if not store.replay(db, event):
+                fail(f"no event {event!r} in the inbox", EXIT_FAILED)
+            typer.echo(f"{event} queued again")
+            return
+        row = store.claim_one(db, event, lease_ms=120_000)
+        if row is None:
+            fail(f"no event {event!r} in the inbox", EXIT_FAILED)
+
+        async def run() -> None:
+            hub = Hub(settings, db, EventBus())
+            await hub.open()
+            try:
+                await InboxProcessor(hub, EFFECTS, max_attempts=1).process_one(row)
+            finally:
+                await hub.close()
+
+        asyncio.run(run())
+        after = store.get(db, event)
+    if after is None or after.status != "done":
+        fail(f"{event} failed again: {after.last_error if after else 'row vanished'}", EXIT_FAILED)
+    typer.echo(f"{event} processed")
