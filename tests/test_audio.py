@@ -186,27 +186,39 @@ def test_inbound_short_start_is_padded_with_silence_in_front() -> None:
     assert frames.late == 0
 
 
-def test_inbound_late_then_recovers_and_trims_backlog() -> None:
+def test_inbound_late_chunk_is_concealed_and_its_straggler_discarded() -> None:
+    frames = InboundFrames(guard_s=0.002)
+    for i in range(4):
+        frames.push(b"\x10" * CHUNK_BYTES, at=0.02 * i)
+    assert frames.pop(0.07)[0] == b"\x10" * FRAME_BYTES
+    for i in range(3):  # the next frame's 4th chunk misses the tick
+        frames.push(b"\x20" * CHUNK_BYTES, at=0.08 + 0.02 * i)
+    frame, completed = frames.pop(0.15)
+    assert frame == b"\x20" * (3 * CHUNK_BYTES) + b"\xff" * CHUNK_BYTES and completed is None
+    assert frames.late == 1
+    frames.push(b"\x21" * CHUNK_BYTES, at=0.152)  # the straggler: already concealed, discarded
+    for i in range(4):
+        frames.push(b"\x30" * CHUNK_BYTES, at=0.16 + 0.02 * i)
+    frame, completed = frames.pop(0.23)
+    assert frame == b"\x30" * FRAME_BYTES and completed == pytest.approx(0.22)  # the phase did not move
+    assert frames.dropped_bytes == CHUNK_BYTES and frames.late == 1
+
+
+def test_inbound_persistent_backlog_is_trimmed() -> None:
     frames = InboundFrames(guard_s=0.002, trim_after_ticks=3)
     t = 0.0
     for i in range(4):
         frames.push(b"\x10" * CHUNK_BYTES, at=t + 0.02 * i)
-    assert frames.pop(0.07)[0] is not None
-    # the next frame's 4th chunk misses the tick: concealment
-    for i in range(3):
-        frames.push(b"\x20" * CHUNK_BYTES, at=0.08 + 0.02 * i)
-    assert frames.pop(0.15) == (None, None)
-    assert frames.late == 1
-    # the straggler and the next frame arrive: audio continues in order, backlog then trimmed
-    tick = 0.15
-    for k in range(5):
-        frames.push(b"\x20" * CHUNK_BYTES, at=tick + 0.001 + 0.02 * k * 0)  # catch up in a burst
+    frames.pop(0.07)
+    frames.push(b"\x11" * CHUNK_BYTES, at=0.071)  # a caller clock running fast: one extra chunk
+    tick = 0.07
+    for _ in range(4):
         tick += 0.08
         for i in range(4):
-            frames.push(b"\x30" * CHUNK_BYTES, at=tick - 0.07 + 0.02 * i)
-        frames.pop(tick)
-    assert frames.buffered < 2 * FRAME_BYTES
-    assert frames.dropped_bytes > 0
+            frames.push(b"\x12" * CHUNK_BYTES, at=tick - 0.07 + 0.02 * i)
+        frame, _ = frames.pop(tick)
+        assert frame is not None
+    assert frames.dropped_bytes == CHUNK_BYTES and frames.buffered == 0 and frames.late == 0
 
 
 def test_inbound_nothing_sent_is_not_late() -> None:

@@ -6,9 +6,11 @@ alignment logic: every call arrives with its own 20 ms phase against our single 
 Grouping chunks 1-4, 5-8, ... blindly would make a call wait up to 80 ms for the tick; we
 instead choose, once, the frame boundary that ends on the newest chunk that arrived at least
 ``guard_s`` before a tick, so the wait is ``guard_s`` plus at most one chunk (20 ms). After that
-frames are taken strictly in order. A backlog that persists (the caller's clock runs fast, or
-a burst after a stall) is trimmed so the added delay cannot creep up; a missing chunk makes
-the frame late (the scheduler conceals it with silence and counts it).
+frames are taken strictly in order. A frame whose chunks have not all arrived by the tick is
+late: what did arrive is used, the gap is filled with silence, and the straggling bytes are
+discarded when they come (a classic jitter buffer: a late packet is a lost packet), so one
+late chunk costs 20 ms of audio and never shifts the stream. A backlog that persists (the
+caller's clock runs fast, or a burst after a stall) is trimmed so the delay cannot creep up.
 
 Outbound is simpler: one 640-byte frame becomes four 160-byte payloads.
 """
@@ -46,6 +48,7 @@ class InboundFrames:
         self._out = 0  # bytes ever consumed or dropped
         self._aligned = False
         self._backlog_ticks = 0
+        self._skip = 0  # bytes still to discard: they were concealed with silence already
         self.late = 0
         self.dropped_bytes = 0
 
@@ -59,14 +62,20 @@ class InboundFrames:
 
     def push(self, payload: bytes, at: float) -> None:
         """Queue one media payload that arrived at monotonic time ``at``."""
+        if self._skip:
+            skipped = min(self._skip, len(payload))
+            self._skip -= skipped
+            self.dropped_bytes += skipped
+            payload = payload[skipped:]
         if payload:
             self._buf += payload
             self._in += len(payload)
             self._arrivals.append((self._in, at))
 
     def pop(self, tick_at: float) -> tuple[bytes | None, float | None]:
-        """The frame for the tick firing at ``tick_at``: (640 bytes, arrival of its last chunk),
-        or (None, None) when the frame is not complete (late, or nothing sent yet)."""
+        """The frame for the tick firing at ``tick_at``: (640 bytes, arrival of its last chunk).
+        A late frame comes back concealed (silence where chunks are missing) with no arrival
+        time; (None, None) before the caller has sent anything."""
         if not self._in:
             return None, None
         eligible = self._eligible_end(tick_at) - self._out
@@ -75,15 +84,23 @@ class InboundFrames:
                 return None, None
             self._align(eligible)
             eligible = FRAME_BYTES
-        if eligible < FRAME_BYTES:
-            self.late += 1
-            return None, None
+        elif self.buffered < FRAME_BYTES:  # the guard only sets the phase; any byte here counts
+            return self._conceal(self.buffered), None
         end = self._out + FRAME_BYTES
         completed_at = next(t for cum, t in self._arrivals if cum >= end)
         frame = bytes(self._buf[:FRAME_BYTES])
         self._drop(FRAME_BYTES)
-        self._trim(eligible - FRAME_BYTES)
+        self._trim(self._eligible_end(tick_at) - self._out)
         return frame, completed_at
+
+    def _conceal(self, have: int) -> bytes:
+        """Late frame: the bytes that made it, then silence; the missing bytes are owed."""
+        self.late += 1
+        frame = bytes(self._buf[:have]) + bytes([SILENCE]) * (FRAME_BYTES - have)
+        self._drop(have)
+        self._skip = FRAME_BYTES - have
+        self._backlog_ticks = 0
+        return frame
 
     def _eligible_end(self, tick_at: float) -> int:
         """Cumulative offset of the last byte that arrived at least ``guard_s`` before the tick."""
