@@ -402,12 +402,6 @@ class BatchedMoshi(VoiceModel):
 
 # -- real weights -----------------------------------------------------------------------------
 
-REPOS: dict[tuple[str, str], str] = {
-    ("moshiko", "bf16"): "kyutai/moshiko-pytorch-bf16",
-    ("moshika", "bf16"): "kyutai/moshika-pytorch-bf16",
-    ("moshiko", "int8"): "kyutai/moshiko-pytorch-q8",
-    ("moshika", "int8"): "kyutai/moshika-pytorch-q8",
-}
 
 
 def default_slots(device: str) -> int:
@@ -446,6 +440,8 @@ class MoshiModel(BatchedMoshi):
         voice = variant or m.variant
         if voice not in ("moshiko", "moshika"):
             raise ValueError(f"unknown MOSHI voice {voice!r}: use moshiko or moshika")
+        from engine.models.checkpoints import REPOS
+
         repo = m.hf_repo or REPOS[(voice, m.dtype)]
         return cls(
             slots or m.slots or default_slots(m.device),
@@ -472,12 +468,15 @@ class MoshiModel(BatchedMoshi):
 
         if progress:
             progress(0.05, f"reading checkpoint {folder}")
+        # Every file is passed as a Path, so moshi reads them directly and never asks the hub.
         info = loaders.CheckpointInfo.from_hf_repo(
             self.repo,
             moshi_weights=files.moshi,
             mimi_weights=files.mimi,
             tokenizer=files.tokenizer,
             config_path=files.config,
+            mimi_config_path=files.mimi_config,
+            lora_weights=files.lora,
         ) if files.config is not None else loaders.CheckpointInfo(files.moshi, files.mimi, files.tokenizer)
         overrides: dict[str, Any] = {"context": self.context}
         if self.dtype_name == "int8":

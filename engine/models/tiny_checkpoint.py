@@ -2,23 +2,17 @@
 
 Why: the real loading path (``CheckpointInfo.from_hf_repo`` → safetensors → ``get_mimi`` /
 ``get_moshi``) and the cache tools (``xswarm models list|verify``) must be tested without a
-hub or the 15 GB weights. The files written here are what the hub would leave in the cache:
-
-    <cache>/models--org--name/refs/main                      (the revision)
-    <cache>/models--org--name/blobs/<sha256 or git sha1>     (file contents)
-    <cache>/models--org--name/snapshots/<rev>/<file> -> ../../blobs/<name>
-
-LFS files (weights, tokenizer) are named by their sha256, small files by their git blob sha1,
-as the hub client does, so checksums can be verified from the names alone.
+hub or the 15 GB weights. The checkpoint is written as a plain folder (what someone would
+copy from another machine), then imported with ``checkpoints.import_folder``, which stores it
+as the hub client does (see ``engine.models.checkpoints``).
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import json
-import os
+import tempfile
 from pathlib import Path
 
 _CORPUS = """hello thanks for calling how can I help you today
@@ -44,52 +38,36 @@ def tiny_tokenizer_proto() -> bytes:
     return buf.getvalue()
 
 
-def git_blob_sha1(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def add_file(repo_dir: Path, revision: str, name: str, data: bytes, *, lfs: bool) -> Path:
-    """Store one file as the hub client would (blob + relative symlink in the snapshot)."""
-    blob_name = hashlib.sha256(data).hexdigest() if lfs else git_blob_sha1(data)
-    blobs = repo_dir / "blobs"
-    blobs.mkdir(parents=True, exist_ok=True)
-    (blobs / blob_name).write_bytes(data)
-    link = repo_dir / "snapshots" / revision / name
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    os.symlink(os.path.relpath(blobs / blob_name, link.parent), link)
-    return link
-
-
-def write_tiny_checkpoint(cache_dir: Path, repo: str = "kyutai/moshiko-pytorch-bf16", seed: int = 0) -> Path:
-    """Write a tiny random MOSHI (tiny Mimi + tiny LM + tokenizer + config.json); return the snapshot."""
+def write_tiny_folder(folder: Path, seed: int = 0) -> Path:
+    """Tiny Mimi + tiny LM (random, bf16 LM) + tokenizer + config.json as plain files."""
     import torch
     from moshi.models import loaders
-    from safetensors.torch import save
+    from safetensors.torch import save_file
 
     from engine.models.synthetic import lm_config, mimi_config
 
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     mimi = loaders.get_mimi(None, mimi_config=mimi_config("tiny"))
     lm = loaders.get_moshi_lm(None, lm_kwargs=lm_config("tiny"), dtype=torch.bfloat16)
-    revision = hashlib.sha1(f"{repo}:{seed}".encode()).hexdigest()
-    repo_dir = Path(cache_dir) / ("models--" + repo.replace("/", "--"))
     config = lm_config("tiny") | {
         "moshi_name": loaders.MOSHI_NAME,
         "mimi_name": loaders.MIMI_NAME,
         "tokenizer_name": loaders.TEXT_TOKENIZER_NAME,
         "mimi_config_name": "mimi_config.json",
     }
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    (folder / "mimi_config.json").write_text(json.dumps(mimi_config("tiny"), indent=1))
+    save_file({k: v.contiguous() for k, v in lm.state_dict().items()}, str(folder / loaders.MOSHI_NAME))
+    save_file({k: v.contiguous() for k, v in mimi.state_dict().items()}, str(folder / loaders.MIMI_NAME))
+    (folder / loaders.TEXT_TOKENIZER_NAME).write_bytes(tiny_tokenizer_proto())
+    return folder
 
-    def tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return {k: v.contiguous() for k, v in module.state_dict().items()}
 
-    add_file(repo_dir, revision, "config.json", json.dumps(config, indent=1).encode(), lfs=False)
-    add_file(repo_dir, revision, "mimi_config.json", json.dumps(mimi_config("tiny"), indent=1).encode(), lfs=False)
-    add_file(repo_dir, revision, loaders.MOSHI_NAME, save(tensors(lm)), lfs=True)
-    add_file(repo_dir, revision, loaders.MIMI_NAME, save(tensors(mimi)), lfs=True)
-    add_file(repo_dir, revision, loaders.TEXT_TOKENIZER_NAME, tiny_tokenizer_proto(), lfs=True)
-    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
-    (repo_dir / "refs" / "main").write_text(revision)
-    return repo_dir / "snapshots" / revision
+def write_tiny_checkpoint(cache_dir: Path, repo: str = "kyutai/moshiko-pytorch-bf16", seed: int = 0) -> Path:
+    """Write the tiny checkpoint into a hub cache as ``repo``; return its snapshot folder."""
+    from engine.models.checkpoints import import_folder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return import_folder(write_tiny_folder(Path(tmp) / "ckpt", seed), repo, cache=Path(cache_dir))
