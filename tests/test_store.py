@@ -164,3 +164,23 @@ def test_target_from_settings_prefers_turso_url(monkeypatch: pytest.MonkeyPatch)
     target = Target.from_settings(load_settings())
     assert target.remote and target.location == "https://example-org.turso.io" and target.auth_token == "tok"
     assert "tok" not in target.describe()
+
+
+def test_writer_and_readers_survive_a_server_restart(sqld) -> None:  # type: ignore[no-untyped-def]
+    with Database(sqld.target(), batch_max_wait_ms=1) as database:
+        migrations.migrate(database)
+        database.write("CREATE TABLE t (k INTEGER)")
+        database.write("INSERT INTO t (k) VALUES (?)", (1,))
+        assert database.query("SELECT COUNT(*) FROM t") == [(1,)]
+        sqld.restart()  # every open stream is gone
+        assert database.write("INSERT INTO t (k) VALUES (?)", (2,)) == 1
+        assert database.query("SELECT SUM(k) FROM t") == [(3,)]
+
+
+def test_a_bad_write_in_a_remote_batch_still_fails_alone(sqld) -> None:  # type: ignore[no-untyped-def]
+    with Database(sqld.target(), batch_max_wait_ms=50) as database:
+        database.write("CREATE TABLE t (k INTEGER PRIMARY KEY)")
+        futures = [database.submit("INSERT INTO t (k) VALUES (?)", (k,)) for k in (1, 2, 2, 3)]
+        outcomes = [f.exception(timeout=30) is None for f in futures]
+        assert outcomes == [True, True, False, True]
+        assert database.query("SELECT k FROM t ORDER BY k") == [(1,), (2,), (3,)]

@@ -147,6 +147,10 @@ def _insert_shape(sql: str) -> _InsertShape | None:
 _STOP = object()
 
 
+class _CommitFailed(Exception):
+    """COMMIT itself failed (the cause is chained): for a remote server the outcome is unknown."""
+
+
 class Database:
     """The process's one handle on the database. Start it once; share it everywhere."""
 
@@ -252,14 +256,22 @@ class Database:
     # ---------------------------------------------------------------------------- reads
 
     def query(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
-        """Blocking read on this thread's own connection."""
-        try:
-            return self._reader().execute(sql, tuple(params)).fetchall()
-        except StoreError:
-            raise
-        except Exception as exc:  # libsql raises ValueError / its own errors for everything
-            self._drop_reader()  # a broken remote connection is reopened next time
-            raise StoreError(f"read failed: {exc}") from exc
+        """Blocking read on this thread's own connection.
+
+        A remote read is tried twice: sqld expires a stream after ~10 s idle
+        (``STREAM_EXPIRED``) and may interrupt one, and a read is safe to repeat."""
+        attempts = 2 if self.target.remote else 1
+        for attempt in range(attempts):
+            try:
+                return self._reader().execute(sql, tuple(params)).fetchall()
+            except StoreError:
+                raise
+            except Exception as exc:  # libsql raises ValueError / its own errors for everything
+                self._drop_reader()  # a broken remote connection is reopened next time
+                if attempt + 1 == attempts:
+                    raise StoreError(f"read failed: {exc}") from exc
+                log.info("remote read failed (%s); retrying on a new connection", exc)
+        raise AssertionError("unreachable")
 
     async def aquery(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
         """Read on the reader pool so the calling loop never blocks."""
@@ -333,24 +345,48 @@ class Database:
             pass
 
     def _commit(self, conn: Any, batch: list[_Write]) -> Any:
-        """Commit the batch as one transaction, or each write alone if that fails."""
-        try:
-            results = self._run(conn, batch)
-        except Exception as exc:
-            if len(batch) > 1:
-                log.warning("batch of %d writes failed (%s); replaying one by one", len(batch), exc)
-            conn = self._reconnect(conn)
-            for item in batch:
-                try:
-                    (result,) = self._run(conn, [item])
-                except Exception as item_exc:
-                    conn = self._reconnect(conn)
-                    item.future.set_exception(StoreError(str(item_exc)))
-                else:
-                    item.future.set_result(result)
+        """Commit the batch as one transaction, or each write alone if that fails.
+
+        A remote COMMIT that fails may still have been applied (the reply can be lost), so
+        such a batch is not replayed: its writes fail as "outcome unknown" rather than risk
+        landing twice. Every other failure happened before COMMIT and left nothing behind."""
+        attempts = 2 if self.target.remote else 1
+        for attempt in range(attempts):
+            try:
+                results = self._run(conn, batch)
+            except _CommitFailed as exc:
+                conn = self._reconnect(conn)
+                if not self.target.remote:
+                    return self._replay(conn, batch, exc.__cause__)
+                log.error("COMMIT of %d writes failed, outcome unknown: %s", len(batch), exc.__cause__)
+                for item in batch:
+                    item.future.set_exception(StoreError(f"commit outcome unknown: {exc.__cause__}"))
+                return conn
+            except Exception as exc:
+                # Nothing was committed. A remote stream may just have expired while idle or
+                # the server restarted: retry the whole batch once on a renewed connection.
+                conn = self._reconnect(conn)
+                if attempt + 1 == attempts:
+                    return self._replay(conn, batch, exc)
+                continue
+            for item, result in zip(batch, results):
+                item.future.set_result(result)
             return conn
-        for item, result in zip(batch, results):
-            item.future.set_result(result)
+        raise AssertionError("unreachable")
+
+    def _replay(self, conn: Any, batch: list[_Write], exc: BaseException | None) -> Any:
+        """Run each write of a failed batch in its own transaction: a bad one fails alone."""
+        if len(batch) > 1:
+            log.warning("batch of %d writes failed (%s); replaying one by one", len(batch), exc)
+        for item in batch:
+            try:
+                (result,) = self._run(conn, [item])
+            except Exception as item_exc:
+                conn = self._reconnect(conn)
+                cause = item_exc.__cause__ if isinstance(item_exc, _CommitFailed) else item_exc
+                item.future.set_exception(StoreError(str(cause)))
+            else:
+                item.future.set_result(result)
         return conn
 
     def _run(self, conn: Any, batch: list[_Write]) -> list[Any]:
@@ -375,7 +411,10 @@ class Database:
                     j += 1
                 self._insert_rows(conn, shape, rows)
                 i = j
-            conn.commit()
+            try:
+                conn.commit()
+            except Exception as exc:
+                raise _CommitFailed() from exc
         except Exception:
             try:
                 conn.rollback()
