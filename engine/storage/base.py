@@ -155,7 +155,7 @@ class ObjectStore(ABC):
         with open(path, "rb") as fileobj:
             digest, size = sha256_of(fileobj)
             self._put(key, fileobj, size, digest, meta)
-        return ObjectInfo(key, size, os.path.getmtime(path), digest, meta)
+        return ObjectInfo(key, size, time.time(), digest, meta)
 
     def put_bytes(self, key: str, data: bytes, metadata: Mapping[str, str] | None = None) -> ObjectInfo:
         check_key(key)

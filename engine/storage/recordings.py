@@ -181,7 +181,11 @@ class CallRecordings:
         session = self.sessions(event.call_id)
         if session is None:
             return
-        recorder = CallRecorder(event.call_id, self.spool, user_id=event.user_id, caller=event.caller, started_at=event.at)
+        try:
+            recorder = CallRecorder(event.call_id, self.spool, user_id=event.user_id, caller=event.caller, started_at=event.at)
+        except OSError as exc:
+            log.error("cannot record %s: %s", event.call_id, exc)
+            return
         # Tap at once so the first second is kept; drop it all if consent turns out missing.
         recorder.remove_tap = session.add_tap(recorder.tap)
         self.active[event.call_id] = recorder

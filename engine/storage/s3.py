@@ -39,6 +39,7 @@ from engine.storage.base import (
 log = logging.getLogger("xswarm.storage")
 T = TypeVar("T")
 MiB = 1024 * 1024
+_MAX_PARTS = 10_000
 
 _NETWORK = (bex.ConnectionError, bex.HTTPClientError, bex.IncompleteReadError, OSError)
 _TRANSIENT_CODES = {"RequestTimeout", "SlowDown", "InternalError", "ServiceUnavailable", "503", "500"}
@@ -198,12 +199,13 @@ class S3Store(ObjectStore):
         )
         upload_id = created["UploadId"]
         lock = threading.Lock()
+        part_size = max(self.part_size, -(-size // _MAX_PARTS))  # S3 allows at most 10,000 parts
 
         def send(number: int) -> dict[str, Any]:
-            offset = (number - 1) * self.part_size
+            offset = (number - 1) * part_size
             with lock:  # one shared file handle: read the part, then upload outside the lock
                 fileobj.seek(offset)
-                body = fileobj.read(min(self.part_size, size - offset))
+                body = fileobj.read(min(part_size, size - offset))
             md5 = base64.b64encode(hashlib.md5(body).digest()).decode()
 
             def once() -> dict[str, Any]:
@@ -214,7 +216,7 @@ class S3Store(ObjectStore):
             response = self._retrying(f"part {number} of {key!r}", once)
             return {"PartNumber": number, "ETag": response["ETag"]}
 
-        count = (size + self.part_size - 1) // self.part_size
+        count = -(-size // part_size)
         try:
             with ThreadPoolExecutor(self.concurrency, thread_name_prefix="xswarm-s3-part") as pool:
                 parts = list(pool.map(send, range(1, count + 1)))
