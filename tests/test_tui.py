@@ -7,6 +7,7 @@ path, and the test checks what changed on the call, not just that a message was 
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +18,7 @@ from engine.config import load_settings
 from engine.runtime import Runtime
 from tui_support import RecordingAudio, ReplayLink, busy_night, start_call, wait_until
 from xswarm_tui.app import ACTING, XswarmApp
-from xswarm_tui.link import EmbeddedLink
+from xswarm_tui.link import AttachedLink, EmbeddedLink
 from xswarm_tui.state import ConsoleState, mask_caller
 from xswarm_tui.widgets.calls import CallBoard
 from xswarm_tui.widgets.format import bar, duration, level_fraction
@@ -239,3 +240,82 @@ async def test_help_lists_the_keys_and_palette_reaches_every_action() -> None:
         await pilot.press("enter")
         await _until(pilot, lambda: bool(link.sent))
         assert link.sent == [ev.Mute("CA02f3e9")] or link.sent == [ev.Unmute("CA02f3e9")]
+
+
+# ------------------------------------------------------------------------- attached mode
+
+OPERATOR_TOKEN = "op-" + "k" * 29
+MONITOR_TOKEN = "mon-" + "m" * 28
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def served_runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[Runtime]:
+    """A started runtime with its real supervisor server on a free local port."""
+    monkeypatch.setenv("XSWARM_SUPERVISOR_TOKEN", OPERATOR_TOKEN)
+    monkeypatch.setenv("XSWARM_SUPERVISOR_MONITOR_TOKEN", MONITOR_TOKEN)
+    rt = Runtime(load_settings(), model_spec="echo", bridge_port=0, supervisor_port=_free_port(), webhooks_port=0)
+    rt.start()
+    wait_until(lambda: rt.model is not None)
+    yield rt
+    rt.stop()
+
+
+async def test_attached_console_acts_over_the_supervisor_socket(served_runtime: Runtime) -> None:
+    rt = served_runtime
+    session = start_call(rt)
+    audio = RecordingAudio()
+    link = AttachedLink(f"ws://127.0.0.1:{rt.supervisor_port}/", OPERATOR_TOKEN, audio=lambda: audio)
+    app = XswarmApp(link)
+    async with app.run_test(size=(120, 40)) as pilot:
+        cid = session.call_id
+        await _until(pilot, lambda: cid in _board(app).rows)  # from the socket's snapshot
+        assert "attached" in app.sub_title
+        await _until(pilot, lambda: app.system_panel.state.tick is not None)  # live events flow
+        await pilot.press("t")
+        await _until(pilot, lambda: session.operator == link.actor)
+        await _until(pilot, lambda: _cell(app, cid, "mode").startswith("OPERATOR"))
+        assert audio.mic_sink is not None
+        await pilot.press("b")
+        await _until(pilot, lambda: session.operator is None)
+        await pilot.press("l")  # audio comes over the socket to this machine's speakers
+        await _until(pilot, lambda: len(audio.played) >= 4)
+        await pilot.press("l")
+        await _until(pilot, lambda: not session.taps)
+        await pilot.press("u")
+        await _until(pilot, lambda: "not available" in str(app.screen.query_one("#users-status").render()))
+        await pilot.press("escape")
+        await pilot.press("x", "y")
+        await _until(pilot, lambda: session.ended and cid not in _board(app).rows)
+    link.close()
+
+
+async def test_attached_with_a_monitor_token_is_read_only(served_runtime: Runtime) -> None:
+    rt = served_runtime
+    session = start_call(rt)
+    link = AttachedLink(f"ws://127.0.0.1:{rt.supervisor_port}/", MONITOR_TOKEN, audio=lambda: "no audio")
+    app = XswarmApp(link)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await _until(pilot, lambda: session.call_id in _board(app).rows)
+        await _until(pilot, lambda: app.read_only)
+        shown = {b.binding.action for b in app.screen.active_bindings.values() if b.binding.show and b.enabled}
+        assert not shown & ACTING
+        await pilot.press("t")
+        await pilot.pause(0.3)
+        assert session.operator is None
+    link.close()
+
+
+async def test_attach_with_a_bad_token_says_so() -> None:
+    link = AttachedLink(f"ws://127.0.0.1:{_free_port()}/", "wrong-token-0123456789", audio=lambda: "no audio",
+                        open_timeout_s=3)
+    app = XswarmApp(link)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await _until(pilot, lambda: "not connected" in app.sub_title, timeout=8)
+        assert any(n.severity == "error" for n in app._notifications)
+    link.close()

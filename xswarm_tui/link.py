@@ -281,6 +281,7 @@ class AttachedLink(Link):
             raise LinkError(f"cannot reach {self.target}: {exc}") from None
         if self._client.role != "operator":
             self.can_act = False
+        self.actor = self._client.actor or self.actor  # the server's name for this console (audit, takeover)
         self._tasks.append(asyncio.get_running_loop().create_task(self._pump(on_event, on_snapshot)))
         return dict(self._client.snapshot or {})
 
