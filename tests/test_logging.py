@@ -1,0 +1,96 @@
+"""Logging goes to the rotating file only; the TUI can mirror records; phones/emails are masked."""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine import logging_setup
+from engine.logging_setup import add_mirror, configure, mask_email, mask_phone
+
+
+@pytest.fixture(autouse=True)
+def fresh_logger() -> Iterator[None]:
+    """Each test configures the ``xswarm`` logger from scratch and leaves it as it was."""
+    logger = logging.getLogger("xswarm")
+    saved = (list(logger.handlers), logger.level, logger.propagate, logging_setup._file_handler)
+    logger.handlers.clear()
+    logger.setLevel(logging.NOTSET)
+    logging_setup._file_handler = None
+    yield
+    for handler in logger.handlers:
+        if handler not in saved[0]:
+            handler.close()
+    logger.handlers[:] = saved[0]
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]
+    logging_setup._file_handler = saved[3]
+
+
+def test_records_go_to_the_rotating_file_and_never_the_terminal(xswarm_home: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    path = configure()
+    assert path == xswarm_home / "state" / "logs" / "xswarm.log"
+    assert configure() == path  # idempotent: still one handler
+    handlers = logging.getLogger("xswarm").handlers
+    assert len(handlers) == 1 and isinstance(handlers[0], logging.handlers.RotatingFileHandler)
+    assert handlers[0].maxBytes == 10 * 1024 * 1024 and handlers[0].backupCount == 10
+    logging.getLogger("xswarm.store").warning("disk nearly full at %s", "/data")
+    logging.getLogger("xswarm.store").debug("not at INFO")
+    handlers[0].flush()
+    text = path.read_text()
+    assert "WARNING xswarm.store" in text and "disk nearly full at /data" in text and "not at INFO" not in text
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
+def test_level_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XSWARM_LOG_LEVEL", "debug")
+    path = configure()
+    logging.getLogger("xswarm.bridge").debug("frame details")
+    logging.getLogger("xswarm").handlers[0].flush()
+    assert "frame details" in path.read_text()
+
+
+def test_mirror_hook_receives_formatted_records_until_removed() -> None:
+    configure()
+    seen: list[tuple[int, str]] = []
+    remove = add_mirror(lambda record, line: seen.append((record.levelno, line)))
+    logging.getLogger("xswarm.tui").info("call %s started", "CA1")
+    remove()
+    logging.getLogger("xswarm.tui").info("after removal")
+    assert len(seen) == 1 and seen[0][0] == logging.INFO and "xswarm.tui" in seen[0][1] and "call CA1 started" in seen[0][1]
+
+
+def test_a_broken_mirror_never_breaks_the_caller(capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    configure()
+    monkeypatch.setattr(logging, "raiseExceptions", False)  # what a production process runs with
+
+    def broken(record: logging.LogRecord, line: str) -> None:
+        raise RuntimeError("view gone")
+
+    remove = add_mirror(broken)
+    logging.getLogger("xswarm.x").error("still fine")
+    remove()
+    logging.getLogger("xswarm").handlers[0].flush()
+    assert "still fine" in (logging_setup._file_handler.baseFilename and Path(logging_setup._file_handler.baseFilename).read_text())  # type: ignore[union-attr]
+    assert capfd.readouterr() == ("", "")
+
+
+@pytest.mark.parametrize(
+    ("phone", "masked"),
+    [("+14155550123", "+1415•••0123"), ("+447911123456", "+4479••••3456"), ("+3312", "•••••"), (None, "—"), ("", "—")],
+)
+def test_mask_phone(phone: str | None, masked: str) -> None:
+    assert mask_phone(phone) == masked
+
+
+@pytest.mark.parametrize(
+    ("email", "masked"),
+    [("alice@example.com", "a••••@example.com"), ("b@x.io", "b•@x.io"), ("not-an-email", "n•••"), (None, "—")],
+)
+def test_mask_email(email: str | None, masked: str) -> None:
+    assert mask_email(email) == masked
