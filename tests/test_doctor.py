@@ -31,7 +31,7 @@ def healthy(**overrides: object) -> Probes:
         python=lambda: (3, 12, 4),
         database=lambda settings: ("/data/xswarm.db", 0.0004),
         storage=lambda settings: "local folder /data/storage",
-        weights=lambda settings: Path("/models/moshiko"),
+        weights=lambda settings: "moshi weights at /models/moshiko",
     )
     fields.update(overrides)
     return Probes(**fields)  # type: ignore[arg-type]
@@ -196,13 +196,15 @@ def test_real_s3_probe_against_a_local_s3_server(monkeypatch: pytest.MonkeyPatch
         server.stop()
 
 
-def test_weights_found_in_the_hugging_face_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    assert real.find_weights_folder(load_settings()) is None
-    snapshot = tmp_path / "hub" / "models--kyutai--moshiko-pytorch-bf16" / "snapshots" / "abc123"
-    snapshot.mkdir(parents=True)
-    assert real.find_weights_folder(load_settings()) is None  # a folder without weights is not enough
-    (snapshot / "model.safetensors").write_bytes(b"x")
-    assert real.find_weights_folder(load_settings()) == snapshot
-    monkeypatch.setenv("XSWARM_MODEL__VARIANT", "moshika")
-    assert real.find_weights_folder(load_settings()) is None
+def test_weights_probe_uses_the_model_codes_finder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.models import checkpoints
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-home"))
+    assert real.model_weights(load_settings()) is None
+    found = checkpoints.Found("moshi", tmp_path / "snap", "kyutai/moshiko-pytorch-bf16")
+    monkeypatch.setattr(checkpoints, "find_local", lambda settings: found)
+    described = real.model_weights(load_settings())
+    assert described == f"moshi weights at {tmp_path / 'snap'} (kyutai/moshiko-pytorch-bf16)"
+    check = next(c for c in run(load_settings(), healthy(weights=real.model_weights)).checks if c.name == "model-weights")
+    assert (check.status, check.detail) == ("pass", described)

@@ -188,7 +188,7 @@ def check_credentials(p: Probes, s: Settings) -> Iterator[Check]:
 def check_weights(p: Probes, s: Settings) -> Check:
     found = p.weights(s)
     if found is not None:
-        return Check("model-weights", "pass", f"MOSHI {s.model.variant} ({s.model.dtype}) at {found}")
+        return Check("model-weights", "pass", found)
     return Check(
         "model-weights",
         "warn",

@@ -192,44 +192,15 @@ def storage(settings: Settings) -> str:
     return f"bucket {s3.bucket}" + (f" at {s3.endpoint_url}" if s3.endpoint_url else "")
 
 
-def hf_cache_folder() -> Path:
-    """The Hugging Face hub cache, honouring its usual environment variables."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]) / "hub"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface" / "hub"
+def model_weights(settings: Settings) -> str | None:
+    """Which MOSHI weights ``auto`` would load and where, or None. Asks the model code's own
+    finder (``engine.models.checkpoints``, no torch import), so doctor and runtime agree."""
+    from engine.models import checkpoints
 
-
-def model_weights(settings: Settings) -> Path | None:
-    """Where MOSHI's weights for the configured voice are, or None.
-
-    Uses the model code's own finder when it is installed; otherwise looks in
-    ``model.weights_path`` and the Hugging Face cache for ``kyutai/<variant>-pytorch-*``."""
-    try:
-        from engine.models import checkpoints  # type: ignore[attr-defined]
-    except ImportError:
-        checkpoints = None
-    if checkpoints is not None and hasattr(checkpoints, "find_local"):
-        found = checkpoints.find_local(settings)
-        return Path(found) if found else None
-    return find_weights_folder(settings)
-
-
-def find_weights_folder(settings: Settings) -> Path | None:
-    """``model.weights_path`` or the newest Hugging Face cache snapshot holding safetensors."""
-    candidates: list[Path] = []
-    if settings.model.weights_path:
-        candidates.append(Path(settings.model.weights_path))
-    quant = "q8" if settings.model.dtype == "int8" else "bf16"
-    repo = settings.model.hf_repo or f"kyutai/{settings.model.variant}-pytorch-{quant}"
-    snapshots = hf_cache_folder() / ("models--" + repo.replace("/", "--")) / "snapshots"
-    if snapshots.is_dir():
-        candidates.extend(sorted(snapshots.iterdir(), reverse=True))
-    for folder in candidates:
-        if folder.is_dir() and any(folder.glob("*.safetensors")):
-            return folder
-    return None
+    found = checkpoints.find_local(settings)
+    if found is None:
+        return None
+    return f"{found.spec} weights at {found.location}" + (f" ({found.repo})" if found.repo else "")
 
 
 @dataclass
@@ -247,4 +218,4 @@ class Probes:
     python: Callable[[], tuple[int, int, int]] = python_version
     database: Callable[[Settings], tuple[str, float]] = database_rtt
     storage: Callable[[Settings], str] = storage
-    weights: Callable[[Settings], Path | None] = model_weights
+    weights: Callable[[Settings], str | None] = model_weights
