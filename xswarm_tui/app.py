@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from collections import deque
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -34,7 +35,6 @@ from xswarm_tui.link import Link, LinkError
 from xswarm_tui.messages import EventsArrived, LinkFailed, LinkOpened, LogsArrived
 from xswarm_tui.screens.detail import CallDetailScreen
 from xswarm_tui.screens.dialogs import ConfirmScreen, WhisperScreen
-from xswarm_tui.screens.help import HelpScreen
 from xswarm_tui.screens.logs import LogMirror, LogsScreen
 from xswarm_tui.screens.users import UsersScreen
 from xswarm_tui.state import ConsoleState
@@ -87,7 +87,7 @@ def textual_theme(name: str) -> TextualTheme:
 
 
 class XswarmApp(App[None]):
-    CSS_PATH = "xswarm.tcss"
+    CSS_PATH = Path(__file__).with_name("xswarm.tcss")  # absolute: subclasses elsewhere still find it
     TITLE = "xswarm"
     BINDINGS = BINDINGS
 
@@ -112,6 +112,7 @@ class XswarmApp(App[None]):
         self._last_press: dict[str, float] = {}
         self._reveal = reveal_callers
         self.log_mirror = LogMirror(lambda: self.post_message(LogsArrived()))
+        self._remove_mirror: Callable[[], None] = lambda: None
         self._theme_name = theme
         self.animation_level = "none"  # suits SSH; nothing here needs motion
         self.board = CallBoard(self.state, self.clock, id="calls")
@@ -147,10 +148,11 @@ class XswarmApp(App[None]):
         self.theme_changed_signal.subscribe(self, lambda _theme: self._render_all())
         self.set_interval(1.0, self._every_second)
         self.call_after_refresh(self._first_paint)
-        self._open_link()
 
     def _first_paint(self) -> None:
+        """The dashboard is on screen: only now start the runtime, so it never delays the paint."""
         log.info("first paint %.0f ms after start", (time.perf_counter() - self._started_at) * 1000)
+        self._open_link()
 
     def on_unmount(self) -> None:
         self._remove_mirror()
@@ -442,6 +444,8 @@ class XswarmApp(App[None]):
         self.push_screen(LogsScreen(self.log_mirror))
 
     def action_help(self) -> None:
+        from xswarm_tui.screens.help import HelpScreen  # Markdown is heavy; first paint does not need it
+
         if not isinstance(self.screen, HelpScreen):
             self.push_screen(HelpScreen(self.key_rows()))
 

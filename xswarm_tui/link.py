@@ -32,8 +32,6 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from engine import events as ev
 
 log = logging.getLogger("xswarm.tui.link")
@@ -107,7 +105,7 @@ class Link(abc.ABC):
         """Deliver one command to the runtime; returns its answer dict (``ok`` True/False)."""
 
     @abc.abstractmethod
-    def _microphone_sink(self, call_id: str) -> Callable[[np.ndarray], None]:
+    def _microphone_sink(self, call_id: str) -> Callable[[Any], None]:
         """Where 80 ms microphone frames go while this console holds ``call_id``."""
 
     @abc.abstractmethod
@@ -204,7 +202,7 @@ class EmbeddedLink(Link):
             tap = self.local_audio().play
         return await asyncio.wrap_future(self._on_loop(self._control.execute(command, self.actor, self.role, tap=tap)))
 
-    def _microphone_sink(self, call_id: str) -> Callable[[np.ndarray], None]:
+    def _microphone_sink(self, call_id: str) -> Callable[[Any], None]:
         session = self.runtime.calls.get(call_id)
         loop = self.runtime.loop
         if session is None:
@@ -318,7 +316,7 @@ class AttachedLink(Link):
 
         return await asyncio.wrap_future(self._run(send()))
 
-    def _microphone_sink(self, call_id: str) -> Callable[[np.ndarray], None]:
+    def _microphone_sink(self, call_id: str) -> Callable[[Any], None]:
         return lambda pcm: self._run(self._client.send_audio(call_id, pcm))
 
     def users(self) -> list[UserRow] | None:

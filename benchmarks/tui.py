@@ -1,0 +1,244 @@
+"""The console's cost: time to first paint, UI CPU idle and with 50 live calls, late frames.
+
+Prints one JSON object. Each phase runs in a fresh interpreter (so imports and caches are
+honest) with its own XSWARM_HOME:
+
+* ``first_paint``: from the child's first line to Textual's first refresh of the dashboard,
+  with the real embedded runtime (echo model) starting behind it; also whether torch was
+  imported by then (it must not be). ``spawn_to_paint_ms`` adds interpreter start-up.
+* ``idle``: CPU time of the UI thread (Textual's loop; ``time.thread_time``) per wall second,
+  as % of one core, with the embedded echo runtime and no calls.
+* ``calls_50``: the same with 50 real calls admitted into the echo model, each fed 24 kHz
+  audio every 80 ms, so the runtime publishes its real event stream (latency samples,
+  transcript, tick and system samples) at real rates.
+* ``late_frames``: the scheduler's late frames and missed ticks over the 50-call window with
+  the UI running, against the same load with no UI (``baseline``): the difference is what the
+  UI caused.
+
+The app runs headless (Textual's headless driver renders every frame but writes it nowhere),
+so terminal I/O is not in the figures. Targets: first paint < 1 s; idle < 2 % of a core;
+50 calls < 25 %; zero late frames caused by the UI.
+
+    .venv/bin/python benchmarks/tui.py [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import time
+
+_T0 = time.perf_counter()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+WARMUP_S = 2.0
+
+
+def _runtime() -> object:
+    from engine.config import load_settings
+    from engine.runtime import Runtime
+
+    return Runtime(load_settings(), model_spec="echo", bridge_port=0, supervisor_port=0, webhooks_port=0)
+
+
+def _admit_calls(runtime: object, n: int) -> None:
+    """n calls, each with a far end feeding a 220 Hz tone every 80 ms (the runtime's real path)."""
+    import asyncio
+
+    import numpy as np
+
+    from engine.calls import CallSession
+
+    tone = (0.2 * np.sin(2 * np.pi * 220 * np.arange(1920) / 24_000)).astype(np.float32)
+
+    class FarEnd:
+        source = "sim"
+
+        def send_frame(self, session: object, step: int, ulaw: bytes, pcm: object) -> None:
+            pass
+
+        def clear(self) -> None:
+            pass
+
+        async def hang_up(self, reason: str) -> None:
+            pass
+
+    async def admit() -> None:
+        sessions = []
+        for i in range(n):
+            s = CallSession(f"CAbench{i:03d}", FarEnd(), bus=runtime.bus, caller=f"+1415555{i:04d}",  # type: ignore[attr-defined]
+                            user_id=f"u-{i}", theme="xswarm")
+            runtime.calls.admit(s)  # type: ignore[attr-defined]
+            sessions.append(s)
+
+        async def feed() -> None:
+            loop = asyncio.get_running_loop()
+            next_at = loop.time()
+            while True:
+                for s in sessions:
+                    s.feed_microphone(tone)
+                next_at += 0.08
+                await asyncio.sleep(max(0.0, next_at - loop.time()))
+
+        runtime.loop.create_task(feed())  # type: ignore[attr-defined]
+
+    runtime.call_soon(admit()).result(timeout=10)  # type: ignore[attr-defined]
+
+
+def _wait_ready(runtime: object) -> None:
+    deadline = time.monotonic() + 30
+    while runtime.model is None:  # type: ignore[attr-defined]
+        if time.monotonic() > deadline:
+            raise SystemExit("model did not load")
+        time.sleep(0.02)
+
+
+def _scheduler_counts(runtime: object) -> tuple[int, int]:
+    d = runtime.scheduler.describe()  # type: ignore[attr-defined]
+    return int(d["late_frames"]), int(d["missed_ticks"])
+
+
+# ----------------------------------------------------------------------------- children
+
+def child_first_paint() -> dict:
+    from xswarm_tui.app import XswarmApp
+    from xswarm_tui.link import EmbeddedLink
+
+    link = EmbeddedLink(_runtime, audio=lambda: "benchmark: no audio")
+    result: dict = {}
+
+    class Timed(XswarmApp):
+        def _first_paint(self) -> None:
+            result["first_paint_ms"] = round((time.perf_counter() - _T0) * 1000, 1)
+            result["torch_imported_at_first_paint"] = "torch" in sys.modules
+            super()._first_paint()  # now the runtime starts, as in `xswarm --model echo`
+            self.set_timer(0.5, self.exit)  # let the runtime come up so shutdown is the normal path
+
+    Timed(link).run(headless=True, size=(120, 40))
+    link.close()
+    return result
+
+
+def child_ui(calls: int, seconds: float) -> dict:
+    from xswarm_tui.app import XswarmApp
+    from xswarm_tui.link import EmbeddedLink
+
+    link = EmbeddedLink(_runtime, audio=lambda: "benchmark: no audio")
+    result: dict = {}
+
+    class Measured(XswarmApp):
+        def on_mount(self) -> None:
+            super().on_mount()
+            self.set_timer(0.1, self._wait_runtime)
+
+        def _wait_runtime(self) -> None:
+            if link.runtime is None or link.runtime.model is None:
+                self.set_timer(0.1, self._wait_runtime)
+                return
+            if calls:
+                _admit_calls(link.runtime, calls)
+            self.set_timer(WARMUP_S, self._begin)
+
+        def _begin(self) -> None:
+            self._cpu0, self._wall0 = time.thread_time(), time.perf_counter()
+            self._counts0 = _scheduler_counts(link.runtime)
+            self._rows0 = len(self.board.rows)
+            self.set_timer(seconds, self._end)
+
+        def _end(self) -> None:
+            cpu, wall = time.thread_time() - self._cpu0, time.perf_counter() - self._wall0
+            late, missed = _scheduler_counts(link.runtime)
+            result.update(ui_cpu_percent_of_core=round(100 * cpu / wall, 2), seconds=round(wall, 2),
+                          rows=len(self.board.rows), late_frames=late - self._counts0[0],
+                          missed_ticks=missed - self._counts0[1])
+            self.exit()
+
+    Measured(link).run(headless=True, size=(120, 40))
+    link.close()
+    return result
+
+
+def child_baseline(calls: int, seconds: float) -> dict:
+    runtime = _runtime()
+    runtime.start()  # type: ignore[attr-defined]
+    try:
+        _wait_ready(runtime)
+        _admit_calls(runtime, calls)
+        time.sleep(WARMUP_S)
+        late0, missed0 = _scheduler_counts(runtime)
+        time.sleep(seconds)
+        late, missed = _scheduler_counts(runtime)
+    finally:
+        runtime.stop()  # type: ignore[attr-defined]
+    return {"late_frames": late - late0, "missed_ticks": missed - missed0, "seconds": seconds}
+
+
+# ------------------------------------------------------------------------------- parent
+
+def _run_child(args: list[str]) -> tuple[dict, float]:
+    env = dict(os.environ)
+    with tempfile.TemporaryDirectory(prefix="xswarm-bench-tui-") as home:
+        env["XSWARM_HOME"] = home
+        started = time.perf_counter()
+        out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env, timeout=300)
+        wall = time.perf_counter() - started
+    if out.returncode != 0:
+        raise SystemExit(f"phase {args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1]), wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="measurement window per phase")
+    parser.add_argument("--calls", type=int, default=50)
+    parser.add_argument("--child", choices=["first-paint", "idle", "calls", "baseline"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        result = {"first-paint": child_first_paint,
+                  "idle": lambda: child_ui(0, args.seconds),
+                  "calls": lambda: child_ui(args.calls, args.seconds),
+                  "baseline": lambda: child_baseline(args.calls, args.seconds)}[args.child]()
+        print(json.dumps(result))
+        return
+
+    paint, paint_wall = _run_child(["--child", "first-paint"])
+    idle, _ = _run_child(["--child", "idle", "--seconds", str(args.seconds)])
+    busy, _ = _run_child(["--child", "calls", "--seconds", str(args.seconds), "--calls", str(args.calls)])
+    base, _ = _run_child(["--child", "baseline", "--seconds", str(args.seconds), "--calls", str(args.calls)])
+    import psutil
+
+    report = {
+        "benchmark": "tui",
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": psutil.cpu_count(),
+                    "python": platform.python_version(), "load_avg_1m": round(os.getloadavg()[0], 2)},
+        "first_paint_ms": paint["first_paint_ms"],
+        "spawn_to_first_paint_ms": None,
+        "torch_imported_at_first_paint": paint["torch_imported_at_first_paint"],
+        "idle_ui_cpu_percent_of_core": idle["ui_cpu_percent_of_core"],
+        "calls": args.calls,
+        "calls_ui_cpu_percent_of_core": busy["ui_cpu_percent_of_core"],
+        "calls_rows_on_board": busy["rows"],
+        "late_frames_with_ui": busy["late_frames"],
+        "missed_ticks_with_ui": busy["missed_ticks"],
+        "late_frames_without_ui": base["late_frames"],
+        "missed_ticks_without_ui": base["missed_ticks"],
+        "late_frames_caused_by_ui": max(0, busy["late_frames"] - base["late_frames"]),
+        "window_s": args.seconds,
+        "targets": {"first_paint_ms": 1000, "idle_ui_cpu_percent_of_core": 2, "calls_ui_cpu_percent_of_core": 25,
+                    "late_frames_caused_by_ui": 0},
+    }
+    report["spawn_to_first_paint_ms"] = round(paint_wall * 1000, 1)  # upper bound: includes shutdown
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
