@@ -115,7 +115,8 @@ def test_apple_silicon_passes_through_metal() -> None:
         (dict(disk_free=lambda path: 10 * GIB), "disk", "warn", "10.0 GiB free"),
         (dict(cpu=lambda: CpuInfo(2, 2, "tiny", True, False)), "cpu", "warn", "2 threads"),
         (dict(cpu=lambda: CpuInfo(8, 8, "old", False, False)), "cpu-features", "warn", "no AVX2"),
-        (dict(portaudio=lambda: "PortAudio library not found"), "portaudio", "warn", "library not found"),
+        (dict(portaudio=lambda: "OSError: PortAudio library not found"), "portaudio", "warn", "library not found"),
+        (dict(portaudio=lambda: "ModuleNotFoundError: No module named 'sounddevice'"), "portaudio", "warn", "sounddevice"),
         (dict(weights=lambda settings: None), "model-weights", "warn", "no MOSHI moshiko"),
         (dict(database=lambda settings: ("http://db", 0.25)), "database", "warn", "250.0 ms"),
         (dict(os=lambda: OsInfo("Windows", "11", "Windows 11", "AMD64")), "os", "warn", "Windows 11"),
@@ -125,6 +126,8 @@ def test_each_finding_has_a_status_and_a_fix(probes: dict, name: str, status: st
     report = run(load_settings(), healthy(**probes))
     check = next(c for c in report.checks if c.name == name)
     assert (check.status, words in check.detail, bool(check.fix)) == (status, True, True), check
+    if "No module named" in check.detail:
+        assert "xswarm[audio]" in check.fix
     assert report.exit_code == (2 if status == "fail" else 1)
 
 

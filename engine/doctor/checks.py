@@ -103,12 +103,12 @@ def check_portaudio(p: Probes, s: Settings) -> Check:
     problem = p.portaudio()
     if problem is None:
         return Check("portaudio", "pass", "PortAudio loads: local audio calls available")
-    return Check(
-        "portaudio",
-        "warn",
-        f"PortAudio unavailable ({problem}); phone calls work, local microphone calls do not",
-        "install it: apt install libportaudio2 (Debian/Ubuntu) or brew install portaudio (macOS)",
+    fix = (
+        "install the audio extra: pip install 'xswarm[audio]' (bash .ci/setup does)"
+        if "No module named" in problem
+        else "install it: apt install libportaudio2 (Debian/Ubuntu) or brew install portaudio (macOS)"
     )
+    return Check("portaudio", "warn", f"PortAudio unavailable ({problem}); phone calls work, local microphone calls do not", fix)
 
 
 def check_ports(p: Probes, s: Settings) -> Iterator[Check]:
