@@ -49,6 +49,10 @@ class InboundFrames:
         self._aligned = False
         self._backlog_ticks = 0
         self._skip = 0  # bytes still to discard: they were concealed with silence already
+        self.preroll = 0
+        """Ticks that passed before the first frame (nothing eligible yet)."""
+        self.lead = 0
+        """Alignment of the first frame: silence bytes put in front (negative: oldest bytes dropped)."""
         self.late = 0
         self.dropped_bytes = 0
 
@@ -81,6 +85,7 @@ class InboundFrames:
         eligible = self._eligible_end(tick_at) - self._out
         if not self._aligned:
             if eligible <= 0:
+                self.preroll += 1
                 return None, None
             self._align(eligible)
             eligible = FRAME_BYTES
@@ -117,9 +122,11 @@ class InboundFrames:
             pad = FRAME_BYTES - eligible
             self._buf[0:0] = bytes([SILENCE]) * pad
             self._out -= pad
+            self.lead = pad
         elif eligible > FRAME_BYTES:
             self._drop(eligible - FRAME_BYTES)
             self.dropped_bytes += eligible - FRAME_BYTES
+            self.lead = FRAME_BYTES - eligible
         self._aligned = True
 
     def _trim(self, backlog: int) -> None:

@@ -93,7 +93,7 @@ class BridgeServer:
     async def start(self, host: str, port: int) -> None:
         self._server = await serve(
             self._handle, host, port, process_request=self._http, max_size=MAX_MESSAGE,
-            compression=None, max_queue=64, server_header=None,
+            compression=None, max_queue=64, server_header=None, close_timeout=2,
         )
         self.port = self._server.sockets[0].getsockname()[1] if self._server.sockets else port
         if not self._auth_token:
@@ -433,7 +433,8 @@ async def complete_call(settings: Any, call_sid: str) -> bool:
     url = f"{settings.twilio.api_base_url.rstrip('/')}/2010-04-01/Accounts/{account}/Calls/{call_sid}.json"
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http_session:
-            async with http_session.post(url, data={"Status": "completed"}, auth=aiohttp.BasicAuth(account, token)) as resp:
+            auth = {"Authorization": "Basic " + base64.b64encode(f"{account}:{token}".encode()).decode()}
+            async with http_session.post(url, data={"Status": "completed"}, headers=auth) as resp:
                 if resp.status < 300 or resp.status == 404:
                     log.info("call %s completed through Twilio REST (%s)", call_sid, resp.status)
                     return True

@@ -53,7 +53,8 @@ class CallReport:
     first_audio_ms: float | None = None
     """``start`` sent -> first ``media`` received (admission plus one tick)."""
     echo_delay_ms: float | None = None
-    """Delay of our own audio in the reply (meaningful with the echo model)."""
+    """Mouth-to-ear delay of our own audio coming back (echo model): its offset inside the
+    reply plus when the reply started, against when we sent it (playout assumed continuous)."""
     gap_ms: dict[str, Any] = field(default_factory=dict)
     """Spacing of received frames (4 media + mark each 80 ms): jitter as the caller sees it."""
     playout_lag_ms: dict[str, Any] = field(default_factory=dict)
@@ -180,16 +181,19 @@ async def stream_call(target: StreamTarget, audio: bytes, *, auth_token: str | N
 
     playout = _Playout(loop, echo_mark)
     start_sent = 0.0
+    origin = 0.0
+    first_audio_at: float | None = None
     last_mark_at: float | None = None
 
     async def receive() -> None:
-        nonlocal last_mark_at
+        nonlocal last_mark_at, first_audio_at
         async for raw in ws:
             msg = json.loads(raw)
             event = msg.get("event")
             if event == "media":
-                if report.first_audio_ms is None:
-                    report.first_audio_ms = round((loop.time() - start_sent) * 1000, 3)
+                if first_audio_at is None:
+                    first_audio_at = loop.time()
+                    report.first_audio_ms = round((first_audio_at - start_sent) * 1000, 3)
                 reply.extend(base64.b64decode(msg["media"]["payload"]))
                 report.chunks_received += 1
                 playout.media()
@@ -252,7 +256,9 @@ async def stream_call(target: StreamTarget, audio: bytes, *, auth_token: str | N
     report.reply = bytes(reply)
     report.gap_ms = gaps.summary()
     report.playout_lag_ms = lag.summary()
-    report.echo_delay_ms = echo_delay_ms(audio, report.reply)
+    in_reply = echo_delay_ms(audio, report.reply)
+    if in_reply is not None and first_audio_at is not None:
+        report.echo_delay_ms = round(in_reply + (first_audio_at - origin) * 1000, 3)
     return report
 
 
