@@ -36,6 +36,8 @@ _GROUPS: list[tuple[str, str]] = [
     ("supervisor", "supervisor"),
     ("models", "models"),
     ("bench", "bench"),
+    ("serve", "commands"),
+    ("call", "commands"),
     ("webhooks", "webhooks"),
     ("tui", "callback"),
 ]
