@@ -344,7 +344,8 @@ class SupervisorClient:
             self._pending.pop(msg_id, None)
 
     async def command(self, command: Command, timeout: float = 10.0, **options: Any) -> dict[str, Any]:
-        """Send a command; returns the ``ok`` answer or raises ``CommandError``."""
+        """Send a command; returns the ``ok`` answer (with ``"ok": True``, the shape
+        ``CallControl.execute`` returns in embedded mode) or raises ``CommandError``."""
         answer = await self.request({**command.to_wire(), **options}, timeout)
         if answer.get("type") == p.ERROR:
             raise CommandError(str(answer.get("error")), answer.get("code"), answer)
@@ -352,7 +353,7 @@ class SupervisorClient:
             self._listening[command.call_id] = options.get("codec", "pcm16")
         elif ACTIONS.get(type(command)) == "unlisten":
             self._listening.pop(command.call_id, None)  # type: ignore[attr-defined]
-        return answer
+        return {**answer, "ok": True}
 
     async def ping(self, timeout: float = 5.0) -> float:
         """Round-trip time in seconds."""

@@ -22,6 +22,7 @@ import itertools
 import json
 import logging
 import re
+import socket
 import threading
 import time
 import weakref
@@ -66,6 +67,10 @@ late audio is worth less than live audio."""
 SEND_STALL_S = 10.0
 """A client whose socket accepted nothing for this long is disconnected."""
 MAX_CLIENTS = 100
+SEND_BUFFER_BYTES = 64 * 1024
+"""Kernel send buffer per supervisor socket. Left to autotuning it grows to megabytes, which for
+a client that stalls would hold tens of seconds of stale audio out of our queues' reach; kept
+small, back-pressure reaches the per-client queues, where old audio is dropped first."""
 ERROR_INTERVAL_S = 1.0
 """Errors about a client's audio frames are answered at most this often (12.5 frames a second
 of bad audio must not become 12.5 error messages)."""
@@ -234,6 +239,9 @@ class SupervisorServer:
 
     async def _handle(self, ws: ServerConnection) -> None:
         address = _address(ws)
+        sock = ws.transport.get_extra_info("socket") if ws.transport is not None else None
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         held = self._header_roles.pop(ws, None)
         if held is None:
             held = await self._first_message_auth(ws, address)
