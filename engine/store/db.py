@@ -14,6 +14,12 @@ statement (single ``submit``s or ``submit_many`` rows) are therefore sent as one
 ``INSERT … VALUES (…), (…), …`` per chunk, with bound parameters only. The embedded file takes
 the same path; it is faster there too.
 
+What the ``libsql`` client does against sqld over HTTP (measured, sqld 0.24.32): explicit
+BEGIN/COMMIT works and holds one server stream; each statement is one request; a stream idle
+for ~10 s expires (``STREAM_EXPIRED``) and a server restart drops it, so remote reads retry
+once and a remote batch that failed before COMMIT is retried once on a fresh connection;
+``rowcount`` after RETURNING is 0 remotely (callers ask for the rows instead).
+
 If a batch fails (a constraint, a dropped connection), it is rolled back and replayed one
 queued write per transaction, so a single bad write fails alone and the others still land.
 ``submit_script`` queues several statements as one write: they commit together or not at all

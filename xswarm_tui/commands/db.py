@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from xswarm_tui.commands._common import database, fail, load
+from xswarm_tui.commands._common import fail, load
 
 app = typer.Typer(help="Database schema: apply migrations, show status.", no_args_is_help=True)
 
