@@ -184,3 +184,13 @@ def test_a_bad_write_in_a_remote_batch_still_fails_alone(sqld) -> None:  # type:
         outcomes = [f.exception(timeout=30) is None for f in futures]
         assert outcomes == [True, True, False, True]
         assert database.query("SELECT k FROM t ORDER BY k") == [(1,), (2,), (3,)]
+
+
+def test_a_writer_bug_fails_the_batch_instead_of_hanging(store_target: Target, monkeypatch: pytest.MonkeyPatch) -> None:
+    with Database(store_target) as database:
+        database.write("CREATE TABLE t (k INTEGER)")
+        monkeypatch.setattr(database, "_commit", lambda conn, batch: 1 / 0)
+        with pytest.raises(StoreError, match="writer failed: division by zero"):
+            database.submit("INSERT INTO t (k) VALUES (?)", (1,)).result(timeout=10)
+        monkeypatch.undo()
+        assert database.write("INSERT INTO t (k) VALUES (?)", (2,)) == 1  # the writer lives on

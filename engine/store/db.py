@@ -344,7 +344,13 @@ class Database:
                     stopping = True
                     break
                 batch.append(item)  # type: ignore[arg-type]
-            conn = self._commit(conn, batch)
+            try:
+                conn = self._commit(conn, batch)
+            except Exception as exc:  # a bug here must not leave callers waiting forever
+                log.exception("writer failed on a batch of %d", len(batch))
+                for write in batch:
+                    if not write.future.done():
+                        write.future.set_exception(StoreError(f"writer failed: {exc}"))
         try:
             conn.close()
         except Exception:
