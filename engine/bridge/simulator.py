@@ -17,6 +17,7 @@ import secrets
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -143,8 +144,12 @@ class _Playout:
 
 async def stream_call(target: StreamTarget, audio: bytes, *, auth_token: str | None = None,
                       call_sid: str | None = None, account_sid: str = "AC" + "0" * 32, tail_s: float = 0.5,
-                      open_timeout: float = 10.0) -> CallReport:
-    """Play ``audio`` (8 kHz mu-law) into a bridge in real time and record what comes back."""
+                      open_timeout: float = 10.0, on_sent: Callable[[int, float], None] | None = None,
+                      on_media: Callable[[float, bytes], None] | None = None) -> CallReport:
+    """Play ``audio`` (8 kHz mu-law) into a bridge in real time and record what comes back.
+
+    ``on_sent(k, t)`` / ``on_media(t, payload)`` (t: the loop's monotonic clock) let a
+    measurement see when chunk k left and when each reply chunk arrived (benchmarks/supervisor.py)."""
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed
 
@@ -194,7 +199,10 @@ async def stream_call(target: StreamTarget, audio: bytes, *, auth_token: str | N
                 if first_audio_at is None:
                     first_audio_at = loop.time()
                     report.first_audio_ms = round((first_audio_at - start_sent) * 1000, 3)
-                reply.extend(base64.b64decode(msg["media"]["payload"]))
+                payload = base64.b64decode(msg["media"]["payload"])
+                reply.extend(payload)
+                if on_media is not None:
+                    on_media(loop.time(), payload)
                 report.chunks_received += 1
                 playout.media()
             elif event == "mark":
@@ -239,6 +247,8 @@ async def stream_call(target: StreamTarget, audio: bytes, *, auth_token: str | N
                           "payload": base64.b64encode(data[k * CHUNK_BYTES : (k + 1) * CHUNK_BYTES]).decode()},
             }))
             report.chunks_sent += 1
+            if on_sent is not None:
+                on_sent(k, loop.time())
         if not receiver.done():
             await ws.send(json.dumps({"event": "stop", "sequenceNumber": next_seq(), "streamSid": stream_sid,
                                       "stop": {"accountSid": account_sid, "callSid": call_sid}}))
