@@ -7,7 +7,6 @@ path, and the test checks what changed on the call, not just that a message was 
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +15,7 @@ import pytest
 from engine import events as ev
 from engine.config import load_settings
 from engine.runtime import Runtime
-from tui_support import RecordingAudio, ReplayLink, busy_night, start_call, wait_until
+from tui_support import RecordingAudio, ReplayLink, busy_night, free_port, start_call, telephony_env, wait_until
 from xswarm_tui.app import ACTING, XswarmApp
 from xswarm_tui.link import AttachedLink, EmbeddedLink
 from xswarm_tui.state import ConsoleState, mask_caller
@@ -62,8 +61,10 @@ def test_state_folds_events_and_snapshots_idempotently() -> None:
 
 
 @pytest.fixture
-def runtime() -> Iterator[Runtime]:
-    rt = Runtime(load_settings(), model_spec="echo", bridge_port=0, supervisor_port=0, webhooks_port=0)
+def runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[Runtime]:
+    """An echo runtime with its real Twilio bridge on a free port (started by the console)."""
+    telephony_env(monkeypatch)
+    rt = Runtime(load_settings(), model_spec="echo", bridge_port=free_port(), supervisor_port=0, webhooks_port=0)
     yield rt
     rt.stop()
 
@@ -248,18 +249,14 @@ OPERATOR_TOKEN = "op-" + "k" * 29
 MONITOR_TOKEN = "mon-" + "m" * 28
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def served_runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[Runtime]:
     """A started runtime with its real supervisor server on a free local port."""
     monkeypatch.setenv("XSWARM_SUPERVISOR_TOKEN", OPERATOR_TOKEN)
     monkeypatch.setenv("XSWARM_SUPERVISOR_MONITOR_TOKEN", MONITOR_TOKEN)
-    rt = Runtime(load_settings(), model_spec="echo", bridge_port=0, supervisor_port=_free_port(), webhooks_port=0)
+    telephony_env(monkeypatch)
+    rt = Runtime(load_settings(), model_spec="echo", bridge_port=free_port(), supervisor_port=free_port(),
+                 webhooks_port=0)
     rt.start()
     wait_until(lambda: rt.model is not None)
     yield rt
@@ -312,7 +309,7 @@ async def test_attached_with_a_monitor_token_is_read_only(served_runtime: Runtim
 
 
 async def test_attach_with_a_bad_token_says_so() -> None:
-    link = AttachedLink(f"ws://127.0.0.1:{_free_port()}/", "wrong-token-0123456789", audio=lambda: "no audio",
+    link = AttachedLink(f"ws://127.0.0.1:{free_port()}/", "wrong-token-0123456789", audio=lambda: "no audio",
                         open_timeout_s=3)
     app = XswarmApp(link)
     async with app.run_test(size=(120, 40)) as pilot:

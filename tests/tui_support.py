@@ -1,9 +1,11 @@
-"""Shared pieces of the TUI tests: a real echo runtime with a real call, recording audio,
+"""Shared pieces of the TUI tests: a real call through the bridge simulator, recording audio,
 and a deterministic replay source for snapshots."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -11,7 +13,10 @@ from typing import Any
 import numpy as np
 
 from engine import events as ev
+from engine.audio import mulaw
+from engine.bridge import simulator
 from engine.calls import CallSession
+from engine.telephony.calltoken import mint
 from xswarm_tui.link import Link, UserRow
 
 FIXED_NOW = 1_795_000_000.0
@@ -46,46 +51,35 @@ class RecordingAudio:
         self.stop_speakers()
 
 
-class LoopTransport:
-    """A simulated caller on this machine: 24 kHz frames in through the session, frames out counted."""
-
-    source = "sim"
-
-    def __init__(self, runtime: Any) -> None:
-        self.runtime = runtime
-        self.session: CallSession | None = None
-        self.frames_out = 0
-
-    def send_frame(self, session: CallSession, step: int, ulaw: bytes, pcm: np.ndarray) -> None:
-        self.frames_out += 1
-
-    def clear(self) -> None:
-        pass
-
-    async def hang_up(self, reason: str) -> None:
-        assert self.session is not None
-        self.runtime.calls.finish(self.session, reason)
+AUTH_TOKEN = "twilio-auth-token-for-tui-tests"
+TOKEN_SECRET = "call-token-secret-for-tui-tests"
 
 
-def start_call(runtime: Any, call_id: str = "local-test-1", caller: str = "+15550100123") -> CallSession:
-    """Admit a call into the running echo model and keep feeding it speech-like audio."""
-    transport = LoopTransport(runtime)
+def telephony_env(monkeypatch: Any) -> None:
+    """What the bridge needs to admit a call: Twilio's auth token (signatures) and the call-token key."""
+    monkeypatch.setenv("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
+    monkeypatch.setenv("XSWARM_CALL_TOKEN_SECRET", TOKEN_SECRET)
 
-    async def admit() -> CallSession:
-        session = CallSession(call_id, transport, bus=runtime.bus, caller=caller, user_id="u-ada", theme="kitt")
-        transport.session = session
-        runtime.calls.admit(session)
 
-        async def talk() -> None:
-            t = np.arange(1920) / 24_000
-            while not session.ended:
-                session.feed_microphone((0.2 * np.sin(2 * np.pi * 220 * t)).astype(np.float32))
-                await asyncio.sleep(0.08)
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
-        runtime.loop.create_task(talk())
-        return session
 
-    return runtime.call_soon(admit()).result(timeout=5)
+def start_call(runtime: Any, call_sid: str = "CA" + "7" * 32, caller: str = "+15550100123",
+               seconds: float = 120.0) -> CallSession:
+    """A phone call as Twilio places it: the ``xswarm call`` simulator streams a tone into the
+    runtime's real bridge (signed upgrade, one-time token) from its own thread, in real time."""
+    t = np.arange(int(8000 * seconds)) / 8000
+    audio = mulaw.encode((0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)).tobytes()
+    target = simulator.StreamTarget(f"ws://127.0.0.1:{runtime.bridge_port}/twilio", {
+        "token": mint(TOKEN_SECRET, call_sid), "caller": caller, "user_id": "u-ada", "theme": "kitt"})
+    threading.Thread(target=lambda: asyncio.run(simulator.stream_call(target, audio, auth_token=AUTH_TOKEN,
+                                                                      call_sid=call_sid)),
+                     name="twilio-simulator", daemon=True).start()
+    wait_until(lambda: runtime.calls.get(call_sid) is not None)
+    return runtime.calls.get(call_sid)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
