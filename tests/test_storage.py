@@ -148,6 +148,13 @@ def test_missing_bucket_is_a_clear_error(moto_endpoint: str) -> None:
         store.list()
 
 
+def test_rejected_credentials_are_a_clear_error(moto_auth_endpoint: str) -> None:
+    store = S3Target(moto_auth_endpoint, "any-bucket", access_key_id="AKIANOTAREALKEY", secret_access_key="nope").store()
+    for attempt in (store.check, lambda: store.put_bytes("k", b"x"), store.list, lambda: store.get_bytes("k")):
+        with pytest.raises(StorageConfigError, match="credentials rejected.*XSWARM_S3_ACCESS_KEY_ID"):
+            attempt()
+
+
 def test_unreachable_endpoint_is_a_clear_error() -> None:
     import socket
 
@@ -184,6 +191,16 @@ def test_connection_reset_on_single_put_is_retried(s3_bucket: S3Target, flaky_pr
     store.put_bytes("small.bin", payload)
     assert proxy.dropped == 1  # type: ignore[attr-defined]
     assert store.get_bytes("small.bin") == payload
+
+
+def test_connection_reset_mid_download_is_retried(s3_bucket: S3Target, flaky_proxy: Callable[..., object], tmp_path: Path) -> None:
+    payload = os.urandom(3 * MiB)
+    s3_bucket.store().put_bytes("down.bin", payload)
+    proxy = flaky_proxy(after_bytes=1 * MiB, drops=1, direction="download")
+    store = S3Target(proxy.endpoint_url, s3_bucket.bucket).store()  # type: ignore[attr-defined]
+    got = store.get_file("down.bin", tmp_path / "down.bin")
+    assert proxy.dropped == 1  # type: ignore[attr-defined]
+    assert (tmp_path / "down.bin").read_bytes() == payload and got.size == len(payload)
 
 
 def test_upload_that_keeps_failing_leaves_nothing_visible(s3_bucket: S3Target, flaky_proxy: Callable[..., object], tmp_path: Path) -> None:
