@@ -65,6 +65,7 @@ class Runtime:
         self.model_spec = model_spec or settings.model.name
         self.model_state = "idle"
         self.model_detail = ""
+        self.model_progress: float | None = None
         self.calls = CallRegistry(self.bus, on_start=self._call_live, on_end=self._call_ended)
         self.scheduler = Scheduler(self.calls, self.bus)
         self.node_id = settings.server.node_id or socket.gethostname()
@@ -243,7 +244,7 @@ class Runtime:
         self._beat()
 
     def _model_status(self, state: str, detail: str, *, model: str, progress: float | None = None) -> None:
-        self.model_state, self.model_detail = state, detail
+        self.model_state, self.model_detail, self.model_progress = state, detail, progress
         if state in ("ready", "failed", "fallback"):
             log.info("model %s: %s (%s)", model, state, detail)
         self.bus.publish(events.ModelStatusChanged(model=model, state=state, detail=detail, progress=progress))  # type: ignore[arg-type]
@@ -295,6 +296,16 @@ class Runtime:
             **summary,
         ).add_done_callback(_log_failure("call end row"))
 
+    # ---------------------------------------------------------------- local calls
+
+    async def start_local_call(self, sd: Any | None = None) -> str:
+        """Talk to the model through this machine's sound card (runtime loop); returns the
+        call id. Raises ``LocalAudioError`` (a ``CallControlError``) when there is no device."""
+        from engine.bridge.local_audio import LocalAudioCall
+
+        session = await LocalAudioCall(self, sd).open()
+        return session.call_id
+
     # -------------------------------------------------------------------- snapshot
 
     def _remember(self, event: events.Event) -> None:
@@ -310,7 +321,7 @@ class Runtime:
                 "webhooks_port": self.webhooks_port, "bridge_url": self.bridge_url,
             },
             "model": {"spec": self.model_spec, "name": self.model.name if self.model else None,
-                      "state": self.model_state, "detail": self.model_detail},
+                      "state": self.model_state, "detail": self.model_detail, "progress": self.model_progress},
             "slots": {"total": self.calls.capacity, "used": self.calls.used, "free": self.calls.free},
             "calls": [s.stats() | {"caller": s.caller, "user_id": s.user_id, "theme": s.theme,
                                    "started_at": s.started_at} for s in self.calls],
