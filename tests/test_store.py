@@ -194,3 +194,20 @@ def test_a_writer_bug_fails_the_batch_instead_of_hanging(store_target: Target, m
             database.submit("INSERT INTO t (k) VALUES (?)", (1,)).result(timeout=10)
         monkeypatch.undo()
         assert database.write("INSERT INTO t (k) VALUES (?)", (2,)) == 1  # the writer lives on
+
+
+def test_status_reads_work_with_a_read_only_token(sqld_jwt) -> None:  # type: ignore[no-untyped-def]
+    with Database(sqld_jwt.target()) as writer:
+        migrations.migrate(writer)
+    read_only = Target(sqld_jwt.url, sqld_jwt.key.token(access="ro"))
+    with Database(read_only) as database:
+        assert migrations.version(database) >= 1 and "users" in migrations.tables(database)
+        assert migrations.applied(database)
+        with pytest.raises(StoreError):
+            database.write("CREATE TABLE nope (a INTEGER)")
+
+
+def test_a_fresh_database_reports_version_zero(store_target: Target) -> None:
+    with Database(store_target) as database:
+        assert migrations.version(database) == 0 and migrations.applied(database) == set()
+        assert "schema_migrations" not in migrations.tables(database)

@@ -41,11 +41,14 @@ def available() -> list[Migration]:
     return found
 
 
+def _has_schema_table(db: Database) -> bool:
+    return bool(db.query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"))
+
+
 def applied(db: Database) -> set[int]:
-    db.write(
-        "CREATE TABLE IF NOT EXISTS schema_migrations ("
-        " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)"
-    )
+    """Versions already applied (reads only, so status works with a read-only token)."""
+    if not _has_schema_table(db):
+        return set()
     return {row[0] for row in db.query("SELECT version FROM schema_migrations")}
 
 
@@ -55,6 +58,10 @@ def migrate(db: Database) -> list[Migration]:
     Each migration and its ``schema_migrations`` row are ONE write item (``submit_script``),
     so they commit together or not at all. When another node applies the same version first,
     our insert of its row conflicts, the whole script rolls back, and we count it as done."""
+    db.write(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)"
+    )
     done = applied(db)
     pending = [m for m in available() if m.version not in done]
     applied_now = []
@@ -88,6 +95,9 @@ def open_database(settings: Settings) -> Database:
 
 
 def version(db: Database) -> int:
+    """The highest applied version; 0 for a database never migrated."""
+    if not _has_schema_table(db):
+        return 0
     rows = db.query("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
     return int(rows[0][0])
 
