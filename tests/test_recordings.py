@@ -237,3 +237,60 @@ def test_runtime_records_a_consenting_call_and_backs_up(monkeypatch: pytest.Monk
         assert [k.key for k in store.list("backups/")] == [runtime.storage.last_backup.key]
     finally:
         runtime.stop()
+
+
+@pytest.mark.slow
+def test_twilio_call_through_the_bridge_is_recorded_to_s3(s3_env, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A phone call as Twilio places it (the bridge's simulator, signed upgrade, one-time
+    token) into the real Runtime with the echo model; the recording lands in the S3 bucket."""
+    import socket
+
+    from engine.audio import mulaw
+    from engine.bridge.simulator import StreamTarget, stream_call
+    from engine.config import load_settings
+    from engine.runtime import Runtime
+    from engine.storage import open_store
+    from engine.store.users import create_user, set_recording_consent
+    from engine.telephony.calltoken import mint
+
+    monkeypatch.setenv("TWILIO_AUTH_TOKEN", "auth-token-for-recording-test")
+    monkeypatch.setenv("XSWARM_CALL_TOKEN_SECRET", "call-token-secret-for-recording-test")
+    monkeypatch.setenv("XSWARM_RECORDING__ENABLED", "true")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = load_settings()
+    runtime = Runtime(settings, model_spec="echo", bridge_port=port, supervisor_port=0, webhooks_port=0)
+    runtime.start()
+    try:
+        assert runtime.db is not None
+        user = create_user(runtime.db, name="Ada", phone="+15550100123", email="ada@example.com")
+        set_recording_consent(runtime.db, user.id, True)
+        deadline = time.time() + 30
+        while runtime.model is None and time.time() < deadline:
+            time.sleep(0.02)
+        call_sid = "CA" + "5" * 32
+        t = np.arange(8000 * 2) / 8000
+        audio = mulaw.encode((0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)).tobytes()
+        target = StreamTarget(f"ws://127.0.0.1:{runtime.bridge_port}/twilio", {
+            "token": mint("call-token-secret-for-recording-test", call_sid), "caller": "+15550100123", "user_id": user.id})
+        report = asyncio.run(stream_call(target, audio, auth_token="auth-token-for-recording-test", call_sid=call_sid))
+        assert report.chunks_received > 0
+        store = open_store(settings)
+        deadline = time.time() + 15
+        while len(store.list("recordings/")) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        (wav_key,) = [i.key for i in store.list("recordings/") if i.key.endswith(".wav")]
+        assert call_sid in wav_key
+        channels, rate, frames = read_wav(store.get_bytes(wav_key))
+        assert channels == 2 and rate == SAMPLE_RATE and len(frames) >= 20 * FRAME
+        left = frames[:, 0].astype(float) / 32767
+        right = frames[:, 1].astype(float) / 32767
+        assert np.sqrt(np.mean(left**2)) > 0.1  # the caller's 220 Hz tone
+        assert np.sqrt(np.mean(right**2)) > 0.05  # echoed back by the model
+        spectrum = np.abs(np.fft.rfft(left))
+        assert abs(np.fft.rfftfreq(len(left), 1 / SAMPLE_RATE)[spectrum.argmax()] - 220) < 5
+        record = json.loads(store.get_bytes(wav_key.replace(".wav", ".json")))
+        assert record["caller"] == "+15550100123" and record["user_id"] == user.id
+    finally:
+        runtime.stop()
