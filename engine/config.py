@@ -409,11 +409,12 @@ def default_toml() -> str:
             notes = [part for part in (doc, f"env: {env}" if env else "") if part]
             if notes:
                 lines.append("# " + " | ".join(notes))
-            lines.append(f"# {key} = {_toml_value(field.get_default(call_default_factory=True))}")
+            lines.append(f"# {key} = {toml_value(field.get_default(call_default_factory=True))}")
     return "\n".join(lines) + "\n"
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """One value in TOML syntax (None and secrets as an empty string: never the secret)."""
     if value is None or isinstance(value, SecretStr):
         return '""'
     if isinstance(value, bool):
@@ -421,5 +422,5 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{_toml_value(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+        return "{ " + ", ".join(f"{toml_value(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -133,3 +133,11 @@ def test_doctor_json_is_one_object_with_checks_and_capacity() -> None:
     assert {"bf16", "int8", "context_steps"} <= set(report["capacity"])
     names = {c["name"] for c in report["checks"]}
     assert {"os", "cpu", "ram", "disk", "gpu", "portaudio", "python", "database", "storage", "model-weights"} <= names
+
+
+def test_config_show_output_is_valid_toml(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tomllib
+
+    monkeypatch.setenv("XSWARM_STRIPE__PRICE_TIERS", '{"price_1": "personal"}')
+    parsed = tomllib.loads(invoke("config", "show").stdout)
+    assert parsed["stripe"]["price_tiers"] == {"price_1": "personal"} and parsed["model"]["context"] == 3000

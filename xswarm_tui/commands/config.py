@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from typing import Any
-
 import typer
 
 from xswarm_tui.commands._common import EXIT_FAILED, fail, load
@@ -15,7 +13,7 @@ app = typer.Typer(help="Show, locate or create the settings file.", no_args_is_h
 @app.command()
 def show(as_json: bool = typer.Option(False, "--json", help="One JSON object instead of TOML.")) -> None:
     """Print the effective settings (file + environment); secrets show as ********."""
-    from engine.config import public_view
+    from engine.config import public_view, toml_value
 
     view = public_view(load())
     if as_json:
@@ -24,7 +22,7 @@ def show(as_json: bool = typer.Option(False, "--json", help="One JSON object ins
     for section, values in view.items():
         typer.echo(f"[{section}]")
         for key, value in values.items():
-            typer.echo(f"{key} = {_toml(value)}" if value is not None else f"# {key} = (unset)")
+            typer.echo(f"{key} = {toml_value(value)}" if value is not None else f"# {key} = (unset)")
         typer.echo("")
 
 
@@ -49,7 +47,3 @@ def init(force: bool = typer.Option(False, "--force", help="Overwrite an existin
     target.write_text(default_toml(), encoding="utf-8")
     target.chmod(0o600)  # it may come to hold secrets
     typer.echo(f"wrote {target}")
-
-
-def _toml(value: Any) -> str:
-    return json.dumps(value) if not isinstance(value, bool) else str(value).lower()
