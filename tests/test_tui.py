@@ -154,15 +154,14 @@ async def test_every_key_acts_on_a_real_call(runtime: Runtime) -> None:
         await pilot.press("x", "y")
         await _until(pilot, lambda: session.ended and cid not in _board(app).rows)
 
-        await pilot.press("v")  # this runtime has no local-audio calls yet: the console says why
-        await _until(pilot, lambda: "local" in _toasts(app) or app.state.calls)
+        await pilot.press("v")  # a local conversation needs a sound card; without one the console says why
+        await _until(pilot, lambda: "no audio" in _toasts(app) or any(c.source == "local" for c in app.state.calls.values()))
 
         await pilot.press("q")
     link.close()
     rows = runtime.db.query("SELECT action, result FROM audit_log ORDER BY id") if runtime.db else []
     actions = [a for a, r in rows if r == "ok"]
-    assert ["takeover", "handback", "listen", "unlisten", "mute", "unmute", "whisper", "hangup"] == [
-        a for a in actions if a != "start_local_call"]
+    assert actions[:8] == ["takeover", "handback", "listen", "unlisten", "mute", "unmute", "whisper", "hangup"]
 
 
 async def test_no_audio_device_is_said_and_the_console_carries_on(runtime: Runtime) -> None:

@@ -95,15 +95,14 @@ class LocalAudio:
 
 def open_audio() -> LocalAudio | str:
     """The sound device, or the reason there is none, in words an operator can act on."""
+    from engine.bridge.local_audio import LocalAudioError, load_sounddevice
+
     try:
-        import sounddevice as sd
-    except OSError as exc:  # sounddevice raises OSError when libportaudio is missing
-        return f"no audio: {exc} (install PortAudio, e.g. apt install libportaudio2)"
-    except ImportError:
-        return "no audio: the sounddevice package is not installed (pip install 'xswarm[audio]')"
-    try:
+        sd = load_sounddevice()
         sd.query_devices(kind="output")
         sd.query_devices(kind="input")
+    except LocalAudioError as exc:
+        return str(exc)
     except Exception as exc:  # PortAudioError or ValueError: no default device
         return f"no audio device on this machine: {exc}"
     return LocalAudio(sd)
