@@ -156,6 +156,43 @@ async def test_stop_finishes_calls_still_recording(setup) -> None:  # type: igno
     assert call.taps == [] and len(store.list("recordings/")) == 2
 
 
+async def test_call_ending_before_the_consent_answer_keeps_nothing(setup) -> None:  # type: ignore[no-untyped-def]
+    recordings, calls, bus, store = setup()
+    answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    recordings.consent = lambda _user: answer
+    call = calls["CA7"] = FakeCall()
+    bus.publish(events.CallStarted(call_id="CA7", slot=0, source="twilio", user_id="u1"))
+    await asyncio.sleep(0.02)
+    call.tick(tone(200), tone(200))
+    bus.publish(events.CallEnded(call_id="CA7", reason="short", duration_s=0.1))
+    await asyncio.sleep(0.02)
+    answer.set_result(False)
+    await settle(recordings)
+    assert store.list() == [] and list(recordings.spool.iterdir()) == []
+
+
+def test_a_crash_mid_call_is_recovered_and_unconsented_audio_dropped(tmp_path: Path) -> None:
+    from engine.storage.recordings import CallRecorder, recover_spool
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    kept = CallRecorder("CA8", spool, user_id="u1", caller=None, started_at=time.time())
+    kept.confirm()
+    unasked = CallRecorder("CA9", spool, user_id="u2", caller=None, started_at=time.time())
+    for _ in range(10):
+        kept.tap("caller", tone(300))
+        kept.tap("ai", tone(600))
+        unasked.tap("caller", tone(300))
+        unasked.tap("ai", tone(600))
+    kept._file.flush()  # what the OS had when the process died; the WAV header was never finished
+    unasked._file.flush()
+    assert recover_spool(spool) == 1
+    assert sorted(p.name for p in spool.iterdir()) == ["CA8.json", "CA8.wav"]
+    channels, rate, frames = read_wav((spool / "CA8.wav").read_bytes())
+    assert (channels, rate, len(frames)) == (2, SAMPLE_RATE, 10 * FRAME)
+    assert json.loads((spool / "CA8.json").read_text())["end_reason"] == "recovered after a restart"
+
+
 def test_recording_retention(tmp_path: Path) -> None:
     store = LocalStore(tmp_path / "objects")
     store.put_bytes("recordings/2026-01-01/old.wav", b"x")

@@ -6,7 +6,12 @@ tap (``CallSession.add_tap``): both directions once per 80 ms tick, on the runti
 the tap only converts to 16-bit and appends to a buffered file (microseconds per tick).
 When the call ends the WAV is finished and, with ``<call_id>.json`` (the transcript), uploaded
 to ``recordings/<YYYY-MM-DD>/``; the local copies go once uploaded. An upload that fails
-stays in the spool folder and is retried by ``upload_spooled`` (the service's daily round).
+stays in the spool folder and is retried by ``upload_spooled`` (the service's rounds).
+
+Spool file names carry the state: ``<id>.pending.wav`` until consent is confirmed (deleted
+after a crash: nobody said yes), ``<id>.recording.wav`` while the call goes on (salvaged
+after a crash: the header is rewritten from the bytes that made it to disk), ``<id>.wav`` +
+``<id>.json`` when finished and waiting for upload.
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ SAMPLE_RATE = 24_000
 MAX_SKEW_FRAMES = 25
 """If one direction runs this many frames (2 s) ahead, the other is padded with silence."""
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
+_PENDING = ".pending.wav"
+_RECORDING = ".recording.wav"
+_WAV_HEADER = 44
+"""Bytes of the header ``wave`` writes for 16-bit PCM."""
 
 
 class Tappable(Protocol):
@@ -51,7 +60,7 @@ class CallRecorder:
         self.caller = caller
         self.started_at = started_at
         self.transcript: list[dict[str, Any]] = []
-        self.path = folder / f"{_safe(call_id)}.recording.wav"
+        self.path = folder / f"{_safe(call_id)}{_PENDING}"
         self._file = open(self.path, "wb", buffering=1 << 20)
         self._wav = wave.open(self._file, "wb")
         self._wav.setnchannels(2)
@@ -60,6 +69,7 @@ class CallRecorder:
         self._queues: dict[str, deque[np.ndarray]] = {"caller": deque(), "ai": deque()}
         self.frames = 0
         self.remove_tap: Callable[[], None] | None = None
+        self.consent: asyncio.Task[bool] | None = None
 
     def tap(self, direction: str, frame: np.ndarray) -> None:
         queue = self._queues.get(direction)
@@ -93,6 +103,12 @@ class CallRecorder:
     def add_line(self, speaker: str, text: str, at: float) -> None:
         self.transcript.append({"at": round(at - self.started_at, 3), "speaker": speaker, "text": text})
 
+    def confirm(self) -> None:
+        """Consent is confirmed: from now on a crash leaves a file worth salvaging."""
+        recording = self.path.with_name(self.path.name.replace(_PENDING, _RECORDING))
+        self.path.replace(recording)  # the open handle keeps writing into the renamed file
+        self.path = recording
+
     def finish(self, ended_at: float, reason: str) -> tuple[Path, Path]:
         """Close the WAV (writing its header) and write the transcript; returns both paths."""
         if self._wav is not None:
@@ -100,21 +116,13 @@ class CallRecorder:
             self._wav.close()
             self._file.close()
             self._wav = None
-        done = self.path.with_name(self.path.name.replace(".recording.wav", ".wav"))
-        self.path.replace(done)  # only finished files count as spooled
+        done = self.path.with_name(f"{_safe(self.call_id)}.wav")
+        sidecar = _write_sidecar(
+            done, call_id=self.call_id, user_id=self.user_id, caller=self.caller, started_at=self.started_at,
+            ended_at=ended_at, end_reason=reason, frames=self.frames, transcript=self.transcript,
+        )
+        self.path.replace(done)  # last: a finished pair is what the spool retry looks for
         self.path = done
-        sidecar = done.with_suffix(".json")
-        sidecar.write_text(json.dumps({
-            "call_id": self.call_id,
-            "user_id": self.user_id,
-            "caller": self.caller,
-            "started_at": self.started_at,
-            "ended_at": ended_at,
-            "end_reason": reason,
-            "duration_s": round(self.frames / SAMPLE_RATE, 3),
-            "audio": {"channels": ["caller", "ai_or_operator"], "sample_rate": SAMPLE_RATE, "format": "pcm_s16le"},
-            "transcript": self.transcript,
-        }, indent=1), encoding="utf-8")
         return done, sidecar
 
     def discard(self) -> None:
@@ -156,6 +164,7 @@ class CallRecordings:
 
     def start(self) -> None:
         self.spool.mkdir(parents=True, exist_ok=True)
+        recover_spool(self.spool)
         self._unsubscribe = self.bus.subscribe(self._on_event)
 
     def _on_event(self, event: events.Event) -> None:
@@ -189,18 +198,21 @@ class CallRecordings:
         # Tap at once so the first second is kept; drop it all if consent turns out missing.
         recorder.remove_tap = session.add_tap(recorder.tap)
         self.active[event.call_id] = recorder
-        self._spawn(self._check_consent(recorder))
+        recorder.consent = self._spawn(self._check_consent(recorder))
 
-    async def _check_consent(self, recorder: CallRecorder) -> None:
+    async def _check_consent(self, recorder: CallRecorder) -> bool:
         try:
             agreed = bool(await self.consent(recorder.user_id or ""))
         except Exception:
             log.exception("consent lookup failed for %s; not recording", recorder.call_id)
             agreed = False
-        if not agreed and self.active.get(recorder.call_id) is recorder:
+        if agreed:
+            recorder.confirm()
+        elif self.active.get(recorder.call_id) is recorder:
             del self.active[recorder.call_id]
             self._detach(recorder)
             recorder.discard()
+        return agreed
 
     @staticmethod
     def _detach(recorder: CallRecorder) -> None:
@@ -212,6 +224,9 @@ class CallRecordings:
             recorder.remove_tap = None
 
     async def _finish(self, recorder: CallRecorder, ended_at: float, reason: str) -> None:
+        if recorder.consent is not None and not await recorder.consent:
+            recorder.discard()  # the call ended before the answer came: it was a no
+            return
         wav, sidecar = recorder.finish(ended_at, reason)
         await self._upload(wav, sidecar)
 
@@ -241,10 +256,11 @@ class CallRecordings:
                 done += 1
         return done
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = self.loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def stop(self, timeout_s: float = 30.0) -> None:
         """Stop listening; finish and upload what is still recording."""
@@ -258,6 +274,55 @@ class CallRecordings:
             self._spawn(self._finish(recorder, time.time(), "node stopped"))
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout_s)
+
+
+def recover_spool(spool: Path) -> int:
+    """After a crash: drop recordings never consented to, and turn interrupted ones into
+    finished pairs (WAV header rebuilt from the bytes on disk) for the next upload round."""
+    for pending in spool.glob(f"*{_PENDING}"):
+        pending.unlink(missing_ok=True)
+    recovered = 0
+    for path in spool.glob(f"*{_RECORDING}"):
+        try:
+            raw = path.read_bytes()[_WAV_HEADER:]
+            raw = raw[: len(raw) - len(raw) % 4]  # whole stereo 16-bit frames only
+            call_id = path.name[: -len(_RECORDING)]
+            done = path.with_name(f"{call_id}.wav")
+            with wave.open(str(done), "wb") as out:
+                out.setnchannels(2)
+                out.setsampwidth(2)
+                out.setframerate(SAMPLE_RATE)
+                out.writeframes(raw)
+            frames = len(raw) // 4
+            ended = path.stat().st_mtime
+            _write_sidecar(
+                done, call_id=call_id, user_id=None, caller=None, started_at=ended - frames / SAMPLE_RATE,
+                ended_at=ended, end_reason="recovered after a restart", frames=frames, transcript=[],
+            )
+            path.unlink()
+            recovered += 1
+        except OSError as exc:
+            log.error("cannot recover %s: %s", path, exc)
+    if recovered:
+        log.warning("recovered %d interrupted recording(s) in %s", recovered, spool)
+    return recovered
+
+
+def _write_sidecar(wav: Path, *, call_id: str, user_id: str | None, caller: str | None, started_at: float,
+                   ended_at: float, end_reason: str, frames: int, transcript: list[dict[str, Any]]) -> Path:
+    sidecar = wav.with_suffix(".json")
+    sidecar.write_text(json.dumps({
+        "call_id": call_id,
+        "user_id": user_id,
+        "caller": caller,
+        "started_at": started_at,
+        "ended_at": ended_at,
+        "end_reason": end_reason,
+        "duration_s": round(frames / SAMPLE_RATE, 3),
+        "audio": {"channels": ["caller", "ai_or_operator"], "sample_rate": SAMPLE_RATE, "format": "pcm_s16le"},
+        "transcript": transcript,
+    }, indent=1), encoding="utf-8")
+    return sidecar
 
 
 def prune_recordings(store: ObjectStore, retention_days: int, *, now: float | None = None) -> list[str]:
