@@ -105,7 +105,7 @@ class Target:
         return cls(str(path))
 
 
-@dataclass
+@dataclass(slots=True)
 class _Write:
     kind: Literal["one", "many", "script"]
     sql: str
@@ -252,7 +252,11 @@ class Database:
         if self._writer is None:
             raise StoreError("database is not started")
         shape = _insert_shape(item.sql) if item.kind != "script" and not item.returning else None
-        if shape is not None and any(len(row) != shape.columns for row in item.rows()):
+        if shape is not None and (
+            len(item.params) != shape.columns
+            if item.kind == "one"
+            else any(len(row) != shape.columns for row in item.params)
+        ):
             # Caught here because a widened statement would shift the other rows' values.
             item.future.set_exception(StoreError(f"expected {shape.columns} parameters per row for: {item.sql}"))
             return item.future
