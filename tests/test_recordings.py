@@ -270,7 +270,11 @@ def test_runtime_records_a_consenting_call_and_backs_up(monkeypatch: pytest.Monk
         record = json.loads(store.get_bytes(wav_key.replace(".wav", ".json")))
         assert record["user_id"] == user.id and record["transcript"][0]["text"] == "echo echo"
         # The runtime's storage service also took its daily backup at start.
-        assert runtime.storage is not None and runtime.storage.last_backup is not None
+        assert runtime.storage is not None
+        deadline = time.time() + 30
+        while not runtime.storage.rounds and time.time() < deadline:
+            time.sleep(0.05)
+        assert runtime.storage.last_backup is not None
         assert [k.key for k in store.list("backups/")] == [runtime.storage.last_backup.key]
     finally:
         runtime.stop()

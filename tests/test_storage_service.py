@@ -81,9 +81,8 @@ async def test_rounds_back_up_daily_prune_and_archive(where: str, request: pytes
     try:
         service = StorageService(runtime, round_interval_s=3600)
         await service.start()
-        await asyncio.sleep(0.05)
-        for _ in range(200):  # the first round runs at start
-            if service.last_backup is not None:
+        for _ in range(400):  # the first round runs at start
+            if service.rounds:
                 break
             await asyncio.sleep(0.05)
         assert service.last_backup is not None

@@ -339,29 +339,32 @@ def find_backup(store: ObjectStore, backup_id: str) -> Backup:
     return _describe(store, matches[0])
 
 
-def latest_backup_time(store: ObjectStore) -> float | None:
-    """When the newest backup was taken, from the keys alone (no per-object requests)."""
-    times = []
+def _dated(store: ObjectStore) -> list[tuple[float, str, ObjectInfo]]:
+    """(time, id, object) of every backup, newest first, from the keys alone (no per-object
+    requests); keys that are not ``<id>.…`` are not ours and are left out."""
+    found = []
     for info in store.list(PREFIX):
+        backup_id = info.key[len(PREFIX) :].split(".", 1)[0]
         try:
-            times.append(_id_time(info.key[len(PREFIX) :].split(".", 1)[0]))
+            found.append((_id_time(backup_id), backup_id, info))
         except ValueError:
             continue
-    return max(times, default=None)
+    found.sort(key=lambda item: (item[0], item[1]), reverse=True)
+    return found
+
+
+def latest_backup_time(store: ObjectStore) -> float | None:
+    """When the newest backup was taken (the runtime's "is one due?")."""
+    dated = _dated(store)
+    return dated[0][0] if dated else None
 
 
 def prune_backups(store: ObjectStore, retention_days: int, *, now: float | None = None, keep: int = 1) -> list[str]:
     """Delete backups older than ``retention_days``, always keeping the newest ``keep``
     (a stopped node must not wake up to an empty bucket). Returns the deleted ids."""
-    now = time.time() if now is None else now
-    cutoff = now - retention_days * 86400
+    cutoff = (time.time() if now is None else now) - retention_days * 86400
     deleted = []
-    for info in sorted(store.list(PREFIX), key=lambda i: i.key, reverse=True)[keep:]:
-        backup_id = info.key[len(PREFIX) :].split(".", 1)[0]
-        try:
-            created = _id_time(backup_id)
-        except ValueError:
-            continue  # not ours: leave it alone
+    for created, backup_id, info in _dated(store)[keep:]:
         if created < cutoff:
             store.delete(info.key)
             deleted.append(backup_id)

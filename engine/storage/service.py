@@ -42,6 +42,8 @@ class StorageService:
         self.last_backup: Backup | None = None
         self.last_backup_at: float | None = None
         self.last_error: str | None = None
+        self.rounds = 0
+        """Rounds completed (the first runs at start)."""
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -116,6 +118,7 @@ class StorageService:
         )
         if self.recordings is not None:
             done["recordings_uploaded"] = await self.recordings.upload_spooled()
+        self.rounds += 1
         return done
 
     async def _consent(self, user_id: str) -> bool:
@@ -141,4 +144,5 @@ class StorageService:
             "recording": self.recordings is not None,
             "recording_active": len(self.recordings.active) if self.recordings else 0,
             "last_error": self.last_error,
+            "rounds": self.rounds,
         }
