@@ -109,13 +109,13 @@ class CallControl:
                 raise ControlError("conflict", str(exc), operator=call.operator if call else None) from None
         except ControlError as exc:
             answer = {"ok": False, "error": str(exc), "code": exc.code, **exc.extra}
-            await self._audit(actor, role, action or type(command).__name__, call_id, detail, f"error: {exc}")
+            self._audit(actor, role, action or type(command).__name__, call_id, detail, f"error: {exc}")
             return answer
         except Exception as exc:  # a bug or a dead socket in the session must not kill the caller
             log.exception("%s on %s failed", action, call_id)
-            await self._audit(actor, role, action or "?", call_id, detail, f"error: {exc}")
+            self._audit(actor, role, action or "?", call_id, detail, f"error: {exc}")
             return {"ok": False, "error": f"{action} failed: {exc}", "code": "failed"}
-        await self._audit(actor, role, action, call_id, detail, "ok")
+        self._audit(actor, role, action, call_id, detail, "ok")
         return {"ok": True, **result}
 
     async def release(self, actor: str, role: str, reason: str) -> None:
@@ -134,7 +134,7 @@ class CallControl:
             except Exception as exc:
                 log.exception("automatic hand-back of %s failed", call_id)
                 result = f"error: {exc}"
-            await self._audit(actor, role, "handback", call_id, {"reason": reason, "automatic": True}, result)
+            self._audit(actor, role, "handback", call_id, {"reason": reason, "automatic": True}, result)
 
     def listening(self, actor: str) -> list[str]:
         return sorted(call_id for a, call_id in self._taps if a == actor)
@@ -225,9 +225,12 @@ class CallControl:
 
     # ------------------------------------------------------------------------------ audit
 
-    async def _audit(self, actor: str, role: str, action: str, call_id: str | None, detail: dict[str, Any], result: str) -> None:
-        """Write audit_log (awaited: an acknowledged action is an audited one) and tell every
-        console through the bus."""
+    def _audit(self, actor: str, role: str, action: str, call_id: str | None, detail: dict[str, Any], result: str) -> None:
+        """Tell every console through the bus and queue the audit_log row.
+
+        The row goes through the database's single writer (durable once committed, a few ms
+        later); the answer does not wait for that commit, because a takeover's answer is on
+        the path of the operator's first words to the caller."""
         at = time.time()
         self.runtime.bus.publish(SupervisorActed(actor=actor, action=action, call_id=call_id, result=result, at=at))
         db = self.runtime.db
@@ -236,11 +239,12 @@ class CallControl:
         from engine.store import audit
 
         try:
-            await asyncio.wrap_future(
-                audit.record(db, actor=actor, role=role, action=action, call_id=call_id, detail=detail or None, result=result, at=at)
-            )
-        except Exception:
-            log.exception("could not write audit_log for %s by %s", action, actor)
+            future = audit.record(db, actor=actor, role=role, action=action, call_id=call_id, detail=detail or None,
+                                  result=result, at=at)
+        except Exception:  # the store is closed (runtime stopping): say so, keep the answer
+            log.exception("could not queue audit_log for %s by %s", action, actor)
+            return
+        future.add_done_callback(audit.log_failure)
 
 
 def _basic(user: str, password: str) -> str:

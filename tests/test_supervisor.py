@@ -139,7 +139,9 @@ async def next_of(client: SupervisorClient, kind: type, timeout: float = 3.0, wh
             return message
 
 
-def audit_rows(runtime: StandInRuntime, **kw: Any) -> list[audit.AuditEntry]:
+async def audit_rows(runtime: Any, **kw: Any) -> list[audit.AuditEntry]:
+    """audit_log rows once everything queued so far is committed (the writer is FIFO)."""
+    await asyncio.wrap_future(runtime.db.submit("SELECT 1"))
     return audit.recent(runtime.db, **kw)
 
 
@@ -187,8 +189,7 @@ async def test_no_token_is_closed_4401(rig) -> None:
         with pytest.raises(ConnectionClosed):
             await asyncio.wait_for(ws.recv(), 3)
         assert ws.close_code == p.CLOSE_UNAUTHORIZED
-    await asyncio.sleep(0.05)
-    rows = audit_rows(runtime, action="connect")
+    rows = await audit_rows(runtime, action="connect")
     assert rows and rows[0].result.startswith("error") and rows[0].detail == {"address": "127.0.0.1"}
 
 
@@ -203,8 +204,7 @@ async def test_wrong_token_header_is_401_and_message_is_4401(rig) -> None:
         with pytest.raises(ConnectionClosed):
             await asyncio.wait_for(ws.recv(), 3)
         assert ws.close_code == p.CLOSE_UNAUTHORIZED
-    await asyncio.sleep(0.05)
-    assert [r.result for r in audit_rows(runtime, action="connect")] == ["error: bad token"] * 2
+    assert [r.result for r in await audit_rows(runtime, action="connect")] == ["error: bad token"] * 2
 
 
 async def test_auth_message_gets_snapshot_first(rig) -> None:
@@ -266,8 +266,7 @@ async def test_monitor_can_listen_but_not_act(rig) -> None:
         assert len(call.taps) == 1
         await mon.command(Unlisten("CA1"))
         assert call.taps == []
-    await asyncio.sleep(0.05)
-    rows = audit_rows(runtime, call_id="CA1")
+    rows = await audit_rows(runtime, call_id="CA1")
     assert [r.action for r in reversed(rows)] == ["takeover", "mute", "whisper", "hangup", "transfer", "listen", "unlisten"]
     assert all(r.result.startswith("error") for r in rows[2:]) and rows[0].result == "ok"
     assert {r.role for r in rows} == {"monitor"}
@@ -331,8 +330,7 @@ async def test_dropped_socket_hands_back(rig) -> None:
         assert back.operator is None and call.mode == "ai"
         await _until(lambda: call.taps == [])
         await a.close()
-    await asyncio.sleep(0.05)
-    auto = [r for r in audit_rows(runtime, action="handback") if r.detail and r.detail.get("automatic")]
+    auto = [r for r in await audit_rows(runtime, action="handback") if r.detail and r.detail.get("automatic")]
     assert len(auto) == 1 and auto[0].result == "ok"
 
 
@@ -497,7 +495,7 @@ async def test_transfer_redirects_through_twilio_rest(xswarm_home: Path, monkeyp
             "auth": "Basic QUMxMjM6c2VjcmV0",
             "twiml": "<Response><Dial>+15557654321</Dial></Response>",
         }]
-        rows = audit_rows(runtime, action="transfer")
+        rows = await audit_rows(runtime, action="transfer")
         assert rows[-1].detail == {"to": "+15557654321"} and rows[-1].result == "ok"
     finally:
         await server.stop()

@@ -24,9 +24,9 @@ from engine.audio import mulaw
 from engine.config import load_settings
 from engine.events import CallEnded, CallUpdated, HandBack, HangUp, Listen, TakeOver, Whisper
 from engine.runtime import Runtime
-from engine.store import audit
 from engine.supervisor import protocol as p
 from engine.supervisor.client import SupervisorClient
+from test_supervisor import audit_rows
 
 OPERATOR = "operator-token-0123456789abcdef"
 MONITOR = "monitor-token-0123456789abcdef"
@@ -199,7 +199,7 @@ async def test_whisper_and_hangup_on_the_real_call_path(runtime: Runtime) -> Non
             await op.command(HangUp("CA400"))
             ended = await _next_of(op, CallEnded)
     assert ended.call_id == "CA400" and "alice" in ended.reason
-    rows = audit.recent(runtime.db, call_id="CA400")
+    rows = await audit_rows(runtime, call_id="CA400")
     assert [r.action for r in reversed(rows)] == ["whisper", "hangup"] and all(r.result == "ok" for r in rows)
 
 

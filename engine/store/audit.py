@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from engine.store.db import Database
+
+log = logging.getLogger("xswarm.store.audit")
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,13 @@ def record(
         "INSERT INTO audit_log (at, actor, role, action, call_id, detail, result) VALUES (?, ?, ?, ?, ?, ?, ?)",
         (at_ms, actor, role, action, call_id, payload, result),
     )
+
+
+def log_failure(future: concurrent.futures.Future[Any]) -> None:
+    """Done-callback for ``record`` futures nobody awaits: a lost audit row is an error in the log."""
+    exc = future.exception()
+    if exc is not None:
+        log.error("could not write audit_log: %s", exc)
 
 
 def recent(db: Database, *, limit: int = 100, call_id: str | None = None, action: str | None = None) -> list[AuditEntry]:

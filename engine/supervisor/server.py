@@ -233,7 +233,7 @@ class SupervisorServer:
         from engine.store import audit
 
         future = audit.record(db, actor=actor or address, role=role, action="connect", detail={"address": address}, result=result)
-        future.add_done_callback(_log_failure)
+        future.add_done_callback(audit.log_failure)
 
     # ------------------------------------------------------------------- socket handler
 
@@ -578,9 +578,3 @@ def _with_body(response: Response, body: bytes, content_type: str) -> Response:
     headers["Content-Type"] = content_type
     headers["Content-Length"] = str(len(body))
     return Response(response.status_code, response.reason_phrase, headers, body)
-
-
-def _log_failure(future: Any) -> None:
-    exc = future.exception()
-    if exc is not None:
-        log.error("could not write audit_log: %s", exc)
