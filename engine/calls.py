@@ -101,6 +101,8 @@ class CallSession:
         """AI text decoded since the last TranscriptAppended (coalesced by the scheduler)."""
         self.last_input_at: float | None = None
         """Arrival of the 4th chunk of the frame the last tick consumed (for BAL)."""
+        self.last_tick_at = 0.0
+        """When the tick that produced the frame being delivered fired."""
         self._bus = bus
 
     # ------------------------------------------------------------------------- state

@@ -256,6 +256,7 @@ class Scheduler:
             if s.taps:
                 self._feed_taps(s, result.pcm_in[slot], result.pcm_out[slot])
             if result.ready[slot] and not s.muted:
+                s.last_tick_at = batch.at
                 s.transport.send_frame(s, tick, result.ulaw_out[slot].tobytes(), result.pcm_out[slot])
                 s.frames_out += 1
             if result.text[slot]:

@@ -80,8 +80,6 @@ class InboundFrames:
         """The frame for the tick firing at ``tick_at``: (640 bytes, arrival of its last chunk).
         A late frame comes back concealed (silence where chunks are missing) with no arrival
         time; (None, None) before the caller has sent anything."""
-        if not self._in:
-            return None, None
         eligible = self._eligible_end(tick_at) - self._out
         if not self._aligned:
             if eligible <= 0:

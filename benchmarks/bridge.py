@@ -1,0 +1,232 @@
+"""Voice bridge under load: N concurrent simulated Twilio calls against the echo model.
+
+Client and server run in separate processes. The server is the real Runtime (bridge +
+scheduler + echo model, database on), started once per N; the client is this process, placing
+N calls with ``engine.bridge.simulator`` (real-time 20 ms pacing, mark echoes), starts
+staggered by a step that is not a multiple of 20 ms so callers' phases spread over the tick.
+After every call is up, the server's figures are reset (MARK), a measurement window runs,
+and the server reports (REPORT) from inside its own process:
+
+- ``bal_ms``: bridge-added latency, 4th inbound ``media`` of a frame -> first outbound
+  ``media`` of the step that consumed it (includes the wait for the 80 ms tick);
+- ``tick_to_send_ms``: the part of BAL after the tick fired (step, DSP, send);
+- late frames, missed ticks, step time;
+- ``cpu_percent_per_call``: server process CPU time / wall time / N, in % of one core.
+
+    .venv/bin/python benchmarks/bridge.py [--calls 1,10,50,100] [--window 10]
+
+Prints one JSON object. Targets (issue 4, 2-core box): 100 calls with BAL p99 <= 20 ms, zero
+late frames, <= 1 % of one core per call in the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TARGETS = {"calls": 100, "bal_p99_ms": 20.0, "late_frames": 0, "cpu_percent_per_call": 1.0}
+
+
+# ------------------------------------------------------------------------------ server
+
+
+def serve(port: int, slots: int) -> None:
+    """The server process: a Runtime driven by MARK / REPORT / QUIT lines on stdin."""
+    from engine.config import load_settings
+    from engine.logging_setup import configure
+    from engine.runtime import Runtime
+
+    configure()
+    settings = load_settings()
+    settings.model.slots = slots
+    runtime = Runtime(settings, model_spec="echo", bridge_port=port, supervisor_port=0, webhooks_port=0)
+    runtime.start()
+    while runtime.model is None:
+        time.sleep(0.01)
+    print("READY", flush=True)
+    marked = (time.monotonic(), time.process_time())
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "MARK":
+            runtime.call_soon(_reset(runtime)).result()
+            marked = (time.monotonic(), time.process_time())
+        elif command == "REPORT":
+            wall = time.monotonic() - marked[0]
+            cpu = time.process_time() - marked[1]
+            bridge = runtime.bridge.describe()
+            sched = runtime.scheduler
+            print(json.dumps({
+                "wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "live_calls": len(runtime.calls),
+                "bal_ms": bridge["bal_ms"], "tick_to_send_ms": bridge["tick_to_send_ms"],
+                "playout_lag_ms": bridge["playout_lag_ms"], "refusals": bridge["refusals"],
+                "late_frames": sched.late_frames, "missed_ticks": sched.missed_ticks,
+                "step_ms": sched.step_ms.summary(), "admission_ms": sched.admission_ms.summary(),
+            }), flush=True)
+        elif command == "QUIT":
+            break
+    runtime.stop()
+
+
+async def _reset(runtime: Any) -> None:
+    from engine.telemetry.latency import Histogram
+
+    bridge, sched = runtime.bridge, runtime.scheduler
+    bridge.bal_ms, bridge.tick_to_send_ms, bridge.playout_lag_ms = Histogram(), Histogram(), Histogram()
+    sched.step_ms = Histogram()
+    sched.late_frames = 0
+    sched.missed_ticks = 0
+
+
+# ------------------------------------------------------------------------------ client
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    def __init__(self, slots: int) -> None:
+        self.port = free_port()
+        self.home = tempfile.TemporaryDirectory(prefix="xswarm-bench-")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("XSWARM_", "TWILIO_"))}
+        env["XSWARM_HOME"] = self.home.name
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--serve", str(self.port), "--slots", str(slots)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if line != "READY":
+            raise RuntimeError(f"server did not start: {line!r}")
+
+    def command(self, text: str) -> dict[str, Any] | None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline()) if text == "REPORT" else None
+
+    def close(self) -> None:
+        try:
+            self.command("QUIT")
+            self.proc.wait(timeout=30)
+        except Exception:
+            self.proc.kill()
+        self.home.cleanup()
+
+
+def test_audio(seconds: float) -> bytes:
+    import numpy as np
+
+    from engine.audio import mulaw
+
+    n = int(seconds * 8000)
+    rng = np.random.default_rng(11)
+    spectrum = np.fft.rfft(rng.standard_normal(n))
+    freqs = np.fft.rfftfreq(n, 1 / 8000)
+    spectrum[(freqs < 300) | (freqs > 3000)] = 0
+    x = np.fft.irfft(spectrum, n)
+    return mulaw.encode((0.4 * x / np.abs(x).max()).astype(np.float32)).tobytes()
+
+
+def run(calls: int, window_s: float, stagger_s: float) -> dict[str, Any]:
+    from engine.bridge.simulator import StreamTarget, stream_call
+
+    server = Server(slots=max(calls, 1))
+    ramp = stagger_s * (calls - 1)
+    audio = test_audio(ramp + window_s + 3.0)
+    target = StreamTarget(f"ws://127.0.0.1:{server.port}/twilio")
+    report: dict[str, Any] = {}
+
+    async def one(k: int) -> Any:
+        await asyncio.sleep(k * stagger_s)
+        return await stream_call(target, audio, tail_s=0.3)
+
+    async def controller() -> None:
+        await asyncio.sleep(ramp + 1.5)
+        await asyncio.to_thread(server.command, "MARK")
+        await asyncio.sleep(window_s)
+        report.update(await asyncio.to_thread(server.command, "REPORT") or {})
+
+    async def main() -> list[Any]:
+        results = await asyncio.gather(*(one(k) for k in range(calls)), controller(), return_exceptions=True)
+        return list(results[:calls])
+
+    client_cpu = time.process_time()
+    started = time.monotonic()
+    try:
+        results = asyncio.run(main())
+    finally:
+        server.close()
+    client_cpu = (time.process_time() - client_cpu) / (time.monotonic() - started)
+    failures = [repr(r) for r in results if isinstance(r, BaseException)]
+    delays = sorted(r.echo_delay_ms for r in results if not isinstance(r, BaseException) and r.echo_delay_ms is not None)
+    wall, cpu = report.get("wall_s") or 1.0, report.get("cpu_s") or 0.0
+    return {
+        "calls": calls,
+        "window_s": wall,
+        "bal_ms": report.get("bal_ms"),
+        "tick_to_send_ms": report.get("tick_to_send_ms"),
+        "late_frames": report.get("late_frames"),
+        "missed_ticks": report.get("missed_ticks"),
+        "step_ms": report.get("step_ms"),
+        "playout_lag_ms": report.get("playout_lag_ms"),
+        "live_calls_in_window": report.get("live_calls"),
+        "server_cpu_percent_per_call": round(100 * cpu / wall / calls, 3),
+        "server_cpu_percent_total": round(100 * cpu / wall, 2),
+        "client_cpu_percent_total": round(100 * client_cpu, 2),
+        "client_echo_delay_ms": {"p50": delays[len(delays) // 2], "max": delays[-1]} if delays else None,
+        "client_failures": failures[:5],
+        "refusals": report.get("refusals"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", default="1,10,50,100", help="comma-separated concurrent call counts")
+    parser.add_argument("--window", type=float, default=10.0, help="measurement window per run, seconds")
+    parser.add_argument("--stagger", type=float, default=0.0137, help="seconds between call starts")
+    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--slots", type=int, default=128, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve, args.slots)
+        return
+    runs = [run(int(n), args.window, args.stagger) for n in args.calls.split(",")]
+    biggest = next((r for r in runs if r["calls"] == TARGETS["calls"]), None)
+    met = None
+    if biggest is not None and biggest["bal_ms"]:
+        met = {
+            "bal_p99_ms": biggest["bal_ms"]["p99"] <= TARGETS["bal_p99_ms"],
+            "late_frames": biggest["late_frames"] == TARGETS["late_frames"],
+            "cpu_percent_per_call": biggest["server_cpu_percent_per_call"] <= TARGETS["cpu_percent_per_call"],
+        }
+    print(json.dumps({
+        "benchmark": "bridge",
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                    "load_avg_1m": round(os.getloadavg()[0], 2)},
+        "model": "echo",
+        "targets": TARGETS,
+        "met": met,
+        "runs": runs,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    threading.current_thread().name = "bench"
+    main()
