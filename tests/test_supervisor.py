@@ -35,6 +35,7 @@ from engine.events import (
     Listen,
     Mute,
     SupervisorActed,
+    SystemSampled,
     TakeOver,
     Transfer,
     Unlisten,
@@ -453,6 +454,15 @@ async def test_never_reading_supervisor_is_disconnected_not_waited_for(rig) -> N
     _, _, body = await http_get(server.port, "/metrics")
     assert "xswarm_supervisor_slow_disconnects_total 1.0" in body
     assert 'xswarm_supervisor_dropped_total{kind="audio"}' in body
+
+
+async def test_headless_server_streams_system_figures(rig) -> None:
+    """No sampler on the bus (xswarm serve): the server samples CPU/RAM/GPU itself."""
+    runtime, server, url = rig
+    async with SupervisorClient(url, MONITOR) as mon:
+        sample = await next_of(mon, SystemSampled, timeout=5)
+    assert sample.ram_total_bytes > 0 and 0 <= sample.cpu_percent <= 100 * (os.cpu_count() or 1)
+    assert sample.gpus or sample.gpu_reason  # either real GPUs or the reason there are none
 
 
 # ------------------------------------------------------------------------------ transfer

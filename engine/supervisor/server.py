@@ -67,6 +67,7 @@ late audio is worth less than live audio."""
 SEND_STALL_S = 10.0
 """A client whose socket accepted nothing for this long is disconnected."""
 MAX_CLIENTS = 100
+SYSTEM_INTERVAL_S = 1.0
 SEND_BUFFER_BYTES = 64 * 1024
 """Kernel send buffer per supervisor socket. Left to autotuning it grows to megabytes, which for
 a client that stalls would hold tens of seconds of stale audio out of our queues' reach; kept
@@ -122,6 +123,9 @@ class SupervisorServer:
         self._loop_thread = 0
         self._unsubscribe: Callable[[], None] | None = None
         self._last_system: SystemSampled | None = None
+        self._bus_system_at = 0.0
+        """When the bus last carried a SystemSampled (the embedded TUI runs its own sampler)."""
+        self._system_task: asyncio.Task[None] | None = None
         self._sample_sent: dict[str, float] = {}
         self._sample_pending: dict[str, LatencySampled] = {}
         self._sample_timers: dict[str, asyncio.TimerHandle] = {}
@@ -136,6 +140,7 @@ class SupervisorServer:
         self._loop_thread = threading.get_ident()
         self.metrics = Metrics(self.runtime, supervisor=self)
         self._unsubscribe = self.runtime.bus.subscribe(self._on_bus)
+        self._system_task = self._loop.create_task(self._sample_system(), name="supervisor-system-sampler")
         self._server = await serve(
             self._handle,
             host,
@@ -153,6 +158,9 @@ class SupervisorServer:
         log.info("supervisor listening on %s:%s", host, self.port)
 
     async def stop(self) -> None:
+        if self._system_task is not None:
+            self._system_task.cancel()
+            self._system_task = None
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
@@ -407,6 +415,34 @@ class SupervisorServer:
 
         return tap
 
+    async def _sample_system(self) -> None:
+        """CPU, RAM and GPU for the snapshot and the stream while supervisors are connected.
+
+        A headless ``xswarm serve`` has no other sampler; when one already publishes on the bus
+        (the embedded TUI), this stays quiet so clients do not get every figure twice. NVML and
+        /proc reads block for milliseconds, so they run on a worker thread."""
+        from engine.telemetry import system
+
+        loop = asyncio.get_running_loop()
+        primed = False
+        while True:
+            await asyncio.sleep(SYSTEM_INTERVAL_S)
+            if not self._clients or time.monotonic() - self._bus_system_at < 2.5 * SYSTEM_INTERVAL_S:
+                primed = False
+                continue
+            try:
+                sample = await loop.run_in_executor(None, system.sample)
+            except Exception:
+                log.exception("system sample failed")
+                continue
+            if not primed:  # psutil's first CPU figure covers no interval: read it, do not send it
+                primed = True
+                continue
+            self._last_system = sample
+            frame = p.event_frame(sample)
+            for client in self._clients:
+                self._push_sample(client, ("SystemSampled", ""), frame)
+
     # ------------------------------------------------------------------------- fan-out
 
     def _on_bus(self, event: Event) -> None:
@@ -419,6 +455,7 @@ class SupervisorServer:
     def _dispatch(self, event: Event) -> None:
         if isinstance(event, SystemSampled):
             self._last_system = event
+            self._bus_system_at = time.monotonic()
         elif isinstance(event, LatencySampled):
             if not self._due(event):
                 return
