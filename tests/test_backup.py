@@ -182,6 +182,7 @@ def test_restore_refuses_a_newer_schema_and_a_wrong_content_hash(live_db: Databa
 
 
 def test_retention_keeps_recent_and_the_newest(live_db: Database, store: ObjectStore) -> None:
+    store.put_bytes("backups/zz-notes.txt", b"an operator's file, not a backup")
     first = create_backup(live_db, store)
     second = create_backup(live_db, store)
     now = time.time()
@@ -191,6 +192,7 @@ def test_retention_keeps_recent_and_the_newest(live_db: Database, store: ObjectS
     assert deleted == [min(first.id, second.id)]
     assert [b.id for b in list_backups(store)] == [newest]  # never prunes the last backup
     assert prune_backups(store, 1, now=now + 400 * DAY) == []
+    assert store.exists("backups/zz-notes.txt")  # not ours: never pruned, never "the newest"
 
 
 # ------------------------------------------------------------------------------------ CLI
