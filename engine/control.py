@@ -105,7 +105,9 @@ class CallControl:
             try:
                 result = await self._apply(action, command, actor, tap, detail)
             except CallControlError as exc:  # the session refused: someone else holds it, it ended …
-                call = self.runtime.calls.get(call_id) if call_id else None
+                if call_id is None:  # start_local_call: no sound device here
+                    raise ControlError("unavailable", str(exc)) from None
+                call = self.runtime.calls.get(call_id)
                 raise ControlError("conflict", str(exc), operator=call.operator if call else None) from None
         except ControlError as exc:
             answer = {"ok": False, "error": str(exc), "code": exc.code, **exc.extra}

@@ -425,6 +425,20 @@ async def test_malformed_frames_get_errors_and_others_are_fine(rig) -> None:
         await good.command(Mute("CA1"))
 
 
+async def test_command_flood_is_rate_limited(rig) -> None:
+    runtime, server, url = rig
+    runtime.add_call("CA1")
+    async with connect(url, additional_headers={"Authorization": f"Bearer {OPERATOR}"}) as ws:
+        assert json.loads(await ws.recv())["type"] == "snapshot"
+        for i in range(80):
+            await ws.send(json.dumps({"v": 1, "type": "unmute", "id": i, "call_id": "CA1"}))
+        answers = [await _next_answer(ws) for _ in range(80)]
+    codes = [a.get("code", "ok") for a in answers]
+    assert sorted(a["id"] for a in answers) == list(range(80))
+    assert codes.count("rate_limited") >= 20 and codes.count("ok") >= 40
+    assert len(await audit_rows(runtime, action="unmute")) == codes.count("ok")
+
+
 async def test_never_reading_supervisor_is_disconnected_not_waited_for(rig) -> None:
     runtime, server, url = rig
     n_events = server_mod.MAX_QUEUED_EVENTS + 500

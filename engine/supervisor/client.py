@@ -115,12 +115,13 @@ class SupervisorClient:
         self.actor: str | None = None
         self.connected = asyncio.Event()
         self.reconnects = 0
+        self.last_connect_error: str | None = None
         self.last_error: str | None = None
         """The latest error the server sent that answered no command (bad operator audio)."""
         self._ws: ClientConnection | None = None
         self._ids = itertools.count(1)
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self._messages: asyncio.Queue[Message | BaseException] = asyncio.Queue(max_queue)
+        self._messages: asyncio.Queue[Message | BaseException | None] = asyncio.Queue(max_queue)
         self._audio: asyncio.Queue[Audio] = asyncio.Queue(256)
         self._listening: dict[str, str] = {}
         """call_id -> codec, re-sent after a reconnect."""
@@ -155,7 +156,8 @@ class SupervisorClient:
             waiter.cancel()
             if self._fatal is not None:
                 raise self._fatal
-            raise SupervisorError(f"no snapshot from {self.url} within {timeout} s")
+            why = f": {self.last_connect_error}" if self.last_connect_error else ""
+            raise SupervisorError(f"no snapshot from {self.url} within {timeout} s{why}")
         assert self.snapshot is not None
         return self.snapshot
 
@@ -170,6 +172,7 @@ class SupervisorClient:
         if self._ws is not None:
             await self._ws.close()
         self._fail_pending(Disconnected("client closed"))
+        await self._deliver(None)  # ends messages()
 
     # ---------------------------------------------------------------------- connection
 
@@ -184,7 +187,8 @@ class SupervisorClient:
                 await self._deliver(exc)
                 return
             except (OSError, ConnectionClosed, InvalidStatus, TimeoutError, asyncio.TimeoutError, SupervisorError) as exc:
-                log.info("supervisor connection to %s lost: %s", self.url, exc)
+                self.last_connect_error = str(exc) or type(exc).__name__
+                log.info("supervisor connection to %s lost: %s", self.url, self.last_connect_error)
             self.connected.clear()
             self._fail_pending(Disconnected("connection lost"))
             if self._closed:
@@ -292,7 +296,7 @@ class SupervisorClient:
             self._audio.get_nowait()
         self._audio.put_nowait(audio)
 
-    async def _deliver(self, item: Message | BaseException) -> None:
+    async def _deliver(self, item: Message | BaseException | None) -> None:
         if self._messages.full():  # a consumer that stopped reading loses the oldest, not the socket
             self._messages.get_nowait()
         self._messages.put_nowait(item)
@@ -310,12 +314,16 @@ class SupervisorClient:
         ``AuthError`` when the server refuses the token."""
         while True:
             item = await self._messages.get()
+            if item is None:
+                return
             if isinstance(item, BaseException):
                 raise item
             yield item
 
     async def next_message(self, timeout: float | None = None) -> Message:
         item = await asyncio.wait_for(self._messages.get(), timeout)
+        if item is None:
+            raise Disconnected("client closed")
         if isinstance(item, BaseException):
             raise item
         return item

@@ -68,6 +68,10 @@ SEND_STALL_S = 10.0
 """A client whose socket accepted nothing for this long is disconnected."""
 MAX_CLIENTS = 100
 SYSTEM_INTERVAL_S = 1.0
+COMMAND_RATE = 20.0
+COMMAND_BURST = 40.0
+"""Commands per second a client may sustain, and its burst: every command is an audit row,
+so a runaway script must not turn into a database flood."""
 SEND_BUFFER_BYTES = 64 * 1024
 """Kernel send buffer per supervisor socket. Left to autotuning it grows to megabytes, which for
 a client that stalls would hold tens of seconds of stale audio out of our queues' reach; kept
@@ -104,6 +108,18 @@ class _Client:
     decoders: dict[str, p.OpusDecoder] = field(default_factory=dict)
     last_error_at: float = 0.0
     closing: bool = False
+    credits: float = COMMAND_BURST
+    credited_at: float = field(default_factory=time.monotonic)
+
+    def take_credit(self) -> bool:
+        """Token bucket for commands (see COMMAND_RATE)."""
+        now = time.monotonic()
+        self.credits = min(COMMAND_BURST, self.credits + (now - self.credited_at) * COMMAND_RATE)
+        self.credited_at = now
+        if self.credits < 1.0:
+            return False
+        self.credits -= 1.0
+        return True
 
 
 class SupervisorServer:
@@ -338,6 +354,10 @@ class SupervisorServer:
             return
         command = request.command
         assert command is not None
+        if not client.take_credit():
+            self._push_event(client, p.error_frame(request.id, f"more than {COMMAND_RATE:.0f} commands a second",
+                                                   code="rate_limited", type_of=request.type))
+            return
         tap = None
         if isinstance(command, Listen):
             codec = (request.body or {}).get("codec", "pcm16")
