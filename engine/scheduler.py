@@ -65,6 +65,11 @@ class _Result:
     step_ms: float
 
 
+def _rms(x: np.ndarray) -> np.ndarray:
+    """Per-row RMS level without a squared temporary."""
+    return np.sqrt(np.einsum("ij,ij->i", x, x) / max(x.shape[1], 1)) if x.size else np.zeros(x.shape[0])
+
+
 class Scheduler:
     """Runs the tick on the runtime loop and the model on its one inference thread."""
 
@@ -226,8 +231,9 @@ class Scheduler:
             self._up.reset(slot)
             self._down.reset(slot)
         rows = batch.rows
+        pcm8k_in = mulaw.decode(batch.ulaw)
         if rows:
-            inp.pcm[:rows] = self._up.process(mulaw.decode(batch.ulaw))
+            inp.pcm[:rows] = self._up.process(pcm8k_in)
         for slot, frame in batch.pcm_rows.items():
             inp.pcm[slot] = frame
         inp.pcm[~inp.active] = 0.0
@@ -236,9 +242,12 @@ class Scheduler:
         if inp.takeover is not None and inp.operator_pcm is not None:
             # the caller hears the operator even if a model forgets to pass the audio through
             pcm_out = np.where(inp.takeover[:, None], inp.operator_pcm, pcm_out)
-        ulaw_out = mulaw.encode(self._down.process(pcm_out[:rows])) if rows else np.zeros((0, FRAME_BYTES), np.uint8)
-        in_level = np.sqrt(np.mean(np.square(inp.pcm[:rows]), axis=1)) if rows else np.zeros(0)
-        out_level = np.sqrt(np.mean(np.square(pcm_out[:rows]), axis=1)) if rows else np.zeros(0)
+        pcm8k_out = self._down.process(pcm_out[:rows]) if rows else np.zeros((0, FRAME_BYTES), np.float32)
+        ulaw_out = mulaw.encode(pcm8k_out)
+        in_level = _rms(pcm8k_in)  # levels at 8 kHz: a third of the work, same meter reading
+        out_level = _rms(pcm8k_out)
+        for slot, frame in batch.pcm_rows.items():  # local calls have no 8 kHz input
+            in_level[slot] = float(np.sqrt(np.mean(np.square(frame))))
         step_ms = (self.clock() - batch.at) * 1000
         return _Result(inp.pcm, pcm_out, ulaw_out, np.asarray(out.ready, bool), list(out.text), in_level, out_level, step_ms)
 

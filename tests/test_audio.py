@@ -186,8 +186,8 @@ def test_inbound_short_start_is_padded_with_silence_in_front() -> None:
     assert frames.late == 0
 
 
-def test_inbound_late_chunk_is_concealed_and_its_straggler_discarded() -> None:
-    frames = InboundFrames(guard_s=0.002)
+def test_inbound_late_chunk_is_concealed_and_the_margin_grows_then_relaxes() -> None:
+    frames = InboundFrames(guard_s=0.002, max_depth=1, relax_after_ticks=5, trim_after_ticks=2)
     for i in range(4):
         frames.push(b"\x10" * CHUNK_BYTES, at=0.02 * i)
     assert frames.pop(0.07)[0] == b"\x10" * FRAME_BYTES
@@ -195,13 +195,37 @@ def test_inbound_late_chunk_is_concealed_and_its_straggler_discarded() -> None:
         frames.push(b"\x20" * CHUNK_BYTES, at=0.08 + 0.02 * i)
     frame, completed = frames.pop(0.15)
     assert frame == b"\x20" * (3 * CHUNK_BYTES) + b"\xff" * CHUNK_BYTES and completed is None
-    assert frames.late == 1
-    frames.push(b"\x21" * CHUNK_BYTES, at=0.152)  # the straggler: already concealed, discarded
+    assert frames.late == 1 and frames.depth == 1
+    frames.push(b"\x21" * CHUNK_BYTES, at=0.152)  # the straggler becomes 20 ms of margin
     for i in range(4):
         frames.push(b"\x30" * CHUNK_BYTES, at=0.16 + 0.02 * i)
     frame, completed = frames.pop(0.23)
-    assert frame == b"\x30" * FRAME_BYTES and completed == pytest.approx(0.22)  # the phase did not move
-    assert frames.dropped_bytes == CHUNK_BYTES and frames.late == 1
+    assert frame == b"\x21" * CHUNK_BYTES + b"\x30" * (3 * CHUNK_BYTES)
+    assert completed == pytest.approx(0.2)  # one chunk earlier than before: the margin
+    tick = 0.23
+    for _ in range(8):  # no more lateness: the margin is given back after relax_after_ticks
+        tick += 0.08
+        for i in range(4):
+            frames.push(b"\x40" * CHUNK_BYTES, at=tick - 0.07 + 0.02 * i)
+        assert frames.pop(tick)[0] is not None
+    assert frames.depth == 0 and frames.late == 1
+    assert frames.dropped_bytes == CHUNK_BYTES and frames.buffered == 0
+
+
+def test_inbound_late_chunk_beyond_the_margin_is_discarded() -> None:
+    frames = InboundFrames(guard_s=0.002, max_depth=0)
+    for i in range(4):
+        frames.push(b"\x10" * CHUNK_BYTES, at=0.02 * i)
+    frames.pop(0.07)
+    for i in range(3):
+        frames.push(b"\x20" * CHUNK_BYTES, at=0.08 + 0.02 * i)
+    frames.pop(0.15)
+    frames.push(b"\x21" * CHUNK_BYTES, at=0.152)  # already concealed: a late packet is lost
+    for i in range(4):
+        frames.push(b"\x30" * CHUNK_BYTES, at=0.16 + 0.02 * i)
+    frame, completed = frames.pop(0.23)
+    assert frame == b"\x30" * FRAME_BYTES and completed == pytest.approx(0.22)  # phase unchanged
+    assert frames.dropped_bytes == CHUNK_BYTES
 
 
 def test_inbound_persistent_backlog_is_trimmed() -> None:

@@ -6,11 +6,15 @@ alignment logic: every call arrives with its own 20 ms phase against our single 
 Grouping chunks 1-4, 5-8, ... blindly would make a call wait up to 80 ms for the tick; we
 instead choose, once, the frame boundary that ends on the newest chunk that arrived at least
 ``guard_s`` before a tick, so the wait is ``guard_s`` plus at most one chunk (20 ms). After that
-frames are taken strictly in order. A frame whose chunks have not all arrived by the tick is
-late: what did arrive is used, the gap is filled with silence, and the straggling bytes are
-discarded when they come (a classic jitter buffer: a late packet is a lost packet), so one
-late chunk costs 20 ms of audio and never shifts the stream. A backlog that persists (the
-caller's clock runs fast, or a burst after a stall) is trimmed so the delay cannot creep up.
+frames are taken strictly in order.
+
+A frame whose chunks have not all arrived by the tick is late: what did arrive is used and the
+gap is filled with silence. The buffer then adapts: it keeps the last missing chunk when it
+comes (one more chunk, 20 ms, of margin against this caller's jitter, up to ``max_depth``)
+and discards the rest (a late packet is a lost packet), so a stall never shifts the stream by
+more than the margin. A margin unused for ``relax_after_ticks`` is given back, and a backlog
+beyond the margin that persists (the caller's clock runs fast, a burst after a stall) is
+trimmed, so the delay cannot creep up.
 
 Outbound is simpler: one 640-byte frame becomes four 160-byte payloads.
 """
@@ -39,16 +43,22 @@ def split_frame(codes: bytes) -> list[bytes]:
 class InboundFrames:
     """One call's inbound mu-law bytes -> one aligned 80 ms frame per tick."""
 
-    def __init__(self, guard_s: float = 0.004, trim_after_ticks: int = 12) -> None:
+    def __init__(self, guard_s: float = 0.004, trim_after_ticks: int = 12, max_depth: int = 2,
+                 relax_after_ticks: int = 375) -> None:
         self.guard_s = guard_s
         self.trim_after_ticks = trim_after_ticks
+        self.max_depth = max_depth
+        self.relax_after_ticks = relax_after_ticks
         self._buf = bytearray()
         self._arrivals: deque[tuple[int, float]] = deque()  # (cumulative end offset, time)
         self._in = 0  # bytes ever pushed (plus silence padding)
         self._out = 0  # bytes ever consumed or dropped
         self._aligned = False
         self._backlog_ticks = 0
+        self._clean_ticks = 0
         self._skip = 0  # bytes still to discard: they were concealed with silence already
+        self.depth = 0
+        """Extra chunks of margin this caller's jitter has earned (0 .. max_depth)."""
         self.preroll = 0
         """Ticks that passed before the first frame (nothing eligible yet)."""
         self.lead = 0
@@ -93,16 +103,26 @@ class InboundFrames:
         completed_at = next(t for cum, t in self._arrivals if cum >= end)
         frame = bytes(self._buf[:FRAME_BYTES])
         self._drop(FRAME_BYTES)
+        self._clean_ticks += 1
+        if self.depth and self._clean_ticks >= self.relax_after_ticks:
+            self.depth -= 1  # the margin went unused: give it back (the trim below cuts it)
+            self._clean_ticks = 0
         self._trim(self._eligible_end(tick_at) - self._out)
         return frame, completed_at
 
     def _conceal(self, have: int) -> bytes:
-        """Late frame: the bytes that made it, then silence; the missing bytes are owed."""
+        """Late frame: the bytes that made it, then silence. The missing bytes are discarded
+        when they come, except the last chunk while the margin may still grow."""
         self.late += 1
         frame = bytes(self._buf[:have]) + bytes([SILENCE]) * (FRAME_BYTES - have)
         self._drop(have)
-        self._skip = FRAME_BYTES - have
+        owed = FRAME_BYTES - have
+        if self.depth < self.max_depth and owed >= CHUNK_BYTES:
+            self.depth += 1
+            owed -= CHUNK_BYTES
+        self._skip = owed
         self._backlog_ticks = 0
+        self._clean_ticks = 0
         return frame
 
     def _eligible_end(self, tick_at: float) -> int:
@@ -128,14 +148,15 @@ class InboundFrames:
         self._aligned = True
 
     def _trim(self, backlog: int) -> None:
-        """Drop a backlog of whole chunks that has lasted ``trim_after_ticks`` ticks."""
-        if backlog < CHUNK_BYTES:
+        """Drop a backlog beyond the margin that has lasted ``trim_after_ticks`` ticks."""
+        excess = backlog - self.depth * CHUNK_BYTES
+        if excess < CHUNK_BYTES:
             self._backlog_ticks = 0
             return
         self._backlog_ticks += 1
         if self._backlog_ticks >= self.trim_after_ticks:
-            self._drop(backlog)
-            self.dropped_bytes += backlog
+            self._drop(excess)
+            self.dropped_bytes += excess
             self._backlog_ticks = 0
 
     def _drop(self, n: int) -> None:

@@ -33,12 +33,13 @@ class EchoModel(VoiceModel):
         return cls(slots or settings.model.slots or DEFAULT_SLOTS)
 
     def step(self, batch: StepInput) -> StepOutput:
-        previous = self._previous
-        previous[batch.admitted] = 0.0  # a new call must not hear the previous caller
-        out = previous.copy()
+        out = self._previous
+        out[batch.admitted] = 0.0  # a new call must not hear the previous caller
         if batch.takeover is not None and batch.operator_pcm is not None and batch.takeover.any():
             out[batch.takeover] = batch.operator_pcm[batch.takeover]
-        previous[:] = np.where(batch.active[:, None], batch.pcm, 0.0)
+        # keep this step's input for the next one; the caller hands us a fresh array per step
+        self._previous = np.array(batch.pcm, np.float32, copy=True)
+        self._previous[~batch.active] = 0.0
         text = [""] * self.slots
         for slot, forced in batch.forced_text.items():
             text[slot] = forced
