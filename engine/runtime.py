@@ -15,6 +15,7 @@ import importlib
 import inspect
 import logging
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -36,6 +37,7 @@ from engine.store.migrations import migrate
 log = logging.getLogger("xswarm.runtime")
 
 RECENT_EVENTS = 50
+SWITCH_INTERVAL_S = 0.001
 _QUIET_EVENTS = (events.LatencySampled, events.TickSampled, events.SystemSampled)
 """High-rate samples are not kept in the snapshot's recent-events list."""
 
@@ -94,6 +96,10 @@ class Runtime:
 
     def start(self) -> None:
         """Open the database, start the loop thread and the servers; the model loads behind."""
+        # The tick hands work between the loop thread and the inference thread twice per 80 ms;
+        # with CPython's default 5 ms GIL switch interval each hand-off can wait that long
+        # behind a busy loop. 1 ms keeps the hand-off short at a negligible switching cost.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         self.db = Database.from_settings(self.settings).start()
         try:
             migrate(self.db)
