@@ -117,10 +117,6 @@ class CallSession:
     def late_frames(self) -> int:
         return self.inbound.late if self.inbound is not None else 0
 
-    @property
-    def takeover(self) -> bool:
-        return self.operator is not None
-
     def _changed(self) -> None:
         self._bus.publish(events.CallUpdated(call_id=self.call_id, mode=self.mode, operator=self.operator, listeners=len(self.taps)))
 

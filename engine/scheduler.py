@@ -30,7 +30,7 @@ from engine.audio.framing import FRAME_BYTES
 from engine.audio.resample import Downsampler, Upsampler
 from engine.calls import CallRegistry, CallSession
 from engine.events import EventBus
-from engine.models.base import FRAME_S, FRAME_SIZE, Progress, StepInput, VoiceModel
+from engine.models.base import FRAME_S, FRAME_SIZE, StepInput, VoiceModel
 from engine.telemetry.latency import Histogram
 
 log = logging.getLogger("xswarm.scheduler")
@@ -88,22 +88,11 @@ class Scheduler:
         self.ticks = 0
         self.steps = 0
         self._window_steps: list[float] = []
-        self._window_missed = 0
         self._up: Upsampler | None = None
         self._down: Downsampler | None = None
         self._task: asyncio.Task[None] | None = None
 
     # -------------------------------------------------------------------- model
-
-    def load_model(self, model: VoiceModel, progress: Progress | None = None) -> "concurrent.futures.Future[VoiceModel]":
-        """Load and warm the model on the inference thread (the only thread that touches it)."""
-
-        def work() -> VoiceModel:
-            model.load(progress)
-            model.warmup()
-            return model
-
-        return self.executor.submit(work)
 
     def attach(self, model: VoiceModel) -> None:
         """Serve calls with a loaded model (on the loop, while no call is live)."""
@@ -144,7 +133,6 @@ class Scheduler:
             behind = int((now - deadline) / self.tick_s)
             if behind > 0:  # the loop stalled past whole ticks: skip them, keep the grid
                 self.missed_ticks += behind
-                self._window_missed += behind
                 k += behind
             self.ticks += 1
             try:
@@ -279,8 +267,7 @@ class Scheduler:
                 active=len(self.calls), slots=self.calls.capacity, missed_ticks=self.missed_ticks,
             ))
             self._window_steps.clear()
-            self._window_missed = 0
-
+    
     def _publish_call(self, s: CallSession) -> None:
         self.bus.publish(events.LatencySampled(
             call_id=s.call_id, step_ms=round(s.step_ms, 3), bal_ms=s.last_bal_ms, playout_lag_ms=s.last_lag_ms,
