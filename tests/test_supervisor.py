@@ -222,15 +222,21 @@ async def test_auth_message_gets_snapshot_first(rig) -> None:
 async def test_failures_are_rate_limited(rig) -> None:
     runtime, server, url = rig
     for _ in range(5):
-        with pytest.raises(InvalidStatus):
+        with pytest.raises(InvalidStatus) as info:
             async with connect(url, additional_headers={"Authorization": "Bearer guess"}):
                 pass
+        assert info.value.response.status_code == 401
     with pytest.raises(InvalidStatus) as info:  # even the right token, while the window lasts
         async with connect(url, additional_headers={"Authorization": f"Bearer {OPERATOR}"}):
             pass
     assert info.value.response.status_code == 429
+    async with connect(url) as ws:  # the auth message is refused the same way
+        await ws.send(json.dumps({"v": 1, "type": "auth", "token": OPERATOR}))
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 3)
+        assert ws.close_code == p.CLOSE_RATE_LIMITED
     _, _, body = await http_get(server.port, "/metrics")
-    assert 'xswarm_supervisor_auth_failures_total{reason="rate_limited"} 1.0' in body
+    assert 'xswarm_supervisor_auth_failures_total{reason="rate_limited"} 2.0' in body
     assert 'xswarm_supervisor_auth_failures_total{reason="bad_token"} 5.0' in body
 
 

@@ -213,9 +213,9 @@ class SupervisorServer:
         token = bearer(request.headers.get("Authorization"))
         if token is None:
             return None  # the client may still authenticate with its first message
+        blocked = self._auth is not None and self._auth.blocked(address)
         role = self._check(address, token)
         if role is None:
-            blocked = self._auth is not None and self._auth.blocked(address)
             return conn.respond(429 if blocked else 401, "too many failed attempts\n" if blocked else "invalid token\n")
         self._header_roles[conn] = (role, _name(request.headers.get("X-Xswarm-Name")) or role)
         return None
@@ -304,10 +304,11 @@ class SupervisorServer:
             request = p.parse_request(raw)
             if request.type == p.AUTH:
                 token = request.body.get("token") if request.body else None
+                blocked = self._auth is not None and self._auth.blocked(address)
                 role = self._check(address, token if isinstance(token, str) else None)
                 if role is not None:
                     return role, _name((request.body or {}).get("name")) or role
-                reason = "rate limited" if self._auth and self._auth.blocked(address) else "invalid token"
+                reason = "rate limited" if blocked else "invalid token"
             else:
                 self._check(address, None)
         except (TimeoutError, asyncio.TimeoutError):
