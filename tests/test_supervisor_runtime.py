@@ -204,6 +204,10 @@ async def test_whisper_and_hangup_on_the_real_call_path(runtime: Runtime) -> Non
 
 
 async def test_metrics_read_the_runtime(runtime: Runtime) -> None:
+    async with connect(f"ws://127.0.0.1:{runtime.bridge_port}/twilio") as bad:  # refused at admission
+        await bad.send(json.dumps({"event": "start", "start": {"streamSid": "MZ1", "callSid": "CA1",
+                                                               "mediaFormat": {"encoding": "audio/l16"}}}))
+        await bad.wait_closed()
     async with Caller(runtime.bridge_port, "CA500", audio_with_bursts(5)):
         async with SupervisorClient(sup_url(runtime), MONITOR) as mon:
             await wait_call(mon, runtime, "CA500")
@@ -215,6 +219,7 @@ async def test_metrics_read_the_runtime(runtime: Runtime) -> None:
     assert "xswarm_step_duration_ms_count" in body and 'xswarm_step_duration_ms_bucket{le="+Inf"}' in body
     assert "xswarm_bridge_added_latency_ms_count" in body
     assert "xswarm_missed_ticks_total" in body and "xswarm_supervisor_clients 1.0" in body
+    assert 'xswarm_admission_refusals_total{reason="bad_media_format"} 1.0' in body
 
 
 @pytest.mark.slow

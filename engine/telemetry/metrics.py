@@ -21,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from engine.events import CallRefused, Event, WebhookFailed, WebhookReceived
+from engine.events import Event, WebhookFailed, WebhookReceived
 
 if TYPE_CHECKING:
     from engine.runtime import Runtime
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 
 class Metrics:
-    """The registry behind /metrics; subscribes to the bus for webhook and refusal counts."""
+    """The registry behind /metrics; subscribes to the bus for webhook counts."""
 
     def __init__(self, runtime: "Runtime", *, supervisor: "SupervisorServer | None" = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
@@ -39,9 +39,6 @@ class Metrics:
         self.webhook_failures = Counter(
             "xswarm_webhooks_failed", "Webhook deliveries that failed processing, per provider.", ["provider", "dead"],
             registry=self.registry,
-        )
-        self.refused = Counter(
-            "xswarm_calls_refused_events", "CallRefused events seen on the bus, per reason.", ["reason"], registry=self.registry
         )
         self.auth_failures = Counter(
             "xswarm_supervisor_auth_failures", "Refused supervisor logins, per reason.", ["reason"], registry=self.registry
@@ -66,8 +63,6 @@ class Metrics:
             self.webhooks.labels(provider=event.provider).inc()
         elif isinstance(event, WebhookFailed):
             self.webhook_failures.labels(provider=event.provider, dead=str(event.dead).lower()).inc()
-        elif isinstance(event, CallRefused):
-            self.refused.labels(reason=event.reason).inc()
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type."""
