@@ -65,6 +65,27 @@ def lm_config(size: str, context: int | None = None) -> dict[str, Any]:
     return cfg
 
 
+def build_mimi(size: str, device: Any = "cpu") -> Any:
+    """A random-weight Mimi whose codebooks are random too.
+
+    moshi initialises codebooks to zeros (training fills them by k-means), which would map
+    every sound to code 0 and make the LM deaf to its caller. Random unit-scale codewords
+    keep encoding input-dependent, as with real weights.
+    """
+    from moshi.models import loaders
+    from moshi.quantization.core_vq import EuclideanCodebook
+
+    mimi = loaders.get_mimi(None, mimi_config=mimi_config(size), device=device)
+    with torch.no_grad():
+        for module in mimi.modules():
+            if isinstance(module, EuclideanCodebook):
+                module.embedding_sum.copy_(torch.randn_like(module.embedding_sum))
+                module.cluster_usage.fill_(1.0)
+                module._initialized.fill_(1.0)
+                module._embedding = None  # drop the cached (zero) codebook
+    return mimi
+
+
 def check_size(size: str) -> str:
     if size not in SIZES:
         raise ValueError(f"unknown synthetic size {size!r}: choose one of {', '.join(SIZES)}")
@@ -124,7 +145,7 @@ class SyntheticMoshi(BatchedMoshi):
             torch.manual_seed(self.seed)
         if progress:
             progress(0.1, f"building {self.name} Mimi (random weights)")
-        mimi = loaders.get_mimi(None, mimi_config=mimi_config(self.size), device=device)
+        mimi = build_mimi(self.size, device)
         if progress:
             progress(0.4, f"building {self.name} LM on {device} (random weights)")
         # filename=None: built directly on `device` (never on CPU first for the 7B).

@@ -44,12 +44,12 @@ def write_tiny_folder(folder: Path, seed: int = 0) -> Path:
     from moshi.models import loaders
     from safetensors.torch import save_file
 
-    from engine.models.synthetic import lm_config, mimi_config
+    from engine.models.synthetic import build_mimi, lm_config, mimi_config
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    mimi = loaders.get_mimi(None, mimi_config=mimi_config("tiny"))
+    mimi = build_mimi("tiny")
     lm = loaders.get_moshi_lm(None, lm_kwargs=lm_config("tiny"), dtype=torch.bfloat16)
     config = lm_config("tiny") | {
         "moshi_name": loaders.MOSHI_NAME,
