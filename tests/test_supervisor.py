@@ -256,6 +256,24 @@ def test_tokens_generated_once_with_0600(xswarm_home: Path) -> None:
     assert override.source["operator"] == "settings"
 
 
+def test_cli_prints_a_token_only_when_asked(xswarm_home: Path) -> None:
+    from typer.testing import CliRunner
+
+    from xswarm_tui.cli import app
+
+    runner = CliRunner()
+    operator = runner.invoke(app, ["supervisor", "token"])
+    monitor = runner.invoke(app, ["supervisor", "token", "--monitor"])
+    where = runner.invoke(app, ["supervisor", "token", "--where"])
+    assert operator.exit_code == monitor.exit_code == where.exit_code == 0, operator.output
+    tokens = load_tokens(load_settings())
+    assert operator.stdout.strip() == tokens.operator and monitor.stdout.strip() == tokens.monitor
+    assert where.stdout.strip() == str(token_file()) and tokens.operator not in where.stdout
+    token_file().write_text("{}")
+    broken = runner.invoke(app, ["supervisor", "token"])
+    assert broken.exit_code == 1 and "delete it to regenerate" in broken.output
+
+
 # ------------------------------------------------------------------------------ commands
 
 
@@ -321,6 +339,21 @@ async def test_two_supervisors_takeover_is_exclusive(rig) -> None:
         assert call.mode == "ai"
         await b.command(TakeOver("CA1"))
         assert call.operator == b.actor
+
+
+async def test_operator_audio_as_opus(rig) -> None:
+    runtime, server, url = rig
+    if not p.opus_available():
+        pytest.skip("sphn is not installed")
+    call = runtime.add_call("CA1")
+    async with SupervisorClient(url, OPERATOR) as op:
+        await op.command(TakeOver("CA1"))
+        tone = (0.4 * np.sin(2 * np.pi * 300 * np.arange(1920 * 5) / 24000)).astype(np.float32)
+        for i in range(5):
+            await op.send_audio("CA1", tone[i * 1920 : (i + 1) * 1920], codec="opus")
+        await _until(lambda: len(call.operator_audio) >= 1920 * 4)
+        frames = [call.operator_audio.pop() for _ in range(4)]
+    assert np.sqrt(np.mean(np.concatenate(frames[1:]) ** 2)) > 0.15  # the tone, decoded
 
 
 async def test_dropped_socket_hands_back(rig) -> None:
@@ -492,6 +525,8 @@ async def test_transfer_redirects_through_twilio_rest(xswarm_home: Path, monkeyp
     seen: list[dict[str, Any]] = []
 
     async def calls_update(request: web.Request) -> web.Response:
+        if request.match_info["sid"] == "CAGONE":
+            return web.json_response({"code": 20404, "message": "The requested resource was not found"}, status=404)
         form = await request.post()
         seen.append({"path": request.path, "auth": request.headers.get("Authorization"), "twiml": form.get("Twiml")})
         return web.json_response({"sid": request.match_info["sid"], "status": "in-progress"})
@@ -520,13 +555,18 @@ async def test_transfer_redirects_through_twilio_rest(xswarm_home: Path, monkeyp
             with pytest.raises(CommandError) as info:
                 await op.command(Transfer("local-1"))
             assert info.value.code == "unavailable"
+            runtime.add_call("CAGONE")
+            with pytest.raises(CommandError) as info:
+                await op.command(Transfer("CAGONE"))
+            assert info.value.code == "failed" and "404" in str(info.value)
         assert seen == [{
             "path": "/2010-04-01/Accounts/AC123/Calls/CA9.json",
             "auth": "Basic QUMxMjM6c2VjcmV0",
             "twiml": "<Response><Dial>+15557654321</Dial></Response>",
         }]
         rows = await audit_rows(runtime, action="transfer")
-        assert rows[-1].detail == {"to": "+15557654321"} and rows[-1].result == "ok"
+        assert [(r.call_id, r.result[:5]) for r in reversed(rows)] == [("CA9", "ok"), ("local-1", "error"), ("CAGONE", "error")]
+        assert rows[-1].detail == {"to": "+15557654321"}
     finally:
         await server.stop()
         runtime.close()
