@@ -416,19 +416,20 @@ async def test_listen_opus(rig) -> None:
 async def test_latency_samples_coalesced_to_4hz(rig) -> None:
     runtime, server, url = rig
     runtime.add_call("CA1")
+    runtime.add_call("CA2")
     async with SupervisorClient(url, MONITOR) as mon:
-        start = time.monotonic()
-        for i in range(20):  # 20 samples in ~0.2 s: at most 2 should leave (one now, the newest later)
+        for i in range(20):  # a burst: the first leaves at once, the newest 250 ms later
             runtime.bus.publish(LatencySampled(call_id="CA1", step_ms=float(i)))
-            await asyncio.sleep(0.01)
+        runtime.bus.publish(LatencySampled(call_id="CA2", step_ms=99.0))  # another call: its own budget
         got = []
-        while time.monotonic() - start < 0.7:
+        deadline = time.monotonic() + 0.8
+        while time.monotonic() < deadline:
             try:
                 got.append(await next_of(mon, LatencySampled, timeout=0.1))
             except TimeoutError:
                 pass
-        assert 1 <= len(got) <= 3
-        assert got[0].step_ms == 0.0 and got[-1].step_ms == 19.0  # first at once, the newest kept
+    assert [(e.call_id, e.step_ms) for e in got] == [("CA1", 0.0), ("CA2", 99.0), ("CA1", 19.0)]
+    assert got[2].at - got[0].at < 0.05  # the event keeps its own time; only delivery waited
 
 
 async def test_malformed_frames_get_errors_and_others_are_fine(rig) -> None:
@@ -500,7 +501,7 @@ async def test_never_reading_supervisor_is_disconnected_not_waited_for(rig) -> N
                 await asyncio.sleep(0)
         await _until(lambda: stuck.state.name == "CLOSED" or server.client_count == 1, timeout=15)
         assert server.client_count == 1  # only the good one is left
-        assert max(publish_s) < 0.05  # the publisher never waited on the stuck socket
+        assert np.median(publish_s) < 0.002 and sum(publish_s) < 2.0  # never waited on the stuck socket
         last = await next_of(good, WebhookReceived, timeout=10, where=lambda e: e.summary.startswith(f"{n_events - 1} "))
         assert last.provider == "twilio"
         await stuck.close()
