@@ -95,6 +95,7 @@ class CallSession:
         self.in_level = 0.0
         self.out_level = 0.0
         self.frames_out = 0
+        self.send_failed = False
         self.last_bal_ms: float | None = None
         self.last_lag_ms: float | None = None
         self.transcript: list[str] = []

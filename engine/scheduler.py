@@ -84,6 +84,7 @@ class Scheduler:
         self.step_ms = Histogram()
         self.admission_ms = Histogram()
         self.missed_ticks = 0
+        self.failed_ticks = 0
         self.late_frames = 0
         self.ticks = 0
         self.steps = 0
@@ -140,7 +141,9 @@ class Scheduler:
             except asyncio.CancelledError:
                 raise
             except Exception:  # a failing step must not stop every call's clock
-                log.exception("tick %d failed", self.ticks)
+                self.failed_ticks += 1
+                if self.failed_ticks in (1, 10) or self.failed_ticks % 1000 == 0:  # never a line per tick
+                    log.exception("tick %d failed (%d failures so far)", self.ticks, self.failed_ticks)
 
     async def tick(self, now: float) -> None:
         """One tick: gather on the loop, compute on the inference thread, deliver on the loop."""
@@ -254,7 +257,13 @@ class Scheduler:
                 self._feed_taps(s, result.pcm_in[slot], result.pcm_out[slot])
             if result.ready[slot] and not s.muted:
                 s.last_tick_at = batch.at
-                s.transport.send_frame(s, tick, result.ulaw_out[slot].tobytes(), result.pcm_out[slot])
+                try:
+                    s.transport.send_frame(s, tick, result.ulaw_out[slot].tobytes(), result.pcm_out[slot])
+                except Exception:  # one broken transport must not cost the other calls their frame
+                    if not s.send_failed:
+                        log.exception("call %s: sending a frame failed", s.call_id)
+                    s.send_failed = True
+                    continue
                 s.frames_out += 1
             if result.text[slot]:
                 s.transcript.append(result.text[slot])

@@ -215,6 +215,26 @@ def test_takeover_mute_whisper_and_taps() -> None:
         session.whisper("  ")
 
 
+def test_a_broken_transport_does_not_cost_other_calls_their_frame() -> None:
+    scheduler, calls, bus, _ = make(EchoModel(2))
+
+    class Broken(Sink):
+        def send_frame(self, session: CallSession, step: int, ulaw: bytes, pcm: np.ndarray) -> None:
+            raise OSError("socket gone")
+
+    broken = CallSession("CA-broken", Broken(), bus=bus, inbound=InboundFrames(guard_s=0.0))
+    fine, sink = twilio_call(bus, "CA-fine")
+    calls.admit(broken)
+    calls.admit(fine)
+    t = 1.0
+    for _ in range(3):
+        push_frame(broken, 0x11, t)
+        push_frame(fine, 0x22, t)
+        run_tick(scheduler, t)
+        t += 0.08
+    assert len(sink.frames) == 3 and broken.send_failed and broken.frames_out == 0
+
+
 def test_controls_refused_after_the_call_ended() -> None:
     scheduler, calls, bus, _ = make(EchoModel(1))
     session, _ = twilio_call(bus, "CA-gone")
