@@ -51,6 +51,9 @@ class Transport(Protocol):
     async def hang_up(self, reason: str) -> None:
         """End the call from our side."""
 
+    async def close(self, reason: str) -> None:
+        """Drop the stream only (Twilio then runs the TwiML after ``<Connect>``, e.g. voicemail)."""
+
 
 class CallSession:
     """One live call. Created by a transport, admitted into a slot by the ``CallRegistry``."""

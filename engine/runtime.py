@@ -173,11 +173,11 @@ class Runtime:
     async def _astop(self) -> None:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
-        for session in list(self.calls):
+        for session in list(self.calls):  # close the streams; Twilio's fallback TwiML takes over
             try:
-                await asyncio.wait_for(session.hang_up("node shutting down"), 5)
+                await asyncio.wait_for(session.transport.close("node shutting down"), 5)
             except Exception:
-                log.exception("could not hang up %s", session.call_id)
+                log.exception("could not close %s", session.call_id)
             self.calls.finish(session, "node shutting down")
         for server in (self.bridge, self.supervisor, self.webhooks):
             if server is not None:

@@ -37,6 +37,9 @@ class Sink:
     async def hang_up(self, reason: str) -> None:
         self.hung_up = reason
 
+    async def close(self, reason: str) -> None:
+        self.hung_up = reason
+
 
 class Recording(VoiceModel):
     """Records each StepInput and its wall time; optionally slow."""

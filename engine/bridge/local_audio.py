@@ -114,9 +114,12 @@ class LocalAudioCall:
             self._speaker.clear()
 
     async def hang_up(self, reason: str) -> None:
+        await self.close(f"hung up: {reason}")
+
+    async def close(self, reason: str) -> None:
         self._close_streams()
         if self.session is not None:
-            self.runtime.calls.finish(self.session, f"hung up: {reason}")
+            self.runtime.calls.finish(self.session, reason)
 
     def _close_streams(self) -> None:
         for stream in self._streams:

@@ -410,10 +410,18 @@ class TwilioStream:
         """Twilio REST ``Status=completed`` when credentials are set; always close the socket."""
         if self.call_sid:
             await complete_call(self.server.settings, self.call_sid)
-        self._end_reason = f"hung up: {reason}"
+        await self._end(f"hung up: {reason}")
+
+    async def close(self, reason: str) -> None:
+        """Close the socket without ending the call at Twilio (it falls through to the TwiML
+        after ``<Connect>``): what a node going down does, so callers reach the fallback."""
+        await self._end(reason)
+
+    async def _end(self, reason: str) -> None:
+        self._end_reason = reason
         if self.session is not None:
-            self.server.runtime.calls.finish(self.session, self._end_reason)
-        await self.ws.close(1000, _reason(f"hung up: {reason}"))
+            self.server.runtime.calls.finish(self.session, reason)
+        await self.ws.close(1000, _reason(reason))
 
 
 def _text(value: object) -> str | None:
