@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import stat
 import time
 import urllib.request
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 from aiohttp import web
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from engine.calls import CallRegistry, CallSession
@@ -484,9 +485,7 @@ async def test_never_reading_supervisor_is_disconnected_not_waited_for(rig) -> N
     n_events = server_mod.MAX_QUEUED_EVENTS + 500
     call = runtime.add_call("CA1")
     async with SupervisorClient(url, MONITOR, name="good") as good:
-        # a raw client that stops reading at once: websockets stops reading the socket after
-        # max_queue messages, so TCP back-pressure reaches the server
-        stuck = await connect(url, additional_headers={"Authorization": f"Bearer {MONITOR}"}, max_queue=1)
+        stuck = await connect_stuck(url, MONITOR)
         await stuck.send(json.dumps({"v": 1, "type": "listen", "id": 1, "call_id": "CA1"}))
         await asyncio.sleep(0.1)
         publish_s = []
@@ -504,7 +503,7 @@ async def test_never_reading_supervisor_is_disconnected_not_waited_for(rig) -> N
         assert np.median(publish_s) < 0.002 and sum(publish_s) < 2.0  # never waited on the stuck socket
         last = await next_of(good, WebhookReceived, timeout=10, where=lambda e: e.summary.startswith(f"{n_events - 1} "))
         assert last.provider == "twilio"
-        await stuck.close()
+        stuck.transport.abort()  # a stuck client never reads the close handshake
     _, _, body = await http_get(server.port, "/metrics")
     assert "xswarm_supervisor_slow_disconnects_total 1.0" in body
     assert 'xswarm_supervisor_dropped_total{kind="audio"}' in body
@@ -611,6 +610,18 @@ async def test_client_bad_token_raises_auth_error(rig) -> None:
 
 
 # ------------------------------------------------------------------------------- helpers
+
+
+async def connect_stuck(url: str, token: str) -> ClientConnection:
+    """A supervisor that never reads: websockets stops reading the socket once ``max_queue``
+    messages wait, and a 4 KiB receive buffer makes TCP push back on the server at once."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    host, port = url.split("//", 1)[1].rstrip("/").split(":")
+    sock.connect((host, int(port)))
+    sock.setblocking(False)
+    return await connect(url, sock=sock, additional_headers={"Authorization": f"Bearer {token}"},
+                         max_queue=1, compression=None)
 
 
 async def _until(predicate, timeout: float = 3.0) -> None:
