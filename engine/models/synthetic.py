@@ -69,8 +69,9 @@ def build_mimi(size: str, device: Any = "cpu") -> Any:
     """A random-weight Mimi whose codebooks are random too.
 
     moshi initialises codebooks to zeros (training fills them by k-means), which would map
-    every sound to code 0 and make the LM deaf to its caller. Random unit-scale codewords
-    keep encoding input-dependent, as with real weights.
+    every sound to code 0 and make the LM deaf to its caller. Small random codewords (far
+    smaller than the latents) make the nearest-codeword search follow the direction of each
+    latent, so codes vary with the input at every RVQ level, as with real weights.
     """
     from moshi.models import loaders
     from moshi.quantization.core_vq import EuclideanCodebook
@@ -79,7 +80,7 @@ def build_mimi(size: str, device: Any = "cpu") -> Any:
     with torch.no_grad():
         for module in mimi.modules():
             if isinstance(module, EuclideanCodebook):
-                module.embedding_sum.copy_(torch.randn_like(module.embedding_sum))
+                module.embedding_sum.copy_(torch.randn_like(module.embedding_sum) * 1e-3)
                 module.cluster_usage.fill_(1.0)
                 module._initialized.fill_(1.0)
                 module._embedding = None  # drop the cached (zero) codebook
