@@ -599,6 +599,15 @@ async def test_client_reconnects_from_a_fresh_snapshot(settings: Settings) -> No
         runtime.close()
 
 
+async def test_port_in_use_fails_cleanly(rig) -> None:
+    runtime, server, url = rig
+    second = SupervisorServer(runtime)
+    with pytest.raises(OSError):
+        await second.start("127.0.0.1", server.port)
+    async with SupervisorClient(url, MONITOR):  # the first server is unaffected
+        pass
+
+
 async def test_client_bad_token_raises_auth_error(rig) -> None:
     _, _, url = rig
     with pytest.raises(AuthError):

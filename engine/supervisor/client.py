@@ -212,6 +212,7 @@ class SupervisorClient:
                 compression=None,
                 ping_interval=10,
                 ping_timeout=10,
+                close_timeout=2,
             )
         except InvalidStatus as exc:
             if exc.response.status_code in (401, 403, 429):

@@ -155,21 +155,25 @@ class SupervisorServer:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self.metrics = Metrics(self.runtime, supervisor=self)
+        try:
+            self._server = await serve(
+                self._handle,
+                host,
+                port,
+                process_request=self._process_request,
+                compression=None,  # deflate costs CPU per client per message; events are small
+                max_size=p.MAX_FRAME_BYTES,
+                max_queue=32,
+                ping_interval=10,
+                ping_timeout=10,
+                close_timeout=2,
+                server_header=None,
+            )
+        except OSError:  # port taken: leave nothing subscribed behind
+            self.metrics.close()
+            raise
         self._unsubscribe = self.runtime.bus.subscribe(self._on_bus)
         self._system_task = self._loop.create_task(self._sample_system(), name="supervisor-system-sampler")
-        self._server = await serve(
-            self._handle,
-            host,
-            port,
-            process_request=self._process_request,
-            compression=None,  # deflate costs CPU per client per message; events are small
-            max_size=p.MAX_FRAME_BYTES,
-            max_queue=32,
-            ping_interval=10,
-            ping_timeout=10,
-            close_timeout=2,
-            server_header=None,
-        )
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("supervisor listening on %s:%s", host, self.port)
 
