@@ -245,6 +245,18 @@ def test_inbound_persistent_backlog_is_trimmed() -> None:
     assert frames.dropped_bytes == CHUNK_BYTES and frames.buffered == 0 and frames.late == 0
 
 
+def test_inbound_burst_after_a_stall_is_trimmed_at_once() -> None:
+    frames = InboundFrames(guard_s=0.002, trim_after_ticks=50)
+    for i in range(4):
+        frames.push(b"\x10" * CHUNK_BYTES, at=0.02 * i)
+    frames.pop(0.07)
+    for i in range(12):  # 240 ms arrive at once after a stall (the ticks in between were concealed)
+        frames.push(bytes([0x20 + i]) * CHUNK_BYTES, at=0.4)
+    frame, completed = frames.pop(0.41)
+    assert frame == b"".join(bytes([0x20 + i]) * CHUNK_BYTES for i in range(8, 12))  # the newest audio
+    assert frames.buffered == 0 and frames.dropped_bytes == 8 * CHUNK_BYTES and completed == 0.4
+
+
 def test_inbound_nothing_sent_is_not_late() -> None:
     frames = InboundFrames()
     assert frames.pop(1.0) == (None, None)

@@ -99,6 +99,11 @@ class InboundFrames:
             eligible = FRAME_BYTES
         elif self.buffered < FRAME_BYTES:  # the guard only sets the phase; any byte here counts
             return self._conceal(self.buffered), None
+        else:
+            stale = eligible - FRAME_BYTES - self.depth * CHUNK_BYTES
+            if stale >= FRAME_BYTES:  # a burst after a stall: play the newest audio, not a backlog
+                self._drop(stale)
+                self.dropped_bytes += stale
         end = self._out + FRAME_BYTES
         completed_at = next(t for cum, t in self._arrivals if cum >= end)
         frame = bytes(self._buf[:FRAME_BYTES])
