@@ -122,7 +122,8 @@ class CallControl:
 
     async def release(self, actor: str, role: str, reason: str) -> None:
         """Undo what ``actor`` holds: stop its taps and hand back its takeovers (a supervisor
-        whose socket dropped must never leave a caller talking to nobody)."""
+        whose socket dropped must never leave a caller talking to nobody). A coroutine, like
+        ``execute``, so other threads run it on the runtime loop with ``runtime.call_soon``."""
         for key in [k for k in self._taps if k[0] == actor]:
             remove = self._taps.pop(key)
             _quietly(remove)
@@ -138,11 +139,9 @@ class CallControl:
                 result = f"error: {exc}"
             self._audit(actor, role, "handback", call_id, {"reason": reason, "automatic": True}, result)
 
-    def listening(self, actor: str) -> list[str]:
-        return sorted(call_id for a, call_id in self._taps if a == actor)
-
-    def holding(self, actor: str) -> list[str]:
-        return sorted(self._held.get(actor, ()))
+    def holds(self, actor: str, call_id: str) -> bool:
+        """Whether ``actor`` took ``call_id`` over through this instance (operator audio check)."""
+        return call_id in self._held.get(actor, ())
 
     # ---------------------------------------------------------------------------- actions
 

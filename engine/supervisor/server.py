@@ -390,7 +390,7 @@ class SupervisorServer:
             frame = p.AudioFrame.unpack(data)
             if frame.direction != "operator":
                 raise p.ProtocolError("clients may only send operator audio")
-            if client.role != "operator" or frame.call_id not in self.control.holding(client.actor):
+            if client.role != "operator" or not self.control.holds(client.actor, frame.call_id):
                 raise p.ProtocolError(f"take over {frame.call_id} before sending audio to it")
             call = self.runtime.calls.get(frame.call_id)
             if call is None:
