@@ -37,6 +37,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from engine.calls import CallControlError
 from engine.control import CallControl
 from engine.events import (
     CallEnded,
@@ -407,7 +408,10 @@ class SupervisorServer:
                 if len(pcm) > p.MAX_AUDIO_SAMPLES:
                     raise p.ProtocolError("decoded Opus frame is over one second")
             if len(pcm):
-                call.feed_operator_audio(pcm)
+                try:
+                    call.feed_operator_audio(pcm)
+                except CallControlError as exc:  # the call ended between the lookup and now
+                    raise p.ProtocolError(str(exc)) from None
         except p.ProtocolError as exc:
             now = time.monotonic()
             if now - client.last_error_at >= ERROR_INTERVAL_S:
