@@ -513,6 +513,7 @@ async def test_headless_server_streams_system_figures(rig) -> None:
     """No sampler on the bus (xswarm serve): the server samples CPU/RAM/GPU itself."""
     runtime, server, url = rig
     async with SupervisorClient(url, MONITOR) as mon:
+        assert mon.snapshot["system"]["ram_total_bytes"] > 0  # in the snapshot from the start
         sample = await next_of(mon, SystemSampled, timeout=5)
     assert sample.ram_total_bytes > 0 and 0 <= sample.cpu_percent <= 100 * (os.cpu_count() or 1)
     assert sample.gpus or sample.gpu_reason  # either real GPUs or the reason there are none

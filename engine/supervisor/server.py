@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import psutil
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
@@ -174,6 +175,7 @@ class SupervisorServer:
             self.metrics.close()
             raise
         self._unsubscribe = self.runtime.bus.subscribe(self._on_bus)
+        psutil.cpu_percent(interval=None)  # psutil's first CPU figure covers no interval: prime it
         self._system_task = self._loop.create_task(self._sample_system(), name="supervisor-system-sampler")
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("supervisor listening on %s:%s", host, self.port)
@@ -277,6 +279,8 @@ class SupervisorServer:
             if held is None:
                 return
         role, name = held
+        if self._last_system is None or not (self._bus_sampling() or self._clients):
+            await self._take_system_sample()  # the snapshot carries CPU, RAM and GPU from the start
         actor = f"{name}#{next(self._numbers)}"
         client = _Client(ws, actor, role, address)
         self._audit_login(address, actor, "ok", role)
@@ -450,27 +454,29 @@ class SupervisorServer:
         A headless ``xswarm serve`` has no other sampler; when one already publishes on the bus
         (the embedded TUI), this stays quiet so clients do not get every figure twice. NVML and
         /proc reads block for milliseconds, so they run on a worker thread."""
-        from engine.telemetry import system
-
-        loop = asyncio.get_running_loop()
-        primed = False
         while True:
             await asyncio.sleep(SYSTEM_INTERVAL_S)
-            if not self._clients or time.monotonic() - self._bus_system_at < 2.5 * SYSTEM_INTERVAL_S:
-                primed = False
+            if not self._clients or self._bus_sampling():
                 continue
-            try:
-                sample = await loop.run_in_executor(None, system.sample)
-            except Exception:
-                log.exception("system sample failed")
-                continue
-            if not primed:  # psutil's first CPU figure covers no interval: read it, do not send it
-                primed = True
-                continue
-            self._last_system = sample
-            frame = p.event_frame(sample)
-            for client in self._clients:
-                self._push_sample(client, ("SystemSampled", ""), frame)
+            sample = await self._take_system_sample()
+            if sample is not None:
+                frame = p.event_frame(sample)
+                for client in self._clients:
+                    self._push_sample(client, ("SystemSampled", ""), frame)
+
+    def _bus_sampling(self) -> bool:
+        return time.monotonic() - self._bus_system_at < 2.5 * SYSTEM_INTERVAL_S
+
+    async def _take_system_sample(self) -> SystemSampled | None:
+        from engine.telemetry import system
+
+        try:
+            sample = await asyncio.get_running_loop().run_in_executor(None, system.sample)
+        except Exception:
+            log.exception("system sample failed")
+            return None
+        self._last_system = sample
+        return sample
 
     # ------------------------------------------------------------------------- fan-out
 
