@@ -442,6 +442,23 @@ async def test_no_free_slot_is_refused(env: None, monkeypatch: pytest.MonkeyPatc
         runtime.stop()
 
 
+async def test_stop_before_start_closes_cleanly_and_bad_ids_are_refused(bridge: tuple[Runtime, list[events.Event]]) -> None:
+    runtime, _ = bridge
+    twilio = Twilio(runtime.bridge_port)  # type: ignore[arg-type]
+    await twilio.open()
+    await twilio.connected()
+    await twilio.stop()
+    assert (await twilio.closed())[0] == 1000
+    assert runtime.bridge.refusals["start_timeout"] == 0  # type: ignore[union-attr]
+
+    async def newline_sid(t: Twilio) -> None:
+        t.stream_sid = "MZ1\n"  # would break out of the JSON we write; must not pass
+        await t.start(token())
+
+    code, reason = await refused(runtime, newline_sid)
+    assert code == 4004 and "streamSid" in reason
+
+
 async def test_unknown_events_are_ignored(bridge: tuple[Runtime, list[events.Event]]) -> None:
     runtime, _ = bridge
     twilio = Twilio(runtime.bridge_port)  # type: ignore[arg-type]

@@ -52,7 +52,7 @@ FLOOD_RATE = 150.0
 FLOOD_BURST = 300.0
 WRITE_BUFFER_LIMIT = 16 * 1024
 """Bytes (about 1 s of output) a call's socket may hold unsent before we drop frames."""
-_SID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_SID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _DIGITS = frozenset("0123456789*#ABCD")
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
@@ -220,14 +220,15 @@ class TwilioStream:
         try:
             try:
                 async with asyncio.timeout(self.server.settings.telephony.start_timeout_s):
-                    while self.session is None:
+                    while self.session is None and self._end_reason is None:
                         self._on_message(await self.ws.recv())
             except TimeoutError:
                 raise Refusal("start_timeout", START_TIMEOUT, "no start message in time") from None
-            async for raw in self.ws:
-                self._on_message(raw)
-                if self._end_reason:
-                    break
+            if self._end_reason is None:  # not stopped before it started
+                async for raw in self.ws:
+                    self._on_message(raw)
+                    if self._end_reason:
+                        break
             if self._end_reason is None:
                 self._end_reason = "stream closed"
         except Refusal as refusal:
@@ -316,7 +317,8 @@ class TwilioStream:
             raise Refusal("malformed_start", MALFORMED, "start without a start object")
         stream_sid = start.get("streamSid") or msg.get("streamSid")
         call_sid = start.get("callSid")
-        if not (isinstance(stream_sid, str) and _SID.match(stream_sid) and isinstance(call_sid, str) and _SID.match(call_sid)):
+        if not (isinstance(stream_sid, str) and _SID.fullmatch(stream_sid)
+                and isinstance(call_sid, str) and _SID.fullmatch(call_sid)):
             raise Refusal("malformed_start", MALFORMED, "start without valid streamSid/callSid")
         self.stream_sid, self.call_sid = stream_sid, call_sid
         self._media_head = f'{{"event":"media","streamSid":"{stream_sid}","media":{{"payload":"'
