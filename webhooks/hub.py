@@ -89,14 +89,18 @@ class Hub:
         event_type: str | None,
         payload: str,
         *,
-        not_before_ms: int | None = None,
+        with_statements: list[tuple[str, tuple[Any, ...]]] | None = None,
     ) -> bool:
         """Store a verified event; True when new, False for a duplicate; 503 when the
-        database cannot take it."""
+        database cannot take it. ``with_statements`` commit in the same transaction (they
+        must be idempotent: they run for duplicates too)."""
+        put = inbox.put_statement(provider, event_id, event_type, payload)
         try:
-            added = await asyncio.wrap_future(
-                inbox.put(self.db, provider, event_id, event_type, payload, not_before_ms=not_before_ms)
-            )
+            if with_statements:
+                counts = await asyncio.wrap_future(self.db.submit_script([put, *with_statements]))
+                added = counts[0]
+            else:
+                added = await asyncio.wrap_future(self.db.submit(*put))
         except StoreError as exc:
             log.error("%s: could not store event (answering 503 so it is retried): %s", provider, exc)
             raise web.HTTPServiceUnavailable(text="storage unavailable, retry later", headers={"Retry-After": "5"}) from None

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from engine.config import Settings
 from engine.store import usage as usage_store
 from engine.store.db import Database
-from engine.store.users import User
+from engine.store.users import User, find_by_phone
 from engine.tiers import Tier, tier as tier_named
 from webhooks.llm import LlmError, LlmProvider
 
@@ -118,18 +118,33 @@ class Replier:
         self.db = db
         self.llm = llm
 
-    async def sms(self, user: User | None, body: str) -> str:
+    def quick_sms(self, db: Database, user: User | None, body: str) -> str | None:
+        """The reply that needs no LLM (blocking reads; run it on the reader pool), or None."""
         if user is None:
             return UNKNOWN_SENDER
         command = body.strip().lower().rstrip("?!. ")
         if command in ("help", "commands", "?", ""):
             return HELP_TEXT
         if command == "status":
-            return fit_sms(await self.db.aread(lambda d: status_text(d, user)))
-        if not await self.db.aread(lambda d: quota_left(d, user, "sms")):
+            return fit_sms(status_text(db, user))
+        if not quota_left(db, user, "sms"):
             return f"You've used all the texts in your {user.tier} plan this month. Text STATUS for details."
         if self.llm is None:
             return NO_PROVIDER
+        return None
+
+    def prepare_sms(self, db: Database, phone: str | None, body: str) -> tuple[User | None, str | None]:
+        """Sender lookup and quick reply in one trip to the reader pool (the SMS hot path)."""
+        user = find_by_phone(db, phone) if phone else None
+        return user, self.quick_sms(db, user, body)
+
+    async def sms(self, user: User | None, body: str) -> str:
+        quick = await self.db.aread(lambda d: self.quick_sms(d, user, body))
+        return quick if quick is not None else await self.llm_sms(user, body)  # type: ignore[arg-type]
+
+    async def llm_sms(self, user: User, body: str) -> str:
+        """The LLM's reply in the persona's tone, or a canned one when the provider fails."""
+        assert self.llm is not None
         tone = tone_for(user.theme)
         system = (
             f"You are {tone.name}, {user.name}'s personal assistant, answering a text message. "

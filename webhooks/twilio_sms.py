@@ -20,6 +20,7 @@ from aiohttp import web
 from engine.events import MessageReceived
 from engine.logging_setup import mask_phone
 from engine.store import messages, usage
+from engine.store.db import StoreError
 from engine.store.inbox import InboxRow
 from engine.store.users import User, find_by_phone
 from webhooks import twiml
@@ -38,6 +39,9 @@ class PendingReply:
     """A reply the route is composing; the processor sends it if the route could not."""
 
     task: "asyncio.Future[str] | None" = None
+    user: User | None = None
+    looked_up: bool = False
+    """``user`` is the sender as the route found it (saves the processor a lookup)."""
     decided: asyncio.Event = field(default_factory=asyncio.Event)
     inline: bool = False
     created: float = field(default_factory=time.monotonic)
@@ -80,29 +84,43 @@ async def route(request: web.Request) -> web.Response:
         return twiml.response(twiml.EMPTY)  # a concurrent retry of a message being answered
     # Registered before the row exists, so the processor can never miss it and reply twice.
     entry = pending[sid] = PendingReply()
+    sender, ours, body = form.get("From"), form.get("To"), form.get("Body", "")
     try:
+        try:
+            # Reads only, no effects: safe before the row is stored.
+            user, quick = await hub.db.aread(lambda d: hub.replier.prepare_sms(d, sender, body))
+        except StoreError:
+            user, quick = None, None
+            entry.looked_up = False
+        else:
+            entry.user, entry.looked_up = user, True
+        if quick is not None:
+            # Commands and canned replies: the row and its reply commit together, so the
+            # reply is on record exactly when the message is.
+            reply = reply_statement(sid, user, sender, ours, quick, {"via": "twiml"})
+            if not await hub.ingest(PROVIDER, sid, "sms", raw.decode("utf-8"), with_statements=[reply]):
+                pending.pop(sid, None)
+                return twiml.response(twiml.EMPTY)  # a retry: the first delivery got its answer
+            entry.inline = True
+            return twiml.response(twiml.sms(quick))
         if not await hub.ingest(PROVIDER, sid, "sms", raw.decode("utf-8")):
             pending.pop(sid, None)
-            return twiml.response(twiml.EMPTY)  # a retry: the first delivery got its answer
-        user = await find_user(hub, form.get("From"))
-        entry.task = task = asyncio.ensure_future(hub.replier.sms(user, form.get("Body", "")))
-        if not task.done():
-            try:
-                await asyncio.wait_for(asyncio.shield(task), hub.settings.llm.sms_budget_s)
-            except (asyncio.TimeoutError, TimeoutError):
-                log.info("SMS %s: reply not ready in %.1f s; it goes out via REST", sid, hub.settings.llm.sms_budget_s)
-                return twiml.response(twiml.EMPTY)
+            return twiml.response(twiml.EMPTY)
+        if not entry.looked_up:
+            return twiml.response(twiml.EMPTY)  # reads failing: the processor replies later
+        entry.task = task = asyncio.ensure_future(hub.replier.llm_sms(user, body))  # type: ignore[arg-type]
+        try:
+            await asyncio.wait_for(asyncio.shield(task), hub.settings.llm.sms_budget_s)
+        except (asyncio.TimeoutError, TimeoutError):
+            log.info("SMS %s: reply not ready in %.1f s; it goes out via REST", sid, hub.settings.llm.sms_budget_s)
+            return twiml.response(twiml.EMPTY)
         text = fit_sms(task.result())
         entry.inline = True
-        hub.db.submit(*reply_statement(sid, user, form.get("From"), form.get("To"), text, {"via": "twiml"}))
+        hub.db.submit(*reply_statement(sid, user, sender, ours, text, {"via": "twiml"}))
         return twiml.response(twiml.sms(text))
     except web.HTTPException:
         pending.pop(sid, None)
         raise
-    except Exception:
-        # Stored but not answered (a read failed): the processor composes and sends it.
-        log.exception("SMS %s: answering empty TwiML; the processor will reply", sid)
-        return twiml.response(twiml.EMPTY)
     finally:
         entry.decided.set()
 
@@ -112,7 +130,10 @@ async def effect(hub: Hub, row: InboxRow) -> Outcome:
     sid, sender, ours, body = row.event_id, form.get("From"), form.get("To"), form.get("Body", "")
     if not sender:
         raise PermanentError("SMS has no From")
-    user = await find_user(hub, sender)
+    entry = _pending(hub).get(sid)
+    if entry is not None:
+        await entry.decided.wait()  # the route is still answering: let it finish first
+    user = entry.user if entry is not None and entry.looked_up else await find_user(hub, sender)
     statements = [
         messages.insert_statement(
             channel="sms",

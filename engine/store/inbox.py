@@ -47,6 +47,17 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def put_statement(
+    provider: str, event_id: str, event_type: str | None, payload: str, *, not_before_ms: int | None = None
+) -> tuple[str, tuple[Any, ...]]:
+    """The insert of a verified event; its rowcount is 1 for a new row, 0 for a duplicate."""
+    return (
+        "INSERT INTO webhook_inbox (provider, event_id, event_type, received_at, payload, next_attempt_at)"
+        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(provider, event_id) DO NOTHING",
+        (provider, event_id, event_type, now_ms(), payload, not_before_ms),
+    )
+
+
 def put(
     db: Database,
     provider: str,
@@ -58,13 +69,8 @@ def put(
 ) -> concurrent.futures.Future[Any]:
     """Store a verified event. The future resolves to 1 for a new row, 0 for a duplicate.
 
-    ``not_before_ms`` holds the row back from the processor (the SMS route uses it while it
-    may still answer inline)."""
-    return db.submit(
-        "INSERT INTO webhook_inbox (provider, event_id, event_type, received_at, payload, next_attempt_at)"
-        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(provider, event_id) DO NOTHING",
-        (provider, event_id, event_type, now_ms(), payload, not_before_ms),
-    )
+    ``not_before_ms`` holds the row back from the processor until then."""
+    return db.submit(*put_statement(provider, event_id, event_type, payload, not_before_ms=not_before_ms))
 
 
 def claim_due(db: Database, *, limit: int, lease_ms: int, now: int | None = None) -> concurrent.futures.Future[Any]:
