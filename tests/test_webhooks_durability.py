@@ -168,3 +168,56 @@ async def test_retries_back_off_then_dead_letter_then_cli_replay(
     db.close()
     await llm.stop()
     await rest.stop()
+
+
+def test_serve_command_binds_answers_health_and_stops_on_sigterm(tmp_path: Path) -> None:
+    """`xswarm webhooks serve --host 127.0.0.1 --port N` as a process: health, a signed SMS,
+    a clean exit on SIGTERM."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from fixtures.sqld import free_port
+
+    port = free_port()
+    env = {**os.environ, "TWILIO_AUTH_TOKEN": TWILIO_TOKEN, "XSWARM_PUBLIC_URL": "https://hooks.example.com"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from xswarm_tui.commands.webhooks import app; app()", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        assert f"http://127.0.0.1:{port}" in line
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
+            assert resp.status == 200 and json.loads(resp.read())["database"] == "ok"
+        body, headers = twilio_post(sms("SMcli"), "/twilio/sms")
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/twilio/sms", data=body, headers=headers)
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            assert resp.status == 200 and b"<Response>" in resp.read()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0
+
+
+def test_webhooks_never_import_torch_textual_or_models() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, webhooks.server, webhooks.app\n"
+        "heavy = ('torch', 'textual', 'moshi', 'xswarm_tui')\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in heavy or m.startswith('engine.models')]\n"
+        "import xswarm_tui.commands.webhooks\n"
+        "bad += [m for m in sys.modules if m.split('.')[0] in ('torch', 'textual', 'moshi')]\n"
+        "print(bad); sys.exit(1 if bad else 0)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
