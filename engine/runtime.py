@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import importlib
 import inspect
 import logging
@@ -246,6 +247,10 @@ class Runtime:
             return
         self.scheduler.attach(model)
         self.model = model
+        # Everything built so far (modules, settings, the model's Python objects) lives as long
+        # as the process: move it out of the collector's reach so full collections during calls
+        # scan only call-time objects (a gen-2 pass over a loaded model stalls the tick).
+        gc.freeze()
         self._model_status("ready", f"{model.name}: {model.slots} slots", model=model.name, progress=1.0)
         self._beat()
 
