@@ -124,10 +124,14 @@ class MlxMoshi(VoiceModel):
 
     # -- building -----------------------------------------------------------------------
     def load(self, progress: Progress | None = None) -> None:
-        import mlx.core as mx
-        import mlx.nn as nn
+        try:
+            import mlx.core as mx
+            import mlx.nn as nn
+            from moshi_mlx import models, utils
+        except ImportError as exc:
+            raise RuntimeError(f"the moshi-mlx model needs moshi_mlx and mlx ({exc}); they live in their own "
+                               "environment: bash .ci/setup --dev builds .venv-mlx") from None
         import sentencepiece
-        from moshi_mlx import models, utils
 
         mx.random.seed(self.seed)
         if self.size == "tiny":
