@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 from email import policy
 from email.parser import BytesParser, HeaderParser
 from email.utils import parseaddr
@@ -24,7 +25,8 @@ from engine.events import MessageReceived
 from engine.logging_setup import mask_email
 from engine.store import messages, usage
 from engine.store.inbox import InboxRow
-from engine.store.users import find_by_email
+from engine.store.messages import Statement
+from engine.store.users import User, find_by_email
 from webhooks.body import INBOUND_MAIL_LIMIT, read_body
 from webhooks.hub import HUB, Hub, Outcome
 from webhooks.processor import PermanentError, received
@@ -140,7 +142,7 @@ async def inbound_effect(hub: Hub, row: InboxRow) -> Outcome:
     return Outcome(statements, [MessageReceived("email", uid, summary), received(row, summary, uid)])
 
 
-async def _reply(hub: Hub, user: Any, sender: str, subject: str, text: str, mid: str):  # type: ignore[no-untyped-def]
+async def _reply(hub: Hub, user: User, sender: str, subject: str, text: str, mid: str) -> list[Statement]:
     """Send the reply once: a retry after a sent reply finds its row and stops."""
     already = await hub.db.aquery(
         "SELECT 1 FROM messages WHERE channel = 'email' AND direction = 'out' AND json_extract(meta, '$.in_reply_to') = ?",
@@ -166,8 +168,6 @@ async def _reply(hub: Hub, user: Any, sender: str, subject: str, text: str, mid:
 
 
 def _strip_html(html: str) -> str:
-    import re
-
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html)).strip()
 
 

@@ -20,6 +20,7 @@ from aiohttp import web
 from engine.events import MessageReceived
 from engine.logging_setup import mask_phone
 from engine.store import messages, usage
+from engine.store.messages import Statement
 from engine.store.db import StoreError
 from engine.store.inbox import InboxRow
 from engine.store.users import User, find_by_phone
@@ -57,7 +58,10 @@ async def find_user(hub: Hub, phone: str | None) -> User | None:
     return await hub.db.aread(lambda d: find_by_phone(d, phone))
 
 
-def reply_statement(sid: str, user: User | None, to: str | None, from_: str | None, text: str, meta: dict[str, str]):  # type: ignore[no-untyped-def]
+def reply_statement(
+    sid: str, user: User | None, to: str | None, from_: str | None, text: str, meta: dict[str, str]
+) -> Statement:
+    """The outbound row of our reply to ``sid`` (its provider id makes it once-only)."""
     return messages.insert_statement(
         channel="sms",
         direction="out",
@@ -159,7 +163,9 @@ async def effect(hub: Hub, row: InboxRow) -> Outcome:
     )
 
 
-async def _deferred_reply(hub: Hub, sid: str, user: User | None, sender: str, ours: str | None, body: str):  # type: ignore[no-untyped-def]
+async def _deferred_reply(
+    hub: Hub, sid: str, user: User | None, sender: str, ours: str | None, body: str
+) -> list[Statement]:
     """Send the reply through REST when the route could not answer inline."""
     entry = _pending(hub).get(sid)
     if entry is not None:
