@@ -241,11 +241,10 @@ async def stream_call(target: StreamTarget, audio: bytes, *, auth_token: str | N
                 await asyncio.sleep(delay)
             if receiver.done():
                 break
-            await ws.send(json.dumps({
-                "event": "media", "sequenceNumber": next_seq(), "streamSid": stream_sid,
-                "media": {"track": "inbound", "chunk": str(k + 1), "timestamp": str(k * 20),
-                          "payload": base64.b64encode(data[k * CHUNK_BYTES : (k + 1) * CHUNK_BYTES]).decode()},
-            }))
+            payload = base64.b64encode(data[k * CHUNK_BYTES : (k + 1) * CHUNK_BYTES]).decode()
+            # the same JSON json.dumps would give, from a template: 100 calls send 5,000 a second
+            await ws.send(f'{{"event":"media","sequenceNumber":"{next_seq()}","streamSid":"{stream_sid}",'
+                          f'"media":{{"track":"inbound","chunk":"{k + 1}","timestamp":"{k * 20}","payload":"{payload}"}}}}')
             report.chunks_sent += 1
             if on_sent is not None:
                 on_sent(k, loop.time())
