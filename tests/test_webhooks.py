@@ -500,3 +500,36 @@ async def test_rate_limit_answers_429(db: Database, alice: Any, make: Any) -> No
     assert codes[:3] == [200, 200, 200] and codes[3:] == [429, 429]
     async with h.session.get(h.base + "/health") as resp:
         assert resp.status == 200  # health is never limited
+
+
+async def test_sendgrid_inbound_raw_mode_twice_is_one_mail_and_one_reply(
+    db: Database, alice: Any, make: Any, fakes: dict[str, FakeApi]
+) -> None:
+    key = SendGridKey()
+    h = await make(sendgrid={"webhook_public_key": key.public_b64, "api_key": "SG.k", "from_email": "assistant@xswarm.example"})
+    mime = (
+        "From: Alice <alice@example.com>\r\nTo: assistant@xswarm.example\r\nSubject: Re: Plans\r\n"
+        "Message-ID: <raw1@example.com>\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+        "See you at noon.\r\n"
+    )
+    body, ctype = _multipart(
+        {"email": mime, "to": "assistant@xswarm.example", "envelope": json.dumps({"from": "alice@example.com"})}, []
+    )
+    for _ in range(2):
+        status, _ = await post(h.session, h.base + "/sendgrid/inbound", body, {**key.headers(body), "Content-Type": ctype})
+        assert status == 200
+    await wait_processed(db, 1)
+    await asyncio.sleep(0.2)
+    mail = messages.get_by_provider_id(db, "<raw1@example.com>")
+    assert mail is not None and mail.subject == "Re: Plans" and mail.body.strip() == "See you at noon."  # type: ignore[union-attr]
+    assert len(fakes["sendgrid"].requests) == 1 and fakes["sendgrid"].requests[0]["json"]["subject"] == "Re: Plans"
+    assert usage.usage_for(db, alice.id).email_count == 1
+
+
+async def test_inbound_mail_limit_is_30_mb(db: Database, make: Any) -> None:
+    key = SendGridKey()
+    h = await make(sendgrid={"webhook_public_key": key.public_b64})
+    body, ctype = _multipart({"text": "x"}, [("big.bin", "application/octet-stream", b"\0" * (30 * 1024 * 1024 + 1))])
+    status, _ = await post(h.session, h.base + "/sendgrid/inbound", body, {**key.headers(b""), "Content-Type": ctype})
+    assert status == 413
+    assert db.query("SELECT COUNT(*) FROM webhook_inbox")[0][0] == 0

@@ -60,7 +60,25 @@ def parse_inbound(content_type: str, raw: bytes) -> tuple[dict[str, str], list[t
         name = part.get_param("name", header="content-disposition")
         if isinstance(name, str):
             fields[name] = data.decode(part.get_content_charset() or "utf-8", "replace")
+    if "email" in fields:
+        _expand_raw(fields, files)
     return fields, files
+
+
+def _expand_raw(fields: dict[str, str], files: list[tuple[str, str, bytes]]) -> None:
+    """Raw mode ("POST the raw, full MIME message"): the parts parsed mode would have sent."""
+    mime = BytesParser(policy=policy.default).parsebytes(fields.pop("email").encode("utf-8", "replace"))
+    fields["headers"] = "".join(f"{k}: {v}\n" for k, v in mime.items())
+    for name in ("from", "to", "cc", "subject"):
+        if mime.get(name) is not None:
+            fields.setdefault(name, str(mime[name]))
+    for kind in ("plain", "html"):
+        body = mime.get_body(preferencelist=(kind,))
+        if body is not None:
+            fields.setdefault("text" if kind == "plain" else "html", str(body.get_content()))
+    for attachment in mime.iter_attachments():
+        data = attachment.get_payload(decode=True) or b""
+        files.append((attachment.get_filename() or "attachment", attachment.get_content_type(), data))
 
 
 def message_id(fields: dict[str, str], raw: bytes) -> str:
