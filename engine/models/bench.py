@@ -101,8 +101,6 @@ def run_engine_bench(
     check_size(size or "tiny")
     if not batches or any(b < 1 for b in batches) or steps < 1:
         raise ValueError("batches must be positive integers and steps at least 1")
-    if threads:
-        torch.set_num_threads(threads)
     say = log or (lambda _msg: None)
     dev = pick_device(device)
     cuda = dev.type == "cuda"
@@ -128,6 +126,8 @@ def run_engine_bench(
         try:
             model = make(b)
             model.load(parts=parts)
+            if threads:  # after load: an explicit choice beats the engine's CPU default
+                torch.set_num_threads(threads)
             if cuda:
                 torch.cuda.reset_peak_memory_stats(dev)
             model.warmup()
