@@ -59,6 +59,8 @@ class CallReport:
     gap_ms: dict[str, Any] = field(default_factory=dict)
     """Spacing of received frames (4 media + mark each 80 ms): jitter as the caller sees it."""
     playout_lag_ms: dict[str, Any] = field(default_factory=dict)
+    send_late_ms: dict[str, Any] = field(default_factory=dict)
+    """How far behind its 20 ms slot each chunk left (our own pacing jitter, not the bridge's)."""
     close_code: int | None = None
     close_reason: str = ""
     duration_s: float = 0.0
@@ -161,6 +163,7 @@ async def stream_call(target: StreamTarget, audio: bytes, *, auth_token: str | N
     reply = bytearray()
     gaps = Histogram()
     lag = Histogram()
+    pace = Histogram()
     try:
         ws = await connect(target.url, additional_headers=headers, open_timeout=open_timeout, compression=None,
                            max_size=2**20)
@@ -241,6 +244,7 @@ async def stream_call(target: StreamTarget, audio: bytes, *, auth_token: str | N
                 await asyncio.sleep(delay)
             if receiver.done():
                 break
+            pace.observe((loop.time() - origin - k * CHUNK_S) * 1000)
             payload = base64.b64encode(data[k * CHUNK_BYTES : (k + 1) * CHUNK_BYTES]).decode()
             # the same JSON json.dumps would give, from a template: 100 calls send 5,000 a second
             await ws.send(f'{{"event":"media","sequenceNumber":"{next_seq()}","streamSid":"{stream_sid}",'
@@ -265,6 +269,7 @@ async def stream_call(target: StreamTarget, audio: bytes, *, auth_token: str | N
     report.reply = bytes(reply)
     report.gap_ms = gaps.summary()
     report.playout_lag_ms = lag.summary()
+    report.send_late_ms = pace.summary()
     in_reply = echo_delay_ms(audio, report.reply)
     if in_reply is not None and first_audio_at is not None:
         report.echo_delay_ms = round(in_reply + (first_audio_at - origin) * 1000, 3)
@@ -272,20 +277,21 @@ async def stream_call(target: StreamTarget, audio: bytes, *, auth_token: str | N
 
 
 def echo_delay_ms(sent: bytes, reply: bytes, max_delay_s: float = 1.0) -> float | None:
-    """Where our own audio reappears in the reply (cross-correlation), in ms; None if it does not."""
+    """Where our own audio reappears in the reply (FFT cross-correlation), in ms; None if it
+    does not. FFT because a direct correlation of seconds of audio would stall the event loop
+    that is pacing the other simulated calls."""
     x = mulaw.decode(sent)
     y = mulaw.decode(reply)
-    span = min(len(x), 8000 * 4)
+    n = min(len(x), 8000 * 4)
     lags = int(max_delay_s * 8000)
-    if span < 1600 or len(y) < span or float(np.std(x[:span])) < 1e-3:
-        return None
-    n = min(span, len(y) - lags) if len(y) > lags else len(y) // 2
-    if n < 800:
+    if n < 1600 or len(y) < n or float(np.std(x[:n])) < 1e-3:
         return None
     xs = x[:n] - x[:n].mean()
-    corr = np.correlate(y[: n + min(lags, len(y) - n)], xs, mode="valid")
+    ys = y[: n + lags]
+    size = 1 << int(np.ceil(np.log2(len(ys) + n)))
+    corr = np.fft.irfft(np.fft.rfft(ys, size) * np.conj(np.fft.rfft(xs, size)), size)[: len(ys) - n + 1]
     best = int(np.argmax(corr))
-    peak = corr[best] / (np.linalg.norm(xs) * np.linalg.norm(y[best : best + n]) + 1e-9)
+    peak = corr[best] / (np.linalg.norm(xs) * np.linalg.norm(ys[best : best + n]) + 1e-9)
     return round(best / 8.0, 3) if peak > 0.5 else None
 
 
