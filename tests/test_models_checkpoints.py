@@ -204,3 +204,93 @@ def test_bench_engine_json() -> None:
     assert code == 2
     code, out = _cli("bench", "engine", "--model", "moshi")
     assert code == 2 and "synthetic" in out
+
+
+class _FakeHub:
+    """The three hub endpoints a snapshot download uses, serving one local folder as a repo,
+    on 127.0.0.1: repo info, HEAD (commit, etag = sha256 for LFS files / git sha1 otherwise,
+    size) and GET of each file."""
+
+    def __init__(self, folder: Path, repo: str) -> None:
+        import http.server
+        import threading
+
+        self.folder, self.repo, self.sha = folder, repo, "c" * 40
+        self.gets: list[str] = []
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _file(self) -> Path | None:
+                prefix = f"/{hub.repo}/resolve/"
+                if not self.path.startswith(prefix):
+                    return None
+                name = self.path[len(prefix):].split("/", 1)[1]
+                path = hub.folder / name
+                return path if path.is_file() else None
+
+            def _head(self, path: Path) -> None:
+                data = path.read_bytes()
+                lfs = path.suffix in (".safetensors", ".model")
+                etag = hashlib.sha256(data).hexdigest() if lfs else hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+                self.send_response(200)
+                self.send_header("X-Repo-Commit", hub.sha)
+                self.send_header("X-Linked-Etag" if lfs else "ETag", f'"{etag}"')
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+
+            def do_HEAD(self) -> None:  # noqa: N802
+                path = self._file()
+                if path is None:
+                    self.send_error(404)
+                    return
+                self._head(path)
+
+            def do_GET(self) -> None:  # noqa: N802
+                if self.path.startswith(f"/api/models/{hub.repo}/revision/"):
+                    body = json.dumps({"id": hub.repo, "sha": hub.sha, "siblings": [
+                        {"rfilename": p.name} for p in sorted(hub.folder.iterdir())]}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                path = self._file()
+                if path is None:
+                    self.send_error(404)
+                    return
+                hub.gets.append(path.name)
+                self._head(path)
+                self.wfile.write(path.read_bytes())
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_download_through_huggingface_hub_from_a_fake_hub(cache: Path, tiny_folder: Path) -> None:
+    hub = _FakeHub(tiny_folder, REPO)
+    try:
+        snap = checkpoints.download(REPO, cache=cache, endpoint=hub.url)
+        assert snap == checkpoints.snapshot_dir(REPO) and snap.name == hub.sha
+        assert all(r.ok for r in checkpoints.verify(snap))
+        assert checkpoints.find_local(Settings()).location == snap
+        # `xswarm models pull` in its own process (HF_ENDPOINT is read when the hub client loads).
+        other = cache.parent / "cache2"
+        env = os.environ | {"HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(other),
+                            "PYTHONPATH": str(Path(__file__).parent.parent)}
+        out = subprocess.run([sys.executable, "-m", "xswarm_tui.cli", "models", "pull", "moshiko"],
+                             capture_output=True, text=True, env=env, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert "kyutai/moshiko-pytorch-bf16 ready" in out.stdout
+        assert checkpoints.snapshot_dir(REPO, cache=other) is not None
+        assert "mimi_config.json" in hub.gets  # *.json files come along
+    finally:
+        hub.close()
