@@ -20,6 +20,9 @@ SEND_TIMEOUT = aiohttp.ClientTimeout(total=15)
 class SendError(Exception):
     """The provider did not accept the message (retryable)."""
 
+    expected = True
+    """A provider outage, not a bug: logged without a traceback."""
+
 
 @dataclass
 class TwilioRest:
