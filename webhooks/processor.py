@@ -13,7 +13,7 @@ import logging
 from collections.abc import Mapping
 
 from engine.events import WebhookFailed, WebhookReceived
-from engine.store import inbox
+from engine.store import feed, inbox
 from engine.store.db import StoreError
 from webhooks.hub import Effect, Hub, Outcome
 
@@ -117,10 +117,13 @@ class InboxProcessor:
             return
         self.processed += 1
         for event in outcome.events:
-            self.hub.publish(event, to_feed=event is outcome.events[0])
+            self.hub.publish(event, to_feed=False)  # its feed row was committed with the effects
 
     async def _commit(self, row: inbox.InboxRow, outcome: Outcome) -> None:
+        """Effects, the feed row (of the first event) and the ``done`` mark in one transaction."""
         script = [*outcome.statements, inbox.mark_done_sql(row.provider, row.event_id)]
+        if outcome.events and self.hub.record_feed:
+            script.append(feed.event_statement(outcome.events[0]))
         await asyncio.wrap_future(self.hub.db.submit_script(script))
 
     async def _fail(self, row: inbox.InboxRow, exc: Exception) -> None:

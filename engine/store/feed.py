@@ -93,6 +93,24 @@ def append_event(db: Database, event: Event) -> concurrent.futures.Future[Any]:
     )
 
 
+def event_statement(event: Event) -> tuple[str, tuple[Any, ...]]:
+    """The feed row of a bus event as a statement, for callers that must commit it together
+    with other writes (the webhook processor: the row lands exactly once, with its effects)."""
+    wire = event.to_wire()
+    at = wire.get("at")
+    return (
+        _INSERT,
+        (
+            int(at * 1000) if isinstance(at, (int, float)) else int(time.time() * 1000),
+            type(event).__name__,
+            wire.get("call_id"),
+            wire.get("user_id"),
+            summarize(event)[:_SUMMARY_MAX],
+            json.dumps(wire, separators=(",", ":"), default=str),
+        ),
+    )
+
+
 def recorder(db: Database) -> Callable[[Event], None]:
     """A bus subscriber that keeps every non-sample event in the feed, without blocking."""
 
