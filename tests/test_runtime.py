@@ -132,6 +132,24 @@ def test_local_call_without_a_sound_device_says_why() -> None:
         runtime.stop()
 
 
+def test_local_call_on_this_machine_without_portaudio_is_a_clear_refusal() -> None:
+    try:
+        import sounddevice
+
+        if sounddevice.query_devices():
+            pytest.skip("this machine has a sound device")
+    except OSError:
+        pass
+    runtime, _ = started()
+    try:
+        wait(lambda: runtime.model is not None)
+        with pytest.raises(LocalAudioError) as info:
+            runtime.call_soon(runtime.start_local_call()).result(5)
+        assert str(info.value).startswith("no audio:") and runtime.calls.used == 0
+    finally:
+        runtime.stop()
+
+
 class FakeSoundCard:
     """sounddevice's stream API over a thread that plays the callbacks at real time."""
 

@@ -238,6 +238,21 @@ def test_a_broken_transport_does_not_cost_other_calls_their_frame() -> None:
     assert len(sink.frames) == 3 and broken.send_failed and broken.frames_out == 0
 
 
+def test_whispered_text_reaches_the_transcript_coalesced() -> None:
+    scheduler, calls, bus, seen = make(EchoModel(1))
+    session, _ = twilio_call(bus, "CA-words")
+    calls.admit(session)
+    t = 3.0
+    for k in range(8):
+        if k in (1, 2):
+            session.whisper(f"part {k}")
+        push_frame(session, 0x44, t)
+        run_tick(scheduler, t)
+        t += 0.08
+    texts = [e for e in seen if isinstance(e, events.TranscriptAppended)]
+    assert [e.text for e in texts] == ["part 1part 2"] and texts[0].speaker == "ai"
+
+
 def test_controls_refused_after_the_call_ended() -> None:
     scheduler, calls, bus, _ = make(EchoModel(1))
     session, _ = twilio_call(bus, "CA-gone")
