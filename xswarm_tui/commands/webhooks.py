@@ -103,12 +103,14 @@ def replay(
     import asyncio
 
     from engine.events import EventBus
+    from engine.logging_setup import configure
     from engine.store import inbox as store
     from webhooks.app import EFFECTS
     from webhooks.hub import Hub
     from webhooks.processor import InboxProcessor
 
     settings = load()
+    configure()  # the processor logs to the log files, not over the command's own output
     with database(settings) as db:
         if queue_only:
             if not store.replay(db, event):
