@@ -226,6 +226,7 @@ class CallSession:
             "bal_ms": bal,
             "playout_lag_ms": lag,
             "late_frames": self.late_frames,
+            "admission_ms": None if self.first_tick_at is None else round((self.first_tick_at - self.admitted_at) * 1000, 3),
             "frames_out": self.frames_out,
             "in_level": round(self.in_level, 4),
             "out_level": round(self.out_level, 4),
