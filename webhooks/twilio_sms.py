@@ -45,6 +45,8 @@ class PendingReply:
     """``user`` is the sender as the route found it (saves the processor a lookup)."""
     decided: asyncio.Event = field(default_factory=asyncio.Event)
     inline: bool = False
+    text: str = ""
+    """What the route answered inline."""
     created: float = field(default_factory=time.monotonic)
 
 
@@ -105,7 +107,7 @@ async def route(request: web.Request) -> web.Response:
             if not await hub.ingest(PROVIDER, sid, "sms", raw.decode("utf-8"), with_statements=[reply]):
                 pending.pop(sid, None)
                 return twiml.response(twiml.EMPTY)  # a retry: the first delivery got its answer
-            entry.inline = True
+            entry.inline, entry.text = True, quick
             return twiml.response(twiml.sms(quick))
         if not await hub.ingest(PROVIDER, sid, "sms", raw.decode("utf-8")):
             pending.pop(sid, None)
@@ -119,7 +121,8 @@ async def route(request: web.Request) -> web.Response:
             log.info("SMS %s: reply not ready in %.1f s; it goes out via REST", sid, hub.settings.llm.sms_budget_s)
             return twiml.response(twiml.EMPTY)
         text = fit_sms(task.result())
-        entry.inline = True
+        entry.inline, entry.text = True, text
+        # Recorded now (a narrow crash window) and again, idempotently, with the effects.
         hub.db.submit(*reply_statement(sid, user, sender, ours, text, {"via": "twiml"}))
         return twiml.response(twiml.sms(text))
     except web.HTTPException:
@@ -172,7 +175,7 @@ async def _deferred_reply(
         await entry.decided.wait()
         if entry.inline:
             _pending(hub).pop(sid, None)
-            return []
+            return [reply_statement(sid, user, sender, ours, entry.text, {"via": "twiml"})]
     if entry is not None and entry.task is not None:
         try:
             text = fit_sms(await entry.task)
