@@ -47,6 +47,8 @@ class PendingReply:
     inline: bool = False
     text: str = ""
     """What the route answered inline."""
+    recorded: bool = False
+    """The reply row was committed together with the inbox row."""
     created: float = field(default_factory=time.monotonic)
 
 
@@ -107,7 +109,7 @@ async def route(request: web.Request) -> web.Response:
             if not await hub.ingest(PROVIDER, sid, "sms", raw.decode("utf-8"), with_statements=[reply]):
                 pending.pop(sid, None)
                 return twiml.response(twiml.EMPTY)  # a retry: the first delivery got its answer
-            entry.inline, entry.text = True, quick
+            entry.inline, entry.text, entry.recorded = True, quick, True
             return twiml.response(twiml.sms(quick))
         if not await hub.ingest(PROVIDER, sid, "sms", raw.decode("utf-8")):
             pending.pop(sid, None)
@@ -175,6 +177,8 @@ async def _deferred_reply(
         await entry.decided.wait()
         if entry.inline:
             _pending(hub).pop(sid, None)
+            if entry.recorded:
+                return []
             return [reply_statement(sid, user, sender, ours, entry.text, {"via": "twiml"})]
     if entry is not None and entry.task is not None:
         try:
