@@ -1,9 +1,10 @@
 """Voice bridge under load: N concurrent simulated Twilio calls against the echo model.
 
 Client and server run in separate processes. The server is the real Runtime (bridge +
-scheduler + echo model, database on), started once per N; the client is this process, placing
-N calls with ``engine.bridge.simulator`` (real-time 20 ms pacing, mark echoes), starts
-staggered by a step that is not a multiple of 20 ms so callers' phases spread over the tick.
+scheduler + echo model, database on), started once per N; the callers are load-generator
+processes of up to 25 calls each, placing calls with ``engine.bridge.simulator`` (real-time
+20 ms pacing, mark echoes), starts staggered by a step that is not a multiple of 20 ms so
+callers' phases spread over the tick.
 After every call is up, the server's figures are reset (MARK), a measurement window runs,
 and the server reports (REPORT) from inside its own process:
 
@@ -31,7 +32,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -145,42 +145,65 @@ def test_audio(seconds: float) -> bytes:
     return mulaw.encode((0.4 * x / np.abs(x).max()).astype(np.float32)).tobytes()
 
 
-def run(calls: int, window_s: float, stagger_s: float) -> dict[str, Any]:
+CALLS_PER_CLIENT = 25
+"""Simulated calls per load-generator process. One Python process driving 100 calls spends
+~15 ms on the burst of 500 replies after every tick, which delays its own next chunks: that
+is load-generator jitter, not the bridge's, so the callers are spread over processes."""
+
+
+def client(port: int, first: int, count: int, stagger_s: float, seconds: float) -> None:
+    """A load-generator process: calls ``first .. first+count-1``, one JSON report each on stdout."""
     from engine.bridge.simulator import StreamTarget, stream_call
 
-    server = Server(slots=max(calls, 1))
-    ramp = stagger_s * (calls - 1)
-    audio = test_audio(ramp + window_s + 3.0)
-    target = StreamTarget(f"ws://127.0.0.1:{server.port}/twilio")
-    report: dict[str, Any] = {}
+    audio = test_audio(seconds)
+    target = StreamTarget(f"ws://127.0.0.1:{port}/twilio")
 
     async def one(k: int) -> Any:
         await asyncio.sleep(k * stagger_s)
         return await stream_call(target, audio, tail_s=0.3)
 
-    async def controller() -> None:
-        await asyncio.sleep(ramp + 1.5)
-        await asyncio.to_thread(server.command, "MARK")
-        await asyncio.sleep(window_s)
-        report.update(await asyncio.to_thread(server.command, "REPORT") or {})
-
     async def main() -> list[Any]:
-        results = await asyncio.gather(*(one(k) for k in range(calls)), controller(), return_exceptions=True)
-        return list(results[:calls])
+        return await asyncio.gather(*(one(k) for k in range(first, first + count)), return_exceptions=True)
 
     gc.collect()
-    gc.freeze()  # the load generator's collector must not stall 100 callers at once
-    client_cpu = time.process_time()
-    started = time.monotonic()
+    gc.freeze()  # the load generator's collector must not stall its callers at once
+    cpu, started = time.process_time(), time.monotonic()
+    results = asyncio.run(main())
+    share = (time.process_time() - cpu) / (time.monotonic() - started)
+    print(json.dumps({
+        "cpu_share": share,
+        "reports": [r.to_json() if not isinstance(r, BaseException) else {"error": repr(r)} for r in results],
+    }), flush=True)
+
+
+def run(calls: int, window_s: float, stagger_s: float) -> dict[str, Any]:
+    server = Server(slots=max(calls, 1))
+    ramp = stagger_s * (calls - 1)
+    seconds = ramp + window_s + 3.0
+    procs = []
     try:
-        results = asyncio.run(main())
+        for first in range(0, calls, CALLS_PER_CLIENT):
+            count = min(CALLS_PER_CLIENT, calls - first)
+            procs.append(subprocess.Popen(
+                [sys.executable, __file__, "--client", str(server.port), "--first", str(first), "--count", str(count),
+                 "--stagger", str(stagger_s), "--seconds", str(seconds)],
+                stdout=subprocess.PIPE, text=True, cwd=ROOT,
+            ))
+        time.sleep(ramp + 1.5)
+        server.command("MARK")
+        time.sleep(window_s)
+        report = server.command("REPORT") or {}
+        outputs = [json.loads(proc.communicate(timeout=seconds + 60)[0]) for proc in procs]
     finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
         server.close()
-    client_cpu = (time.process_time() - client_cpu) / (time.monotonic() - started)
-    failures = [repr(r) for r in results if isinstance(r, BaseException)]
-    reports = [r for r in results if not isinstance(r, BaseException)]
-    delays = sorted(r.echo_delay_ms for r in reports if r.echo_delay_ms is not None)
-    pacing = [r.send_late_ms for r in reports if r.send_late_ms.get("count")]
+    reports = [r for out in outputs for r in out["reports"]]
+    failures = [r["error"] for r in reports if "error" in r]
+    reports = [r for r in reports if "error" not in r]
+    delays = sorted(r["echo_delay_ms"] for r in reports if r["echo_delay_ms"] is not None)
+    pacing = [r["send_late_ms"] for r in reports if r["send_late_ms"].get("count")]
     wall, cpu = report.get("wall_s") or 1.0, report.get("cpu_s") or 0.0
     return {
         "calls": calls,
@@ -194,7 +217,8 @@ def run(calls: int, window_s: float, stagger_s: float) -> dict[str, Any]:
         "live_calls_in_window": report.get("live_calls"),
         "server_cpu_percent_per_call": round(100 * cpu / wall / calls, 3),
         "server_cpu_percent_total": round(100 * cpu / wall, 2),
-        "client_cpu_percent_total": round(100 * client_cpu, 2),
+        "client_processes": len(outputs),
+        "client_cpu_percent_total": round(100 * sum(out["cpu_share"] for out in outputs), 2),
         "client_echo_delay_ms": {"p50": delays[len(delays) // 2], "max": delays[-1]} if delays else None,
         # the simulated callers' own pacing: chunks that left late look like network jitter to the
         # bridge (a late frame here is the load generator's, not the bridge's, when these are large)
@@ -212,9 +236,16 @@ def main() -> None:
     parser.add_argument("--stagger", type=float, default=0.0137, help="seconds between call starts")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--slots", type=int, default=128, help=argparse.SUPPRESS)
+    parser.add_argument("--client", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=float, default=10.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         serve(args.serve, args.slots)
+        return
+    if args.client:
+        client(args.client, args.first, args.count, args.stagger, args.seconds)
         return
     runs = [run(int(n), args.window, args.stagger) for n in args.calls.split(",")]
     biggest = next((r for r in runs if r["calls"] == TARGETS["calls"]), None)
@@ -237,5 +268,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    threading.current_thread().name = "bench"
     main()
