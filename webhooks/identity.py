@@ -69,7 +69,7 @@ async def identity(request: web.Request) -> web.Response:
     if scheme.lower() != "bearer" or not key.strip():
         raise _unauthorized()
     try:
-        body = await hub.db.aread(lambda d: _identity(d, key.strip()))
+        body = await hub.read(lambda d: _identity(d, key.strip()))
     except StoreError as exc:
         log.error("identity lookup failed: %s", exc)
         raise web.HTTPServiceUnavailable(text="storage unavailable") from None

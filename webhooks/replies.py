@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from engine.config import Settings
 from engine.store import usage as usage_store
@@ -22,6 +24,7 @@ from webhooks.llm import LlmError, LlmProvider
 
 log = logging.getLogger("xswarm.webhooks.replies")
 
+Reader = Callable[[Callable[[Database], Any]], Awaitable[Any]]
 SMS_MAX = 320
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
@@ -113,9 +116,10 @@ def quota_left(db: Database, user: User, channel: str) -> bool:
 class Replier:
     """Builds replies; one per server, sharing the LLM provider's HTTP session."""
 
-    def __init__(self, settings: Settings, db: Database, llm: LlmProvider | None) -> None:
+    def __init__(self, settings: Settings, read: Reader, llm: LlmProvider | None) -> None:
         self.settings = settings
-        self.db = db
+        self.read = read
+        """Runs a blocking read function (``Hub.read``)."""
         self.llm = llm
 
     def quick_sms(self, db: Database, user: User | None, body: str) -> str | None:
@@ -139,7 +143,7 @@ class Replier:
         return user, self.quick_sms(db, user, body)
 
     async def sms(self, user: User | None, body: str) -> str:
-        quick = await self.db.aread(lambda d: self.quick_sms(d, user, body))
+        quick = await self.read(lambda d: self.quick_sms(d, user, body))
         return quick if quick is not None else await self.llm_sms(user, body)  # type: ignore[arg-type]
 
     async def llm_sms(self, user: User, body: str) -> str:
@@ -161,7 +165,7 @@ class Replier:
         return fit_sms(text) or PROVIDER_DOWN
 
     async def email(self, user: User, subject: str, body: str) -> str:
-        if not await self.db.aread(lambda d: quota_left(d, user, "email")):
+        if not await self.read(lambda d: quota_left(d, user, "email")):
             return f"Hello {user.name},\n\nYou've used all the email replies in your {user.tier} plan this month.\n"
         if self.llm is None:
             return (

@@ -140,7 +140,7 @@ async def inbound_effect(hub: Hub, row: InboxRow) -> Outcome:
     except ValueError:
         raise PermanentError("stored mail is not JSON") from None
     sender = _sender(mail)
-    user = await hub.db.aread(lambda d: find_by_email(d, sender)) if sender else None
+    user = await hub.read(lambda d: find_by_email(d, sender)) if sender else None
     subject = mail.get("subject", "")
     text = mail.get("text") or _strip_html(mail.get("html", ""))
     mid = row.event_id
@@ -162,9 +162,12 @@ async def inbound_effect(hub: Hub, row: InboxRow) -> Outcome:
 
 async def _reply(hub: Hub, user: User, sender: str, subject: str, text: str, mid: str) -> list[Statement]:
     """Send the reply once: a retry after a sent reply finds its row and stops."""
-    already = await hub.db.aquery(
-        "SELECT 1 FROM messages WHERE channel = 'email' AND direction = 'out' AND json_extract(meta, '$.in_reply_to') = ?",
-        (mid,),
+    already = await hub.read(
+        lambda d: d.query(
+            "SELECT 1 FROM messages WHERE channel = 'email' AND direction = 'out'"
+            " AND json_extract(meta, '$.in_reply_to') = ?",
+            (mid,),
+        )
     )
     if already:
         return []

@@ -89,11 +89,11 @@ async def effect(hub: Hub, row: InboxRow) -> Outcome:
 async def _subscription(hub: Hub, row: InboxRow, event: dict[str, Any], sub: dict[str, Any], created: int) -> Outcome:
     kind = row.event_type or ""
     meta = sub.get("metadata") or {}
-    user = await hub.db.aread(lambda d: _customer_user(d, sub.get("customer"), meta.get("user_id")))
+    user = await hub.read(lambda d: _customer_user(d, sub.get("customer"), meta.get("user_id")))
     if user is None:
-        stored = await hub.db.aread(lambda d: billing.get_subscription(d, sub["id"]))
+        stored = await hub.read(lambda d: billing.get_subscription(d, sub["id"]))
         if stored is not None and stored.user_id:
-            user = await hub.db.aread(lambda d: get_user(d, stored.user_id))
+            user = await hub.read(lambda d: get_user(d, stored.user_id))
     items = ((sub.get("items") or {}).get("data") or [{}])
     price_id = ((items[0] or {}).get("price") or {}).get("id")
     tier = hub.settings.stripe.price_tiers.get(price_id) if price_id else None
@@ -120,6 +120,7 @@ async def _subscription(hub: Hub, row: InboxRow, event: dict[str, Any], sub: dic
     )
     # Commit the subscription state first: the tier is derived from what is stored.
     await asyncio.wrap_future(hub.db.submit_script([upsert, note]))
+    # set_tier waits for its write, so it runs on the reader pool, never on the loop.
     new_tier = await hub.db.aread(lambda d: _apply_tier(d, user)) if user else None
     summary = f"Subscription {status}" + (f" → {new_tier}" if new_tier else " (no matching user)")
     return Outcome(
@@ -130,7 +131,7 @@ async def _subscription(hub: Hub, row: InboxRow, event: dict[str, Any], sub: dic
 async def _checkout(hub: Hub, row: InboxRow, session: dict[str, Any], created: int) -> Outcome:
     user_id = session.get("client_reference_id") or (session.get("metadata") or {}).get("user_id")
     customer = session.get("customer") if isinstance(session.get("customer"), str) else None
-    user = await hub.db.aread(lambda d: _customer_user(d, customer, user_id))
+    user = await hub.read(lambda d: _customer_user(d, customer, user_id))
     if user is not None and customer and user.stripe_customer_id != customer:
         try:
             await hub.db.aread(lambda d: set_stripe_customer(d, user.id, customer))
@@ -159,7 +160,7 @@ async def _checkout(hub: Hub, row: InboxRow, session: dict[str, Any], created: i
 
 async def _invoice(hub: Hub, row: InboxRow, invoice: dict[str, Any], created: int) -> Outcome:
     paid = row.event_type == "invoice.paid"
-    user = await hub.db.aread(
+    user = await hub.read(
         lambda d: _customer_user(d, invoice.get("customer"), (invoice.get("metadata") or {}).get("user_id"))
     )
     amount = invoice.get("amount_paid") if paid else invoice.get("amount_due")

@@ -59,7 +59,7 @@ def _pending(hub: Hub) -> dict[str, PendingReply]:
 async def find_user(hub: Hub, phone: str | None) -> User | None:
     if not phone:
         return None
-    return await hub.db.aread(lambda d: find_by_phone(d, phone))
+    return await hub.read(lambda d: find_by_phone(d, phone))
 
 
 def reply_statement(
@@ -96,7 +96,7 @@ async def route(request: web.Request) -> web.Response:
     try:
         try:
             # Reads only, no effects: safe before the row is stored.
-            user, quick = await hub.db.aread(lambda d: hub.replier.prepare_sms(d, sender, body))
+            user, quick = await hub.read(lambda d: hub.replier.prepare_sms(d, sender, body))
         except StoreError:
             user, quick = None, None
             entry.looked_up = False
@@ -188,7 +188,7 @@ async def _deferred_reply(
             raise
     else:
         # After a restart or a replay: only reply if no reply was recorded.
-        if await hub.db.aread(lambda d: messages.get_by_provider_id(d, f"reply:{sid}")) is not None:
+        if await hub.read(lambda d: messages.get_by_provider_id(d, f"reply:{sid}")) is not None:
             return []
         text = fit_sms(await hub.replier.sms(user, body))
     if not ours:

@@ -71,7 +71,7 @@ async def voice(request: web.Request) -> web.Response:
     await hub.ingest(PROVIDER, call_sid, "call", raw.decode("utf-8"))
     # A retried webhook for the same call is answered the same way (fresh token, same rules).
     caller = form.get("From")
-    admission = await hub.db.aread(lambda d: _admission(d, caller))
+    admission = await hub.read(lambda d: _admission(d, caller))
     return twiml.response(answer(hub, call_sid, caller, admission))
 
 
@@ -134,7 +134,7 @@ async def effect(hub: Hub, row: InboxRow) -> Outcome:
     form = dict(parse_qsl(row.payload, keep_blank_values=True))
     if row.event_type == "call":
         caller = form.get("From")
-        user = await hub.db.aread(lambda d: find_by_phone(d, caller)) if caller else None
+        user = await hub.read(lambda d: find_by_phone(d, caller)) if caller else None
         summary = f"Incoming call from {user.name if user else 'unknown'} ({mask_phone(caller)})"
         return Outcome([], [received(row, summary, user.id if user else None)])
     if row.event_type == "status":
@@ -147,9 +147,9 @@ async def effect(hub: Hub, row: InboxRow) -> Outcome:
 async def _status_effect(hub: Hub, row: InboxRow, form: dict[str, str]) -> Outcome:
     call_sid, state, caller = form["CallSid"], form.get("CallStatus", ""), form.get("From")
     terminal = state in TERMINAL
-    user_id = await hub.db.aread(lambda d: usage.call_user(d, call_sid))
+    user_id = await hub.read(lambda d: usage.call_user(d, call_sid))
     if user_id is None and caller:
-        user = await hub.db.aread(lambda d: find_by_phone(d, caller))
+        user = await hub.read(lambda d: find_by_phone(d, caller))
         user_id = user.id if user else None
     duration = _float(form.get("CallDuration")) if terminal else None
     statements = []
@@ -177,7 +177,7 @@ async def _status_effect(hub: Hub, row: InboxRow, form: dict[str, str]) -> Outco
 
 async def _voicemail_effect(hub: Hub, row: InboxRow, form: dict[str, str]) -> Outcome:
     caller = form.get("From")
-    user = await hub.db.aread(lambda d: find_by_phone(d, caller)) if caller else None
+    user = await hub.read(lambda d: find_by_phone(d, caller)) if caller else None
     seconds = _float(form.get("RecordingDuration"))
     statement = messages.insert_statement(
         channel="voicemail",
