@@ -284,8 +284,8 @@ def test_download_through_huggingface_hub_from_a_fake_hub(cache: Path, tiny_fold
         assert checkpoints.find_local(Settings()).location == snap
         # `xswarm models pull` in its own process (HF_ENDPOINT is read when the hub client loads).
         other = cache.parent / "cache2"
-        env = os.environ | {"HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(other),
-                            "PYTHONPATH": str(Path(__file__).parent.parent)}
+        env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"} | {
+            "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(other), "PYTHONPATH": str(Path(__file__).parent.parent)}
         out = subprocess.run([sys.executable, "-m", "xswarm_tui.cli", "models", "pull", "moshiko"],
                              capture_output=True, text=True, env=env, timeout=120)
         assert out.returncode == 0, out.stderr

@@ -464,12 +464,13 @@ class MoshiModel(BatchedMoshi):
                 f"({checkpoints.hub_cache_dir()}); run `xswarm models pull`"
             )
         files = checkpoints.checkpoint_files(Path(folder), int8=self.dtype_name == "int8")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never wait on a network
         from moshi.models import loaders
 
         if progress:
             progress(0.05, f"reading checkpoint {folder}")
-        # Every file is passed as a Path, so moshi reads them directly and never asks the hub.
+        # Every file is passed as a Path, so moshi reads them directly and never asks the hub:
+        # no network wait even where it is unreachable (the effect HF_HUB_OFFLINE=1 has), and
+        # no process-wide environment change that would later block `xswarm models pull`.
         info = loaders.CheckpointInfo.from_hf_repo(
             self.repo,
             moshi_weights=files.moshi,
