@@ -6,7 +6,7 @@
 # wheels found in ./.whl (moshi is pure Python) are installed into a private folder first.
 # Everything is overridable, e.g. the local dry run on a CPU:
 #   MODEL=synthetic:tiny DEVICE=cpu BATCHES=1,2 STEPS=5 PYTHON=.venv/bin/python bash benchmarks/gpu_engine.sh
-# Results: $OUT (or benchmarks/out)/gpu_engine.json, plus the log and nvidia-smi's view.
+# Results: $OUT (or .bench/engine)/gpu_engine.json, plus the log and nvidia-smi's view.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -18,7 +18,7 @@ CONTEXT=${CONTEXT:-3000}
 DEVICE=${DEVICE:-cuda}
 DTYPE=${DTYPE:-}
 CONTROLS=${CONTROLS:-}
-dest=${OUT:-benchmarks/out}
+dest=${OUT:-.bench/engine}
 mkdir -p "$dest"
 
 if [[ -d .whl ]] && { [[ -n "${FORCE_WHEELS:-}" ]] || ! "$PY" -c 'import moshi' 2>/dev/null; }; then
