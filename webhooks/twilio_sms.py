@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
 from aiohttp import web
+from multidict import MultiDict
 
 from engine.events import MessageReceived
 from engine.logging_setup import mask_phone
@@ -49,6 +50,8 @@ class PendingReply:
     """What the route answered inline."""
     recorded: bool = False
     """The reply row was committed together with the inbox row."""
+    form: "MultiDict[str] | None" = None
+    """The posted form as the route parsed it (saves the processor parsing it again)."""
     created: float = field(default_factory=time.monotonic)
 
 
@@ -91,7 +94,7 @@ async def route(request: web.Request) -> web.Response:
     if sid in pending:
         return twiml.response(twiml.EMPTY)  # a concurrent retry of a message being answered
     # Registered before the row exists, so the processor can never miss it and reply twice.
-    entry = pending[sid] = PendingReply()
+    entry = pending[sid] = PendingReply(form=form)
     sender, ours, body = form.get("From"), form.get("To"), form.get("Body", "")
     try:
         try:
@@ -135,13 +138,16 @@ async def route(request: web.Request) -> web.Response:
 
 
 async def effect(hub: Hub, row: InboxRow) -> Outcome:
-    form = dict(parse_qsl(row.payload, keep_blank_values=True))
-    sid, sender, ours, body = row.event_id, form.get("From"), form.get("To"), form.get("Body", "")
-    if not sender:
-        raise PermanentError("SMS has no From")
+    sid = row.event_id
     entry = _pending(hub).get(sid)
     if entry is not None:
         await entry.decided.wait()  # the route is still answering: let it finish first
+    form = entry.form if entry is not None else None
+    if form is None:
+        form = MultiDict(parse_qsl(row.payload, keep_blank_values=True))
+    sender, ours, body = form.get("From"), form.get("To"), form.get("Body", "")
+    if not sender:
+        raise PermanentError("SMS has no From")
     user = entry.user if entry is not None and entry.looked_up else await find_user(hub, sender)
     statements = [
         messages.insert_statement(
