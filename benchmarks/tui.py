@@ -3,9 +3,10 @@
 Prints one JSON object. Each phase runs in a fresh interpreter (so imports and caches are
 honest) with its own XSWARM_HOME:
 
-* ``first_paint``: from the child's first line to Textual's first refresh of the dashboard,
-  with the real embedded runtime (echo model) starting behind it; also whether torch was
-  imported by then (it must not be). ``spawn_to_paint_ms`` adds interpreter start-up.
+* ``first_paint``: the real command, `xswarm --model echo`, on a pseudo-terminal: the app's
+  log line gives the time from the CLI loading the console module to Textual's first refresh
+  of the dashboard, and whether torch was imported by then (it must not be);
+  ``spawn_to_first_paint_ms`` is the wall time from spawning the process to that line.
 * ``idle``: CPU time of the UI thread (Textual's loop; ``time.thread_time``) per wall second,
   as % of one core, with the embedded echo runtime and no calls.
 * ``calls_50``: the same with 50 real phone calls: the ``xswarm call`` simulator (in another
@@ -15,8 +16,8 @@ honest) with its own XSWARM_HOME:
   scheduler's missed ticks over the 50-call window with the UI running, against the same load
   with no UI (``baseline``): the difference is what the UI caused.
 
-The app runs headless (Textual's headless driver renders every frame but writes it nowhere),
-so terminal I/O is not in the figures. Targets: first paint < 1 s; idle < 2 % of a core;
+The CPU phases run the app headless (Textual's headless driver renders every frame but writes
+it nowhere), so terminal I/O is not in those figures. Targets: first paint < 1 s; idle < 2 % of a core;
 50 calls < 25 %; zero late frames caused by the UI.
 
     .venv/bin/python benchmarks/tui.py [--seconds 10]
@@ -24,18 +25,15 @@ so terminal I/O is not in the figures. Targets: first paint < 1 s; idle < 2 % of
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
 import time
-
-_T0 = time.perf_counter()
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -115,24 +113,54 @@ def _scheduler_counts(runtime: object) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- children
 
-def child_first_paint() -> dict:
-    from xswarm_tui.app import XswarmApp
-    from xswarm_tui.link import EmbeddedLink
+def first_paint_on_a_terminal() -> dict:
+    """Run `xswarm --model echo` on a pseudo-terminal until its log says it painted, then quit."""
+    import pty
+    import re
 
-    link = EmbeddedLink(_runtime, audio=lambda: "benchmark: no audio")
-    result: dict = {}
+    master, slave = pty.openpty()
+    with tempfile.TemporaryDirectory(prefix="xswarm-bench-tui-") as home:
+        env = dict(os.environ, XSWARM_HOME=home, TERM="xterm-256color", XSWARM_SERVER__BRIDGE_PORT="0",
+                   XSWARM_SERVER__SUPERVISOR_PORT="0", COLUMNS="120", LINES="40")
+        log = Path(home) / "state" / "logs" / "xswarm.log"
+        spawned = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "xswarm_tui.cli", "--model", "echo"], cwd=ROOT, env=env,
+                                stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+        os.close(slave)
+        match = None
+        try:
+            while match is None and time.perf_counter() - spawned < 60:
+                _drain(master)
+                text = log.read_text(encoding="utf-8") if log.exists() else ""
+                match = re.search(r"first paint (\d+) ms after start \(torch imported: (\w+)\)", text)
+                time.sleep(0.005)
+            wall = time.perf_counter() - spawned
+            time.sleep(1.0)  # let the runtime come up, so quitting takes the normal path
+            os.write(master, b"q")
+            deadline = time.monotonic() + 30
+            while proc.poll() is None and time.monotonic() < deadline:
+                _drain(master)
+                time.sleep(0.02)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            os.close(master)
+    if match is None:
+        raise SystemExit("the console never logged its first paint")
+    return {"first_paint_ms": float(match.group(1)), "spawn_to_first_paint_ms": round(wall * 1000, 1),
+            "torch_imported_at_first_paint": match.group(2) == "True", "exit_code": proc.returncode}
 
-    class Timed(XswarmApp):
-        def _first_paint(self) -> None:
-            result["first_paint_ms"] = round((time.perf_counter() - _T0) * 1000, 1)
-            result["painted_at"] = time.time()
-            result["torch_imported_at_first_paint"] = "torch" in sys.modules
-            super()._first_paint()  # now the runtime starts, as in `xswarm --model echo`
-            self.set_timer(0.5, self.exit)  # let the runtime come up so shutdown is the normal path
 
-    Timed(link).run(headless=True, size=(120, 40))
-    link.close()
-    return result
+def _drain(fd: int) -> None:
+    """Read what the app drew so the pseudo-terminal never fills up and blocks it."""
+    import select
+
+    while select.select([fd], [], [], 0)[0]:
+        try:
+            if not os.read(fd, 65536):
+                return
+        except OSError:
+            return
 
 
 def child_ui(calls: int, seconds: float) -> dict:
@@ -195,38 +223,36 @@ def child_baseline(calls: int, seconds: float) -> dict:
 
 # ------------------------------------------------------------------------------- parent
 
-def _run_child(args: list[str]) -> tuple[dict, float]:
+def _run_child(args: list[str]) -> dict:
     env = dict(os.environ, TWILIO_AUTH_TOKEN=AUTH_TOKEN, XSWARM_CALL_TOKEN_SECRET=TOKEN_SECRET)
     with tempfile.TemporaryDirectory(prefix="xswarm-bench-tui-") as home:
         env["XSWARM_HOME"] = home
-        spawned_at = time.time()
         out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env, timeout=300)
     if out.returncode != 0:
         raise SystemExit(f"phase {args} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1]), spawned_at
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="measurement window per phase")
     parser.add_argument("--calls", type=int, default=50)
-    parser.add_argument("--child", choices=["first-paint", "idle", "calls", "baseline", "twilio"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["idle", "calls", "baseline", "twilio"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
-        result = {"first-paint": child_first_paint,
-                  "idle": lambda: child_ui(0, args.seconds),
+        result = {"idle": lambda: child_ui(0, args.seconds),
                   "calls": lambda: child_ui(args.calls, args.seconds),
                   "baseline": lambda: child_baseline(args.calls, args.seconds),
                   "twilio": lambda: child_twilio(args.port, args.calls, args.seconds)}[args.child]()
         print(json.dumps(result))
         return
 
-    paint, spawned_at = _run_child(["--child", "first-paint"])
-    idle, _ = _run_child(["--child", "idle", "--seconds", str(args.seconds)])
-    busy, _ = _run_child(["--child", "calls", "--seconds", str(args.seconds), "--calls", str(args.calls)])
-    base, _ = _run_child(["--child", "baseline", "--seconds", str(args.seconds), "--calls", str(args.calls)])
+    paint = first_paint_on_a_terminal()
+    idle = _run_child(["--child", "idle", "--seconds", str(args.seconds)])
+    busy = _run_child(["--child", "calls", "--seconds", str(args.seconds), "--calls", str(args.calls)])
+    base = _run_child(["--child", "baseline", "--seconds", str(args.seconds), "--calls", str(args.calls)])
     import psutil
 
     report = {
@@ -234,7 +260,8 @@ def main() -> None:
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": psutil.cpu_count(),
                     "python": platform.python_version(), "load_avg_1m": round(os.getloadavg()[0], 2)},
         "first_paint_ms": paint["first_paint_ms"],
-        "spawn_to_first_paint_ms": round((paint["painted_at"] - spawned_at) * 1000, 1),
+        "spawn_to_first_paint_ms": paint["spawn_to_first_paint_ms"],
+        "console_exit_code": paint["exit_code"],
         "torch_imported_at_first_paint": paint["torch_imported_at_first_paint"],
         "idle_ui_cpu_percent_of_core": idle["ui_cpu_percent_of_core"],
         "calls": args.calls,

@@ -15,7 +15,7 @@ import pytest
 from engine import events as ev
 from engine.config import load_settings
 from engine.runtime import Runtime
-from tui_support import RecordingAudio, ReplayLink, busy_night, free_port, start_call, telephony_env, wait_until
+from tui_support import FIXED_NOW, RecordingAudio, ReplayLink, busy_night, free_port, start_call, telephony_env, wait_until
 from xswarm_tui.app import ACTING, XswarmApp
 from xswarm_tui.link import AttachedLink, EmbeddedLink
 from xswarm_tui.state import ConsoleState, mask_caller
@@ -50,9 +50,13 @@ def test_state_folds_events_and_snapshots_idempotently() -> None:
                       {"call_id": "CA77", "slot": 4, "source": "twilio", "caller": "+1", "started_at": 1.0},
                       {"slot": "garbage"}],
             "model": {"spec": "echo", "name": None, "state": "ready"}}
-    state.load_snapshot(snap)
-    state.load_snapshot(snap)
+    state.load_snapshot(snap, taken_after=FIXED_NOW)
+    state.load_snapshot(snap, taken_after=FIXED_NOW)
     assert set(state.calls) == {"CA02f3e9", "CA77"}  # CA01/CA03 ended during the reconnect
+    state.apply(ev.CallStarted("CA88", 5, "twilio", at=FIXED_NOW + 1))  # newer than the snapshot: kept
+    state.load_snapshot(snap, taken_after=FIXED_NOW)
+    state.load_snapshot({"error": "snapshot incomplete"}, taken_after=FIXED_NOW + 10)
+    assert set(state.calls) == {"CA02f3e9", "CA77", "CA88"}
     assert state.calls["CA02f3e9"].mode == "muted" and len(state.calls["CA02f3e9"].bal_ms) == 8
     assert state.model is not None and state.model.model == "echo"
 

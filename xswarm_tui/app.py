@@ -13,6 +13,7 @@ First paint never waits for the runtime: the link is opened in a thread worker a
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 from collections import deque
@@ -37,7 +38,7 @@ from xswarm_tui.screens.detail import CallDetailScreen
 from xswarm_tui.screens.dialogs import ConfirmScreen, WhisperScreen
 from xswarm_tui.screens.logs import LogMirror, LogsScreen
 from xswarm_tui.screens.users import UsersScreen
-from xswarm_tui.state import ConsoleState
+from xswarm_tui.state import ConsoleState, Snapshot
 from xswarm_tui.widgets.calls import CallBoard
 from xswarm_tui.widgets.feed import EventsFeed
 from xswarm_tui.widgets.telemetry import SystemPanel
@@ -105,7 +106,7 @@ class XswarmApp(App[None]):
         self.paused = False
         """True while the operator froze the panels (collection goes on)."""
         self.listening: set[str] = set()
-        self._inbox: deque[ev.Event] = deque()
+        self._inbox: deque[ev.Event | Snapshot] = deque()
         self._wake_posted = False
         self._last_render = 0.0
         self._render_timer = None
@@ -151,7 +152,8 @@ class XswarmApp(App[None]):
 
     def _first_paint(self) -> None:
         """The dashboard is on screen: only now start the runtime, so it never delays the paint."""
-        log.info("first paint %.0f ms after start", (time.perf_counter() - self._started_at) * 1000)
+        log.info("first paint %.0f ms after start (torch imported: %s)",
+                 (time.perf_counter() - self._started_at) * 1000, "torch" in sys.modules)
         self._open_link()
 
     def on_unmount(self) -> None:
@@ -172,32 +174,37 @@ class XswarmApp(App[None]):
     # ----------------------------------------------------------------- runtime link
     @work(thread=True, exclusive=True, group="link", exit_on_error=False, description="Starting the runtime")
     def _open_link(self) -> None:
+        opened_at = time.time()
         try:
             snapshot = self.link.open(self._on_runtime_event, self._on_snapshot)
         except Exception as exc:  # LinkError, a port in use, a bad token: shown, the app stays up
             log.exception("runtime link failed")
             self.post_message(LinkFailed(str(exc) or type(exc).__name__))
             return
-        self.post_message(LinkOpened(snapshot))
+        self._queue(Snapshot(snapshot, opened_at))
+        self.post_message(LinkOpened())
 
     def _on_runtime_event(self, event: ev.Event) -> None:
         """Bus subscriber, any thread: queue and wake the UI once; never block the publisher."""
-        self._inbox.append(event)
+        self._queue(event)
+
+    def _on_snapshot(self, snapshot: dict) -> None:
+        """A reconnect brought a fresh snapshot (any thread); the server's clock dates it."""
+        self._queue(Snapshot(snapshot, snapshot.get("server_time")))
+
+    def _queue(self, item: ev.Event | Snapshot) -> None:
+        """Snapshots travel in the same queue as events, so the fold sees them in arrival order."""
+        self._inbox.append(item)
         if not self._wake_posted:
             self._wake_posted = True
             self.post_message(EventsArrived())
 
-    def _on_snapshot(self, snapshot: dict) -> None:
-        """A reconnect brought a fresh snapshot (any thread)."""
-        self.post_message(LinkOpened(snapshot))
-
     @on(LinkOpened)
-    def _link_opened(self, message: LinkOpened) -> None:
+    def _link_opened(self) -> None:
         if not self.link.can_act and not self.read_only:  # a monitor token: act as --read-only
             self.read_only = True
             self.refresh_bindings()
-        self.state.load_snapshot(message.snapshot)
-        self._drain()
+        self._update_subtitle()
 
     @on(LinkFailed)
     def _link_failed(self, message: LinkFailed) -> None:
@@ -216,7 +223,11 @@ class XswarmApp(App[None]):
     def _drain(self) -> None:
         self._render_timer = None
         while self._inbox:
-            self.state.apply(self._inbox.popleft())
+            item = self._inbox.popleft()
+            if isinstance(item, Snapshot):
+                self.state.load_snapshot(item.data, taken_after=item.taken_after)
+            else:
+                self.state.apply(item)
         if not self.paused and self.board.is_attached:  # not after the app has begun to close
             self._render_dirty()
 

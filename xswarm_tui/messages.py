@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
 from textual.message import Message
 
 
@@ -26,9 +24,7 @@ class LogsArrived(Message):
 
 @dataclass
 class LinkOpened(Message):
-    """The runtime answered: its snapshot seeds the panels."""
-
-    snapshot: dict[str, Any]
+    """The runtime answered (its snapshot is in the event queue)."""
 
 
 @dataclass

@@ -58,6 +58,14 @@ class CallView:
 
 
 @dataclass(frozen=True)
+class Snapshot:
+    """A runtime snapshot in the event queue, with the time before which it is complete."""
+
+    data: dict[str, Any]
+    taken_after: float | None
+
+
+@dataclass(frozen=True)
 class FeedItem:
     """One line of the events feed."""
 
@@ -97,19 +105,22 @@ class ConsoleState:
         """Panels with news: "calls", "system", "feed", "model"."""
 
     # ---------------------------------------------------------------------------------------
-    def load_snapshot(self, snap: dict[str, Any]) -> None:
-        """Seed live calls and model state from ``Runtime.snapshot()`` (or the socket's hello).
+    def load_snapshot(self, snap: dict[str, Any], *, taken_after: float | None = None) -> None:
+        """Seed live calls and model state from ``Runtime.snapshot()`` (or the socket's).
 
-        Idempotent: calls the snapshot no longer lists are gone (they ended while a reconnect
-        was under way); calls still live keep their histories."""
-        listed = snap.get("calls", []) or []
-        live = {str(c.get("call_id")) for c in listed if isinstance(c, dict)}
-        for call_id in [cid for cid in self.calls if cid not in live]:
-            del self.calls[call_id]
-            self.removed_calls.add(call_id)
-            self.dirty.add("calls")
+        Idempotent. A call the snapshot does not list is dropped only if it started before
+        ``taken_after`` (it ended while we were not looking); one that started later is newer
+        than the snapshot and stays. A snapshot without a "calls" list (an incomplete one)
+        drops nothing. Calls still live keep their histories."""
+        listed = [c for c in snap.get("calls") or [] if isinstance(c, dict)]
+        if "calls" in snap and taken_after is not None:
+            live = {str(c.get("call_id")) for c in listed}
+            for call_id in [cid for cid, c in self.calls.items() if cid not in live and c.started_at < taken_after]:
+                del self.calls[call_id]
+                self.removed_calls.add(call_id)
+                self.dirty.add("calls")
         for call in listed:
-            if isinstance(call, dict) and str(call.get("call_id")) in self.calls:
+            if str(call.get("call_id")) in self.calls:
                 self._refresh_mode(call)
                 continue
             try:
