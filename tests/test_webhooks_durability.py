@@ -221,3 +221,37 @@ def test_webhooks_never_import_torch_textual_or_models() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+async def test_rows_committed_together_one_bad_row_fails_alone(tmp_path: Path) -> None:
+    """Rows finishing together share one transaction with merged inserts; when one row's
+    statements fail, the others still commit and only that row is retried."""
+    from engine.events import WebhookReceived
+    from webhooks.hub import Hub, Outcome
+    from webhooks.processor import InboxProcessor, merge_inserts
+
+    db = Database(Target(str(tmp_path / "h.db"))).start()
+    migrate(db)
+
+    async def effect(hub: Any, row: inbox.InboxRow) -> Outcome:
+        note = ("INSERT INTO events (at, type, summary) VALUES (?, ?, ?)", (1, "Note", row.event_id))
+        bad = [("INSERT INTO no_such_table (x) VALUES (?)", (1,))] if row.event_id == "bad" else []
+        return Outcome(bad, [WebhookReceived("test", "t", row.event_id)], inserts=[note])
+
+    for event_id in ("a", "b", "bad", "c"):
+        inbox.put(db, "test", event_id, "t", "{}").result()
+    hub = Hub(make_settings(), db, EventBus())
+    processor = InboxProcessor(hub, {"test": effect}, max_attempts=3)
+    processor.start()
+    try:
+        done = await wait_processed(db, 3)
+        failed = await wait_processed(db, 1, status="failed")
+    finally:
+        await processor.stop()
+    assert sorted(r.event_id for r in done) == ["a", "b", "c"]
+    assert failed[0].event_id == "bad" and "no_such_table" in (failed[0].last_error or "")
+    notes = db.query("SELECT summary FROM events WHERE type = 'Note' ORDER BY summary")
+    assert [n for (n,) in notes] == ["a", "b", "c"]
+    merged = merge_inserts([("INSERT INTO t (a, b) VALUES (?, ?) ON CONFLICT(a) DO NOTHING", (i, i)) for i in range(3)])
+    assert merged == [("INSERT INTO t (a, b) VALUES (?, ?),(?, ?),(?, ?) ON CONFLICT(a) DO NOTHING", (0, 0, 1, 1, 2, 2))]
+    db.close()

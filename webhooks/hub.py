@@ -32,10 +32,15 @@ log = logging.getLogger("xswarm.webhooks")
 @dataclass(frozen=True)
 class Outcome:
     """What processing one inbox row produced: statements committed together with the row's
-    ``done`` mark, and events published once that commit succeeded."""
+    ``done`` mark, and events published once that commit succeeded.
+
+    ``inserts`` are single-row INSERTs that depend on nothing else in the script: rows
+    committed together have theirs merged into multi-row statements (fewer statements is
+    what makes the writer cheap). ``statements`` run in order, one by one."""
 
     statements: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+    inserts: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
 
 
 Effect = Callable[["Hub", inbox.InboxRow], Awaitable[Outcome]]

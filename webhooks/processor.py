@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Mapping
+from typing import Any
 
 from engine.events import WebhookFailed, WebhookReceived
 from engine.store import feed, inbox
@@ -22,6 +24,40 @@ log = logging.getLogger("xswarm.webhooks.processor")
 
 class PermanentError(Exception):
     """The event can never be applied (malformed payload): dead-letter it at once."""
+
+
+Statement = tuple[str, tuple[Any, ...]]
+_VALUES = re.compile(r"^(.*?\bVALUES\s*)(\(\s*\?(?:\s*,\s*\?)*\s*\))(.*)$", re.IGNORECASE | re.DOTALL)
+_MAX_PARAMS = 8000
+
+
+def merge_inserts(inserts: list[Statement]) -> list[Statement]:
+    """Identical single-row INSERTs become multi-row ones (bound parameters only), in the
+    order each statement first appears."""
+    groups: dict[str, list[tuple[Any, ...]]] = {}
+    for sql, params in inserts:
+        groups.setdefault(sql, []).append(params)
+    out: list[Statement] = []
+    for sql, rows in groups.items():
+        match = _VALUES.match(sql)
+        if match is None or len(rows) == 1:
+            out.extend((sql, params) for params in rows)
+            continue
+        head, group, tail = match.groups()
+        per_chunk = max(1, _MAX_PARAMS // max(1, len(rows[0])))
+        for start in range(0, len(rows), per_chunk):
+            chunk = rows[start : start + per_chunk]
+            flat = tuple(value for params in chunk for value in params)
+            out.append((head + ",".join([group] * len(chunk)) + tail, flat))
+    return out
+
+
+def done_statement(rows: list[inbox.InboxRow]) -> Statement:
+    marks = ",".join("?" * len(rows))
+    return (
+        f"UPDATE webhook_inbox SET status = 'done', next_attempt_at = NULL, last_error = NULL WHERE rowid IN ({marks})",
+        tuple(row.rowid for row in rows),
+    )
 
 
 class InboxProcessor:
@@ -47,6 +83,7 @@ class InboxProcessor:
         self.failed = 0
         self._wake = asyncio.Event()
         self._active: set[asyncio.Task[None]] = set()
+        self._group: list[tuple[inbox.InboxRow, Outcome, asyncio.Future[None]]] = []
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -120,11 +157,44 @@ class InboxProcessor:
             self.hub.publish(event, to_feed=False)  # its feed row was committed with the effects
 
     async def _commit(self, row: inbox.InboxRow, outcome: Outcome) -> None:
-        """Effects, the feed row (of the first event) and the ``done`` mark in one transaction."""
-        script = [*outcome.statements, inbox.mark_done_sql(row.provider, row.event_id)]
-        if outcome.events and self.hub.record_feed:
-            script.append(feed.event_statement(outcome.events[0]))
-        await asyncio.wrap_future(self.hub.db.submit_script(script))
+        """Effects, the feed row (of the first event) and the ``done`` mark in one
+        transaction, shared with every row that finished in the same loop iteration."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not self._group:
+            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._flush()))
+        self._group.append((row, outcome, future))
+        await future
+
+    def _script(self, items: list[tuple[inbox.InboxRow, Outcome]]) -> list[Statement]:
+        statements: list[Statement] = []
+        inserts: list[Statement] = []
+        for _, outcome in items:
+            statements.extend(outcome.statements)
+            inserts.extend(outcome.inserts)
+            if outcome.events and self.hub.record_feed:
+                inserts.append(feed.event_statement(outcome.events[0]))
+        return [*statements, *merge_inserts(inserts), done_statement([row for row, _ in items])]
+
+    async def _flush(self) -> None:
+        group, self._group = self._group, []
+        try:
+            await asyncio.wrap_future(self.hub.db.submit_script(self._script([(r, o) for r, o, _ in group])))
+        except StoreError as exc:
+            if len(group) == 1:
+                _settle(group[0][2], exc)
+                return
+            # One row's statements may be at fault: commit each alone so only it fails.
+            singles = [self.hub.db.submit_script(self._script([(row, outcome)])) for row, outcome, _ in group]
+            for (_, _, future), single in zip(group, singles):
+                try:
+                    await asyncio.wrap_future(single)
+                except StoreError as single_exc:
+                    _settle(future, single_exc)
+                else:
+                    _settle(future, None)
+            return
+        for _, _, future in group:
+            _settle(future, None)
 
     async def _fail(self, row: inbox.InboxRow, exc: Exception) -> None:
         self.failed += 1
@@ -141,6 +211,16 @@ class InboxProcessor:
         except StoreError as store_exc:
             log.warning("could not record the failure of %s (its lease will expire): %s", row.key, store_exc)
         self.hub.publish(WebhookFailed(row.provider, row.event_id, error[:300], dead=dead), to_feed=dead)
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    """Resolve a row's commit future unless its task was cancelled meanwhile."""
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
 
 
 def received(row: inbox.InboxRow, summary: str, user_id: str | None = None) -> WebhookReceived:

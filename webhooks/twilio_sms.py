@@ -149,20 +149,19 @@ async def effect(hub: Hub, row: InboxRow) -> Outcome:
     if not sender:
         raise PermanentError("SMS has no From")
     user = entry.user if entry is not None and entry.looked_up else await find_user(hub, sender)
-    statements = [
-        messages.insert_statement(
-            channel="sms",
-            direction="in",
-            provider_id=sid,
-            user_id=user.id if user else None,
-            from_addr=sender,
-            to_addr=ours,
-            body=body,
-            status="received",
-            meta={"num_media": form.get("NumMedia", "0")},
-            at_ms=row.received_at,
-        )
-    ]
+    message = messages.insert_statement(
+        channel="sms",
+        direction="in",
+        provider_id=sid,
+        user_id=user.id if user else None,
+        from_addr=sender,
+        to_addr=ours,
+        body=body,
+        status="received",
+        meta={"num_media": form.get("NumMedia", "0")},
+        at_ms=row.received_at,
+    )
+    statements: list[Statement] = []
     if user is not None:
         statements += usage.count_statements("sms", f"sms:{sid}", user.id, 1, row.received_at)
     statements += await _deferred_reply(hub, sid, user, sender, ours, body)
@@ -171,6 +170,7 @@ async def effect(hub: Hub, row: InboxRow) -> Outcome:
     return Outcome(
         statements,
         [MessageReceived("sms", user.id if user else None, summary), received(row, summary, user.id if user else None)],
+        inserts=[message],
     )
 
 
