@@ -164,6 +164,11 @@ async def test_sms_delivered_twice_has_one_effect(db: Database, alice: Any, make
     await asyncio.sleep(0.2)
     assert db.query("SELECT COUNT(*) FROM messages WHERE direction = 'in'")[0][0] == 1
     assert usage.usage_for(db, alice.id).sms_count == 1
+    assert inbox.replay(db, "twilio-sms:SM0001")  # the processor applying it again counts nothing
+    await asyncio.sleep(0.3)
+    await wait_processed(db, 1)
+    assert usage.usage_for(db, alice.id).sms_count == 1
+    assert db.query("SELECT COUNT(*) FROM messages")[0][0] == 2
 
 
 async def test_sms_without_provider_gets_canned_reply_within_320(db: Database, alice: Any, make: Any) -> None:

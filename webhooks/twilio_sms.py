@@ -162,15 +162,18 @@ async def effect(hub: Hub, row: InboxRow) -> Outcome:
         at_ms=row.received_at,
     )
     statements: list[Statement] = []
+    inserts = [message]
     if user is not None:
-        statements += usage.count_statements("sms", f"sms:{sid}", user.id, 1, row.received_at)
+        increment, ledger = usage.count_statements("sms", f"sms:{sid}", user.id, 1, row.received_at)
+        statements.append(increment)
+        inserts.append(ledger)  # committed after every increment of the group, merged
     statements += await _deferred_reply(hub, sid, user, sender, ours, body)
     who = mask_phone(sender)
     summary = f"SMS from {user.name if user else 'unknown'} ({who}): {len(body)} chars"
     return Outcome(
         statements,
         [MessageReceived("sms", user.id if user else None, summary), received(row, summary, user.id if user else None)],
-        inserts=[message],
+        inserts=inserts,
     )
 
 

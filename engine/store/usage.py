@@ -2,8 +2,8 @@
 
 Why a ledger: providers retry and our processor retries, so a plain ``+1`` would count twice.
 Each counted thing has a key (``sms:<MessageSid>``, ``call:<CallSid>``); the increment runs in
-the same transaction as the ledger insert and only when that insert added a row
-(``changes() = 1``), so counting is idempotent without read-modify-write races.
+the same transaction as the ledger insert and only while the key is not yet recorded, so
+counting is idempotent without read-modify-write races.
 """
 
 from __future__ import annotations
@@ -39,18 +39,22 @@ def period_of(at_ms: int | None = None) -> str:
 
 
 def count_statements(kind: Kind, key: str, user_id: str, amount: float, at_ms: int) -> list[Statement]:
-    """Statements (for ``Database.submit_script``) that count ``amount`` once per ``key``."""
+    """Statements (for ``Database.submit_script``, in this order) that count ``amount`` once
+    per ``key``: the increment runs only while the key is not in the ledger, then the key is
+    recorded. The second statement depends on nothing else, so a caller may move it later in
+    the same transaction (and merge several into one)."""
     column = _COLUMN[kind]
     period = period_of(at_ms)
     return [
         (
-            "INSERT INTO usage_ledger (key, user_id, period, at) VALUES (?, ?, ?, ?) ON CONFLICT(key) DO NOTHING",
-            (key, user_id, period, at_ms),
+            f"INSERT INTO usage (user_id, period, {column}) SELECT ?, ?, ?"
+            " WHERE NOT EXISTS (SELECT 1 FROM usage_ledger WHERE key = ?)"
+            f" ON CONFLICT(user_id, period) DO UPDATE SET {column} = {column} + excluded.{column}",
+            (user_id, period, amount, key),
         ),
         (
-            f"INSERT INTO usage (user_id, period, {column}) SELECT ?, ?, ? WHERE changes() = 1"
-            f" ON CONFLICT(user_id, period) DO UPDATE SET {column} = {column} + excluded.{column}",
-            (user_id, period, amount),
+            "INSERT INTO usage_ledger (key, user_id, period, at) VALUES (?, ?, ?, ?) ON CONFLICT(key) DO NOTHING",
+            (key, user_id, period, at_ms),
         ),
     ]
 
