@@ -238,6 +238,10 @@ async def test_help_lists_the_keys_and_palette_reaches_every_action() -> None:
             assert f"call CA01f3e9: {action}" in titles
         assert {"view: pause", "view: users", "view: logs", "call: start a local voice conversation"} <= titles
         assert any(t.lower().startswith("theme") for t in titles)  # Textual's "Change theme" stays
+        for theme in ("hal-9000", "kitt", "glados", "nord"):  # ours and a built-in (domain colours default)
+            app.theme = theme
+            await pilot.pause(0.1)
+            assert len(app.board.rows) == 2 and app.theme_variables["call-live"]
         await pilot.press("ctrl+p")
         await pilot.press(*"CA02f3e9 mute")
         await pilot.pause(0.3)

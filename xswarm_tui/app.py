@@ -47,6 +47,11 @@ log = logging.getLogger("xswarm.tui")
 
 RENDER_INTERVAL_S = 0.25
 """At most 4 redraws a second, however fast samples arrive (12.5 Hz per call at most)."""
+BUSY_RENDER_INTERVAL_S = 0.5
+BUSY_CALLS = 16
+"""Above this many live calls, redraw at 2 Hz. Why: every redraw of the calls table renders all
+its visible cells, and the UI thread shares the GIL with the bridge; benchmarks/tui.py measured
+late bridge frames at 4 Hz with 50 calls on a 2-core machine and none at 2 Hz."""
 DEBOUNCE_S = 0.3
 """A second press of a destructive key within this is ignored (key repeat, double taps)."""
 
@@ -109,6 +114,7 @@ class XswarmApp(App[None]):
         self._inbox: deque[ev.Event | Snapshot] = deque()
         self._wake_posted = False
         self._last_render = 0.0
+        self._last_durations = 0.0
         self._render_timer = None
         self._last_press: dict[str, float] = {}
         self._reveal = reveal_callers
@@ -214,7 +220,8 @@ class XswarmApp(App[None]):
     @on(EventsArrived)
     def _events_arrived(self) -> None:
         self._wake_posted = False
-        wait = RENDER_INTERVAL_S - (time.monotonic() - self._last_render)
+        interval = BUSY_RENDER_INTERVAL_S if len(self.state.calls) > BUSY_CALLS else RENDER_INTERVAL_S
+        wait = interval - (time.monotonic() - self._last_render)
         if wait <= 0:
             self._drain()
         elif self._render_timer is None:
@@ -238,6 +245,8 @@ class XswarmApp(App[None]):
         with self.batch_update():
             if "calls" in s.dirty:
                 self.board.refresh_rows(s.changed_calls | s.removed_calls)
+            if time.monotonic() - self._last_durations >= 1.0:  # ride along: one table redraw, not two
+                self._tick_durations()
             if s.dirty & {"system", "model"}:
                 self.system_panel.refresh_panel()
             if "feed" in s.dirty:
@@ -255,10 +264,16 @@ class XswarmApp(App[None]):
         self.state.changed_calls.update(self.state.calls)
         self._render_dirty()
 
+    def _tick_durations(self) -> None:
+        self._last_durations = time.monotonic()
+        self.board.tick_durations()
+
     def _every_second(self) -> None:
+        """Clocks that move by themselves: durations (unless a redraw just did them), staleness."""
         if self.paused or not self.board.is_attached:
             return
-        self.board.tick_durations()
+        if time.monotonic() - self._last_durations >= 1.0:
+            self._tick_durations()
         self.system_panel.check_stale()
         if isinstance(self.screen, CallDetailScreen):
             self.screen.refresh_detail()

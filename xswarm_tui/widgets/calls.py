@@ -92,7 +92,7 @@ class CallBoard(DataTable):
         """Once a second: only the duration column moves by itself."""
         now = self.clock()
         for cid, cells in self._shown.items():
-            value = duration(now - self.state.calls[cid].started_at)
+            value = Text(duration(now - self.state.calls[cid].started_at))
             if cells["duration"] != value:
                 cells["duration"] = value
                 self.update_cell(cid, "duration", value)
@@ -115,7 +115,7 @@ class CallBoard(DataTable):
     def _apply_sort(self) -> None:
         _, key, reverse = SORTS[self.sort_name]
         calls = self.state.calls
-        self.sort("call", key=lambda cid: key(calls[str(cid)]), reverse=reverse)
+        self.sort("call", key=lambda cid: key(calls[cid.plain]), reverse=reverse)
 
     def _title(self) -> None:
         parts = [f"[u]C[/u]alls {len(self._shown)}"]
@@ -137,12 +137,14 @@ class CallBoard(DataTable):
             "│",
             (bar(level_fraction(call.out_level), LEVEL_WIDTH), colours.get("level-ai", "")),
         )
+        # Every cell is a Text: plain strings would be parsed as markup on every redraw (slow),
+        # and caller-supplied values (caller, user, theme come from the call) must never be markup.
         return {
-            "call": call.call_id,
-            "caller": caller,
-            "user": call.user_id or "—",
-            "theme": call.theme or "—",
-            "duration": duration(now - call.started_at),
+            "call": Text(call.call_id),
+            "caller": Text(caller),
+            "user": Text(call.user_id or "—"),
+            "theme": Text(call.theme or "—"),
+            "duration": Text(duration(now - call.started_at)),
             "mode": Text(mode, style=colours.get(mode_colour, "")),
             "bal": Text(ms(call.bal_p50), style=_grade(call.bal_p50, 120, 250, colours)),
             "lag": Text(ms(call.lag), style=_grade(call.lag, 250, 500, colours)),

@@ -62,8 +62,9 @@ class EventsFeed(DataTable):
 
     def _add(self, item: FeedItem, colours: dict[str, str]) -> None:
         style = colours.get(CATEGORY_COLOURS.get(item.category, ""), "")
-        self.add_row(time.strftime("%H:%M:%S", time.localtime(item.at)), Text(item.category, style=style),
-                     item.text, key=str(item.seq))
+        # Text, not str: event text carries outside input (SMS summaries, names) that must not be markup.
+        self.add_row(Text(time.strftime("%H:%M:%S", time.localtime(item.at))), Text(item.category, style=style),
+                     Text(item.text), key=str(item.seq))
         self._shown.append(item.seq)
 
     def _title(self) -> None:
