@@ -113,11 +113,13 @@ class Hub:
         payload: str,
         *,
         with_statements: list[tuple[str, tuple[Any, ...]]] | None = None,
+        not_before_ms: int | None = None,
     ) -> bool:
         """Store a verified event; True when new, False for a duplicate; 503 when the
         database cannot take it. ``with_statements`` commit in the same transaction (they
-        must be idempotent: they run for duplicates too)."""
-        put = inbox.put_statement(provider, event_id, event_type, payload)
+        must be idempotent: they run for duplicates too). ``not_before_ms`` keeps every
+        node's processor off the row until then."""
+        put = inbox.put_statement(provider, event_id, event_type, payload, not_before_ms=not_before_ms)
         try:
             if with_statements:
                 counts = await asyncio.wrap_future(self.db.submit_script([put, *with_statements]))
@@ -142,6 +144,13 @@ class Hub:
         if added:
             self.wake()
         return added
+
+    def release(self, provider: str, event_id: str) -> None:
+        """A row stored with ``not_before_ms`` may be processed now (wakes the processor
+        once the change is committed)."""
+        loop = asyncio.get_running_loop()
+        future = self.db.submit(*inbox.release_statement(provider, event_id))
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self.wake))
 
     # ------------------------------------------------------------------------------ events
 

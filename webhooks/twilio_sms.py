@@ -33,6 +33,8 @@ from webhooks.replies import fit_sms
 
 log = logging.getLogger("xswarm.webhooks.sms")
 PROVIDER = "twilio-sms"
+HOLD_MARGIN_S = 2.0
+"""How long past the SMS budget a row waiting on the LLM is kept from processors."""
 _STATE = "sms-replies"
 
 
@@ -114,21 +116,27 @@ async def route(request: web.Request) -> web.Response:
                 return twiml.response(twiml.EMPTY)  # a retry: the first delivery got its answer
             entry.inline, entry.text, entry.recorded = True, quick, True
             return twiml.response(twiml.sms(quick))
-        if not await hub.ingest(PROVIDER, sid, "sms", raw.decode("utf-8")):
+        # The LLM may answer inline: keep processors (this node's and any other node's, which
+        # cannot see ``pending``) off the row until the route has decided.
+        hold = int((time.time() + hub.settings.llm.sms_budget_s + HOLD_MARGIN_S) * 1000)
+        if not await hub.ingest(PROVIDER, sid, "sms", raw.decode("utf-8"), not_before_ms=hold):
             pending.pop(sid, None)
             return twiml.response(twiml.EMPTY)
         if not entry.looked_up:
+            hub.release(PROVIDER, sid)
             return twiml.response(twiml.EMPTY)  # reads failing: the processor replies later
         entry.task = task = asyncio.ensure_future(hub.replier.llm_sms(user, body))  # type: ignore[arg-type]
         try:
             await asyncio.wait_for(asyncio.shield(task), hub.settings.llm.sms_budget_s)
         except (asyncio.TimeoutError, TimeoutError):
             log.info("SMS %s: reply not ready in %.1f s; it goes out via REST", sid, hub.settings.llm.sms_budget_s)
+            hub.release(PROVIDER, sid)
             return twiml.response(twiml.EMPTY)
         text = fit_sms(task.result())
         entry.inline, entry.text = True, text
-        # Recorded now (a narrow crash window) and again, idempotently, with the effects.
+        # Recorded now (before the release, so other nodes see it) and again with the effects.
         hub.db.submit(*reply_statement(sid, user, sender, ours, text, {"via": "twiml"}))
+        hub.release(PROVIDER, sid)
         return twiml.response(twiml.sms(text))
     except web.HTTPException:
         pending.pop(sid, None)

@@ -97,6 +97,14 @@ def claim_due(db: Database, *, limit: int, lease_ms: int, now: int | None = None
     return out
 
 
+def release_statement(provider: str, event_id: str) -> tuple[str, tuple[Any, ...]]:
+    """Make a held-back pending row due now."""
+    return (
+        "UPDATE webhook_inbox SET next_attempt_at = NULL WHERE provider = ? AND event_id = ? AND status = 'pending'",
+        (provider, event_id),
+    )
+
+
 def mark_done_sql(provider: str, event_id: str) -> tuple[str, tuple[Any, ...]]:
     """The statement that closes a row; callers put it in the same script as the effects."""
     return (
