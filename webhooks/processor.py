@@ -84,6 +84,7 @@ class InboxProcessor:
         self._wake = asyncio.Event()
         self._active: set[asyncio.Task[None]] = set()
         self._group: list[tuple[inbox.InboxRow, Outcome, asyncio.Future[None]]] = []
+        self._flushes: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -161,9 +162,14 @@ class InboxProcessor:
         transaction, shared with every row that finished in the same loop iteration."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if not self._group:
-            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._flush()))
+            asyncio.get_running_loop().call_soon(self._start_flush)
         self._group.append((row, outcome, future))
         await future
+
+    def _start_flush(self) -> None:
+        task = asyncio.ensure_future(self._flush())
+        self._flushes.add(task)  # a strong reference until it is done
+        task.add_done_callback(self._flushes.discard)
 
     def _script(self, items: list[tuple[inbox.InboxRow, Outcome]]) -> list[Statement]:
         statements: list[Statement] = []
