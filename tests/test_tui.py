@@ -323,3 +323,18 @@ async def test_attach_with_a_bad_token_says_so() -> None:
         await _until(pilot, lambda: "not connected" in app.sub_title, timeout=8)
         assert any(n.severity == "error" for n in app._notifications)
     link.close()
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def test_attach_command_checks_its_url_before_starting_anything() -> None:
+    from typer.testing import CliRunner
+
+    from xswarm_tui.cli import app as cli
+
+    result = CliRunner().invoke(cli, ["attach", "http://127.0.0.1:9999", "--token", "t" * 32])
+    assert result.exit_code == 2
+    assert "must start with ws:// or wss://" in result.output
+    result = CliRunner().invoke(cli, ["attach", "ws://127.0.0.1:9999"])
+    assert result.exit_code == 2 and "--token" in result.output
