@@ -65,11 +65,13 @@ def test_broken_config_is_one_line_and_exit_2(xswarm_home: Path) -> None:
 
 def test_db_migrate_then_status_json() -> None:
     before = json.loads(invoke("db", "status", "--json").stdout)
-    assert before["version"] == 0
+    assert before["version"] == 0 and before["tables"] == []
+    assert before["pending"] and before["pending"][0] == "0001_core"
     result = invoke("db", "migrate")
     assert result.exit_code == 0 and "schema version" in result.stdout
     status = json.loads(invoke("db", "status", "--json").stdout)
-    assert set(status) == {"version", "tables"} and status["version"] >= 1
+    assert set(status) == {"version", "pending", "tables"} and status["version"] >= 1
+    assert status["pending"] == []
     assert {"users", "api_keys", "events", "webhook_inbox"} <= set(status["tables"])
     assert "nothing to apply" in invoke("db", "migrate").stdout
 

@@ -30,7 +30,7 @@ def migrate() -> None:
 
 
 @app.command()
-def status(as_json: bool = typer.Option(False, "--json", help='Print {"version": N, "tables": [...]}.')) -> None:
+def status(as_json: bool = typer.Option(False, "--json", help='Print {"version": N, "pending": [...], "tables": [...]}.')) -> None:
     """Show the schema version, pending migrations and tables (applies nothing)."""
     from engine.store import migrations
     from engine.store.db import Database, StoreError
@@ -46,7 +46,7 @@ def status(as_json: bool = typer.Option(False, "--json", help='Print {"version":
     except StoreError as exc:
         fail(str(exc))
     if as_json:
-        typer.echo(json.dumps({"version": version, "tables": tables}))
+        typer.echo(json.dumps({"version": version, "pending": pending, "tables": tables}))
         return
     typer.echo(f"database: {where}")
     typer.echo(f"schema version: {version}")
