@@ -12,8 +12,6 @@ socket can send them as they are and the TUI can show them without knowing the p
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import logging
 import re
 import time
@@ -22,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import escape
 
 from engine.calls import CallControlError
-from engine.config import secret
 from engine.events import (
     Command,
     HandBack,
@@ -37,6 +34,7 @@ from engine.events import (
     Unmute,
     Whisper,
 )
+from engine.telephony import twilio_rest
 
 if TYPE_CHECKING:
     from engine.runtime import Runtime
@@ -195,21 +193,15 @@ class CallControl:
             raise ControlError("unavailable", "no valid twilio.transfer_number (E.164) is configured")
         if call.source != "twilio":
             raise ControlError("unavailable", f"a {call.source} call cannot be transferred")
-        token = secret(tw.auth_token)
-        if not tw.account_sid or not token:
+        if twilio_rest.credentials(tw) is None:
             raise ControlError("unavailable", "Twilio credentials (account_sid, auth_token) are not configured")
-        import aiohttp  # only this action needs an HTTP client
-
         twiml = f"<Response><Dial>{escape(number)}</Dial></Response>"
-        url = f"{tw.api_base_url.rstrip('/')}/2010-04-01/Accounts/{tw.account_sid}/Calls/{call.call_id}.json"
         try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TRANSFER_TIMEOUT_S)) as http:
-                async with http.post(url, data={"Twiml": twiml}, headers={"Authorization": _basic(tw.account_sid, token)}) as resp:
-                    if resp.status >= 300:
-                        body = await resp.text()
-                        raise ControlError("failed", f"Twilio refused the transfer ({resp.status}): {body[:300]}")
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise ControlError("failed", f"Twilio could not be reached: {exc or type(exc).__name__}") from None
+            status, body = await twilio_rest.update_call(tw, call.call_id, {"Twiml": twiml}, timeout_s=TRANSFER_TIMEOUT_S)
+        except twilio_rest.TwilioUnreachable as exc:
+            raise ControlError("failed", f"Twilio could not be reached: {exc}") from None
+        if status >= 300:
+            raise ControlError("failed", f"Twilio refused the transfer ({status}): {body[:300]}")
         return number
 
     async def _start_local_call(self) -> dict[str, Any]:
@@ -246,10 +238,6 @@ class CallControl:
             log.exception("could not queue audit_log for %s by %s", action, actor)
             return
         future.add_done_callback(audit.log_failure)
-
-
-def _basic(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 def _quietly(remove: Callable[[], None]) -> None:

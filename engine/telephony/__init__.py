@@ -1,1 +1,1 @@
-"""Telephony helpers shared by the voice webhook and the bridge (no I/O here)."""
+"""Telephony helpers shared by the voice webhook, the bridge and call control."""
