@@ -27,7 +27,6 @@ import asyncio
 import gc
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -38,6 +37,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.report import machine  # noqa: E402
 
 TARGETS = {"calls": 100, "bal_p99_ms": 20.0, "late_frames": 0, "cpu_percent_per_call": 1.0}
 
@@ -258,8 +259,7 @@ def main() -> None:
         }
     print(json.dumps({
         "benchmark": "bridge",
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-                    "load_avg_1m": round(os.getloadavg()[0], 2)},
+        "machine": machine(),
         "model": "echo",
         "targets": TARGETS,
         "met": met,

@@ -11,12 +11,12 @@ Prints ONE JSON object on stdout (progress goes to stderr); `--out FILE` also wr
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.report import emit  # noqa: E402
 from engine.models.bench import run_engine_bench  # noqa: E402
 
 
@@ -39,11 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         context=args.context, controls=args.controls, threads=args.threads,
         log=lambda msg: print(msg, file=sys.stderr, flush=True),
     )
-    text = json.dumps(report)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
     return 0
 
 

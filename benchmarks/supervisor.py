@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import re
 import socket
 import subprocess
@@ -38,6 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.report import emit, machine  # noqa: E402
 from engine.audio import mulaw  # noqa: E402
 from engine.bridge.simulator import StreamTarget, stream_call  # noqa: E402
 from engine.events import HandBack, Listen, TakeOver  # noqa: E402
@@ -272,7 +272,7 @@ async def measure(args: argparse.Namespace, server_pid: int, bridge_port: int, s
         "supervisors": args.supervisors,
         "model": "echo",
         "window_s": seconds,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": machine(),
         "server_cpu_percent_of_one_core": {
             "calls_only": cpu_calls_only,
             "with_supervisors_watching": cpu_watching,
@@ -353,11 +353,7 @@ def main(argv: list[str] | None = None) -> int:
                     proc.wait(20)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-    text = json.dumps(report)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
     return 0
 
 

@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -30,6 +29,8 @@ from urllib.parse import urlencode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.report import machine  # noqa: E402
 
 TOKEN = "bench-twilio-auth-token"
 PUBLIC = "https://hooks.bench.example"
@@ -264,7 +265,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "webhooks: signed Twilio SMS (verify + inbox insert + TwiML)"
         + (", inbox processor running" if PROCESS else ", ingest only (processor off)"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": machine(),
         "connections": args.connections,
         "duration_s": args.duration,
         "median": {
