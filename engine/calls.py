@@ -37,6 +37,10 @@ class NoFreeSlot(CallControlError):
     """Every slot of the model is taken (or no model is loaded yet)."""
 
 
+class NoHeadroom(NoFreeSlot):
+    """A slot is free, but the measured step time leaves no room for one more call."""
+
+
 class Transport(Protocol):
     """How a call's audio leaves the machine (Twilio socket, local speaker)."""
 
@@ -256,6 +260,9 @@ class CallRegistry:
         """Slots filled since the scheduler's last gather (their model state must be reset)."""
         self._on_start = on_start
         self._on_end = on_end
+        self.gate: Callable[[], str | None] | None = None
+        """Why a new call would not be served in real time even with a free slot (None: it
+        would); the scheduler installs its measured-headroom check here."""
 
     @property
     def capacity(self) -> int:
@@ -276,6 +283,14 @@ class CallRegistry:
     def free(self) -> int:
         return self.capacity - self.used
 
+    @property
+    def available(self) -> int:
+        """Slots a new call could get now: 0 while the gate refuses (what the heartbeat
+        advertises, so the voice webhook routes calls elsewhere)."""
+        if self.gate is not None and self.free and self.gate() is not None:
+            return 0
+        return self.free
+
     def get(self, call_id: str) -> CallSession | None:
         return self._by_id.get(call_id)
 
@@ -286,13 +301,17 @@ class CallRegistry:
         return len(self._by_id)
 
     def admit(self, session: CallSession) -> int:
-        """Give the call a free slot; raises ``NoFreeSlot`` when none is left."""
+        """Give the call a free slot; raises ``NoFreeSlot`` when none is left and
+        ``NoHeadroom`` when the model is measured too slow for one more call."""
         if session.call_id in self._by_id:
             raise CallControlError(f"call {session.call_id} is already live")
         try:
             slot = self.by_slot.index(None)
         except ValueError:
             raise NoFreeSlot("no model loaded" if not self.by_slot else f"all {self.capacity} slots are busy") from None
+        reason = self.gate() if self.gate is not None else None
+        if reason is not None:
+            raise NoHeadroom(reason)
         session.slot = slot
         session.admitted_at = time.monotonic()
         self.by_slot[slot] = session

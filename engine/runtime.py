@@ -1,10 +1,16 @@
 """The headless runtime: one asyncio loop on its own thread that hosts every server and the tick.
 
 `xswarm serve` runs it alone; the TUI runs the very same object in the background and only
-consumes its bus and its ``snapshot``. Start order: database (migrated) -> scheduler tick ->
-bridge / supervisor / webhooks servers -> model load on the inference thread (it may take
-minutes, so it never holds up the servers: calls are refused with "model not ready" until it
-is done, and ``ModelStatusChanged`` events report progress) -> node heartbeat.
+consumes its bus and its ``snapshot``. Start order: database (migrated) and the feed recorder
+-> system sampler -> scheduler tick -> bridge / supervisor / webhooks servers -> model load on
+the inference thread (it may take minutes, so it never holds up the servers: calls are refused
+with "model not ready" until it is done, and ``ModelStatusChanged`` events report progress) ->
+node heartbeat.
+
+Every bus event except high-rate samples lands in the ``events`` table through one recorder
+subscribed here (the embedded webhooks server is told not to write its own rows, so nothing
+is recorded twice). The recorder only queues the row for the database's writer thread, so
+publishing from the tick never waits for a commit.
 """
 
 from __future__ import annotations
@@ -31,9 +37,10 @@ from engine.models import registry as models
 from engine.models.base import VoiceModel
 from engine.scheduler import Scheduler
 from engine.store import calls as call_rows
-from engine.store import nodes
+from engine.store import feed, nodes
 from engine.store.db import Database, StoreError
 from engine.store.migrations import migrate
+from engine.telemetry.system import SystemSampler
 
 log = logging.getLogger("xswarm.runtime")
 
@@ -87,6 +94,9 @@ class Runtime:
         self.supervisor: Any = None
         self.webhooks: Any = None
         self.storage: Any = None
+        self.system_sampler = SystemSampler(self.bus.publish, settings.ui.poll_interval_s)
+        """CPU, RAM and GPU as ``SystemSampled`` on the bus (the TUI and supervisors show them)."""
+        self._unrecord: Any = None
         self._recent: deque[events.Event] = deque(maxlen=RECENT_EVENTS)
         self._unsubscribe = self.bus.subscribe(self._remember)
         self._thread: threading.Thread | None = None
@@ -107,6 +117,8 @@ class Runtime:
         except StoreError:
             self.db.close()
             raise
+        self._unrecord = self.bus.subscribe(self._record)
+        self.system_sampler.start()
         self._thread = threading.Thread(target=self.loop.run_forever, name="xswarm-runtime", daemon=True)
         self._thread.start()
         try:
@@ -130,6 +142,9 @@ class Runtime:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=10)
         self.scheduler.shutdown()
+        self.system_sampler.stop()
+        if self._unrecord is not None:
+            self._unrecord()  # before the close: later events have nowhere to go
         if self.db is not None:
             self.db.close()
         self._unsubscribe()
@@ -159,7 +174,7 @@ class Runtime:
         if self._want["webhooks"]:
             cls = _optional("webhooks.server", "WebhooksServer")
             if cls is not None:
-                self.webhooks = cls(self.settings, self.db, self.bus)
+                self.webhooks = cls(self.settings, self.db, self.bus, record_feed=False)  # our recorder writes them
                 await self.webhooks.start(host, self._want["webhooks"])
                 self.webhooks_port = self.webhooks.port
         cls = _optional("engine.storage.service", "StorageService")
@@ -277,7 +292,7 @@ class Runtime:
         future = nodes.heartbeat(
             self.db, self.node_id, bridge_url=self.bridge_url if self.bridge_port else None,
             model=self.model.name if self.model else self.model_spec, slots_total=self.calls.capacity,
-            slots_free=self.calls.free, step_ms_p99=self.scheduler.step_ms.percentile(99),
+            slots_free=self.calls.available, step_ms_p99=self.scheduler.step_ms.percentile(99),
             started_at=int(self.started_at * 1000),
         )
         future.add_done_callback(_log_failure("heartbeat"))  # type: ignore[attr-defined]
@@ -319,9 +334,27 @@ class Runtime:
 
     # -------------------------------------------------------------------- snapshot
 
+    def _record(self, event: events.Event) -> None:
+        """Bus subscriber: queue the event's feed row (never waits for the database).
+
+        Samples are not feed items, nor is model-load progress (one row per loaded tensor
+        group); the load's outcome (ready, failed, fallback) is."""
+        if self.db is None or type(event).__name__ in feed.SAMPLE_TYPES:
+            return
+        if isinstance(event, events.ModelStatusChanged) and event.state in ("loading", "warming"):
+            return
+        try:
+            feed.append_event(self.db, event).add_done_callback(_log_failure("feed row"))
+        except StoreError as exc:  # the database is closing: the event stays on the bus only
+            log.warning("feed row for %s not written: %s", type(event).__name__, exc)
+
     def _remember(self, event: events.Event) -> None:
-        if not isinstance(event, _QUIET_EVENTS):
-            self._recent.append(event)
+        if isinstance(event, _QUIET_EVENTS):
+            return
+        self._recent.append(event)
+        if isinstance(event, events.CallRefused) and event.reason == "no_headroom" and not self.loop.is_closed():
+            # advertise 0 free slots now rather than at the next beat, so routing moves on
+            self.loop.call_soon_threadsafe(self._beat)
 
     def snapshot(self) -> dict[str, Any]:
         """Everything a status page needs, JSON-able."""
@@ -333,11 +366,13 @@ class Runtime:
             },
             "model": {"spec": self.model_spec, "name": self.model.name if self.model else None,
                       "state": self.model_state, "detail": self.model_detail, "progress": self.model_progress},
-            "slots": {"total": self.calls.capacity, "used": self.calls.used, "free": self.calls.free},
+            "slots": {"total": self.calls.capacity, "used": self.calls.used, "free": self.calls.free,
+                      "available": self.calls.available, "no_headroom": self.scheduler.headroom()},
             "calls": [s.stats() | {"caller": s.caller, "user_id": s.user_id, "theme": s.theme,
                                    "started_at": s.started_at} for s in self.calls],
             "scheduler": self.scheduler.describe(),
             "bridge": self.bridge.describe() if self.bridge is not None else None,
+            "storage": self.storage.status() if self.storage is not None else None,
             "recent_events": [e.to_wire() for e in list(self._recent)],
         }
 

@@ -19,6 +19,7 @@ import asyncio
 import concurrent.futures
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,6 +40,14 @@ LATENCY_EVERY = 4
 """Ticks between a call's LatencySampled events (80 ms x 4 = 3.1 Hz, under the 4 Hz cap)."""
 TICK_EVERY = 12
 """Ticks between TickSampled events (about once a second)."""
+HEADROOM_WINDOW_S = 10.0
+"""How far back admission looks at measured step times and missed ticks."""
+HEADROOM_MIN_STEPS = 8
+"""Fewer steps than this in the window say nothing about the model's speed (admit)."""
+HEADROOM_FRACTION = 0.9
+"""A step p90 above this share of the tick leaves no room for jitter: refuse new calls."""
+HEADROOM_MISSED = 6
+"""Missed ticks in the window (about 5 % of its 125 ticks) that refuse new calls."""
 
 
 @dataclass
@@ -89,9 +98,14 @@ class Scheduler:
         self.ticks = 0
         self.steps = 0
         self._window_steps: list[float] = []
+        self._recent_steps: deque[tuple[float, float]] = deque(maxlen=256)
+        """(tick time, step ms) of recent steps, for admission."""
+        self._recent_missed: deque[tuple[float, int]] = deque(maxlen=256)
+        """(time, ticks) missed while calls were live, for admission."""
         self._up: Upsampler | None = None
         self._down: Downsampler | None = None
         self._task: asyncio.Task[None] | None = None
+        calls.gate = self.headroom  # the registry asks before it hands out a slot
 
     # -------------------------------------------------------------------- model
 
@@ -135,6 +149,8 @@ class Scheduler:
             if behind > 0:  # the loop stalled past whole ticks: skip them, keep the grid
                 self.missed_ticks += behind
                 k += behind
+                if len(self.calls):
+                    self._recent_missed.append((now, behind))
             self.ticks += 1
             try:
                 await self.tick(now)
@@ -246,6 +262,7 @@ class Scheduler:
         """Hand every call its output and publish coalesced figures (runtime loop)."""
         self.step_ms.observe(result.step_ms)
         self._window_steps.append(result.step_ms)
+        self._recent_steps.append((batch.at, result.step_ms))
         tick = batch.tick
         for slot, s in enumerate(batch.sessions[: batch.rows]):
             if s is None or s.ended:
@@ -297,11 +314,37 @@ class Scheduler:
                 log.exception("tap on call %s failed; removed", s.call_id)
                 s.taps.remove(tap)
 
+    # ------------------------------------------------------------------ admission
+
+    def headroom(self) -> str | None:
+        """Why one more call would not be served in real time now; None when it would.
+
+        Judged on what this machine measured in the last ``HEADROOM_WINDOW_S``: the p90 of
+        the whole per-tick work (DSP and the model step) against the tick, and the ticks
+        missed while calls were live. No scaling by occupancy: the model steps its full,
+        fixed batch every tick (idle rows are zeroed, not skipped), so one more call adds
+        almost nothing to the step; what decides is whether the step fits at all. With no
+        recent steps (no calls lately) there is no evidence, and the call is admitted: its
+        own steps are the next measurement.
+        """
+        horizon = self.clock() - HEADROOM_WINDOW_S
+        budget_ms = self.tick_s * 1000
+        steps = [ms for at, ms in self._recent_steps if at >= horizon]
+        if len(steps) >= HEADROOM_MIN_STEPS:
+            p90 = float(np.percentile(steps, 90))
+            if p90 > HEADROOM_FRACTION * budget_ms:
+                return f"model has no headroom: step p90 {p90:.0f} ms of the {budget_ms:.0f} ms tick"
+        missed = sum(n for at, n in self._recent_missed if at >= horizon)
+        if missed >= HEADROOM_MISSED:
+            return f"model has no headroom: {missed} ticks missed in {HEADROOM_WINDOW_S:.0f} s"
+        return None
+
     def describe(self) -> dict[str, object]:
         return {
             "ticks": self.ticks,
             "steps": self.steps,
             "missed_ticks": self.missed_ticks,
+            "no_headroom": self.headroom(),
             "late_frames": self.late_frames,
             "step_ms": self.step_ms.summary(),
             "admission_ms": self.admission_ms.summary(),

@@ -23,8 +23,11 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from engine import events
 from engine.audio import mulaw
 from engine.config import load_settings
+from engine.models.base import StepInput, StepOutput
+from engine.models.echo import EchoModel
 from engine.runtime import Runtime
 from engine.store import calls as call_rows
+from engine.store import nodes
 from engine.telephony.calltoken import mint
 
 AUTH_TOKEN = "twilio-auth-token-for-tests"
@@ -436,6 +439,51 @@ async def test_no_free_slot_is_refused(env: None, monkeypatch: pytest.MonkeyPatc
         code, reason = await refused(runtime, second)
         assert code == 4009 and "busy" in reason
         assert runtime.calls.get(first.call_sid) is not None  # the first call is untouched
+        await first.stop()
+        await first.closed()
+    finally:
+        runtime.stop()
+
+
+class SlowEcho(EchoModel):
+    """Echo on a machine too slow for real time: every step sleeps past the 80 ms tick."""
+
+    def step(self, batch: StepInput) -> StepOutput:
+        time.sleep(0.1)
+        return super().step(batch)
+
+
+async def test_a_model_without_headroom_refuses_with_its_own_code_and_stops_advertising(
+        env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XSWARM_MODEL__SLOTS", "4")
+    runtime, seen = start_runtime()
+    try:
+        slow = SlowEcho(4)
+
+        async def swap() -> None:  # while no call is live, as a model load would
+            runtime.scheduler.attach(slow)
+            runtime.model = slow
+
+        await asyncio.wrap_future(runtime.call_soon(swap()))
+        first = Twilio(runtime.bridge_port, call_sid="CA" + "1" * 32)  # type: ignore[arg-type]
+        await first.open()
+        await first.start(token(first.call_sid))
+        await wait_for(lambda: runtime.scheduler.headroom() is not None, timeout=10)
+        assert runtime.calls.free == 3 and runtime.scheduler.missed_ticks >= 1
+
+        async def second(t: Twilio) -> None:
+            t.call_sid = "CA" + "2" * 32
+            await t.start(token(t.call_sid))
+
+        code, reason = await refused(runtime, second)
+        assert code == 4011 and "no headroom" in reason
+        assert runtime.bridge.refusals["no_headroom"] == 1 and runtime.bridge.refusals["no_free_slot"] == 0
+        assert any(isinstance(e, events.CallRefused) and e.reason == "no_headroom" for e in seen)
+        assert runtime.calls.get(first.call_sid) is not None  # the live call goes on
+        assert runtime.db is not None
+        await wait_for(lambda: nodes.live_nodes(runtime.db)[0].slots_free == 0)  # type: ignore[arg-type]
+        snap = runtime.snapshot()
+        assert snap["slots"]["available"] == 0 and "no headroom" in snap["slots"]["no_headroom"]
         await first.stop()
         await first.closed()
     finally:

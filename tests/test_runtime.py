@@ -18,6 +18,7 @@ from engine.config import load_settings
 from engine.models.base import FRAME_SIZE
 from engine.runtime import Runtime
 from engine.store import calls as call_rows
+from engine.store import feed
 from engine.store import nodes
 from engine.store.db import Database
 
@@ -62,7 +63,9 @@ def test_start_load_heartbeat_snapshot_stop() -> None:
         assert node.bridge_url == f"ws://127.0.0.1:{runtime.bridge_port}"
         snap = runtime.snapshot()
         json.dumps(snap)  # JSON-able as promised
-        assert snap["slots"] == {"total": 128, "used": 0, "free": 128}
+        assert snap["slots"] == {"total": 128, "used": 0, "free": 128, "available": 128, "no_headroom": None}
+        assert runtime.storage is not None and snap["storage"] == runtime.storage.status()
+        assert "last_error" in snap["storage"] and snap["scheduler"]["no_headroom"] is None
         assert snap["model"]["state"] == "ready" and snap["node"]["bridge_port"] == runtime.bridge_port
         assert any(e["type"] == "ModelStatusChanged" for e in snap["recent_events"])
     finally:
@@ -103,6 +106,39 @@ def test_supervisor_and_webhooks_start_with_the_runtime() -> None:
         assert get_json(f"http://127.0.0.1:{runtime.webhooks_port}/health")
     finally:
         runtime.stop()
+
+
+def test_events_land_in_the_feed_once_samples_do_not_and_the_system_is_sampled(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XSWARM_UI__POLL_INTERVAL_S", "0.1")
+    runtime, seen = started(webhooks_port=free_port())
+    try:
+        wait(lambda: runtime.model is not None)
+        wait(lambda: any(isinstance(e, events.SystemSampled) for e in seen))
+        sample = next(e for e in seen if isinstance(e, events.SystemSampled))
+        assert sample.ram_total_bytes > 0 and (sample.gpus or sample.gpu_reason)
+        assert runtime.webhooks.hub.record_feed is False  # the runtime's recorder writes webhook events
+
+        async def webhook() -> None:  # what a route does with an event it wants in the feed
+            runtime.webhooks.hub.publish(events.WebhookReceived(provider="stripe", event_type="invoice.paid",
+                                                                summary="invoice paid", user_id="u-1"), to_feed=True)
+
+        runtime.call_soon(webhook()).result(timeout=5)
+        runtime.bus.publish(events.CallRefused(reason="no_free_slot", detail="all 128 slots are busy"))
+    finally:
+        runtime.stop()
+    assert runtime.system_sampler._thread is None  # stopped with the runtime
+    sampled = sum(isinstance(e, events.SystemSampled) for e in seen)
+    time.sleep(0.3)
+    assert sum(isinstance(e, events.SystemSampled) for e in seen) == sampled
+    with Database.from_settings(load_settings()) as check:
+        rows = feed.recent(check, 1000)
+    types = [r.type for r in rows]
+    assert types.count("WebhookReceived") == 1 and types.count("CallRefused") == 1
+    hook = next(r for r in rows if r.type == "WebhookReceived")
+    assert hook.user_id == "u-1" and hook.payload and hook.payload["event_type"] == "invoice.paid"
+    assert not {"SystemSampled", "TickSampled", "LatencySampled"} & set(types)
+    states = [r.payload["state"] for r in rows if r.type == "ModelStatusChanged" and r.payload]
+    assert states == ["ready"]  # the outcome, not every step of the load
 
 
 def test_port_zero_turns_a_server_off() -> None:
@@ -238,4 +274,6 @@ async def test_stop_ends_live_calls_and_records_them() -> None:
         runtime.stop()
     with Database.from_settings(load_settings()) as check:
         row = call_rows.get(check, "CA-stop")
+        kept = [r.type for r in feed.recent(check, call_id="CA-stop")]
     assert row is not None and row["status"] == "ended" and "shutting down" in row["end_reason"]
+    assert sorted(kept) == ["CallEnded", "CallStarted"]  # recorded once each, before the database closed

@@ -11,7 +11,7 @@ import pytest
 from engine import events
 from engine.audio import mulaw
 from engine.audio.framing import CHUNK_BYTES, InboundFrames
-from engine.calls import CallControlError, CallRegistry, CallSession, NoFreeSlot
+from engine.calls import CallControlError, CallRegistry, CallSession, NoFreeSlot, NoHeadroom
 from engine.events import EventBus
 from engine.models.base import FRAME_SIZE, StepInput, StepOutput, VoiceModel
 from engine.models.echo import EchoModel
@@ -318,3 +318,114 @@ async def test_latency_and_tick_events_are_published() -> None:
     stats = session.stats()
     assert 0 <= stats["admission_ms"] <= 200 and stats["bal_ms"]["p50"] is None  # a Sink measures no BAL
     assert stats["late_frames"] == session.late_frames and stats["mode"] == "ai"
+
+
+# ------------------------------------------------------------------ admission by headroom
+
+
+class Clock:
+    """A monotonic clock the test moves; the model below advances it as if it computed."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Timed(VoiceModel):
+    """A step that takes ``step_s`` of the test's clock (no real sleeping)."""
+
+    name = "timed"
+
+    def __init__(self, slots: int, clock: Clock, step_s: float) -> None:
+        super().__init__(slots)
+        self.clock, self.step_s = clock, step_s
+
+    def step(self, batch: StepInput) -> StepOutput:
+        self.clock.t += self.step_s
+        return StepOutput(pcm=batch.pcm.copy(), ready=batch.active.copy(), text=[""] * self.slots)
+
+
+def timed(step_s: float, slots: int = 4) -> tuple[Scheduler, CallRegistry, EventBus, Clock, Timed]:
+    clock = Clock()
+    bus = EventBus()
+    calls = CallRegistry(bus)
+    scheduler = Scheduler(calls, bus, clock=clock)
+    model = Timed(slots, clock, step_s)
+    scheduler.attach(model)
+    return scheduler, calls, bus, clock, model
+
+
+def ticks(scheduler: Scheduler, clock: Clock, n: int) -> None:
+    for _ in range(n):
+        run_tick(scheduler, clock.t)
+        clock.t += 0.08 - scheduler.model.step_s % 0.08  # type: ignore[union-attr]
+
+
+def test_a_model_too_slow_for_the_tick_refuses_new_calls_and_advertises_no_slot() -> None:
+    scheduler, calls, bus, clock, model = timed(0.095)  # 95 ms steps on an 80 ms tick
+    first, _ = twilio_call(bus, "CA-first")
+    calls.admit(first)
+    ticks(scheduler, clock, 7)
+    assert scheduler.headroom() is None  # seven steps are not yet evidence
+    ticks(scheduler, clock, 1)
+    reason = scheduler.headroom()
+    assert reason is not None and "step p90 95 ms" in reason
+    assert calls.free == 3 and calls.available == 0
+    second, _ = twilio_call(bus, "CA-second")
+    with pytest.raises(NoHeadroom, match="no headroom"):
+        calls.admit(second)
+    assert isinstance(NoHeadroom("x"), NoFreeSlot)  # callers that know only NoFreeSlot still refuse
+    assert calls.get("CA-second") is None and len(calls) == 1
+    assert scheduler.describe()["no_headroom"] == reason
+    # the evidence ages out: with no steps in the window, the next call is admitted and measured
+    calls.finish(first, "caller hung up")
+    clock.t += 10.1
+    assert scheduler.headroom() is None and calls.available == 4
+    assert calls.admit(second) == 0
+
+
+def test_a_model_with_room_admits_and_a_full_house_is_still_no_free_slot() -> None:
+    scheduler, calls, bus, clock, _ = timed(0.060, slots=2)  # 60 ms of 80: within 90 %
+    a, _ = twilio_call(bus, "CA-a")
+    calls.admit(a)
+    ticks(scheduler, clock, 20)
+    assert scheduler.headroom() is None and calls.available == 1
+    b, _ = twilio_call(bus, "CA-b")
+    calls.admit(b)
+    c, _ = twilio_call(bus, "CA-c")
+    with pytest.raises(NoFreeSlot) as refused:
+        calls.admit(c)
+    assert not isinstance(refused.value, NoHeadroom)
+
+
+async def test_missed_ticks_with_live_calls_refuse_new_calls() -> None:
+    """A model that sleeps past the tick, on the real clock: ticks are missed, counted, and
+    admission says why it refuses."""
+    model = Recording(2, delay_s=0.2)
+    scheduler, calls, bus, seen = make(model)
+    session, _ = twilio_call(bus, "CA-slow")
+    calls.admit(session)
+    scheduler.start()
+    deadline = time.monotonic() + 5
+    while scheduler.headroom() is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await scheduler.stop()
+    reason = scheduler.headroom()
+    assert reason is not None and "no headroom" in reason
+    assert scheduler.missed_ticks >= 1 and scheduler.describe()["missed_ticks"] == scheduler.missed_ticks
+    other, _ = twilio_call(bus, "CA-other")
+    with pytest.raises(NoHeadroom):
+        calls.admit(other)
+
+
+async def test_missed_ticks_while_idle_are_not_held_against_the_next_call() -> None:
+    scheduler, calls, bus, _ = make(EchoModel(1))
+    scheduler.start()
+    await asyncio.sleep(0.1)
+    time.sleep(0.6)  # the loop stalls with no call live
+    await asyncio.sleep(0.1)
+    await scheduler.stop()
+    assert scheduler.missed_ticks >= 6
+    assert scheduler.headroom() is None and calls.available == 1

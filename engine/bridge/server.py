@@ -35,7 +35,7 @@ from websockets.protocol import State
 
 from engine import events
 from engine.audio.framing import InboundFrames, split_frame
-from engine.calls import CallControlError, CallSession, NoFreeSlot
+from engine.calls import CallControlError, CallSession, NoFreeSlot, NoHeadroom
 from engine.config import secret
 from engine.telemetry.latency import Histogram
 from engine.telephony.calltoken import TokenError, TokenLedger
@@ -73,6 +73,7 @@ MALFORMED = 4004
 FLOOD = 4008
 NO_SLOT = 4009
 NOT_READY = 4010
+NO_HEADROOM = 4011
 
 
 class BridgeServer:
@@ -339,6 +340,8 @@ class TwilioStream:
         )
         try:
             self.server.runtime.calls.admit(session)
+        except NoHeadroom as exc:
+            raise Refusal("no_headroom", NO_HEADROOM, str(exc)) from None
         except NoFreeSlot as exc:
             if self.server.runtime.model is None:
                 raise Refusal("model_not_ready", NOT_READY, "model not ready") from None
