@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import os
+import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -97,6 +98,19 @@ def mask_phone(phone: str | None) -> str:
     if len(digits) <= 6:
         return "•" * len(digits)
     return digits[:5] + "•" * max(1, len(digits) - 9) + digits[-4:]
+
+
+_PHONE = re.compile(r"\+\d{7,15}\b")
+_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+
+
+def mask_contacts(text: str) -> str:
+    """Mask every E.164 phone number and email address inside free text.
+
+    For text we did not write: a provider's error body (Twilio's 400 for a bad ``To`` quotes
+    the number) ends up in the log and in the inbox's ``last_error``."""
+    text = _PHONE.sub(lambda m: mask_phone(m.group()), text)
+    return _EMAIL.sub(lambda m: mask_email(m.group()), text)
 
 
 def mask_email(email: str | None) -> str:

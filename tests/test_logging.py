@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from engine import logging_setup
-from engine.logging_setup import add_mirror, configure, mask_email, mask_phone
+from engine.logging_setup import add_mirror, configure, mask_contacts, mask_email, mask_phone
 
 
 @pytest.fixture(autouse=True)
@@ -94,3 +94,40 @@ def test_mask_phone(phone: str | None, masked: str) -> None:
 )
 def test_mask_email(email: str | None, masked: str) -> None:
     assert mask_email(email) == masked
+
+
+def test_mask_contacts_masks_every_phone_and_email_in_free_text() -> None:
+    text = "The 'To' number +15005550001 is not valid; copy ada.l+x@mail.example.co.uk; order 12345678 +1"
+    masked = mask_contacts(text)
+    assert "+15005550001" not in masked and "+1500•••0001" in masked
+    assert "ada.l+x@" not in masked and "a••••••@mail.example.co.uk" in masked
+    assert masked.endswith("order 12345678 +1")  # digits without a '+' and short '+N' stay as they are
+
+
+async def test_a_providers_error_body_is_masked_before_it_is_logged_or_stored() -> None:
+    """Twilio's 400 quotes the number it refused; SendError's text goes to the log and last_error."""
+    import aiohttp
+    from aiohttp import web
+
+    from webhooks.outbound import SendError, TwilioRest
+
+    async def refuse(request: web.Request) -> web.Response:
+        number = (await request.post())["To"]
+        return web.json_response({"code": 21211, "message": f"The 'To' number {number} is not a valid phone number."}, status=400)
+
+    app = web.Application()
+    app.router.add_post("/2010-04-01/Accounts/{account}/Messages.json", refuse)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with aiohttp.ClientSession() as session:
+            rest = TwilioRest(session, "AC1", "token", f"http://127.0.0.1:{port}")
+            with pytest.raises(SendError) as info:
+                await rest.send_sms(to="+15005550001", from_="+14155550100", body="hi")
+    finally:
+        await runner.cleanup()
+    assert "answered 400" in str(info.value) and "21211" in str(info.value)
+    assert "+15005550001" not in str(info.value) and "+1500•••0001" in str(info.value)

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 
 from engine.config import Settings, secret
+from engine.logging_setup import mask_contacts
 
 SEND_TIMEOUT = aiohttp.ClientTimeout(total=15)
 
@@ -90,7 +91,7 @@ class SendGridMail:
                 url, json=body, headers={"Authorization": f"Bearer {self.api_key}"}, timeout=SEND_TIMEOUT
             ) as resp:
                 if resp.status not in (200, 202):
-                    raise SendError(f"SendGrid answered {resp.status}: {(await resp.text())[:200]}")
+                    raise SendError(f"SendGrid answered {resp.status}: {mask_contacts((await resp.text())[:200])}")
                 return resp.headers.get("X-Message-Id")
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise SendError(f"SendGrid unreachable: {exc!r}") from None
@@ -100,7 +101,7 @@ async def _post(session: aiohttp.ClientSession, url: str, **kwargs: Any) -> Any:
     try:
         async with session.post(url, timeout=SEND_TIMEOUT, **kwargs) as resp:
             if resp.status not in (200, 201):
-                raise SendError(f"{url} answered {resp.status}: {(await resp.text())[:200]}")
+                raise SendError(f"{url} answered {resp.status}: {mask_contacts((await resp.text())[:200])}")
             return await resp.json(content_type=None)
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
         raise SendError(f"{url} failed: {exc!r}") from None
