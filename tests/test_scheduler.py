@@ -278,7 +278,9 @@ async def test_ticks_follow_the_monotonic_grid_without_drift() -> None:
     assert len(times) >= 20
     k = np.round((times - times[0]) / 0.08)
     error = (times - times[0]) - k * 0.08
-    assert np.abs(error).max() < 0.015  # every tick within 15 ms of its grid point
+    # on the grid: a drifting loop is 30 ms further off at every tick; one tick delayed by a
+    # busy shared CPU is noise, not drift
+    assert np.median(np.abs(error)) < 0.005 and np.percentile(np.abs(error), 90) < 0.015
     assert k[-1] == len(times) - 1  # no tick skipped
     assert scheduler.missed_ticks == 0
 
@@ -290,14 +292,14 @@ async def test_overrunning_step_counts_missed_ticks_and_keeps_the_grid() -> None
     calls.admit(session)
     scheduler.start()
     await asyncio.sleep(0.4)
-    model.slow_once_s = 0.25  # one step takes three ticks
+    model.slow_once_s = 0.26  # one step takes 3.25 ticks: a loop that re-anchored would sit 0.25 tick off
     await asyncio.sleep(0.8)
     await scheduler.stop()
     assert scheduler.missed_ticks >= 2
     times = np.asarray(model.times)
     offsets = ((times - times[0]) / 0.08) % 1.0
     offsets = np.minimum(offsets, 1 - offsets)
-    assert offsets.max() < 0.2  # later ticks are back on the original grid
+    assert np.median(offsets[-5:]) < 0.1  # later ticks are back on the original grid
 
 
 async def test_latency_and_tick_events_are_published() -> None:
