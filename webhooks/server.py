@@ -8,7 +8,6 @@ node) are picked up at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from aiohttp import web
@@ -16,6 +15,7 @@ from aiohttp import web
 from engine.config import Settings
 from engine.events import EventBus
 from engine.store.db import Database
+from engine.tasks import cancel_and_wait
 from webhooks import twilio_sms
 from webhooks.app import EFFECTS, create_app
 from webhooks.hub import Hub
@@ -60,10 +60,7 @@ class WebhooksServer:
         log.info("webhooks listening on http://%s:%s", host, self.port)
 
     async def stop(self) -> None:
-        if self._housekeeping is not None:
-            self._housekeeping.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._housekeeping
+        await cancel_and_wait(self._housekeeping)
         if self._runner is not None:
             await self._runner.cleanup()  # stop taking requests first
             self._runner = None

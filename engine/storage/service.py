@@ -25,6 +25,7 @@ from engine.storage.backup import (
 )
 from engine.storage.logarchive import archive_logs, prune_log_archives
 from engine.storage.recordings import CallRecordings, prune_recordings
+from engine.tasks import cancel_and_wait
 
 log = logging.getLogger("xswarm.storage")
 
@@ -72,13 +73,8 @@ class StorageService:
         return store
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self.recordings is not None:
             await self.recordings.stop()
 

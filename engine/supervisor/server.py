@@ -51,6 +51,7 @@ from engine.events import (
 )
 from engine.supervisor import protocol as p
 from engine.supervisor.auth import Authenticator, Role, bearer, load_tokens
+from engine.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from engine.runtime import Runtime
@@ -181,9 +182,8 @@ class SupervisorServer:
         log.info("supervisor listening on %s:%s", host, self.port)
 
     async def stop(self) -> None:
-        if self._system_task is not None:
-            self._system_task.cancel()
-            self._system_task = None
+        await cancel_and_wait(self._system_task)  # awaited: no "task destroyed but pending" at close
+        self._system_task = None
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
