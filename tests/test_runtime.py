@@ -123,7 +123,12 @@ def test_events_land_in_the_feed_once_samples_do_not_and_the_system_is_sampled(m
                                                                 summary="invoice paid", user_id="u-1"), to_feed=True)
 
         runtime.call_soon(webhook()).result(timeout=5)
+        assert runtime.db is not None
+        busy = runtime.db.submit("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3000000)"
+                                 " SELECT count(*) FROM c")  # the writer is busy for a while
         runtime.bus.publish(events.CallRefused(reason="no_free_slot", detail="all 128 slots are busy"))
+        assert not busy.done()  # publishing (as the tick does) did not wait for the database
+        busy.result(timeout=30)
     finally:
         runtime.stop()
     assert runtime.system_sampler._thread is None  # stopped with the runtime
