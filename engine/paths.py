@@ -41,11 +41,6 @@ class Paths:
         """The local object-storage folder used when no S3/R2 bucket is configured."""
         return self.data / "storage"
 
-    def ensure(self) -> "Paths":
-        for folder in (self.config, self.data, self.state, self.cache, self.logs):
-            folder.mkdir(parents=True, exist_ok=True)
-        return self
-
 
 def _xdg(var: str, fallback: str) -> Path:
     value = os.environ.get(var)

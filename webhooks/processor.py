@@ -79,7 +79,6 @@ class InboxProcessor:
         self.max_attempts = max_attempts
         self.lease_ms = lease_ms
         self.poll_s = poll_s
-        self.processed = 0
         self.failed = 0
         self._wake = asyncio.Event()
         self._active: set[asyncio.Task[None]] = set()
@@ -153,7 +152,6 @@ class InboxProcessor:
         except Exception as exc:
             await self._fail(row, exc)
             return
-        self.processed += 1
         for event in outcome.events:
             self.hub.publish(event, to_feed=False)  # its feed row was committed with the effects
 

@@ -57,7 +57,6 @@ class LocalAudioCall:
         self._speaker: collections.deque[np.ndarray] = collections.deque()
         self._lock = threading.Lock()
         self._streams: list[Any] = []
-        self.underruns = 0
 
     async def open(self) -> CallSession:
         """Open the devices and admit the call (on the runtime loop)."""
@@ -83,7 +82,6 @@ class LocalAudioCall:
                 frame = self._speaker.popleft() if self._speaker else None
             if frame is None or frame.size != frames:
                 outdata.fill(0)
-                self.underruns += frame is None
                 return
             outdata[:, 0] = frame
 

@@ -213,9 +213,6 @@ class ObjectStore(ABC):
     async def aput_bytes(self, key: str, data: bytes, metadata: Mapping[str, str] | None = None) -> ObjectInfo:
         return await asyncio.to_thread(self.put_bytes, key, data, metadata)
 
-    async def aget_file(self, key: str, dest: Path | str) -> ObjectInfo:
-        return await asyncio.to_thread(self.get_file, key, dest)
-
     async def ahead(self, key: str) -> ObjectInfo:
         return await asyncio.to_thread(self.head, key)
 

@@ -160,7 +160,6 @@ class CallRecordings:
         self.active: dict[str, CallRecorder] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._unsubscribe: Callable[[], None] | None = None
-        self.uploaded = 0
 
     def start(self) -> None:
         self.spool.mkdir(parents=True, exist_ok=True)
@@ -243,7 +242,6 @@ class CallRecordings:
             return False
         wav.unlink(missing_ok=True)
         sidecar.unlink(missing_ok=True)
-        self.uploaded += 1
         log.info("recording of %s uploaded to %s", record["call_id"], base)
         return True
 

@@ -105,15 +105,6 @@ def release_statement(provider: str, event_id: str) -> tuple[str, tuple[Any, ...
     )
 
 
-def mark_done_sql(provider: str, event_id: str) -> tuple[str, tuple[Any, ...]]:
-    """The statement that closes a row; callers put it in the same script as the effects."""
-    return (
-        "UPDATE webhook_inbox SET status = 'done', next_attempt_at = NULL, last_error = NULL"
-        " WHERE provider = ? AND event_id = ?",
-        (provider, event_id),
-    )
-
-
 def backoff_ms(attempts: int, *, base_ms: int = 2000, cap_ms: int = 3_600_000) -> int:
     """Exponential backoff with full jitter: 2 s, 4 s, 8 s … capped at an hour."""
     ceiling = min(cap_ms, base_ms * (2 ** max(0, attempts - 1)))
