@@ -46,7 +46,7 @@ TARGETS = {"calls": 100, "bal_p99_ms": 20.0, "late_frames": 0, "cpu_percent_per_
 # ------------------------------------------------------------------------------ server
 
 
-def serve(port: int, slots: int) -> None:
+def serve(port: int, slots: int, model: str) -> None:
     """The server process: a Runtime driven by MARK / REPORT / QUIT lines on stdin."""
     from engine.config import load_settings
     from engine.logging_setup import configure
@@ -55,7 +55,7 @@ def serve(port: int, slots: int) -> None:
     configure()
     settings = load_settings()
     settings.model.slots = slots
-    runtime = Runtime(settings, model_spec="echo", bridge_port=port, supervisor_port=0, webhooks_port=0)
+    runtime = Runtime(settings, model_spec=model, bridge_port=port, supervisor_port=0, webhooks_port=0)
     runtime.start()
     while runtime.model is None:
         time.sleep(0.01)
@@ -103,13 +103,13 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, slots: int) -> None:
+    def __init__(self, slots: int, model: str) -> None:
         self.port = free_port()
         self.home = tempfile.TemporaryDirectory(prefix="xswarm-bench-")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("XSWARM_", "TWILIO_"))}
         env["XSWARM_HOME"] = self.home.name
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--serve", str(self.port), "--slots", str(slots)],
+            [sys.executable, __file__, "--serve", str(self.port), "--slots", str(slots), "--model", model],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT,
         )
         assert self.proc.stdout is not None
@@ -177,8 +177,8 @@ def client(port: int, first: int, count: int, stagger_s: float, seconds: float) 
     }), flush=True)
 
 
-def run(calls: int, window_s: float, stagger_s: float) -> dict[str, Any]:
-    server = Server(slots=max(calls, 1))
+def run(calls: int, window_s: float, stagger_s: float, model: str) -> dict[str, Any]:
+    server = Server(slots=max(calls, 1), model=model)
     ramp = stagger_s * (calls - 1)
     seconds = ramp + window_s + 3.0
     procs = []
@@ -237,18 +237,19 @@ def main() -> None:
     parser.add_argument("--stagger", type=float, default=0.0137, help="seconds between call starts")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--slots", type=int, default=128, help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="echo", help="model spec, e.g. synthetic:7b on a GPU box")
     parser.add_argument("--client", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=10.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve, args.slots)
+        serve(args.serve, args.slots, args.model)
         return
     if args.client:
         client(args.client, args.first, args.count, args.stagger, args.seconds)
         return
-    runs = [run(int(n), args.window, args.stagger) for n in args.calls.split(",")]
+    runs = [run(int(n), args.window, args.stagger, args.model) for n in args.calls.split(",")]
     biggest = next((r for r in runs if r["calls"] == TARGETS["calls"]), None)
     met = None
     if biggest is not None and biggest["bal_ms"]:
@@ -260,7 +261,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "bridge",
         "machine": machine(),
-        "model": "echo",
+        "model": args.model,
         "targets": TARGETS,
         "met": met,
         "runs": runs,
