@@ -78,7 +78,7 @@ async def effect(hub: Hub, row: InboxRow) -> Outcome:
     async with lock:  # tier derivation reads then writes: one Stripe event at a time
         kind = row.event_type or ""
         if kind in RANK:
-            return await _subscription(hub, row, event, obj, created)
+            return await _subscription(hub, row, obj, created)
         if kind == "checkout.session.completed":
             return await _checkout(hub, row, obj, created)
         if kind in ("invoice.paid", "invoice.payment_failed"):
@@ -86,7 +86,7 @@ async def effect(hub: Hub, row: InboxRow) -> Outcome:
     return Outcome([], [received(row, f"Stripe {kind} (ignored)")])
 
 
-async def _subscription(hub: Hub, row: InboxRow, event: dict[str, Any], sub: dict[str, Any], created: int) -> Outcome:
+async def _subscription(hub: Hub, row: InboxRow, sub: dict[str, Any], created: int) -> Outcome:
     kind = row.event_type or ""
     meta = sub.get("metadata") or {}
     user = await hub.read(lambda d: _customer_user(d, sub.get("customer"), meta.get("user_id")))
