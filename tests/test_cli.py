@@ -143,3 +143,10 @@ def test_config_show_output_is_valid_toml(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("XSWARM_STRIPE__PRICE_TIERS", '{"price_1": "personal"}')
     parsed = tomllib.loads(invoke("config", "show").stdout)
     assert parsed["stripe"]["price_tiers"] == {"price_1": "personal"} and parsed["model"]["context"] == 3000
+
+
+@pytest.mark.parametrize("args", [["--theme", "nope"], ["attach", "ws://127.0.0.1:1", "--token", "t", "--theme", "nope"]])
+def test_an_unknown_theme_flag_is_refused_before_the_console_starts(args: list[str]) -> None:
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert "unknown theme 'nope'" in result.stderr and "hal-9000" in result.stderr

@@ -8,18 +8,30 @@ light, and the console paints before the runtime (and torch) is even imported.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import typer
+
+from xswarm_tui.commands._common import EXIT_BAD_INPUT, fail, load
+
+if TYPE_CHECKING:
+    from engine.config import Settings
 
 _STARTED = time.perf_counter()
 """When the CLI imported this module: the origin of the time-to-first-paint figure in the log."""
 
 
-def _run_console(link: object, *, read_only: bool, theme: str | None) -> None:
-    from engine.config import load_settings
+def _run_console(link: object, *, read_only: bool, theme: str | None, settings: "Settings | None" = None) -> None:
+    """Run the app on ``link``. A ``--theme`` typed on the command line must exist (exit 2 naming
+    the available ones); an unknown ``ui.theme`` in the settings only falls back with a notice."""
+    if theme is not None:
+        from themes import list_themes
+
+        if theme not in list_themes():
+            fail(f"unknown theme {theme!r}; available: {', '.join(list_themes())}", EXIT_BAD_INPUT)
     from xswarm_tui.app import XswarmApp
 
-    settings = load_settings()
+    settings = settings or load()
     app = XswarmApp(link, read_only=read_only, theme=theme or settings.ui.theme,  # type: ignore[arg-type]
                     poll_interval_s=settings.ui.poll_interval_s, reveal_callers=settings.ui.reveal_callers,
                     started_at=_STARTED)
@@ -43,17 +55,16 @@ def register(app: typer.Typer) -> None:
         configure()  # the console owns the terminal: every record goes to the log file
         if ctx.invoked_subcommand is not None:
             return
-        from engine.config import load_settings
         from xswarm_tui.link import EmbeddedLink
 
-        settings = load_settings()
+        settings = load()
 
         def build() -> object:
             from engine.runtime import Runtime
 
             return Runtime(settings, model_spec=model)
 
-        _run_console(EmbeddedLink(build, read_only=read_only), read_only=read_only, theme=theme)
+        _run_console(EmbeddedLink(build, read_only=read_only), read_only=read_only, theme=theme, settings=settings)
 
     @app.command("attach")
     def attach(
