@@ -150,3 +150,8 @@ def test_an_unknown_theme_flag_is_refused_before_the_console_starts(args: list[s
     result = invoke(*args)
     assert result.exit_code == 2
     assert "unknown theme 'nope'" in result.stderr and "hal-9000" in result.stderr
+
+
+def test_an_unknown_model_flag_is_refused_before_the_console_starts() -> None:
+    result = invoke("--model", "bogus")
+    assert result.exit_code == 2 and "unknown model 'bogus'" in result.stderr and "echo" in result.stderr

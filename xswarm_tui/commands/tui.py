@@ -58,6 +58,13 @@ def register(app: typer.Typer) -> None:
         from xswarm_tui.link import EmbeddedLink
 
         settings = load()
+        if model is not None and model != "auto":  # as `xswarm serve`: a typo exits 2, not a console with no model
+            from engine.models.registry import ModelSpecError, resolve
+
+            try:
+                resolve(model, settings)
+            except ModelSpecError as exc:
+                fail(str(exc), EXIT_BAD_INPUT)
 
         def build() -> object:
             from engine.runtime import Runtime
