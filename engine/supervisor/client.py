@@ -126,8 +126,8 @@ class SupervisorClient:
         self._listening: dict[str, str] = {}
         """call_id -> codec, re-sent after a reconnect."""
         self._decoders: dict[tuple[str, str], p.OpusDecoder] = {}
-        self._seq: dict[str, int] = {}
-        self._encoders: dict[str, p.OpusEncoder] = {}
+        self._streams: dict[str, p.AudioStream] = {}
+        """Operator audio going out, per call."""
         self._runner: asyncio.Task[None] | None = None
         self._fatal: BaseException | None = None
         self._closed = False
@@ -376,16 +376,10 @@ class SupervisorClient:
         ws = self._ws
         if ws is None:
             raise Disconnected(f"not connected to {self.url}")
-        seq = self._seq.get(call_id, 0)
-        self._seq[call_id] = seq + 1
-        if codec == "opus":
-            encoder = self._encoders.get(call_id)
-            if encoder is None:
-                encoder = self._encoders[call_id] = p.OpusEncoder()
-            payload = encoder.encode(pcm)
-        else:
-            payload = p.pcm16_bytes(pcm)
+        stream = self._streams.get(call_id)
+        if stream is None or stream.codec != codec:
+            stream = self._streams[call_id] = p.AudioStream(call_id, "operator", codec)
         try:
-            await ws.send(p.AudioFrame(call_id, "operator", codec, seq, time.time(), payload).pack())
+            await ws.send(stream.pack(pcm))
         except ConnectionClosed:
             raise Disconnected("connection lost") from None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -228,6 +229,29 @@ class OpusEncoder:
 
     def encode(self, pcm: np.ndarray) -> bytes:
         return bytes(self._writer.append_pcm(np.ascontiguousarray(pcm, np.float32)))
+
+
+class AudioStream:
+    """One direction of one call's audio as it is sent: its sequence numbers and, for Opus, the
+    encoder whose state carries from frame to frame. The server's listen taps (caller and AI)
+    and the client's takeover audio (operator) both send through one of these."""
+
+    def __init__(self, call_id: str, direction: str, codec: str) -> None:
+        self.call_id, self.direction, self.codec = call_id, direction, codec
+        self.seq = 0
+        self._opus: OpusEncoder | None = None
+
+    def pack(self, pcm: np.ndarray) -> bytes:
+        """The next binary frame for ``pcm`` (float32 mono 24 kHz), stamped with the time now."""
+        if self.codec == "opus":
+            if self._opus is None:
+                self._opus = OpusEncoder()
+            payload = self._opus.encode(pcm)
+        else:
+            payload = pcm16_bytes(pcm)
+        frame = AudioFrame(self.call_id, self.direction, self.codec, self.seq, time.time(), payload)
+        self.seq += 1
+        return frame.pack()
 
 
 class OpusDecoder:

@@ -88,11 +88,10 @@ _SAMPLES = (LatencySampled, TickSampled, SystemSampled)
 
 @dataclass(eq=False)
 class _Listen:
-    """One listened call for one client: codec and per-direction encoder state."""
+    """One listened call for one client: its codec and one outgoing stream per direction."""
 
     codec: str
-    encoders: dict[str, p.OpusEncoder] = field(default_factory=dict)
-    seq: dict[str, int] = field(default_factory=dict)
+    streams: dict[str, p.AudioStream] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -431,16 +430,10 @@ class SupervisorServer:
         def tap(direction: str, pcm: np.ndarray) -> None:
             if client.closing:
                 return
-            seq = state.seq.get(direction, 0)
-            state.seq[direction] = seq + 1
-            if state.codec == "opus":
-                encoder = state.encoders.get(direction)
-                if encoder is None:
-                    encoder = state.encoders[direction] = p.OpusEncoder()
-                payload = encoder.encode(pcm)
-            else:
-                payload = p.pcm16_bytes(pcm)
-            data = p.AudioFrame(call_id, direction, state.codec, seq, time.time(), payload).pack()
+            stream = state.streams.get(direction)
+            if stream is None:
+                stream = state.streams[direction] = p.AudioStream(call_id, direction, state.codec)
+            data = stream.pack(pcm)
             if threading.get_ident() == self._loop_thread:
                 self._push_audio(client, data)
             else:
