@@ -177,14 +177,14 @@ def client(port: int, first: int, count: int, stagger_s: float, seconds: float) 
     }), flush=True)
 
 
-def run(calls: int, window_s: float, stagger_s: float, model: str) -> dict[str, Any]:
+def run(calls: int, window_s: float, stagger_s: float, model: str, per_client: int = CALLS_PER_CLIENT) -> dict[str, Any]:
     server = Server(slots=max(calls, 1), model=model)
     ramp = stagger_s * (calls - 1)
     seconds = ramp + window_s + 3.0
     procs = []
     try:
-        for first in range(0, calls, CALLS_PER_CLIENT):
-            count = min(CALLS_PER_CLIENT, calls - first)
+        for first in range(0, calls, per_client):
+            count = min(per_client, calls - first)
             procs.append(subprocess.Popen(
                 [sys.executable, __file__, "--client", str(server.port), "--first", str(first), "--count", str(count),
                  "--stagger", str(stagger_s), "--seconds", str(seconds)],
@@ -237,6 +237,8 @@ def main() -> None:
     parser.add_argument("--stagger", type=float, default=0.0137, help="seconds between call starts")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--slots", type=int, default=128, help=argparse.SUPPRESS)
+    parser.add_argument("--per-client", type=int, default=CALLS_PER_CLIENT,
+                        help="simulated callers per load-generator process (more processes: less client lag)")
     parser.add_argument("--model", default="echo", help="model spec, e.g. synthetic:7b on a GPU box")
     parser.add_argument("--client", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
@@ -249,7 +251,7 @@ def main() -> None:
     if args.client:
         client(args.client, args.first, args.count, args.stagger, args.seconds)
         return
-    runs = [run(int(n), args.window, args.stagger, args.model) for n in args.calls.split(",")]
+    runs = [run(int(n), args.window, args.stagger, args.model, args.per_client) for n in args.calls.split(",")]
     biggest = next((r for r in runs if r["calls"] == TARGETS["calls"]), None)
     met = None
     if biggest is not None and biggest["bal_ms"]:
