@@ -338,3 +338,22 @@ def test_attach_command_checks_its_url_before_starting_anything() -> None:
     assert "must start with ws:// or wss://" in result.output
     result = CliRunner().invoke(cli, ["attach", "ws://127.0.0.1:9999"])
     assert result.exit_code == 2 and "--token" in result.output
+
+
+async def test_filter_text_is_shown_as_typed_never_as_markup() -> None:
+    """The filter goes into the panel titles; ``[/]`` used to raise MarkupError there, and
+    ``[@click=…]`` would have become a clickable action."""
+    from textual.content import Content
+
+    app = XswarmApp(ReplayLink(list(busy_night(2))))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause(0.3)
+        for panel in (app.board, app.feed_panel):
+            for typed in ("[/]", "[@click=app.quit]x[/]", "[bold"):
+                panel.set_filter(typed)
+                await pilot.pause(0.05)
+                assert f"filter “{typed}”" in Content.from_markup(panel.border_title or "").plain
+                assert app.is_running
+            panel.set_filter("")
+        await pilot.pause(0.1)
+        assert app.is_running and app.return_code is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from rich.text import Text
+from textual.markup import escape
 from textual.widgets import DataTable
 
 from xswarm_tui.state import CallView, ConsoleState, mask_caller
@@ -120,7 +121,7 @@ class CallBoard(DataTable):
     def _title(self) -> None:
         parts = [f"[u]C[/u]alls {len(self._shown)}"]
         if self.filter_text:
-            parts.append(f"filter “{self.filter_text}”")
+            parts.append(f"filter “{escape(self.filter_text)}”")  # typed text, never markup
         parts.append(f"sort: {SORTS[self.sort_name][0]}")
         if not self.reveal:
             parts.append("callers masked")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from rich.text import Text
+from textual.markup import escape
 from textual.widgets import DataTable
 
 from xswarm_tui.state import FEED_SIZE, ConsoleState, FeedItem
@@ -70,5 +71,5 @@ class EventsFeed(DataTable):
     def _title(self) -> None:
         title = f"[u]E[/u]vents {len(self._shown)}"
         if self.filter_text:
-            title += f" · filter “{self.filter_text}”"
+            title += f" · filter “{escape(self.filter_text)}”"  # typed text, never markup
         self.border_title = title
