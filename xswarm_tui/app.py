@@ -171,11 +171,11 @@ class XswarmApp(App[None]):
             try:
                 self.register_theme(textual_theme(name))
             except ThemeError as exc:  # one bad user file: say so, keep the others
-                self.notify(str(exc), title="Theme skipped", severity="warning", timeout=10)
+                self.notify(str(exc), title="Theme skipped", severity="warning", timeout=10, markup=False)
         try:
             self.theme = self._theme_name
         except Exception:  # InvalidThemeError: unknown name in the settings
-            self.notify(f"unknown theme {self._theme_name!r}; using {DEFAULT_THEME}", severity="warning")
+            self.notify(f"unknown theme {self._theme_name!r}; using {DEFAULT_THEME}", severity="warning", markup=False)
             self.theme = DEFAULT_THEME
 
     # ----------------------------------------------------------------- runtime link
@@ -216,7 +216,7 @@ class XswarmApp(App[None]):
     @on(LinkFailed)
     def _link_failed(self, message: LinkFailed) -> None:
         self.sub_title = f"{self.link.kind}: {self.link.target} · not connected"
-        self.notify(message.error, title="Runtime unavailable", severity="error", timeout=30)
+        self.notify(message.error, title="Runtime unavailable", severity="error", timeout=30, markup=False)
 
     @on(EventsArrived)
     def _events_arrived(self) -> None:
@@ -301,7 +301,7 @@ class XswarmApp(App[None]):
         if event.state == WorkerState.ERROR:
             log.error("worker %s failed: %s", event.worker.name, event.worker.error)
             self.notify(f"{event.worker.description or event.worker.name}: {event.worker.error}",
-                        title="Failed", severity="error")
+                        title="Failed", severity="error", markup=False)  # error text is not markup
 
     # ---------------------------------------------------------------------- bindings
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
@@ -380,13 +380,13 @@ class XswarmApp(App[None]):
         try:
             answer = await self.link.execute(command)
         except LinkError as exc:
-            self.notify(str(exc), title=f"{type(command).__name__} refused", severity="error", timeout=8)
+            self.notify(str(exc), title=f"{type(command).__name__} refused", severity="error", timeout=8, markup=False)
             return
         if after is not None:
             after()
         self.notify(done, timeout=3)
         if answer.get("audio"):
-            self.notify(str(answer["audio"]), title="Audio", severity="warning", timeout=8)
+            self.notify(str(answer["audio"]), title="Audio", severity="warning", timeout=8, markup=False)
 
     def action_take_over(self) -> None:
         if (call_id := self._need_call()) and not self._debounced("take_over"):
