@@ -211,3 +211,29 @@ def test_a_fresh_database_reports_version_zero(store_target: Target) -> None:
     with Database(store_target) as database:
         assert migrations.version(database) == 0 and migrations.applied(database) == set()
         assert "schema_migrations" not in migrations.tables(database)
+
+
+def test_embedded_file_is_plain_sqlite_in_autocommit_with_wal(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The embedded file goes through stdlib sqlite3 (it releases the GIL; see db.py), with the
+    same settings as before, no implicit transactions, and stays readable by the libsql client."""
+    import libsql
+
+    target = Target(str(tmp_path / "plain.db"))
+    with Database(target, batch_max_wait_ms=1) as database:
+        database.write("CREATE TABLE things (id TEXT PRIMARY KEY, name TEXT NOT NULL)")
+        database.write("INSERT INTO things (id, name) VALUES (?, ?)", ("n1", "one"))
+        conn = target.connect()
+        try:
+            settings = [conn.execute(f"PRAGMA {name}").fetchall()[0][0]
+                        for name in ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")]
+            assert settings == ["wal", 1, 1, 5000]  # synchronous 1 = NORMAL
+            conn.execute("UPDATE things SET name = ? WHERE id = ?", ("renamed", "n1"))
+            assert not conn.in_transaction  # autocommit: a statement outside BEGIN is committed at once
+            assert database.query("SELECT name FROM things WHERE id = ?", ("n1",)) == [("renamed",)]
+        finally:
+            conn.close()
+    other = libsql.connect(str(tmp_path / "plain.db"))
+    try:
+        assert other.execute("SELECT name FROM things").fetchall() == [("renamed",)]
+    finally:
+        other.close()
