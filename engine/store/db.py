@@ -9,8 +9,9 @@ sleeping 1 ms in a loop, beside the database thread): during a 0.5 s query the s
 of its usual turns under ``libsql`` and ~100 % under ``sqlite3``; the sleeper stalled 604 ms
 vs 4 ms; during 40 group commits of 2,000 rows it stalled up to 27 ms vs 7 ms, and the
 commits themselves ran about 2x faster under ``sqlite3``. Every write of the process goes
-through this module's writer thread, so with ``libsql`` each commit froze every asyncio loop
-in the process, the runtime's 80 ms voice tick and the bridge included. ``sqlite3`` releases
+through this module's writer thread, so with ``libsql`` each statement and commit stopped
+every other Python thread for its duration: every asyncio loop in the process, the runtime's
+80 ms voice tick and the bridge included. ``sqlite3`` releases
 the GIL inside SQLite. Both connections are driven alike: autocommit mode (``sqlite3``'s
 ``isolation_level=None``) with explicit ``BEGIN`` and ``commit()``, WAL, ``synchronous=NORMAL``
 (durable across a killed process), ``busy_timeout``, foreign keys on.
