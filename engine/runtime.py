@@ -356,8 +356,10 @@ class Runtime:
             # advertise 0 free slots now rather than at the next beat, so routing moves on
             self.loop.call_soon_threadsafe(self._beat)
 
-    def snapshot(self) -> dict[str, Any]:
-        """Everything a status page needs, JSON-able."""
+    def snapshot(self, *, mask_callers: bool = False) -> dict[str, Any]:
+        """Everything a status page needs, JSON-able. ``mask_callers`` masks callers' numbers
+        (live calls and recent events), for read-only supervisors."""
+        mask: Any = feed.masked_wire if mask_callers else (lambda wire: wire)
         return {
             "node": {
                 "id": self.node_id, "started_at": self.started_at, "uptime_s": round(time.time() - self.started_at, 1),
@@ -368,12 +370,12 @@ class Runtime:
                       "state": self.model_state, "detail": self.model_detail, "progress": self.model_progress},
             "slots": {"total": self.calls.capacity, "used": self.calls.used, "free": self.calls.free,
                       "available": self.calls.available, "no_headroom": self.scheduler.headroom()},
-            "calls": [s.stats() | {"caller": s.caller, "user_id": s.user_id, "theme": s.theme,
-                                   "started_at": s.started_at} for s in self.calls],
+            "calls": [mask(s.stats() | {"caller": s.caller, "user_id": s.user_id, "theme": s.theme,
+                                        "started_at": s.started_at}) for s in self.calls],
             "scheduler": self.scheduler.describe(),
             "bridge": self.bridge.describe() if self.bridge is not None else None,
             "storage": self.storage.status() if self.storage is not None else None,
-            "recent_events": [e.to_wire() for e in list(self._recent)],
+            "recent_events": [mask(e.to_wire()) for e in list(self._recent)],
         }
 
 

@@ -102,7 +102,7 @@ class StandInRuntime:
         self.calls.admit(session)
         return session
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, *, mask_callers: bool = False) -> dict[str, Any]:
         return {
             "node": {"id": self.node_id},
             "model": None,

@@ -22,8 +22,10 @@ from engine.bridge.simulator import StreamTarget, stream_call
 
 from engine.audio import mulaw
 from engine.config import load_settings
-from engine.events import CallEnded, CallUpdated, HandBack, HangUp, Listen, TakeOver, Whisper
+from engine.events import CallEnded, CallStarted, CallUpdated, HandBack, HangUp, Listen, TakeOver, Whisper
+from engine.logging_setup import mask_phone
 from engine.runtime import Runtime
+from engine.store import feed
 from engine.supervisor import protocol as p
 from engine.supervisor.client import SupervisorClient
 from test_supervisor import audit_rows, connect_stuck
@@ -138,6 +140,28 @@ async def test_snapshot_of_a_live_call_matches_the_schema(runtime: Runtime) -> N
     jsonschema.validate(snap, p.schemas()["snapshot"])
     assert snap["model"]["name"] == "echo" and [c["call_id"] for c in snap["calls"]] == ["CA100"]
     assert snap["calls"][0]["mode"] == "ai"
+
+
+async def test_monitors_see_callers_masked_operators_in_full(runtime: Runtime) -> None:
+    """A read-only supervisor never gets a caller's full number (events, snapshot's calls and
+    recent events); an operator does (they may call back); the feed stores it masked."""
+    full, masked = "+15550001111", mask_phone("+15550001111")
+    async with SupervisorClient(sup_url(runtime), MONITOR) as mon, SupervisorClient(sup_url(runtime), OPERATOR) as op:
+        async with Caller(runtime.bridge_port, "CA150", audio_with_bursts(3)):
+            assert (await _next_of(mon, CallStarted)).caller == masked
+            assert (await _next_of(op, CallStarted)).caller == full
+            async with SupervisorClient(sup_url(runtime), MONITOR) as mon2, \
+                    SupervisorClient(sup_url(runtime), OPERATOR) as op2:
+                mon_snap, op_snap = mon2.snapshot, op2.snapshot
+    assert [c["caller"] for c in mon_snap["calls"]] == [masked]
+    assert [c["caller"] for c in op_snap["calls"]] == [full]
+    started = [e for e in mon_snap["recent_events"] if e["type"] == "CallStarted"]
+    assert [e["caller"] for e in started] == [masked]
+    assert [e["caller"] for e in op_snap["recent_events"] if e["type"] == "CallStarted"] == [full]
+    assert full not in json.dumps(mon_snap)
+    await asyncio.wrap_future(runtime.db.submit("SELECT 1"))  # the writer is FIFO: the row is in
+    rows = feed.recent(runtime.db, type="CallStarted", call_id="CA150")
+    assert rows and rows[0].payload["caller"] == masked and full not in (rows[0].summary or "")
 
 
 async def test_listen_is_live_and_echo_is_heard(runtime: Runtime) -> None:

@@ -23,6 +23,9 @@ from engine.store.db import Database
 SAMPLE_TYPES = frozenset({"LatencySampled", "TickSampled", "SystemSampled", "TranscriptAppended"})
 """Event types too frequent or too fine-grained to keep in the feed."""
 
+PHONE_FIELDS = ("caller", "phone")
+"""Wire fields that hold a phone number: masked in the feed and for read-only supervisors."""
+
 _INSERT = "INSERT INTO events (at, type, call_id, user_id, summary, payload) VALUES (?, ?, ?, ?, ?, ?)"
 _SUMMARY_MAX = 500
 
@@ -72,15 +75,24 @@ def summarize(event: Event) -> str:
     for name, value in fields.items():
         if name == "at" or value is None or value == "" or isinstance(value, (list, dict)):
             continue
-        if name in ("caller", "phone"):
+        if name in PHONE_FIELDS:
             value = mask_phone(str(value))
         parts.append(f"{name}={value}")
     return " ".join(parts)
 
 
+def masked_wire(wire: dict[str, Any]) -> dict[str, Any]:
+    """``wire`` with every phone field masked (a copy; the input is left as it is). The feed
+    keeps only masked numbers, and read-only supervisors never see a full one: a number
+    someone could dial back is for operators, who see it live."""
+    if not any(wire.get(name) for name in PHONE_FIELDS):
+        return wire
+    return wire | {name: mask_phone(str(wire[name])) for name in PHONE_FIELDS if wire.get(name)}
+
+
 def append_event(db: Database, event: Event) -> concurrent.futures.Future[Any]:
-    """Queue a bus event as a feed row (type = its class name, payload = its wire form)."""
-    wire = event.to_wire()
+    """Queue a bus event as a feed row (type = its class name, payload = its masked wire form)."""
+    wire = masked_wire(event.to_wire())
     at = wire.get("at")
     return append(
         db,
@@ -96,7 +108,7 @@ def append_event(db: Database, event: Event) -> concurrent.futures.Future[Any]:
 def event_statement(event: Event) -> tuple[str, tuple[Any, ...]]:
     """The feed row of a bus event as a statement, for callers that must commit it together
     with other writes (the webhook processor: the row lands exactly once, with its effects)."""
-    wire = event.to_wire()
+    wire = masked_wire(event.to_wire())
     at = wire.get("at")
     return (
         _INSERT,

@@ -49,6 +49,7 @@ from engine.events import (
     TickSampled,
     Unlisten,
 )
+from engine.store import feed
 from engine.supervisor import protocol as p
 from engine.supervisor.auth import Authenticator, Role, bearer, load_tokens
 from engine.tasks import cancel_and_wait
@@ -332,7 +333,7 @@ class SupervisorServer:
 
     def _snapshot(self, client: _Client) -> str:
         try:
-            state = dict(self.runtime.snapshot())
+            state = dict(self.runtime.snapshot(mask_callers=client.role != "operator"))
         except Exception as exc:  # a half-started runtime still lets the supervisor in
             log.exception("runtime snapshot failed")
             state = {"error": f"snapshot incomplete: {exc}"}
@@ -491,14 +492,17 @@ class SupervisorServer:
             self._forget_call(event.call_id)
         if not self._clients:
             return
-        frame = p.event_frame(event)
+        wire = event.to_wire()
+        frame = p.encode(wire)
         if isinstance(event, _SAMPLES):
             key = (type(event).__name__, getattr(event, "call_id", ""))
             for client in self._clients:
                 self._push_sample(client, key, frame)
         else:
+            masked = feed.masked_wire(wire)  # monitors never see a caller's full number
+            monitor_frame = frame if masked is wire else p.encode(masked)
             for client in self._clients:
-                self._push_event(client, frame)
+                self._push_event(client, frame if client.role == "operator" else monitor_frame)
 
     def _due(self, event: LatencySampled) -> bool:
         """Coalesce latency samples to ≤ 4 Hz per call: send now when the last one left long
