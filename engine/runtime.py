@@ -18,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import gc
-import importlib
-import inspect
 import logging
 import socket
 import sys
@@ -40,26 +38,17 @@ from engine.store import calls as call_rows
 from engine.store import feed, nodes
 from engine.store.db import Database, StoreError
 from engine.store.migrations import migrate
+from engine.tasks import cancel_and_wait
 from engine.telemetry.system import SystemSampler
 
 log = logging.getLogger("xswarm.runtime")
 
 RECENT_EVENTS = 50
 SWITCH_INTERVAL_S = 0.001
+CLOSE_CALLS_S = 5.0
+"""How long shutdown waits for all live calls' streams to close, together."""
 _QUIET_EVENTS = (events.LatencySampled, events.TickSampled, events.SystemSampled)
 """High-rate samples are not kept in the snapshot's recent-events list."""
-
-
-def _optional(module: str, name: str) -> Any | None:
-    """A server class from a part that may not be in this build; None (logged) when absent."""
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name and (module == exc.name or module.startswith(exc.name + ".")):
-            log.warning("%s is not available in this build; that server stays off", module)
-            return None
-        raise
-    return getattr(mod, name)
 
 
 class Runtime:
@@ -166,54 +155,57 @@ class Runtime:
             await self.bridge.start(host, self._want["bridge"])
             self.bridge_port = self.bridge.port
         if self._want["supervisor"]:
-            cls = _optional("engine.supervisor.server", "SupervisorServer")
-            if cls is not None:
-                self.supervisor = cls(self)
-                await self.supervisor.start(host, self._want["supervisor"])
-                self.supervisor_port = self.supervisor.port
+            from engine.supervisor.server import SupervisorServer
+
+            self.supervisor = SupervisorServer(self)
+            await self.supervisor.start(host, self._want["supervisor"])
+            self.supervisor_port = self.supervisor.port
         if self._want["webhooks"]:
-            cls = _optional("webhooks.server", "WebhooksServer")
-            if cls is not None:
-                self.webhooks = cls(self.settings, self.db, self.bus, record_feed=False)  # our recorder writes them
-                await self.webhooks.start(host, self._want["webhooks"])
-                self.webhooks_port = self.webhooks.port
-        cls = _optional("engine.storage.service", "StorageService")
-        if cls is not None:
-            self.storage = cls(self)
-            started = self.storage.start()
-            if inspect.isawaitable(started):
-                await started
+            from webhooks.server import WebhooksServer
+
+            self.webhooks = WebhooksServer(self.settings, self.db, self.bus, record_feed=False)  # our recorder writes them
+            await self.webhooks.start(host, self._want["webhooks"])
+            self.webhooks_port = self.webhooks.port
+        from engine.storage.service import StorageService
+
+        self.storage = StorageService(self)
+        await self.storage.start()
         self._begin_model_load()
         self._heartbeat = self.loop.create_task(self._heartbeat_loop(), name="xswarm-heartbeat")
 
     async def _astop(self) -> None:
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-        for session in list(self.calls):  # close the streams; Twilio's fallback TwiML takes over
-            try:
-                await asyncio.wait_for(session.transport.close("node shutting down"), 5)
-            except Exception:
-                log.exception("could not close %s", session.call_id)
-            self.calls.finish(session, "node shutting down")
-        for server in (self.bridge, self.supervisor, self.webhooks):
+        await cancel_and_wait(self._heartbeat)
+        self._heartbeat = None
+        await self._close_calls("node shutting down")
+        for server in (self.bridge, self.supervisor, self.webhooks, self.storage):
             if server is not None:
                 try:
                     await server.stop()
                 except Exception:
                     log.exception("stopping %s failed", type(server).__name__)
-        if self.storage is not None and hasattr(self.storage, "stop"):
-            try:
-                stopped = self.storage.stop()
-                if inspect.isawaitable(stopped):
-                    await stopped
-            except Exception:
-                log.exception("stopping storage failed")
         await self.scheduler.stop()
         if self.db is not None:
             try:
                 await asyncio.wrap_future(nodes.remove(self.db, self.node_id))  # type: ignore[arg-type]
             except StoreError:
                 log.warning("could not remove node row %s", self.node_id)
+
+    async def _close_calls(self, reason: str) -> None:
+        """Close every live call's stream at once (Twilio's fallback TwiML takes over), all
+        under one CLOSE_CALLS_S: one slow socket must not make shutdown wait for it per call."""
+        sessions = list(self.calls)
+        if not sessions:
+            return
+        closing = asyncio.gather(*(s.transport.close(reason) for s in sessions), return_exceptions=True)
+        try:
+            results: list[Any] = await asyncio.wait_for(closing, CLOSE_CALLS_S)
+        except TimeoutError:
+            log.warning("closing %d live calls took over %.0f s; the rest were left open", len(sessions), CLOSE_CALLS_S)
+            results = [None] * len(sessions)
+        for session, result in zip(sessions, results):
+            if isinstance(result, BaseException):
+                log.error("could not close %s: %s", session.call_id, result)
+            self.calls.finish(session, reason)
 
     # ----------------------------------------------------------------------- model
 

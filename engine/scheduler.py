@@ -32,6 +32,7 @@ from engine.audio.resample import Downsampler, Upsampler
 from engine.calls import CallRegistry, CallSession
 from engine.events import EventBus
 from engine.models.base import FRAME_S, FRAME_SIZE, StepInput, VoiceModel
+from engine.tasks import cancel_and_wait
 from engine.telemetry.latency import Histogram
 
 log = logging.getLogger("xswarm.scheduler")
@@ -124,13 +125,8 @@ class Scheduler:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="xswarm-tick")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)

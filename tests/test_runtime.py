@@ -282,3 +282,51 @@ async def test_stop_ends_live_calls_and_records_them() -> None:
         kept = [r.type for r in feed.recent(check, call_id="CA-stop")]
     assert row is not None and row["status"] == "ended" and "shutting down" in row["end_reason"]
     assert sorted(kept) == ["CallEnded", "CallStarted"]  # recorded once each, before the database closed
+
+
+class SlowCloseTransport:
+    """A call stream whose close takes ``close_s`` (None: never finishes)."""
+
+    source = "twilio"
+
+    def __init__(self, close_s: float | None) -> None:
+        self.close_s = close_s
+        self.closed = False
+
+    def send_frame(self, session: Any, step: int, ulaw: bytes, pcm: np.ndarray) -> None:
+        pass
+
+    def clear(self) -> None:
+        pass
+
+    async def close(self, reason: str) -> None:
+        await asyncio.sleep(3600 if self.close_s is None else self.close_s)
+        self.closed = True
+
+
+def test_stop_closes_live_calls_together_under_one_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three slow closes and one that never ends: shutdown waits once, not once per call."""
+    from engine import runtime as runtime_mod
+    from engine.calls import CallSession
+
+    monkeypatch.setattr(runtime_mod, "CLOSE_CALLS_S", 1.0)
+    runtime, seen = started()
+    transports = [SlowCloseTransport(0.6), SlowCloseTransport(0.6), SlowCloseTransport(0.6), SlowCloseTransport(None)]
+    try:
+        wait(lambda: runtime.model is not None)
+
+        async def admit() -> None:
+            for i, transport in enumerate(transports):
+                runtime.calls.admit(CallSession(f"CA-slow{i}", transport, bus=runtime.bus))
+
+        runtime.call_soon(admit()).result(timeout=5)
+        assert runtime.calls.used == 4
+        t0 = time.monotonic()
+        runtime.stop()
+        took = time.monotonic() - t0
+    finally:
+        runtime.stop()
+    assert took < 2.5, f"shutdown took {took:.1f} s"  # one 1 s wait for all calls, not 4 x 0.6 s + 5 s
+    assert [t.closed for t in transports] == [True, True, True, False]
+    ended = {e.call_id for e in seen if isinstance(e, events.CallEnded)}
+    assert ended == {f"CA-slow{i}" for i in range(4)}
