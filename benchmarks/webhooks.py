@@ -1,6 +1,6 @@
 """Signed Twilio SMS through the webhook server, with the database write, on 127.0.0.1.
 
-The server (WebhooksServer with its inbox processor, embedded libSQL, no LLM provider so the
+The server (WebhooksServer with its inbox processor, embedded SQLite file, no LLM provider so the
 reply is the canned one) runs in its own process; the load comes from `wrk` in another
 process (or, without wrk, from an aiohttp client process). Every request carries a unique
 MessageSid signed with the twilio SDK's RequestValidator, so every request is verified,
@@ -95,7 +95,9 @@ def serve(port_file: Path) -> None:
     async def run() -> None:
         db = open_database(settings)
         # The limiter stays in the path, set above the offered load.
-        server = WebhooksServer(settings, db, EventBus(), rate_limit=RateLimit(1e6, 1e6), process=PROCESS)
+        server = WebhooksServer(
+            settings, db, EventBus(), rate_limit=RateLimit(1e6, 1e6), process=PROCESS, inline_reads=True
+        )  # as `xswarm webhooks serve` runs it
         await server.start("127.0.0.1", 0)
         port_file.write_text(str(server.port))
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)

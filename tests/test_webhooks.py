@@ -1,10 +1,11 @@
-"""Webhooks end to end: real aiohttp server on 127.0.0.1, embedded libSQL, requests signed
+"""Webhooks end to end: real aiohttp server on 127.0.0.1, embedded SQLite file, requests signed
 with the providers' own SDK helpers, provider APIs faked as local HTTP servers."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,7 +20,8 @@ from engine.store.db import Database, Target
 from engine.store.migrations import migrate
 from engine.store.users import create_api_key, create_user, get_user, revoke_api_key, set_stripe_customer
 from engine.telephony.calltoken import verify as verify_call_token
-from webhooks import replies
+from webhooks import replies, twilio_sms
+from webhooks.hub import Hub
 from webhooks.limits import RateLimit
 from webhooks.server import WebhooksServer
 
@@ -254,6 +256,38 @@ async def test_slow_llm_replies_later_through_twilio_rest(db: Database, alice: A
     assert rest[0]["path"] == "/2010-04-01/Accounts/AC0123/Messages.json" and rest[0]["auth"].startswith("Basic ")
     reply = messages.get_by_provider_id(db, "reply:SM0001")
     assert reply is not None and reply.meta["via"] == "rest"
+
+
+async def test_pending_replies_are_bounded_while_the_processor_is_off(
+    db: Database, alice: Any, make: Any, fakes: dict[str, FakeApi], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The in-memory map is a fast path only: with no processor it stops at the bound, and a
+    processor started later still handles every row once, sending no reply twice."""
+    monkeypatch.setattr(twilio_sms, "MAX_PENDING", 3)
+    ingest_only = await make(server_kw={"process": False})
+    for n in range(8):
+        status, text = await ingest_only.twilio("/twilio/sms", sms("help", sid=f"SM{n:04d}"))
+        assert status == 200 and "<Message>" in text
+    pending = ingest_only.server.hub.state["sms-replies"]
+    assert list(pending) == ["SM0005", "SM0006", "SM0007"]  # the newest, oldest dropped
+    await make()  # a node with a processor (and an empty map) picks the rows up
+    await wait_processed(db, 8)
+    assert fakes["twilio"].requests == []  # every answer was inline and on record
+    for n in range(8):
+        assert messages.get_by_provider_id(db, f"SM{n:04d}") is not None
+        assert messages.get_by_provider_id(db, f"reply:SM{n:04d}").meta["via"] == "twiml"
+
+
+async def test_reads_use_the_reader_pool_unless_the_loop_is_the_servers_own(db: Database) -> None:
+    """Inside the runtime the loop carries the voice tick: a read must not run on it."""
+    loop_thread = threading.get_ident()
+    pooled = Hub(make_settings(), db, EventBus())
+    inline = Hub(make_settings(), db, EventBus(), inline_reads=True)
+    assert await pooled.read(lambda d: threading.get_ident()) != loop_thread
+    assert await inline.read(lambda d: threading.get_ident()) == loop_thread
+    server = WebhooksServer(make_settings(), db, EventBus(), record_feed=False, inline_reads=True)
+    assert server.hub.record_feed is False
+    assert await server.hub.read(lambda d: threading.get_ident()) == loop_thread
 
 
 # -------------------------------------------------------------------------------- voice

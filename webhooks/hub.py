@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -47,6 +47,14 @@ Effect = Callable[["Hub", inbox.InboxRow], Awaitable[Outcome]]
 T = TypeVar("T")
 
 
+class HubOptions(TypedDict, total=False):
+    """``Hub``'s keyword options, for constructors that build a ``Hub`` and pass them on."""
+
+    rate_limit: RateLimit | None
+    record_feed: bool
+    inline_reads: bool
+
+
 class Hub:
     def __init__(
         self,
@@ -56,7 +64,12 @@ class Hub:
         *,
         rate_limit: RateLimit | None = DEFAULT_RATE_LIMIT,
         record_feed: bool = True,
+        inline_reads: bool = False,
     ) -> None:
+        """``inline_reads``: run reads of the embedded file on the loop (see ``read``); only
+        for a loop the webhooks have to themselves (``xswarm webhooks serve``, the benchmark).
+        Inside the runtime the loop also carries the bridge and the 80 ms voice tick, so the
+        default is the reader pool."""
         self.settings = settings
         self.db = db
         self.bus = bus
@@ -66,8 +79,9 @@ class Hub:
         self.sendgrid = SendGridVerifier(settings.sendgrid.webhook_public_key)
         self.limiter = RateLimiter(rate_limit) if rate_limit else None
         self.session: aiohttp.ClientSession | None = None
-        self._inline_reads = not db.target.remote
-        self.replier: Replier = Replier(settings, self.read, None)
+        self._inline_reads = inline_reads and not db.target.remote
+        self.replier = Replier(settings, self.read, None)
+        """Its LLM provider is set by ``open`` (the provider needs the HTTP session)."""
         self.twilio_rest: TwilioRest | None = None
         self.mail: SendGridMail | None = None
         self.wake: Callable[[], None] = lambda: None
@@ -78,7 +92,7 @@ class Hub:
     async def open(self) -> None:
         """Create the outbound HTTP session (needs the running loop)."""
         self.session = aiohttp.ClientSession()
-        self.replier = Replier(self.settings, self.read, provider_from_settings(self.settings, self.session))
+        self.replier.llm = provider_from_settings(self.settings, self.session)
         self.twilio_rest = TwilioRest.from_settings(self.settings, self.session)
         self.mail = SendGridMail.from_settings(self.settings, self.session)
 
@@ -92,13 +106,15 @@ class Hub:
     async def read(self, fn: Callable[[Database], T]) -> T:
         """Run a read-only repository function (never one that waits on a write).
 
-        Embedded file: right here on the loop. An indexed read of the local file takes tens
+        Reader pool by default. Embedded file with ``inline_reads``: right here on the loop,
+        for a loop that serves nothing else. An indexed read of the local file takes tens
         of microseconds; a hop to a pool thread and back costs more than that under load. (The
         file is read through stdlib sqlite3, which releases the GIL, so pool reads would now run
         in parallel; the hand-off still costs more than it saves.) Measured on the signed-SMS benchmark with sqlite3, back to back on the 2-core
         box: 2,423 requests/s inline vs 1,915/s through the pool, p99 30 vs 34 ms, CPU per
-        request 0.39 vs 0.52 ms. Remote database: the reader pool, since there the wait is a
-        network round trip the loop must not sit through."""
+        request 0.39 vs 0.52 ms. Never inline inside the runtime: a slow read (usage totals, node
+        choice) there would delay every call's audio. Remote database: always the pool, since
+        the wait is a network round trip the loop must not sit through."""
         if self._inline_reads:
             return fn(self.db)
         return await self.db.aread(fn)

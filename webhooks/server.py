@@ -1,6 +1,8 @@
 """``WebhooksServer``: the app plus its inbox processor, started on a loop and stopped cleanly.
 
-Used by ``xswarm webhooks serve`` and by the runtime (``WebhooksServer(settings, db, bus)``).
+Used by ``xswarm webhooks serve`` (``inline_reads=True``: the loop is its own) and by the
+runtime (``WebhooksServer(settings, db, bus)``: reads go through the reader pool, off the loop
+that carries the voice tick).
 The processor starts with the server, so events left pending by a previous run (or another
 node) are picked up at once.
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Unpack
 
 from aiohttp import web
 
@@ -18,8 +21,7 @@ from engine.store.db import Database
 from engine.tasks import cancel_and_wait
 from webhooks import twilio_sms
 from webhooks.app import EFFECTS, create_app
-from webhooks.hub import Hub
-from webhooks.limits import DEFAULT_RATE_LIMIT, RateLimit
+from webhooks.hub import Hub, HubOptions
 from webhooks.processor import InboxProcessor
 
 log = logging.getLogger("xswarm.webhooks")
@@ -33,14 +35,14 @@ class WebhooksServer:
         db: Database,
         bus: EventBus,
         *,
-        rate_limit: RateLimit | None = DEFAULT_RATE_LIMIT,
-        record_feed: bool = True,
         process: bool = True,
         max_attempts: int = 8,
+        **hub_options: Unpack[HubOptions],
     ) -> None:
-        """``record_feed``: also write published events to the ``events`` table (turn it off
-        when the host already records the bus). ``process``: run the inbox processor here."""
-        self.hub = Hub(settings, db, bus, rate_limit=rate_limit, record_feed=record_feed)
+        """``process``: run the inbox processor here. ``hub_options`` go to the one ``Hub``
+        (e.g. ``record_feed=False`` when the host already records the bus; ``inline_reads=True``
+        only when this server has the loop to itself)."""
+        self.hub = Hub(settings, db, bus, **hub_options)
         self.app = create_app(self.hub)
         self.processor = InboxProcessor(self.hub, EFFECTS, max_attempts=max_attempts) if process else None
         self._runner: web.AppRunner | None = None

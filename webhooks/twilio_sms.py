@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from itertools import islice
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
@@ -36,6 +37,10 @@ PROVIDER = "twilio-sms"
 HOLD_MARGIN_S = 2.0
 """How long past the SMS budget a row waiting on the LLM is kept from processors."""
 _STATE = "sms-replies"
+MAX_PENDING = 1024
+"""Most pending replies kept in memory. The inbox row is the durable record and the map only
+a fast path, so when the processor is off or behind, the oldest decided entries are dropped
+rather than letting the map (and every full GC pass over it) grow with the backlog."""
 
 
 @dataclass
@@ -97,6 +102,7 @@ async def route(request: web.Request) -> web.Response:
         return twiml.response(twiml.EMPTY)  # a concurrent retry of a message being answered
     # Registered before the row exists, so the processor can never miss it and reply twice.
     entry = pending[sid] = PendingReply(form=form)
+    _bound(pending)
     sender, ours, body = form.get("From"), form.get("To"), form.get("Body", "")
     try:
         try:
@@ -214,6 +220,20 @@ async def _deferred_reply(
     rest_sid = await hub.twilio_rest.send_sms(to=sender, from_=ours, body=text)
     _pending(hub).pop(sid, None)
     return [reply_statement(sid, user, sender, ours, text, {"via": "rest", "sid": rest_sid})]
+
+
+def _bound(pending: dict[str, PendingReply]) -> None:
+    """Drop the oldest decided entries beyond ``MAX_PENDING`` (undecided ones are still being
+    answered by their route). Without its entry the processor falls back to the durable path:
+    a reply on record (every inline answer is written before its row can be claimed) is not
+    sent again; otherwise the reply is composed afresh and sent through REST."""
+    excess = len(pending) - MAX_PENDING
+    if excess <= 0:
+        return
+    for sid in list(islice((s for s, e in pending.items() if e.decided.is_set()), excess)):
+        entry = pending.pop(sid)
+        if entry.task is not None:
+            entry.task.cancel()
 
 
 def prune(hub: Hub, older_than_s: float) -> None:

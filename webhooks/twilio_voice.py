@@ -62,12 +62,18 @@ async def _verified_form(hub: Hub, request: web.Request) -> tuple[bytes, MultiDi
     return raw, form
 
 
-async def voice(request: web.Request) -> web.Response:
-    hub: Hub = request.app[HUB]
-    raw, form = await _verified_form(hub, request)
+def _call_sid(form: MultiDict[str]) -> str:
+    """The form's CallSid; 400 when missing (nothing can be keyed without it)."""
     call_sid = form.get("CallSid")
     if not call_sid:
         raise web.HTTPBadRequest(text="no CallSid")
+    return call_sid
+
+
+async def voice(request: web.Request) -> web.Response:
+    hub: Hub = request.app[HUB]
+    raw, form = await _verified_form(hub, request)
+    call_sid = _call_sid(form)
     await hub.ingest(PROVIDER, call_sid, "call", raw.decode("utf-8"))
     # A retried webhook for the same call is answered the same way (fresh token, same rules).
     caller = form.get("From")
@@ -119,9 +125,7 @@ async def status(request: web.Request) -> web.Response:
 async def voicemail(request: web.Request) -> web.Response:
     hub: Hub = request.app[HUB]
     raw, form = await _verified_form(hub, request)
-    call_sid = form.get("CallSid")
-    if not call_sid:
-        raise web.HTTPBadRequest(text="no CallSid")
+    call_sid = _call_sid(form)
     if form.get("RecordingUrl"):
         await hub.ingest(PROVIDER, f"{call_sid}:voicemail", "voicemail", raw.decode("utf-8"))
     return twiml.response(twiml.say_and_hang_up("Thank you. Your message has been saved. Goodbye."))

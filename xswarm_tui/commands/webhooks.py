@@ -37,7 +37,7 @@ def serve(
 
     async def run() -> None:
         with database(settings) as db:
-            server = WebhooksServer(settings, db, EventBus(), rate_limit=limit)
+            server = WebhooksServer(settings, db, EventBus(), rate_limit=limit, inline_reads=True)  # the loop is ours alone
             try:
                 await server.start(bind_host, bind_port)
             except OSError as exc:
