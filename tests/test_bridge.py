@@ -315,6 +315,46 @@ async def _async(fn: Any) -> Any:
     return fn()
 
 
+async def test_complete_call_treats_an_ended_call_as_done_and_reports_failures(env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The REST hang-up's answers, from a local fake Twilio: done, already ended (404 / 20404),
+    refused, unreachable; and nothing to do without credentials."""
+    from engine.bridge.server import complete_call
+
+    answers = {
+        "CAok": web.json_response({"status": "completed"}),
+        "CAgone": web.json_response({"code": 20404, "message": "not found", "status": 404}, status=404),
+        "CAbad": web.json_response({"code": 20003, "message": "Authenticate", "status": 401}, status=401),
+    }
+    forms: list[dict[str, Any]] = []
+
+    async def calls_endpoint(request: web.Request) -> web.Response:
+        forms.append(dict(await request.post()))
+        return answers[request.match_info["sid"]]
+
+    app = web.Application()
+    app.router.add_post("/2010-04-01/Accounts/{account}/Calls/{sid}.json", calls_endpoint)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        monkeypatch.setenv("TWILIO_ACCOUNT_SID", ACCOUNT)
+        monkeypatch.setenv("XSWARM_TWILIO__API_BASE_URL", f"http://127.0.0.1:{port}")
+        settings = load_settings()
+        assert await complete_call(settings, "CAok") is True
+        assert await complete_call(settings, "CAgone") is True
+        assert await complete_call(settings, "CAbad") is False
+        assert forms == [{"Status": "completed"}] * 3
+        monkeypatch.setenv("XSWARM_TWILIO__API_BASE_URL", f"http://127.0.0.1:{free_port()}")
+        assert await complete_call(load_settings(), "CAok") is False  # nobody listening
+        monkeypatch.delenv("TWILIO_ACCOUNT_SID")
+        assert await complete_call(load_settings(), "CAok") is True  # no credentials: nothing to do
+        assert len(forms) == 3
+    finally:
+        await runner.cleanup()
+
+
 # --------------------------------------------------------------------------- refusals
 
 

@@ -38,6 +38,7 @@ from engine.audio.framing import InboundFrames, split_frame
 from engine.calls import CallControlError, CallSession, NoFreeSlot, NoHeadroom
 from engine.config import secret
 from engine.telemetry.latency import Histogram
+from engine.telephony import twilio_rest
 from engine.telephony.calltoken import TokenError, TokenLedger
 
 if TYPE_CHECKING:
@@ -55,6 +56,8 @@ WRITE_BUFFER_LIMIT = 16 * 1024
 _SID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _DIGITS = frozenset("0123456789*#ABCD")
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+TWILIO_NOT_FOUND = 20404
+"""Twilio's error code for a resource that does not exist (a call that has already ended)."""
 
 
 class Refusal(Exception):
@@ -439,23 +442,27 @@ def _reason(text: str) -> str:
 
 
 async def complete_call(settings: Any, call_sid: str) -> bool:
-    """End a call through Twilio's REST API (``Status=completed``); 404 means already ended.
-    Returns True when Twilio confirmed (or there is nothing to do), False on failure (logged)."""
-    account = settings.twilio.account_sid
-    token = secret(settings.twilio.auth_token)
-    if not (account and token):
+    """End a call through Twilio's REST API (``Status=completed``); 404 (Twilio code 20404)
+    means it has already ended. Returns True when Twilio confirmed (or there is nothing to do:
+    no credentials), False on failure (logged)."""
+    if twilio_rest.credentials(settings.twilio) is None:
         return True
-    import aiohttp
-
-    url = f"{settings.twilio.api_base_url.rstrip('/')}/2010-04-01/Accounts/{account}/Calls/{call_sid}.json"
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http_session:
-            auth = {"Authorization": "Basic " + base64.b64encode(f"{account}:{token}".encode()).decode()}
-            async with http_session.post(url, data={"Status": "completed"}, headers=auth) as resp:
-                if resp.status < 300 or resp.status == 404:
-                    log.info("call %s completed through Twilio REST (%s)", call_sid, resp.status)
-                    return True
-                log.warning("Twilio REST hang-up of %s answered %s: %s", call_sid, resp.status, (await resp.text())[:200])
-    except (aiohttp.ClientError, TimeoutError) as exc:
+        status, body = await twilio_rest.update_call(settings.twilio, call_sid, {"Status": "completed"}, timeout_s=5)
+    except twilio_rest.TwilioUnreachable as exc:
         log.warning("Twilio REST hang-up of %s failed: %s", call_sid, exc)
+        return False
+    if status < 300 or status == 404 or _twilio_code(body) == TWILIO_NOT_FOUND:
+        log.info("call %s completed through Twilio REST (%s)", call_sid, status)
+        return True
+    log.warning("Twilio REST hang-up of %s answered %s: %s", call_sid, status, body[:200])
     return False
+
+
+def _twilio_code(body: str) -> int | None:
+    """Twilio's own error code from an error body (``{"code": 20404, ...}``), if any."""
+    try:
+        code = json.loads(body).get("code")
+    except (ValueError, AttributeError):
+        return None
+    return code if isinstance(code, int) else None
