@@ -18,7 +18,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -28,6 +28,7 @@ from pydantic_settings import (
 from pydantic_settings.exceptions import SettingsError
 
 from engine.paths import Paths, resolve_paths
+from engine.phone import validate_phone
 
 
 class ConfigError(Exception):
@@ -89,6 +90,14 @@ class TwilioSettings(_Section):
     """E.164 number a supervisor's `transfer` dials."""
     api_base_url: str = "https://api.twilio.com"
     """Twilio's REST base URL (tests point it at a local fake)."""
+
+    @field_validator("from_number", "transfer_number")
+    @classmethod
+    def _e164(cls, value: str | None) -> str | None:
+        """Checked at load, not when the first SMS reply or transfer fails mid-call."""
+        if value is None or not value.strip():
+            return None
+        return validate_phone(value)
 
 
 class StripeSettings(_Section):

@@ -70,6 +70,18 @@ def test_bad_environment_value_names_the_variable(monkeypatch: pytest.MonkeyPatc
         load_settings()
 
 
+@pytest.mark.parametrize("key", ["transfer_number", "from_number"])
+def test_twilio_numbers_must_be_e164(key: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    _write(f'[twilio]\n{key} = "415 555 0101"\n')
+    with pytest.raises(ConfigError, match=rf"'twilio\.{key}' \(.*config\.toml:2\): .*not E\.164"):
+        load_settings()
+    _write(f'[twilio]\n{key} = " +14155550101 "\n')
+    assert getattr(load_settings().twilio, key) == "+14155550101"
+    monkeypatch.setenv("TWILIO_FROM_NUMBER", "14155550101")
+    with pytest.raises(ConfigError, match=r"'twilio\.from_number' \(environment variable TWILIO_FROM_NUMBER\)"):
+        load_settings()
+
+
 def test_secrets_never_show(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TWILIO_AUTH_TOKEN", "tw-secret-value")
     monkeypatch.setenv("STRIPE_API_KEY", "sk_test_secret")

@@ -88,6 +88,14 @@ def test_auto_finds_cached_weights_without_importing_torch(cache: Path, tiny_fol
     assert out.stdout.split() == ["moshi", "False"]
 
 
+@pytest.mark.parametrize("spec", ["synthetic:huge", "synthetic:", "echo:loud"])
+def test_bad_variant_is_refused_when_named(spec: str) -> None:
+    """Caught at resolve (no torch), not when the model is built minutes into a start."""
+    with pytest.raises(registry.ModelSpecError, match="tiny, small, 7b|no variants"):
+        registry.resolve(spec, Settings())
+    assert registry.resolve("synthetic:small", Settings()).spec == "synthetic:small"
+
+
 def test_weights_path_folder_wins(cache: Path, tiny_folder: Path) -> None:
     settings = Settings(model={"weights_path": tiny_folder})
     found = checkpoints.find_local(settings)

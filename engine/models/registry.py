@@ -25,6 +25,11 @@ _CLASSES = {
 }
 
 
+SYNTHETIC_SIZES = ("tiny", "small", "7b")
+"""``synthetic:<size>``; here rather than in the synthetic module so a bad size is caught
+when the spec is named, without importing torch."""
+
+
 class ModelSpecError(ValueError):
     """An unknown model name, with the list of valid ones."""
 
@@ -38,7 +43,16 @@ class Choice:
 
 
 def known() -> list[str]:
-    return ["auto", "echo", "synthetic:tiny", "synthetic:small", "synthetic:7b", "moshi", "moshi-mlx"]
+    return ["auto", "echo", *(f"synthetic:{size}" for size in SYNTHETIC_SIZES), "moshi", "moshi-mlx"]
+
+
+def _check_variant(spec: str) -> None:
+    """Variants whose valid values are known without loading anything."""
+    family, has_variant, variant = spec.partition(":")
+    if family == "synthetic" and has_variant and variant not in SYNTHETIC_SIZES:
+        raise ModelSpecError(f"unknown synthetic size {variant!r} in {spec!r}; valid sizes: {', '.join(SYNTHETIC_SIZES)}")
+    if family == "echo" and has_variant:
+        raise ModelSpecError(f"the echo model has no variants (got {spec!r}); use 'echo'")
 
 
 def resolve(spec: str, settings: Settings) -> Choice:
@@ -47,6 +61,7 @@ def resolve(spec: str, settings: Settings) -> Choice:
         family = spec.split(":", 1)[0]
         if family not in _CLASSES:
             raise ModelSpecError(f"unknown model {spec!r}; choose one of: {', '.join(known())}")
+        _check_variant(spec)
         return Choice(spec, "chosen in settings")
     from engine.models import checkpoints  # light: filesystem checks only
 

@@ -25,8 +25,7 @@ import torch
 
 from engine.models.base import Progress
 from engine.models.moshi_torch import BatchedMoshi, Parts, default_slots
-
-SIZES = ("tiny", "small", "7b")
+from engine.models.registry import SYNTHETIC_SIZES as SIZES
 
 TINY_MIMI_SEANET = {"n_filters": 8, "dimension": 64}
 TINY_MIMI_QUANTIZER = {"dimension": 32, "input_dimension": 64, "output_dimension": 64}

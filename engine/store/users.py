@@ -16,10 +16,10 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from engine.phone import validate_phone
 from engine.store.db import Database, StoreError
 from engine.tiers import tier as _check_tier
 
-E164 = re.compile(r"^\+[1-9]\d{6,14}$")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s.]+(\.[^@\s.]+)+$")
 KEY_PREFIX = "xsk_"
 _VISIBLE = len(KEY_PREFIX) + 8
@@ -62,13 +62,6 @@ def _user(row: tuple[object, ...]) -> User:
     values = list(row)
     values[7] = bool(values[7])
     return User(*values)  # type: ignore[arg-type]
-
-
-def validate_phone(phone: str) -> str:
-    phone = phone.strip()
-    if not E164.match(phone):
-        raise ValueError(f"phone {phone!r} is not E.164 (a '+', the country code, then digits, e.g. +14155550123)")
-    return phone
 
 
 def validate_email(email: str) -> str:
