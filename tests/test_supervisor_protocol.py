@@ -146,3 +146,19 @@ def test_pcm16_limits() -> None:
         p.pcm16_to_float(b"\x00" * 3)
     with pytest.raises(p.ProtocolError):
         p.pcm16_to_float(b"\x00" * (2 * p.MAX_AUDIO_SAMPLES + 2))
+
+
+async def test_client_forgets_a_calls_codec_state_when_it_ends() -> None:
+    """Operator streams, decoders and listens of ended calls must not pile up in a long session."""
+    from engine.events import CallEnded
+    from engine.supervisor.client import SupervisorClient
+
+    client = SupervisorClient("ws://127.0.0.1:9/", "token")
+    for call in ("CA1", "CA2"):
+        client._streams[call] = p.AudioStream(call, "operator", "pcm16")
+        client._decoders[(call, "caller")] = p.OpusDecoder()
+        client._listening[call] = "opus"
+    await client._on_text(json.dumps(CallEnded("CA1", "hung up", 12.0).to_wire()))
+    assert list(client._streams) == ["CA2"] and list(client._listening) == ["CA2"]
+    assert list(client._decoders) == [("CA2", "caller")]
+    assert isinstance(await client.next_message(1), CallEnded)  # still delivered

@@ -35,7 +35,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from engine.control import ACTIONS
-from engine.events import Command, Event, Listen, WireError, from_wire
+from engine.events import CallEnded, Command, Event, Listen, WireError, from_wire
 from engine.supervisor import protocol as p
 
 log = logging.getLogger("xswarm.supervisor.client")
@@ -267,8 +267,18 @@ class SupervisorClient:
         except WireError:
             log.debug("skipping unknown message type %r (a newer server?)", kind)
             return
+        if isinstance(event, CallEnded):
+            self._forget(event.call_id)
         if isinstance(event, Event):
             await self._deliver(event)
+
+    def _forget(self, call_id: str) -> None:
+        """Drop a finished call's codec state: its outgoing stream, its decoders, and its
+        listen (never re-sent after a reconnect), so a long session does not keep every call."""
+        self._streams.pop(call_id, None)
+        self._listening.pop(call_id, None)
+        for key in [k for k in self._decoders if k[0] == call_id]:
+            del self._decoders[key]
 
     async def _relisten(self, call_id: str, codec: str) -> None:
         try:
