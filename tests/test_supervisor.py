@@ -414,6 +414,54 @@ async def test_listen_opus(rig) -> None:
         assert out.size == tone.size and np.sqrt(np.mean(out[1920:] ** 2)) > 0.1  # a real tone came through
 
 
+async def test_listeners_share_one_encoding_per_stream(rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three listeners of one call (two PCM16, one Opus when available): each frame is encoded
+    once per direction and codec, and every PCM16 listener gets the same frame (same seq, same
+    capture stamp). A stream lives while someone listens: the last one leaving ends it."""
+    runtime, server, url = rig
+    call = runtime.add_call("CA1")
+    packed: list[tuple[str, str]] = []
+    pack = p.AudioStream.pack
+
+    def counting_pack(self: p.AudioStream, pcm: np.ndarray) -> bytes:
+        packed.append((self.direction, self.codec))
+        return pack(self, pcm)
+
+    monkeypatch.setattr(p.AudioStream, "pack", counting_pack)
+    opus = p.opus_available()
+    tone = np.sin(np.arange(1920) / 10).astype(np.float32) * 0.5
+
+    def tick() -> None:
+        for tap in list(call.taps):  # what the scheduler does: the same arrays for every tap
+            tap("caller", tone)
+            tap("ai", tone)
+
+    async with SupervisorClient(url, MONITOR) as a, SupervisorClient(url, OPERATOR) as b, \
+            SupervisorClient(url, MONITOR) as c:
+        await a.command(Listen("CA1"))
+        await b.command(Listen("CA1"))
+        if opus:
+            await c.command(Listen("CA1"), codec="opus")
+        for _ in range(3):
+            tick()
+            await asyncio.sleep(0.01)  # ticks are 80 ms apart: the loop runs in between
+        codecs = 2 if opus else 1
+        assert sorted(packed) == sorted([(d, codec) for d in ("caller", "ai")
+                                         for codec in ("pcm16", "opus")[:codecs]] * 3)
+        got_a = [await a.next_audio(2) for _ in range(6)]
+        got_b = [await b.next_audio(2) for _ in range(6)]
+        key = lambda f: (f.direction, f.seq, f.captured_at)  # noqa: E731
+        assert sorted(map(key, got_a)) == sorted(map(key, got_b))
+        assert sorted(f.seq for f in got_a if f.direction == "caller") == [0, 1, 2]
+        await a.command(Unlisten("CA1"))
+        await b.command(Unlisten("CA1"))
+        assert {k[2] for k in server._streams} == ({"opus"} if opus else set())
+        await b.command(Listen("CA1"))  # the PCM16 stream had no listener left: it starts again
+        tick()
+        again = await b.next_audio(2)
+        assert again.seq == 0
+
+
 async def test_latency_samples_coalesced_to_4hz(rig) -> None:
     runtime, server, url = rig
     runtime.add_call("CA1")

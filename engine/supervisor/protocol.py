@@ -233,8 +233,9 @@ class OpusEncoder:
 
 class AudioStream:
     """One direction of one call's audio as it is sent: its sequence numbers and, for Opus, the
-    encoder whose state carries from frame to frame. The server's listen taps (caller and AI)
-    and the client's takeover audio (operator) both send through one of these."""
+    encoder whose state carries from frame to frame. The server's listen taps (caller and AI;
+    one stream shared by every listener of that call, direction and codec) and the client's
+    takeover audio (operator) both send through one of these."""
 
     def __init__(self, call_id: str, direction: str, codec: str) -> None:
         self.call_id, self.direction, self.codec = call_id, direction, codec

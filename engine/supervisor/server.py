@@ -88,11 +88,39 @@ _SAMPLES = (LatencySampled, TickSampled, SystemSampled)
 
 
 @dataclass(eq=False)
+class _SharedStream:
+    """One (call, direction, codec) audio stream as it leaves the server, shared by every client
+    listening to it: each frame is encoded (PCM16 or Opus) and stamped once, on the runtime
+    loop inside the tick, however many listen; all of them get the very same bytes. ``seq``
+    counts the stream's frames, so a client that joins a stream already flowing starts
+    mid-count (and mid-Ogg-stream for Opus, which ``sphn``'s reader decodes from any page)."""
+
+    stream: p.AudioStream
+    listeners: set["_Listen"] = field(default_factory=set)
+    last_pcm: np.ndarray | None = None
+    last_frame: bytes = b""
+
+    def pack(self, pcm: np.ndarray) -> tuple[bytes, bool]:
+        """The frame for ``pcm`` and whether it was encoded just now: the first listener's tap
+        of a tick encodes, the others of that tick reuse it (the scheduler hands every tap of
+        a call the same array in one tick). The caller calls ``forget`` once the tick is over,
+        so the next tick's frame is encoded even if it comes in the same array."""
+        if pcm is self.last_pcm:
+            return self.last_frame, False
+        self.last_frame = self.stream.pack(pcm)
+        self.last_pcm = pcm
+        return self.last_frame, True
+
+    def forget(self) -> None:
+        self.last_pcm = None
+
+
+@dataclass(eq=False)
 class _Listen:
-    """One listened call for one client: its codec and one outgoing stream per direction."""
+    """One listened call for one client: its codec and the shared stream of each direction."""
 
     codec: str
-    streams: dict[str, p.AudioStream] = field(default_factory=dict)
+    streams: dict[str, _SharedStream] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -148,6 +176,8 @@ class SupervisorServer:
         self._sample_sent: dict[str, float] = {}
         self._sample_pending: dict[str, LatencySampled] = {}
         self._sample_timers: dict[str, asyncio.TimerHandle] = {}
+        self._streams: dict[tuple[str, str, str], _SharedStream] = {}
+        """(call_id, direction, codec) -> the audio stream every listener of it shares."""
 
     # ------------------------------------------------------------------------ lifecycle
 
@@ -301,6 +331,8 @@ class SupervisorServer:
         finally:
             self._clients.discard(client)
             client.closing = True
+            for state in client.listens.values():
+                self._leave(state)
             writer.cancel()
             await self.control.release(actor, role, "supervisor socket closed")
             log.info("supervisor %s disconnected (%s)", actor, ws.close_code)
@@ -382,9 +414,12 @@ class SupervisorServer:
         answer = await self.control.execute(command, client.actor, client.role, tap=tap)
         if answer.pop("ok"):
             if isinstance(command, Listen):
+                previous = client.listens.get(command.call_id)
+                if previous is not None:  # a second listen replaced the first one's tap
+                    self._leave(previous)
                 client.listens[command.call_id] = state
             elif isinstance(command, Unlisten):
-                client.listens.pop(command.call_id, None)
+                self._leave(client.listens.pop(command.call_id, None))
             self._push_event(client, p.ok_frame(request.id, type_of=request.type, **answer))
         else:
             self._push_event(client, p.error_frame(request.id, answer.pop("error"), type_of=request.type, **answer))
@@ -423,24 +458,50 @@ class SupervisorServer:
                 self._push_event(client, p.error_frame(None, str(exc), code="bad_audio"))
 
     def _make_tap(self, client: _Client, call_id: str, state: _Listen) -> Callable[[str, np.ndarray], None]:
-        """The function ``CallSession`` calls with each 80 ms frame of both directions. It may
-        run on the tick's thread, so it encodes there and only hands bytes to the loop."""
+        """The function ``CallSession`` calls with each 80 ms frame of both directions. It
+        takes the frame's bytes from the stream shared by every listener of that call,
+        direction and codec (encoded once per frame) and hands them to this client's queue."""
         loop = self._loop
         assert loop is not None
 
         def tap(direction: str, pcm: np.ndarray) -> None:
             if client.closing:
                 return
-            stream = state.streams.get(direction)
-            if stream is None:
-                stream = state.streams[direction] = p.AudioStream(call_id, direction, state.codec)
-            data = stream.pack(pcm)
+            shared = state.streams.get(direction)
+            if shared is None:
+                shared = state.streams[direction] = self._join(call_id, direction, state)
+            data, fresh = shared.pack(pcm)
             if threading.get_ident() == self._loop_thread:
+                if fresh:
+                    loop.call_soon(shared.forget)  # runs after this tick's taps, before the next
                 self._push_audio(client, data)
             else:
+                if fresh:
+                    loop.call_soon_threadsafe(shared.forget)
                 loop.call_soon_threadsafe(self._push_audio, client, data)
 
         return tap
+
+    def _join(self, call_id: str, direction: str, state: _Listen) -> _SharedStream:
+        key = (call_id, direction, state.codec)
+        shared = self._streams.get(key)
+        if shared is None:
+            shared = self._streams[key] = _SharedStream(p.AudioStream(call_id, direction, state.codec))
+        shared.listeners.add(state)
+        return shared
+
+    def _leave(self, state: _Listen | None) -> None:
+        """A listen ended: the last listener of a stream takes it away (a later one starts
+        a fresh stream from seq 0)."""
+        if state is None:
+            return
+        for shared in state.streams.values():
+            shared.listeners.discard(state)
+            stream = shared.stream
+            key = (stream.call_id, stream.direction, stream.codec)
+            if not shared.listeners and self._streams.get(key) is shared:
+                del self._streams[key]
+        state.streams.clear()
 
     async def _sample_system(self) -> None:
         """CPU, RAM and GPU for the snapshot and the stream while supervisors are connected.
@@ -536,8 +597,10 @@ class SupervisorServer:
         if timer is not None:
             timer.cancel()
         for client in self._clients:
-            client.listens.pop(call_id, None)
+            self._leave(client.listens.pop(call_id, None))
             client.decoders.pop(call_id, None)
+        for key in [k for k in self._streams if k[0] == call_id]:
+            del self._streams[key]
 
     # ------------------------------------------------------------------ per-client queues
 
