@@ -357,3 +357,40 @@ async def test_filter_text_is_shown_as_typed_never_as_markup() -> None:
             panel.set_filter("")
         await pilot.pause(0.1)
         assert app.is_running and app.return_code is None
+
+
+# ------------------------------------------------------------------- headroom and missed ticks
+
+SLOW = "model has no headroom: step p90 95 ms of the 80 ms tick"
+
+
+def test_state_knows_when_admission_is_paused_for_headroom() -> None:
+    from xswarm_tui.state import HEADROOM_HOLD_S
+
+    state = ConsoleState()
+    state.load_snapshot({"slots": {"total": 4, "no_headroom": SLOW}, "server_time": FIXED_NOW})
+    assert state.admission_paused(FIXED_NOW + 1) == SLOW
+    assert state.admission_paused(FIXED_NOW + HEADROOM_HOLD_S + 1) is None  # old news is not shown as current
+    state.apply(ev.CallStarted("CA1", 0, "twilio", at=FIXED_NOW + 2))  # admitted: headroom is back
+    assert state.admission_paused(FIXED_NOW + 3) is None
+    state.apply(ev.CallRefused("no_headroom", "model has no headroom: 7 ticks missed in 10 s", at=FIXED_NOW + 4))
+    assert state.admission_paused(FIXED_NOW + 5) == "model has no headroom: 7 ticks missed in 10 s"
+    state.load_snapshot({"slots": {"no_headroom": None}, "server_time": FIXED_NOW + 3})  # older than the refusal
+    assert state.admission_paused(FIXED_NOW + 5) is not None
+    state.load_snapshot({"slots": {"no_headroom": None}, "server_time": FIXED_NOW + 6})
+    assert state.admission_paused(FIXED_NOW + 7) is None
+    state.apply(ev.CallRefused("no free slot", "+1•••123", at=FIXED_NOW + 8))  # other refusals pause nothing
+    assert state.admission_paused(FIXED_NOW + 9) is None
+
+
+async def test_system_panel_shows_missed_ticks_and_paused_admission() -> None:
+    events = [*busy_night(2),
+              ev.TickSampled(step_ms_p50=91.0, step_ms_max=140.0, active=2, slots=8, missed_ticks=7, at=FIXED_NOW - 1),
+              ev.CallRefused("no_headroom", SLOW, at=FIXED_NOW - 0.5)]
+    app = XswarmApp(ReplayLink(events), clock=lambda: FIXED_NOW)
+    async with app.run_test(size=(120, 40)) as pilot:
+        panel = app.query_one("#system-text")
+        await _until(pilot, lambda: "Admission paused" in str(panel.render()))
+        text = str(panel.render())
+        assert "missed 7" in text
+        assert "Admission paused: model has no headroom" in text and "step p90 95 ms of the 80 ms tick" in text

@@ -9,6 +9,7 @@ embedded bus and the attached socket, and tests can check it without a terminal.
 from __future__ import annotations
 
 import statistics
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,12 @@ FEED_SIZE = 500
 """Events kept in the feed and the log mirror."""
 TICK_MS = 80.0
 """One scheduler step: the budget every batched model step must fit in."""
+HEADROOM_HOLD_S = 30.0
+"""How long a "no headroom" verdict is shown without fresh word. The node only says so when
+asked (a snapshot, a refused call); with no callers there is no news either way, so an old
+verdict is dropped rather than shown as current."""
+NO_HEADROOM = "no_headroom"
+"""``CallRefused.reason`` when admission refused a call because the model is slower than real time."""
 
 
 @dataclass
@@ -97,6 +104,9 @@ class ConsoleState:
         self.model: ev.ModelStatusChanged | None = None
         self.feed: deque[FeedItem] = deque(maxlen=FEED_SIZE)
         self.ended: int = 0
+        self.no_headroom: str | None = None
+        """The node's reason for refusing calls for lack of headroom (None: admitting)."""
+        self.no_headroom_at: float = 0.0
         self._seq = 0
         self.changed_calls: set[str] = set()
         """Calls whose row needs redrawing since the widgets last looked."""
@@ -133,6 +143,10 @@ class ConsoleState:
                 self._refresh_mode(call)
             except (KeyError, TypeError, ValueError, AttributeError):
                 continue  # one malformed entry must not hide the others
+        slots = snap.get("slots")
+        if isinstance(slots, dict) and "no_headroom" in slots:
+            reason = slots["no_headroom"]
+            self._set_headroom(str(reason) if reason else None, float(snap.get("server_time") or time.time()))
         model = snap.get("model")
         if isinstance(model, dict) and model.get("state") in ("loading", "warming", "ready", "failed", "fallback"):
             self.apply(ev.ModelStatusChanged(model=str(model.get("name") or model.get("spec") or "?"),
@@ -147,6 +161,23 @@ class ConsoleState:
                 continue
             if isinstance(event, _FEED_ONLY):
                 self.apply(event)
+
+    def admission_paused(self, now: float) -> str | None:
+        """Why new calls are being refused for lack of headroom, while that is recent news."""
+        if self.no_headroom is None or now - self.no_headroom_at > HEADROOM_HOLD_S:
+            return None
+        return self.no_headroom
+
+    def _set_headroom(self, reason: str | None, at: float) -> None:
+        if at < self.no_headroom_at:
+            return  # older news than what we hold
+        self.no_headroom, self.no_headroom_at = reason, at
+        self.dirty.add("system")
+
+    def _refused(self, e: ev.CallRefused) -> None:
+        if e.reason == NO_HEADROOM:
+            self._set_headroom(e.detail or "model has no headroom", e.at)
+        self._feed(e.at, "call", f"call refused: {e.reason} {e.detail}".rstrip())
 
     def _refresh_mode(self, call: dict[str, Any]) -> None:
         if call.get("mode") in ("ai", "operator", "muted"):
@@ -163,6 +194,8 @@ class ConsoleState:
         self.calls[e.call_id] = CallView(e.call_id, e.slot, e.source, e.caller, e.user_id, e.theme, e.at)
         self.removed_calls.discard(e.call_id)
         self._touch(e.call_id)
+        if self.no_headroom is not None:
+            self._set_headroom(None, e.at)  # a call was admitted: there is headroom again
         who = "local microphone" if e.source == "local" else mask_caller(e.caller)
         self._feed(e.at, "call", f"call {e.call_id} started ({who}, slot {e.slot})")
 
@@ -267,7 +300,7 @@ _HANDLERS: dict[type, Any] = {
     ev.SupervisorActed: ConsoleState._acted,
     ev.MessageReceived: _message,
     ev.PaymentStatusChanged: _payment,
-    ev.CallRefused: lambda s, e: s._feed(e.at, "call", f"call refused: {e.reason} {e.detail}".rstrip()),
+    ev.CallRefused: ConsoleState._refused,
     ev.WebhookReceived: lambda s, e: s._feed(e.at, "webhook", f"{e.provider} {e.event_type}: {e.summary}"),
     ev.WebhookFailed: lambda s, e: s._feed(
         e.at, "error", f"{e.provider} webhook {e.event_id} {'dead-lettered' if e.dead else 'failed'}: {e.error}"),

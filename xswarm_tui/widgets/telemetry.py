@@ -1,4 +1,5 @@
-"""GPU and system panel: NVML figures, CPU/RAM, model state, batch occupancy and tick budget."""
+"""GPU and system panel: NVML figures, CPU/RAM, model state, batch occupancy, tick budget,
+missed ticks, and whether admission is paused because the model has no headroom."""
 
 from __future__ import annotations
 
@@ -96,5 +97,12 @@ class SystemPanel(Vertical):
             out.append("Tick  ", style="bold")
             out.append(bar(budget, 12), style=c.get(grade, ""))
             out.append(f" {budget * 100:3.0f}% of 80 ms\n")
-            out.append(f"  p50 {tick.step_ms_p50:.1f} ms  max {tick.step_ms_max:.1f} ms  missed {tick.missed_ticks}")
+            out.append(f"  p50 {tick.step_ms_p50:.1f} ms  max {tick.step_ms_max:.1f} ms  ")
+            out.append(f"missed {tick.missed_ticks}", style=c.get("latency-bad", "") if tick.missed_ticks else "")
+        paused = self.state.admission_paused(self.clock())
+        if paused is not None:
+            out.append("\nAdmission paused: model has no headroom", style=f"bold {c.get('latency-bad', '')}".strip())
+            detail = paused.removeprefix("model has no headroom").lstrip(": ")
+            if detail:
+                out.append(f"\n  {detail[:60]}", style="dim")
         return out
