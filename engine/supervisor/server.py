@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import psutil
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
@@ -52,7 +51,6 @@ from engine.events import (
 from engine.store import feed
 from engine.supervisor import protocol as p
 from engine.supervisor.auth import Authenticator, Role, bearer, load_tokens
-from engine.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from engine.runtime import Runtime
@@ -71,7 +69,6 @@ late audio is worth less than live audio."""
 SEND_STALL_S = 10.0
 """A client whose socket accepted nothing for this long is disconnected."""
 MAX_CLIENTS = 100
-SYSTEM_INTERVAL_S = 1.0
 COMMAND_RATE = 20.0
 COMMAND_BURST = 40.0
 """Commands per second a client may sustain, and its burst: every command is an audit row,
@@ -170,9 +167,7 @@ class SupervisorServer:
         self._loop_thread = 0
         self._unsubscribe: Callable[[], None] | None = None
         self._last_system: SystemSampled | None = None
-        self._bus_system_at = 0.0
-        """When the bus last carried a SystemSampled (the embedded TUI runs its own sampler)."""
-        self._system_task: asyncio.Task[None] | None = None
+        """The newest CPU/RAM/GPU figures (the runtime's sampler publishes them on the bus)."""
         self._sample_sent: dict[str, float] = {}
         self._sample_pending: dict[str, LatencySampled] = {}
         self._sample_timers: dict[str, asyncio.TimerHandle] = {}
@@ -206,14 +201,10 @@ class SupervisorServer:
             self.metrics.close()
             raise
         self._unsubscribe = self.runtime.bus.subscribe(self._on_bus)
-        psutil.cpu_percent(interval=None)  # psutil's first CPU figure covers no interval: prime it
-        self._system_task = self._loop.create_task(self._sample_system(), name="supervisor-system-sampler")
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("supervisor listening on %s:%s", host, self.port)
 
     async def stop(self) -> None:
-        await cancel_and_wait(self._system_task)  # awaited: no "task destroyed but pending" at close
-        self._system_task = None
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
@@ -309,7 +300,7 @@ class SupervisorServer:
             if held is None:
                 return
         role, name = held
-        if self._last_system is None or not (self._bus_sampling() or self._clients):
+        if self._last_system is None:  # the runtime's sampler has not published yet
             await self._take_system_sample()  # the snapshot carries CPU, RAM and GPU from the start
         actor = f"{name}#{next(self._numbers)}"
         client = _Client(ws, actor, role, address)
@@ -503,35 +494,18 @@ class SupervisorServer:
                 del self._streams[key]
         state.streams.clear()
 
-    async def _sample_system(self) -> None:
-        """CPU, RAM and GPU for the snapshot and the stream while supervisors are connected.
-
-        A headless ``xswarm serve`` has no other sampler; when one already publishes on the bus
-        (the embedded TUI), this stays quiet so clients do not get every figure twice. NVML and
-        /proc reads block for milliseconds, so they run on a worker thread."""
-        while True:
-            await asyncio.sleep(SYSTEM_INTERVAL_S)
-            if not self._clients or self._bus_sampling():
-                continue
-            sample = await self._take_system_sample()
-            if sample is not None:
-                frame = p.event_frame(sample)
-                for client in self._clients:
-                    self._push_sample(client, ("SystemSampled", ""), frame)
-
-    def _bus_sampling(self) -> bool:
-        return time.monotonic() - self._bus_system_at < 2.5 * SYSTEM_INTERVAL_S
-
-    async def _take_system_sample(self) -> SystemSampled | None:
+    async def _take_system_sample(self) -> None:
+        """One sample for a first snapshot (NVML and /proc reads block for milliseconds, so on
+        a worker thread); from then on the runtime's sampler keeps ``_last_system`` fresh."""
         from engine.telemetry import system
 
         try:
             sample = await asyncio.get_running_loop().run_in_executor(None, system.sample)
         except Exception:
             log.exception("system sample failed")
-            return None
-        self._last_system = sample
-        return sample
+            return
+        if self._last_system is None:  # a bus sample that arrived meanwhile is newer
+            self._last_system = sample
 
     # ------------------------------------------------------------------------- fan-out
 
@@ -545,7 +519,6 @@ class SupervisorServer:
     def _dispatch(self, event: Event) -> None:
         if isinstance(event, SystemSampled):
             self._last_system = event
-            self._bus_system_at = time.monotonic()
         elif isinstance(event, LatencySampled):
             if not self._due(event):
                 return
