@@ -140,11 +140,15 @@ class TickSampled(Event):
     """Scheduler-wide figures for one window of ticks."""
 
     step_ms_p50: float
+    """The batched model step alone."""
     step_ms_max: float
     active: int
     slots: int
     missed_ticks: int
     at: float = field(default_factory=now)
+    tick_work_ms_p50: float | None = None
+    """The tick's whole work (gathering frames, hand-off, resampling, model step): what must fit in 80 ms."""
+    tick_work_ms_max: float | None = None
 
 
 @message

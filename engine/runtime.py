@@ -284,7 +284,7 @@ class Runtime:
         future = nodes.heartbeat(
             self.db, self.node_id, bridge_url=self.bridge_url if self.bridge_port else None,
             model=self.model.name if self.model else self.model_spec, slots_total=self.calls.capacity,
-            slots_free=self.calls.available, step_ms_p99=self.scheduler.step_ms.percentile(99),
+            slots_free=self.calls.available, step_ms_p99=self.scheduler.model_step_ms.percentile(99),
             started_at=int(self.started_at * 1000),
         )
         future.add_done_callback(_log_failure("heartbeat"))  # type: ignore[attr-defined]
@@ -310,7 +310,7 @@ class Runtime:
             return
         summary = session.summary()
         call_rows.record_end(
-            self.db, call_id=session.call_id, reason=reason, step_p50_ms=self.scheduler.step_ms.percentile(50),
+            self.db, call_id=session.call_id, reason=reason, step_p50_ms=self.scheduler.model_step_ms.percentile(50),
             **summary,
         ).add_done_callback(_log_failure("call end row"))
 

@@ -42,11 +42,11 @@ LATENCY_EVERY = 4
 TICK_EVERY = 12
 """Ticks between TickSampled events (about once a second)."""
 HEADROOM_WINDOW_S = 10.0
-"""How far back admission looks at measured step times and missed ticks."""
+"""How far back admission looks at measured tick work and missed ticks."""
 HEADROOM_MIN_STEPS = 8
 """Fewer steps than this in the window say nothing about the model's speed (admit)."""
 HEADROOM_FRACTION = 0.9
-"""A step p90 above this share of the tick leaves no room for jitter: refuse new calls."""
+"""A tick-work p90 above this share of the tick leaves no room for jitter: refuse new calls."""
 HEADROOM_MISSED = 6
 """Missed ticks in the window (about 5 % of its 125 ticks) that refuse new calls."""
 
@@ -72,7 +72,11 @@ class _Result:
     text: list[str]
     in_level: np.ndarray
     out_level: np.ndarray
-    step_ms: float
+    model_step_ms: float
+    """``model.step`` alone."""
+    tick_work_ms: float
+    """From the tick's start to the results: gathering frames, the hand-off to the inference
+    thread, DSP and the model step (what must fit in the tick, so what admission judges)."""
 
 
 def _rms(x: np.ndarray) -> np.ndarray:
@@ -91,16 +95,18 @@ class Scheduler:
         self.clock = clock
         self.model: VoiceModel | None = None
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="xswarm-infer")
-        self.step_ms = Histogram()
+        self.model_step_ms = Histogram()
+        self.tick_work_ms = Histogram()
         self.admission_ms = Histogram()
         self.missed_ticks = 0
         self.failed_ticks = 0
         self.late_frames = 0
         self.ticks = 0
         self.steps = 0
-        self._window_steps: list[float] = []
-        self._recent_steps: deque[tuple[float, float]] = deque(maxlen=256)
-        """(tick time, step ms) of recent steps, for admission."""
+        self._window_steps: list[tuple[float, float]] = []
+        """(model step ms, tick work ms) since the last TickSampled."""
+        self._recent_work: deque[tuple[float, float]] = deque(maxlen=256)
+        """(tick time, tick work ms) of recent ticks, for admission."""
         self._recent_missed: deque[tuple[float, int]] = deque(maxlen=256)
         """(time, ticks) missed while calls were live, for admission."""
         self._up: Upsampler | None = None
@@ -240,7 +246,9 @@ class Scheduler:
         for slot, frame in batch.pcm_rows.items():
             inp.pcm[slot] = frame
         inp.pcm[~inp.active] = 0.0
+        started = self.clock()
         out = self.model.step(inp)
+        model_step_ms = (self.clock() - started) * 1000
         pcm_out = np.asarray(out.pcm, np.float32)
         if inp.takeover is not None and inp.operator_pcm is not None:
             # the caller hears the operator even if a model forgets to pass the audio through
@@ -251,19 +259,21 @@ class Scheduler:
         out_level = _rms(pcm8k_out)
         for slot, frame in batch.pcm_rows.items():  # local calls have no 8 kHz input
             in_level[slot] = float(np.sqrt(np.mean(np.square(frame))))
-        step_ms = (self.clock() - batch.at) * 1000
-        return _Result(inp.pcm, pcm_out, ulaw_out, np.asarray(out.ready, bool), list(out.text), in_level, out_level, step_ms)
+        tick_work_ms = (self.clock() - batch.at) * 1000
+        return _Result(inp.pcm, pcm_out, ulaw_out, np.asarray(out.ready, bool), list(out.text), in_level, out_level,
+                       model_step_ms, tick_work_ms)
 
     def deliver(self, batch: _Batch, result: _Result) -> None:
         """Hand every call its output and publish coalesced figures (runtime loop)."""
-        self.step_ms.observe(result.step_ms)
-        self._window_steps.append(result.step_ms)
-        self._recent_steps.append((batch.at, result.step_ms))
+        self.model_step_ms.observe(result.model_step_ms)
+        self.tick_work_ms.observe(result.tick_work_ms)
+        self._window_steps.append((result.model_step_ms, result.tick_work_ms))
+        self._recent_work.append((batch.at, result.tick_work_ms))
         tick = batch.tick
         for slot, s in enumerate(batch.sessions[: batch.rows]):
             if s is None or s.ended:
                 continue
-            s.step_ms = result.step_ms
+            s.step_ms = result.model_step_ms
             s.in_level = float(result.in_level[slot])
             s.out_level = float(result.out_level[slot])
             if s.taps:
@@ -283,10 +293,11 @@ class Scheduler:
             if (tick + slot) % LATENCY_EVERY == 0:
                 self._publish_call(s)
         if tick % TICK_EVERY == 0 and self._window_steps:
-            steps = np.asarray(self._window_steps)
+            steps, work = np.asarray(self._window_steps).T
             self.bus.publish(events.TickSampled(
                 step_ms_p50=round(float(np.median(steps)), 3), step_ms_max=round(float(steps.max()), 3),
                 active=len(self.calls), slots=self.calls.capacity, missed_ticks=self.missed_ticks,
+                tick_work_ms_p50=round(float(np.median(work)), 3), tick_work_ms_max=round(float(work.max()), 3),
             ))
             self._window_steps.clear()
     
@@ -316,7 +327,7 @@ class Scheduler:
         """Why one more call would not be served in real time now; None when it would.
 
         Judged on what this machine measured in the last ``HEADROOM_WINDOW_S``: the p90 of
-        the whole per-tick work (DSP and the model step) against the tick, and the ticks
+        the whole per-tick work (gathering, hand-off, DSP and the model step) against the tick, and the ticks
         missed while calls were live. No scaling by occupancy: the model steps its full,
         fixed batch every tick (idle rows are zeroed, not skipped), so one more call adds
         almost nothing to the step; what decides is whether the step fits at all. With no
@@ -325,11 +336,11 @@ class Scheduler:
         """
         horizon = self.clock() - HEADROOM_WINDOW_S
         budget_ms = self.tick_s * 1000
-        steps = [ms for at, ms in self._recent_steps if at >= horizon]
-        if len(steps) >= HEADROOM_MIN_STEPS:
-            p90 = float(np.percentile(steps, 90))
+        work = [ms for at, ms in self._recent_work if at >= horizon]
+        if len(work) >= HEADROOM_MIN_STEPS:
+            p90 = float(np.percentile(work, 90))
             if p90 > HEADROOM_FRACTION * budget_ms:
-                return f"model has no headroom: step p90 {p90:.0f} ms of the {budget_ms:.0f} ms tick"
+                return f"model has no headroom: tick work p90 {p90:.0f} ms of the {budget_ms:.0f} ms tick"
         missed = sum(n for at, n in self._recent_missed if at >= horizon)
         if missed >= HEADROOM_MISSED:
             return f"model has no headroom: {missed} ticks missed in {HEADROOM_WINDOW_S:.0f} s"
@@ -342,6 +353,7 @@ class Scheduler:
             "missed_ticks": self.missed_ticks,
             "no_headroom": self.headroom(),
             "late_frames": self.late_frames,
-            "step_ms": self.step_ms.summary(),
+            "model_step_ms": self.model_step_ms.summary(),
+            "tick_work_ms": self.tick_work_ms.summary(),
             "admission_ms": self.admission_ms.summary(),
         }

@@ -316,7 +316,7 @@ async def test_latency_and_tick_events_are_published() -> None:
     samples = [e for e in seen if isinstance(e, events.LatencySampled)]
     assert samples and len(samples) <= 4 * elapsed + 1  # at most 4 Hz per call
     assert any(isinstance(e, events.TickSampled) for e in seen)
-    assert scheduler.admission_ms.count == 1 and scheduler.step_ms.count >= 10
+    assert scheduler.admission_ms.count == 1 and scheduler.model_step_ms.count >= 10
     stats = session.stats()
     assert 0 <= stats["admission_ms"] <= 200 and stats["bal_ms"]["p50"] is None  # a Sink measures no BAL
     assert stats["late_frames"] == session.late_frames and stats["mode"] == "ai"
@@ -373,7 +373,7 @@ def test_a_model_too_slow_for_the_tick_refuses_new_calls_and_advertises_no_slot(
     assert scheduler.headroom() is None  # seven steps are not yet evidence
     ticks(scheduler, clock, 1)
     reason = scheduler.headroom()
-    assert reason is not None and "step p90 95 ms" in reason
+    assert reason is not None and "tick work p90 95 ms" in reason
     assert calls.free == 3 and calls.available == 0
     second, _ = twilio_call(bus, "CA-second")
     with pytest.raises(NoHeadroom, match="no headroom"):
@@ -386,6 +386,31 @@ def test_a_model_too_slow_for_the_tick_refuses_new_calls_and_advertises_no_slot(
     clock.t += 10.1
     assert scheduler.headroom() is None and calls.available == 4
     assert calls.admit(second) == 0
+
+
+def test_the_model_step_is_timed_apart_from_the_ticks_whole_work() -> None:
+    """The tick starts 12 ms before the batch reaches the model (gathering, the hand-off) and
+    the step takes 65 ms: the model step reads 65 ms (metrics, TickSampled, LatencySampled),
+    the tick's work 77 ms, and admission judges the work: 77 of 80 ms leaves no headroom."""
+    scheduler, calls, bus, clock, _ = timed(0.065)
+    seen: list[events.Event] = []
+    bus.subscribe(seen.append)
+    session, _ = twilio_call(bus, "CA-work")
+    calls.admit(session)
+    for _ in range(13):
+        run_tick(scheduler, clock.t - 0.012)  # the tick began 12 ms ago
+        clock.t += 0.08
+    assert scheduler.model_step_ms.percentile(50) == pytest.approx(65, abs=0.5)
+    assert scheduler.tick_work_ms.percentile(50) == pytest.approx(77, abs=0.5)
+    described = scheduler.describe()
+    assert described["model_step_ms"]["p50"] == pytest.approx(65, abs=0.5)
+    assert described["tick_work_ms"]["p50"] == pytest.approx(77, abs=0.5)
+    tick = [e for e in seen if isinstance(e, events.TickSampled)][-1]
+    assert (tick.step_ms_p50, tick.tick_work_ms_p50) == (pytest.approx(65, abs=0.5), pytest.approx(77, abs=0.5))
+    latency = [e for e in seen if isinstance(e, events.LatencySampled)][-1]
+    assert latency.step_ms == pytest.approx(65, abs=0.5)
+    reason = scheduler.headroom()
+    assert reason is not None and "tick work p90 77 ms" in reason
 
 
 def test_a_model_with_room_admits_and_a_full_house_is_still_no_free_slot() -> None:

@@ -91,10 +91,11 @@ class _RuntimeCollector(Collector):
         )
         scheduler = getattr(rt, "scheduler", None)
         bridge = getattr(rt, "bridge", None)
-        yield from _histogram("xswarm_step_duration_ms", "Batched model step duration per 80 ms tick.", scheduler, "step_ms")
+        yield from _histogram("xswarm_model_step_duration_ms", "The batched model step alone (model.step), per 80 ms tick.", scheduler, "model_step_ms")
+        yield from _histogram("xswarm_tick_work_duration_ms", "Work per 80 ms tick from its start to the batch's results: gathering frames, the hand-off to the inference thread, resampling and the model step (admission judges this).", scheduler, "tick_work_ms")
         yield from _histogram("xswarm_bridge_added_latency_ms", "Latency the bridge adds between a caller frame arriving and its reply going out.", bridge, "bal_ms")
         yield from _histogram("xswarm_playout_lag_ms", "Twilio playout lag measured by mark echoes.", bridge, "playout_lag_ms")
-        yield from _counter("xswarm_missed_ticks", "Ticks that started late because a step overran 80 ms.", scheduler, "missed_ticks")
+        yield from _counter("xswarm_missed_ticks", "Ticks that started late because the tick's work overran 80 ms.", scheduler, "missed_ticks")
         yield from _counter("xswarm_late_frames", "Caller frames that missed their tick (concealed with silence).", scheduler, "late_frames")
         yield from _counter("xswarm_admission_refusals", "Calls refused at admission (no free slot, bad token …).", bridge, "refusals")
 
