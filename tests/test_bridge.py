@@ -315,6 +315,33 @@ async def _async(fn: Any) -> Any:
     return fn()
 
 
+async def test_frames_dropped_on_a_congested_socket_are_counted_in_metrics(env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller's socket that holds too much unsent output gets no more frames; each one
+    dropped is counted for the node (it outlives the call) and shown in /metrics."""
+    from engine.bridge import server as bridge_mod
+    from engine.telemetry.metrics import Metrics
+
+    monkeypatch.setattr(bridge_mod, "WRITE_BUFFER_LIMIT", -1)  # every socket reads as congested
+    runtime, _ = start_runtime()
+    try:
+        twilio = Twilio(runtime.bridge_port)  # type: ignore[arg-type]
+        await twilio.open()
+        await twilio.connected()
+        await twilio.start(token())
+        reader = asyncio.get_running_loop().create_task(twilio.collect())
+        await wait_for(lambda: runtime.bridge.dropped_frames >= 3)
+        assert not any(m["event"] == "media" for m in twilio.received)
+        assert runtime.bridge.describe()["dropped_frames"] >= 3
+        metrics = Metrics(runtime)
+        body = metrics.render()[0].decode()
+        metrics.close()
+        dropped = [line for line in body.splitlines() if line.startswith("xswarm_bridge_dropped_frames_total ")]
+        assert dropped and float(dropped[0].split()[1]) >= 3
+        reader.cancel()
+    finally:
+        runtime.stop()
+
+
 async def test_complete_call_treats_an_ended_call_as_done_and_reports_failures(env: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """The REST hang-up's answers, from a local fake Twilio: done, already ended (404 / 20404),
     refused, unreachable; and nothing to do without credentials."""

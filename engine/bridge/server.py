@@ -92,6 +92,8 @@ class BridgeServer:
         wait for the tick, which depends on each caller's 20 ms phase against our 80 ms grid."""
         self.playout_lag_ms = Histogram()
         self.refusals: Counter[str] = Counter()
+        self.dropped_frames = 0
+        """Output frames not written because a caller's socket was congested (all streams)."""
         self.streams: set[TwilioStream] = set()
         self.port: int | None = None
         self._server: Server | None = None
@@ -171,6 +173,7 @@ class BridgeServer:
             "tick_to_send_ms": self.tick_to_send_ms.summary(),
             "playout_lag_ms": self.playout_lag_ms.summary(),
             "refusals": dict(self.refusals),
+            "dropped_frames": self.dropped_frames,
         }
 
     def refused(self, key: str, reason: str, call_sid: str | None) -> None:
@@ -214,7 +217,6 @@ class TwilioStream:
         self._last = time.monotonic()
         self._unknown_logged = False
         self._dropped_logged = False
-        self.dropped_frames = 0
         self._end_reason: str | None = None
 
     # ---------------------------------------------------------------------- receive
@@ -376,7 +378,7 @@ class TwilioStream:
         messages = [head + base64.b64encode(chunk).decode() + '"}}' for chunk in chunks]
         messages.append(f'{{"event":"mark","streamSid":"{self.stream_sid}","mark":{{"name":"{name}"}}}}')
         if not self._write(messages):
-            self.dropped_frames += 1
+            self.server.dropped_frames += 1
             if not self._dropped_logged:
                 self._dropped_logged = True
                 log.warning("call %s: socket congested, dropping output frames", session.call_id)

@@ -199,7 +199,6 @@ class Database:
         self._writer: threading.Thread | None = None
         self._readers = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="xswarm-db-read")
         self.commits = 0
-        self.rows_written = 0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Database":
@@ -473,14 +472,11 @@ class Database:
             counts = []
             for sql, params in item.params:
                 counts.append(conn.execute(sql, params).rowcount)
-            self.rows_written += len(counts)
             return counts
         if item.kind == "many":
             conn.executemany(item.sql, item.params)
-            self.rows_written += len(item.params)
             return len(item.params)
         cur = conn.execute(item.sql, item.params)
-        self.rows_written += 1
         return cur.fetchall() if item.returning else cur.rowcount
 
     def _insert_rows(self, conn: Any, shape: _InsertShape, rows: list[tuple[Any, ...]]) -> None:
@@ -488,7 +484,6 @@ class Database:
         for start in range(0, len(rows), per):
             chunk = rows[start : start + per]
             conn.execute(shape.statement(len(chunk)), [value for row in chunk for value in row])
-        self.rows_written += len(rows)
 
     def _reconnect(self, conn: Any) -> Any:
         """After a failure the connection may be dead (remote) or mid-transaction; renew it."""

@@ -97,6 +97,7 @@ class _RuntimeCollector(Collector):
         yield from _histogram("xswarm_playout_lag_ms", "Twilio playout lag measured by mark echoes.", bridge, "playout_lag_ms")
         yield from _counter("xswarm_missed_ticks", "Ticks that started late because the tick's work overran 80 ms.", scheduler, "missed_ticks")
         yield from _counter("xswarm_late_frames", "Caller frames that missed their tick (concealed with silence).", scheduler, "late_frames")
+        yield from _counter("xswarm_bridge_dropped_frames", "Output frames not sent because a caller's socket was congested (the caller hears a gap).", bridge, "dropped_frames")
         yield from _counter("xswarm_admission_refusals", "Calls refused at admission (no free slot, bad token …).", bridge, "refusals")
 
 
