@@ -93,7 +93,7 @@ class _SharedStream:
     mid-count (and mid-Ogg-stream for Opus, which ``sphn``'s reader decodes from any page)."""
 
     stream: p.AudioStream
-    listeners: set["_Listen"] = field(default_factory=set)
+    listeners: set[_Listen] = field(default_factory=set)
     last_pcm: np.ndarray | None = None
     last_frame: bytes = b""
 
