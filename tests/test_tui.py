@@ -394,3 +394,15 @@ async def test_system_panel_shows_missed_ticks_and_paused_admission() -> None:
         text = str(panel.render())
         assert "missed 7" in text
         assert "Admission paused: model has no headroom" in text and "step p90 95 ms of the 80 ms tick" in text
+
+
+async def test_tick_budget_counts_the_whole_tick_not_only_the_model_step() -> None:
+    events = [*busy_night(1),
+              ev.TickSampled(step_ms_p50=20.0, step_ms_max=30.0, active=1, slots=8, missed_ticks=0,
+                             tick_work_ms_p50=72.0, tick_work_ms_max=75.0, at=FIXED_NOW - 1)]
+    app = XswarmApp(ReplayLink(events), clock=lambda: FIXED_NOW)
+    async with app.run_test(size=(120, 40)) as pilot:
+        panel = app.query_one("#system-text")
+        await _until(pilot, lambda: "of 80 ms" in str(panel.render()))
+        text = str(panel.render())
+        assert " 90% of 80 ms" in text and "step p50 20.0 ms" in text
