@@ -219,10 +219,7 @@ class Runtime:
         spec = self.model_spec
         fallback_reason = None
         if spec == "auto":
-            try:
-                choice = models.resolve("auto", self.settings)
-            except ImportError as exc:  # no checkpoint finder in this build
-                choice = models.Choice("echo", f"cannot look for MOSHI weights ({exc}); serving the echo model")
+            choice = models.resolve("auto", self.settings)
             spec = choice.spec
             if spec == "echo":
                 fallback_reason = choice.reason
