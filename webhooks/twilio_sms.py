@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from itertools import islice
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
@@ -62,8 +63,11 @@ class PendingReply:
     created: float = field(default_factory=time.monotonic)
 
 
-def _pending(hub: Hub) -> dict[str, PendingReply]:
-    return hub.state.setdefault(_STATE, {})
+def _pending(hub: Hub) -> "OrderedDict[str, PendingReply]":
+    """An ``OrderedDict``, not a dict: entries leave from the front, and a plain dict's
+    iteration walks every deleted slot before the first live one, which made ``_bound`` cost
+    grow with the number of SMS answered since the last resize."""
+    return hub.state.setdefault(_STATE, OrderedDict())
 
 
 async def find_user(hub: Hub, phone: str | None) -> User | None:
@@ -222,7 +226,7 @@ async def _deferred_reply(
     return [reply_statement(sid, user, sender, ours, text, {"via": "rest", "sid": rest_sid})]
 
 
-def _bound(pending: dict[str, PendingReply]) -> None:
+def _bound(pending: "OrderedDict[str, PendingReply]") -> None:
     """Drop the oldest decided entries beyond ``MAX_PENDING`` (undecided ones are still being
     answered by their route). Without its entry the processor falls back to the durable path:
     a reply on record (every inline answer is written before its row can be claimed) is not
