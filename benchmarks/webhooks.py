@@ -1,7 +1,8 @@
 """Signed Twilio SMS through the webhook server, with the database write, on 127.0.0.1.
 
 The server (WebhooksServer with its inbox processor, embedded SQLite file, no LLM provider so the
-reply is the canned one) runs in its own process; the load comes from `wrk` in another
+reply is the canned one) runs in its own process, as `xswarm webhooks serve` runs it (uvloop,
+quiet_gc after start; XSWARM_BENCH_ASYNCIO_LOOP=1 / XSWARM_BENCH_DEFAULT_GC=1 turn those off); the load comes from `wrk` in another
 process (or, without wrk, from an aiohttp client process). Every request carries a unique
 MessageSid signed with the twilio SDK's RequestValidator, so every request is verified,
 stored in webhook_inbox through the group-commit writer and answered with TwiML.
@@ -37,6 +38,9 @@ PUBLIC = "https://hooks.bench.example"
 KNOWN = "+14155550100"
 PROCESS = os.environ.get("XSWARM_BENCH_INGEST_ONLY") != "1"
 """The inbox processor runs in the server unless XSWARM_BENCH_INGEST_ONLY=1 (ingest path alone)."""
+QUIET_GC = os.environ.get("XSWARM_BENCH_DEFAULT_GC") != "1"
+FAST_LOOP = os.environ.get("XSWARM_BENCH_ASYNCIO_LOOP") != "1"
+"""The server runs on uvloop (as `xswarm webhooks serve` does) unless XSWARM_BENCH_ASYNCIO_LOOP=1."""
 
 WRK_SCRIPT = r"""
 local rows = {}
@@ -87,7 +91,7 @@ def serve(port_file: Path) -> None:
     from engine.logging_setup import configure
     from engine.store.migrations import open_database
     from webhooks.limits import RateLimit
-    from webhooks.server import WebhooksServer
+    from webhooks.server import WebhooksServer, quiet_gc, run as run_server
 
     configure()
     settings = load_settings()
@@ -99,12 +103,14 @@ def serve(port_file: Path) -> None:
             settings, db, EventBus(), rate_limit=RateLimit(1e6, 1e6), process=PROCESS, inline_reads=True
         )  # as `xswarm webhooks serve` runs it
         await server.start("127.0.0.1", 0)
+        if QUIET_GC:
+            quiet_gc()
         port_file.write_text(str(server.port))
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
         await server.stop()
         db.close()
 
-    asyncio.run(run())
+    run_server(run(), fast_loop=FAST_LOOP)
 
 
 # ------------------------------------------------------------------------------- loads

@@ -25,7 +25,7 @@ def serve(
     from engine.events import EventBus
     from engine.logging_setup import configure
     from webhooks.limits import RateLimit
-    from webhooks.server import WebhooksServer
+    from webhooks.server import WebhooksServer, quiet_gc, run as run_server
 
     if rate_limit < 0:
         fail("--rate-limit must be 0 or more", EXIT_BAD_INPUT)
@@ -42,6 +42,7 @@ def serve(
                 await server.start(bind_host, bind_port)
             except OSError as exc:
                 fail(f"cannot listen on {bind_host}:{bind_port}: {exc}")
+            quiet_gc()  # this process is the server alone
             typer.echo(f"webhooks listening on http://{bind_host}:{server.port} (logs: {log_file})")
             if not settings.server.public_url:
                 typer.echo("warning: XSWARM_PUBLIC_URL is not set; Twilio signatures are checked against the Host header", err=True)
@@ -52,7 +53,7 @@ def serve(
             await stop.wait()
             await server.stop()
 
-    asyncio.run(run())
+    run_server(run())  # uvloop where installed
 
 
 def _when(ms: int | None) -> str:
