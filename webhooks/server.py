@@ -87,7 +87,13 @@ class WebhooksServer:
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError:
+            await self._runner.cleanup()  # nothing listens: give back the session and files too
+            self._runner = None
+            await self.hub.close()
+            raise
         self.port = int(self._runner.addresses[0][1])
         if self.processor is not None:
             self.processor.start()
