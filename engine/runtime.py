@@ -108,6 +108,7 @@ class Runtime:
             raise
         self._unrecord = self.bus.subscribe(self._record)
         self.system_sampler.start()
+        self.scheduler.gc_pacer.install()
         self._thread = threading.Thread(target=self.loop.run_forever, name="xswarm-runtime", daemon=True)
         self._thread.start()
         try:
@@ -131,6 +132,7 @@ class Runtime:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=10)
         self.scheduler.shutdown()
+        self.scheduler.gc_pacer.uninstall()
         self.system_sampler.stop()
         if self._unrecord is not None:
             self._unrecord()  # before the close: later events have nowhere to go

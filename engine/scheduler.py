@@ -31,6 +31,7 @@ from engine.audio.framing import FRAME_BYTES
 from engine.audio.resample import Downsampler, Upsampler
 from engine.calls import CallRegistry, CallSession
 from engine.events import EventBus
+from engine.gcpacer import GcPacer
 from engine.models.base import FRAME_S, FRAME_SIZE, StepInput, VoiceModel
 from engine.tasks import cancel_and_wait
 from engine.telemetry.latency import Histogram
@@ -112,6 +113,8 @@ class Scheduler:
         self._up: Upsampler | None = None
         self._down: Downsampler | None = None
         self._task: asyncio.Task[None] | None = None
+        self.gc_pacer = GcPacer()
+        """Runs the process's full garbage collections just after ticks (the runtime installs it)."""
         calls.gate = self.headroom  # the registry asks before it hands out a slot
 
     # -------------------------------------------------------------------- model
@@ -162,6 +165,7 @@ class Scheduler:
                 self.failed_ticks += 1
                 if self.failed_ticks in (1, 10) or self.failed_ticks % 1000 == 0:  # never a line per tick
                     log.exception("tick %d failed (%d failures so far)", self.ticks, self.failed_ticks)
+            self.gc_pacer.after_tick()  # the quietest moment: outputs sent, next tick ~80 ms away
 
     async def tick(self, now: float) -> None:
         """One tick: gather on the loop, compute on the inference thread, deliver on the loop."""
@@ -356,4 +360,6 @@ class Scheduler:
             "model_step_ms": self.model_step_ms.summary(),
             "tick_work_ms": self.tick_work_ms.summary(),
             "admission_ms": self.admission_ms.summary(),
+            "gc_full_collections": self.gc_pacer.collections,
+            "gc_last_pause_ms": self.gc_pacer.last_pause_ms,
         }
