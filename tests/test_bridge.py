@@ -29,6 +29,7 @@ from engine.runtime import Runtime
 from engine.store import calls as call_rows
 from engine.store import nodes
 from engine.telephony.calltoken import mint
+from local_http import start_local_app
 
 AUTH_TOKEN = "twilio-auth-token-for-tests"
 TOKEN_SECRET = "call-token-secret-for-tests"
@@ -277,13 +278,7 @@ async def test_takeover_sends_clear_and_hang_up_uses_twilio_rest(env: None, monk
         hits.append({"path": request.path, "form": dict(await request.post()), "auth": request.headers.get("Authorization")})
         return web.json_response({"sid": request.match_info["sid"], "status": "completed"})
 
-    app = web.Application()
-    app.router.add_post("/2010-04-01/Accounts/{account}/Calls/{sid}.json", calls_endpoint)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await start_local_app(web.post("/2010-04-01/Accounts/{account}/Calls/{sid}.json", calls_endpoint))
     monkeypatch.setenv("TWILIO_ACCOUNT_SID", ACCOUNT)
     monkeypatch.setenv("XSWARM_TWILIO__API_BASE_URL", f"http://127.0.0.1:{port}")
     runtime, seen = start_runtime()
@@ -358,13 +353,7 @@ async def test_complete_call_treats_an_ended_call_as_done_and_reports_failures(e
         forms.append(dict(await request.post()))
         return answers[request.match_info["sid"]]
 
-    app = web.Application()
-    app.router.add_post("/2010-04-01/Accounts/{account}/Calls/{sid}.json", calls_endpoint)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await start_local_app(web.post("/2010-04-01/Accounts/{account}/Calls/{sid}.json", calls_endpoint))
     try:
         monkeypatch.setenv("TWILIO_ACCOUNT_SID", ACCOUNT)
         monkeypatch.setenv("XSWARM_TWILIO__API_BASE_URL", f"http://127.0.0.1:{port}")

@@ -11,6 +11,7 @@ import pytest
 
 from engine import logging_setup
 from engine.logging_setup import add_mirror, configure, mask_contacts, mask_email, mask_phone
+from local_http import start_local_app
 
 
 @pytest.fixture(autouse=True)
@@ -115,13 +116,7 @@ async def test_a_providers_error_body_is_masked_before_it_is_logged_or_stored() 
         number = (await request.post())["To"]
         return web.json_response({"code": 21211, "message": f"The 'To' number {number} is not a valid phone number."}, status=400)
 
-    app = web.Application()
-    app.router.add_post("/2010-04-01/Accounts/{account}/Messages.json", refuse)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await start_local_app(web.post("/2010-04-01/Accounts/{account}/Messages.json", refuse))
     try:
         async with aiohttp.ClientSession() as session:
             rest = TwilioRest(session, "AC1", "token", f"http://127.0.0.1:{port}")

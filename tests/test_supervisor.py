@@ -52,6 +52,7 @@ from engine.supervisor import server as server_mod
 from engine.supervisor.auth import TOKEN_FILE, load_tokens, token_file
 from engine.supervisor.client import AuthError, CommandError, Snapshot, SupervisorClient
 from engine.supervisor.server import SupervisorServer
+from local_http import start_local_app
 
 OPERATOR = "operator-token-0123456789abcdef"
 OPERATOR2 = OPERATOR  # two operators share the operator role; they differ by socket
@@ -586,13 +587,7 @@ async def test_transfer_redirects_through_twilio_rest(xswarm_home: Path, monkeyp
         seen.append({"path": request.path, "auth": request.headers.get("Authorization"), "twiml": form.get("Twiml")})
         return web.json_response({"sid": request.match_info["sid"], "status": "in-progress"})
 
-    app = web.Application()
-    app.router.add_post("/2010-04-01/Accounts/{account}/Calls/{sid}.json", calls_update)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
+    runner, port = await start_local_app(web.post("/2010-04-01/Accounts/{account}/Calls/{sid}.json", calls_update))
     settings = load_settings(
         supervisor={"token": OPERATOR, "monitor_token": MONITOR},
         twilio={"account_sid": "AC123", "auth_token": "secret", "transfer_number": "+15557654321",

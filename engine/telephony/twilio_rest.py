@@ -41,7 +41,7 @@ async def update_call(twilio: Any, call_sid: str, data: dict[str, str], *, timeo
     url = f"{twilio.api_base_url.rstrip('/')}/2010-04-01/Accounts/{account}/Calls/{call_sid}.json"
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as http:
-            auth = {"Authorization": aiohttp.BasicAuth(account, token).encode()}
+            auth = {"Authorization": aiohttp.encode_basic_auth(account, token)}
             async with http.post(url, data=data, headers=auth) as resp:
                 return resp.status, await resp.text()
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
