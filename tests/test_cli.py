@@ -97,6 +97,10 @@ def test_users_lifecycle() -> None:
     assert "+14155550100" in invoke("users", "list", "--reveal").stdout
     assert invoke("users", "set-tier", user_id, "professional").exit_code == 0
     assert json.loads(invoke("users", "show", "ada@example.com", "--json").stdout)["tier"] == "professional"
+    assert invoke("users", "consent", user_id, "--recording").exit_code == 0
+    assert json.loads(invoke("users", "show", user_id, "--json").stdout)["recording_consent"] is True
+    assert invoke("users", "consent", "+14155550100", "--no-recording").exit_code == 0
+    assert json.loads(invoke("users", "show", user_id, "--json").stdout)["recording_consent"] is False
 
     created = invoke("users", "key", "create", "+14155550100")
     key = created.stdout.strip()
@@ -117,6 +121,7 @@ def test_users_lifecycle() -> None:
         (["users", "add", "--name", "X", "--phone", "+14155550101", "--email", "x@example.com", "--tier", "gold"], 2, "unknown tier"),
         (["users", "show", "nobody"], 1, "no user 'nobody'"),
         (["users", "set-tier", "nobody", "free"], 1, "no user"),
+        (["users", "consent", "nobody", "--recording"], 1, "no user"),
         (["users", "key", "create", "nobody"], 1, "no user"),
     ],
 )

@@ -115,6 +115,20 @@ def set_tier(user: str = typer.Argument(..., help="Id, phone or email."), tier: 
     typer.echo(f"{found.id}: tier {found.tier} -> {tier}")
 
 
+@app.command("consent")
+def consent(
+    user: str = typer.Argument(..., help="Id, phone or email."),
+    recording: bool = typer.Option(..., "--recording/--no-recording", help="The user agreed to call recording (or withdrew)."),
+) -> None:
+    """Record whether a user consented to call recording (recordings also need recording.enabled)."""
+    from engine.store import users
+
+    with database() as db:
+        found = _find(db, user)
+        users.set_recording_consent(db, found.id, recording)
+    typer.echo(f"{found.id}: recording consent {'on' if recording else 'off'}")
+
+
 @keys.command("create")
 def key_create(user: str = typer.Argument(..., help="Id, phone or email.")) -> None:
     """Create an API key and print it ONCE (only its hash is kept)."""
