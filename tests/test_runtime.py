@@ -52,7 +52,8 @@ def get_json(url: str) -> dict[str, Any]:
 def test_start_load_heartbeat_snapshot_stop() -> None:
     runtime, seen = started()
     try:
-        wait(lambda: runtime.model is not None)
+        # the model is attached a moment before "ready" is published: wait for the event itself
+        wait(lambda: any(isinstance(e, events.ModelStatusChanged) and e.state == "ready" for e in seen))
         states = [e.state for e in seen if isinstance(e, events.ModelStatusChanged)]
         assert states[0] == "loading" and states[-1] == "ready" and "warming" in states
         assert runtime.calls.capacity == 128 and runtime.scheduler.model is runtime.model
