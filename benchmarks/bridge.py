@@ -134,17 +134,9 @@ class Server:
 
 
 def test_audio(seconds: float) -> bytes:
-    import numpy as np
+    from engine.audio.testsignal import speech_band_ulaw
 
-    from engine.audio import mulaw
-
-    n = int(seconds * 8000)
-    rng = np.random.default_rng(11)
-    spectrum = np.fft.rfft(rng.standard_normal(n))
-    freqs = np.fft.rfftfreq(n, 1 / 8000)
-    spectrum[(freqs < 300) | (freqs > 3000)] = 0
-    x = np.fft.irfft(spectrum, n)
-    return mulaw.encode((0.4 * x / np.abs(x).max()).astype(np.float32)).tobytes()
+    return speech_band_ulaw(seconds, seed=11)
 
 
 CALLS_PER_CLIENT = 25

@@ -198,6 +198,15 @@ def speech(seconds: float, seed: int = 3) -> np.ndarray:
     return (0.4 * x / np.abs(x).max()).astype(np.float32)
 
 
+async def streaming_call(runtime: Runtime) -> tuple[Twilio, asyncio.Task[Any]]:
+    """A started call whose replies are being collected in the background."""
+    twilio = Twilio(runtime.bridge_port)  # type: ignore[arg-type]
+    await twilio.open()
+    await twilio.connected()
+    await twilio.start(token())
+    return twilio, asyncio.get_running_loop().create_task(twilio.collect())
+
+
 async def wait_for(predicate: Any, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -283,11 +292,7 @@ async def test_takeover_sends_clear_and_hang_up_uses_twilio_rest(env: None, monk
     monkeypatch.setenv("XSWARM_TWILIO__API_BASE_URL", f"http://127.0.0.1:{port}")
     runtime, seen = start_runtime()
     try:
-        twilio = Twilio(runtime.bridge_port)  # type: ignore[arg-type]
-        await twilio.open()
-        await twilio.connected()
-        await twilio.start(token())
-        reader = asyncio.get_running_loop().create_task(twilio.collect())
+        twilio, reader = await streaming_call(runtime)
         await wait_for(lambda: runtime.calls.get(twilio.call_sid) is not None)
         session = runtime.calls.get(twilio.call_sid)
         assert session is not None
@@ -319,11 +324,7 @@ async def test_frames_dropped_on_a_congested_socket_are_counted_in_metrics(env: 
     monkeypatch.setattr(bridge_mod, "WRITE_BUFFER_LIMIT", -1)  # every socket reads as congested
     runtime, _ = start_runtime()
     try:
-        twilio = Twilio(runtime.bridge_port)  # type: ignore[arg-type]
-        await twilio.open()
-        await twilio.connected()
-        await twilio.start(token())
-        reader = asyncio.get_running_loop().create_task(twilio.collect())
+        twilio, reader = await streaming_call(runtime)
         await wait_for(lambda: runtime.bridge.dropped_frames >= 3)
         assert not any(m["event"] == "media" for m in twilio.received)
         assert runtime.bridge.describe()["dropped_frames"] >= 3

@@ -138,19 +138,9 @@ def _read_audio(path: Path) -> bytes:
 
 def _test_audio(seconds: float = 3.0) -> bytes:
     """Speech-band noise in syllable-like bursts: easy to find again by cross-correlation."""
-    import numpy as np
+    from engine.audio.testsignal import speech_band_ulaw
 
-    from engine.audio import mulaw
-
-    n = int(seconds * 8000)
-    rng = np.random.default_rng(2026)
-    spectrum = np.fft.rfft(rng.standard_normal(n))
-    freqs = np.fft.rfftfreq(n, 1 / 8000)
-    spectrum[(freqs < 300) | (freqs > 3000)] = 0
-    x = np.fft.irfft(spectrum, n)
-    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 4 * np.arange(n) / 8000)
-    x = 0.5 * x * envelope / np.abs(x).max()
-    return mulaw.encode(x.astype(np.float32)).tobytes()
+    return speech_band_ulaw(seconds, seed=2026, level=0.5, syllables_hz=4.0)
 
 
 def _write_wav(path: Path, ulaw: bytes) -> None:
