@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -237,3 +238,60 @@ def test_embedded_file_is_plain_sqlite_in_autocommit_with_wal(tmp_path) -> None:
         assert other.execute("SELECT name FROM things").fetchall() == [("renamed",)]
     finally:
         other.close()
+
+
+def test_the_log_is_checkpointed_off_the_writer_and_emptied_on_close(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The writer never checkpoints (automatic checkpoints are off on its connection); the
+    checkpointer thread copies the log back while writes go on and leaves it empty at close."""
+    import sqlite3
+
+    path = tmp_path / "c.db"
+    wal = tmp_path / "c.db-wal"
+    database = Database(Target(str(path)), batch_max_wait_ms=1).start()
+    database.write("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT)")
+    checkpointer = database._checkpointer
+    assert checkpointer is not None
+    for round_ in range(4):
+        futures = [database.submit("INSERT INTO t (v) VALUES (?)", ("x" * 500,)) for _ in range(2000)]
+        [f.result(timeout=30) for f in futures]
+        time.sleep(0.4)  # longer than the checkpointer's interval
+    assert checkpointer.passes >= 2
+    probe = sqlite3.connect(path)
+    try:
+        busy, log_frames, copied = probe.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    finally:
+        probe.close()
+    assert log_frames == copied  # nothing the checkpointer had not already copied back
+    database.close()
+    assert not wal.exists() or wal.stat().st_size == 0
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT COUNT(*) FROM t").fetchone() == (8000,)
+    conn.close()
+
+
+def test_a_writer_waits_for_another_process_holding_the_lock(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """Another connection (as another process would) holds the write lock: queued writes
+    commit as soon as it lets go; a lock held past the busy timeout fails them clearly."""
+    import sqlite3
+    import threading
+
+    from engine.store import db as db_module
+
+    path = tmp_path / "l.db"
+    database = Database(Target(str(path)), batch_max_wait_ms=1).start()
+    database.write("CREATE TABLE t (k INTEGER PRIMARY KEY)")
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    threading.Timer(0.3, other.commit).start()
+    started = time.monotonic()
+    assert database.submit("INSERT INTO t (k) VALUES (1)").result(timeout=10) == 1
+    waited = time.monotonic() - started
+    assert 0.25 < waited < 0.35  # retried every few ms, not after SQLite's 25-100 ms sleeps
+    monkeypatch.setattr(db_module, "BUSY_TIMEOUT_S", 0.2)
+    other.execute("BEGIN IMMEDIATE")
+    with pytest.raises(StoreError, match="locked"):
+        database.submit("INSERT INTO t (k) VALUES (2)").result(timeout=10)
+    other.commit()
+    assert database.submit("INSERT INTO t (k) VALUES (3)").result(timeout=10) == 1
+    other.close()
+    database.close()
