@@ -16,6 +16,7 @@ import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from queue import Queue
 
 from engine.paths import Paths, resolve_paths
 
@@ -38,7 +39,9 @@ def configure(paths: Paths | None = None) -> Path:
     """Send the ``xswarm`` loggers to the rotating file (once per process); returns its path.
 
     Level comes from ``XSWARM_LOG_LEVEL`` (default INFO). Records do not propagate to the root
-    logger, so nothing a library configured there can print them on the terminal."""
+    logger, so nothing a library configured there can print them on the terminal. The root
+    logger gets the file too, so other libraries' warnings (aiohttp's "Error handling
+    request", asyncio's) land there instead of on stderr through logging's last resort."""
     global _file_handler
     paths = paths or resolve_paths()
     folder = paths.logs
@@ -50,6 +53,7 @@ def configure(paths: Paths | None = None) -> Path:
             return path
         if _file_handler is not None:
             logger.removeHandler(_file_handler)
+            logging.getLogger().removeHandler(_file_handler)
             _file_handler.close()
         handler = logging.handlers.RotatingFileHandler(path, maxBytes=MAX_BYTES, backupCount=BACKUPS, encoding="utf-8")
         handler.setFormatter(logging.Formatter(FORMAT))
@@ -57,8 +61,32 @@ def configure(paths: Paths | None = None) -> Path:
         logger.addHandler(handler)
         logger.setLevel(min(_level(), logger.level or logging.CRITICAL))
         logger.propagate = False
+        logging.getLogger().addHandler(handler)
         _file_handler = handler
     return path
+
+
+def forward_to(records: "Queue[logging.LogRecord]") -> None:
+    """In a worker process: hand every record to the parent instead of opening the file.
+
+    Why: several processes rotating one file lose lines (each renames the file under the
+    others). The parent, which ran ``configure``, writes them all (``listen``)."""
+    handler = logging.handlers.QueueHandler(records)
+    logger = logging.getLogger("xswarm")
+    logger.addHandler(handler)
+    logger.setLevel(_level())
+    logger.propagate = False
+    logging.getLogger().addHandler(handler)
+
+
+def listen(records: "Queue[logging.LogRecord]") -> logging.handlers.QueueListener:
+    """In the parent, after ``configure``: write the workers' records to the file (started;
+    ``stop()`` it after the workers have exited)."""
+    if _file_handler is None:
+        raise RuntimeError("configure() first")
+    listener = logging.handlers.QueueListener(records, _file_handler, respect_handler_level=True)
+    listener.start()
+    return listener
 
 
 class _Mirror(logging.Handler):

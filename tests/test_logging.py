@@ -17,15 +17,17 @@ from local_http import start_local_app
 @pytest.fixture(autouse=True)
 def fresh_logger() -> Iterator[None]:
     """Each test configures the ``xswarm`` logger from scratch and leaves it as it was."""
-    logger = logging.getLogger("xswarm")
+    logger, root = logging.getLogger("xswarm"), logging.getLogger()
     saved = (list(logger.handlers), logger.level, logger.propagate, logging_setup._file_handler)
+    saved_root = list(root.handlers)
     logger.handlers.clear()
     logger.setLevel(logging.NOTSET)
     logging_setup._file_handler = None
     yield
-    for handler in logger.handlers:
-        if handler not in saved[0]:
+    for handler in {*logger.handlers, *root.handlers}:
+        if handler not in saved[0] and handler not in saved_root:
             handler.close()
+    root.handlers[:] = saved_root
     logger.handlers[:] = saved[0]
     logger.setLevel(saved[1])
     logger.propagate = saved[2]
@@ -126,3 +128,15 @@ async def test_a_providers_error_body_is_masked_before_it_is_logged_or_stored() 
         await runner.cleanup()
     assert "answered 400" in str(info.value) and "21211" in str(info.value)
     assert "+15005550001" not in str(info.value) and "+1500•••0001" in str(info.value)
+
+
+def test_other_libraries_warnings_land_in_the_file_not_on_stderr(xswarm_home: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    path = configure()
+    logging.getLogger("aiohttp.server").error("Error handling request from %s", "127.0.0.1")
+    logging.getLogger("aiohttp.access").info("below the root's WARNING: not written")
+    logging.getLogger("xswarm").handlers[0].flush()
+    text = path.read_text()
+    assert "ERROR   aiohttp.server" in text and "Error handling request from 127.0.0.1" in text
+    assert "below the root" not in text
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
