@@ -10,7 +10,11 @@ stored in webhook_inbox through the group-commit writer and answered with TwiML.
 Prints one JSON object: per run requests/s, p50/p99 latency, server CPU ms per request
 (server process user+sys CPU time / requests), non-2xx count, rows stored; and medians.
 
-    .venv/bin/python benchmarks/webhooks.py [--duration 10] [--connections 32] [--runs 3]
+``--workers N`` (N > 1) runs the real ``xswarm webhooks serve --workers N`` instead (N
+processes on one port, see webhooks/workers.py); CPU is then the whole process tree's. The
+XSWARM_BENCH_* switches above apply to the one-process server only.
+
+    .venv/bin/python benchmarks/webhooks.py [--duration 10] [--connections 32] [--runs 3] [--workers 1]
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -27,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlencode
+
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -43,19 +50,21 @@ FAST_LOOP = os.environ.get("XSWARM_BENCH_ASYNCIO_LOOP") != "1"
 """The server runs on uvloop (as `xswarm webhooks serve` does) unless XSWARM_BENCH_ASYNCIO_LOOP=1."""
 
 WRK_SCRIPT = r"""
+-- Whole requests are formatted once, here: formatting each one in request() cost wrk more
+-- CPU than the rest of its work, on a box whose two cores the server shares.
 local rows = {}
 for line in io.lines(os.getenv("XSWARM_BENCH_REQUESTS")) do
   local tab = line:find("\t", 1, true)
-  rows[#rows + 1] = {line:sub(1, tab - 1), line:sub(tab + 1)}
+  rows[#rows + 1] = wrk.format("POST", "/twilio/sms", {
+    ["Host"] = os.getenv("XSWARM_BENCH_HOST"),
+    ["Content-Type"] = "application/x-www-form-urlencoded",
+    ["X-Twilio-Signature"] = line:sub(1, tab - 1),
+  }, line:sub(tab + 1))
 end
 local i = 0
 request = function()
   i = i + 1
-  local row = rows[(i - 1) % #rows + 1]
-  return wrk.format("POST", "/twilio/sms", {
-    ["Content-Type"] = "application/x-www-form-urlencoded",
-    ["X-Twilio-Signature"] = row[1],
-  }, row[2])
+  return rows[(i - 1) % #rows + 1]
 end
 local non2xx = 0
 response = function(status, headers, body)
@@ -135,7 +144,7 @@ def signed_requests(count: int, run: int) -> list[tuple[str, str]]:
 
 
 def run_wrk(port: int, requests_file: Path, script: Path, duration: int, connections: int) -> dict[str, float]:
-    env = {**os.environ, "XSWARM_BENCH_REQUESTS": str(requests_file)}
+    env = {**os.environ, "XSWARM_BENCH_REQUESTS": str(requests_file), "XSWARM_BENCH_HOST": f"127.0.0.1:{port}"}
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "5s", "-s", str(script), f"http://127.0.0.1:{port}/"],
         capture_output=True, text=True, env=env, check=True,
@@ -191,22 +200,60 @@ def prepare(home: Path) -> None:
     )
 
 
-def one_run(home: Path, run: int, args: argparse.Namespace) -> dict[str, float]:
-    import psutil
-
-    env = settings_env(home)
+def start_one(home: Path, run: int) -> tuple[subprocess.Popen[bytes], int]:
+    """The one-process server (this file's ``--serve`` child); its port."""
     port_file = home / f"port-{run}"
     server = subprocess.Popen(
         [sys.executable, str(Path(__file__).resolve()), "--serve", str(port_file)],
-        env=env, stdin=subprocess.PIPE, cwd=ROOT,
+        env=settings_env(home), stdin=subprocess.PIPE, cwd=ROOT,
     )
+    deadline = time.monotonic() + 30
+    while not port_file.exists() or not port_file.read_text():
+        if time.monotonic() > deadline or server.poll() is not None:
+            server.kill()
+            raise RuntimeError("server did not start")
+        time.sleep(0.05)
+    return server, int(port_file.read_text())
+
+
+def start_workers(home: Path, workers: int) -> tuple[subprocess.Popen[bytes], int]:
+    """``xswarm webhooks serve --workers N`` as an operator runs it (the limiter in the path,
+    set above the offered load); its port, from the line it prints."""
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("xswarm")), "webhooks", "serve", "--host", "127.0.0.1", "--port", "0",
+         "--workers", str(workers), "--rate-limit", "1000000"],
+        env=settings_env(home), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT,
+    )
+    assert server.stdout is not None
+    line = server.stdout.readline().decode()
+    if "listening on http://" not in line:
+        server.kill()
+        raise RuntimeError(f"server did not start: {line!r}")
+    return server, int(line.split("listening on http://", 1)[1].split()[0].rsplit(":", 1)[1])
+
+
+def stop(server: subprocess.Popen[bytes], workers: int) -> None:
+    if workers > 1:
+        server.send_signal(signal.SIGTERM)
+    elif server.stdin:
+        server.stdin.close()
+    server.wait(timeout=60)
+
+
+def tree_cpu(proc: "psutil.Process") -> float:
+    """User+system CPU seconds of a process and its children."""
+    total = 0.0
+    for each in [proc, *proc.children(recursive=True)]:
+        try:
+            total += sum(each.cpu_times()[:2])
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def one_run(home: Path, run: int, args: argparse.Namespace) -> dict[str, float]:
+    server, port = start_workers(home, args.workers) if args.workers > 1 else start_one(home, run)
     try:
-        deadline = time.monotonic() + 30
-        while not port_file.exists() or not port_file.read_text():
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError("server did not start")
-            time.sleep(0.05)
-        port = int(port_file.read_text())
         rows = signed_requests(args.requests, run)
         requests_file = home / f"requests-{run}.tsv"
         requests_file.write_text("".join(f"{sig}\t{body}\n" for sig, body in rows))
@@ -214,20 +261,18 @@ def one_run(home: Path, run: int, args: argparse.Namespace) -> dict[str, float]:
         script.write_text(WRK_SCRIPT)
         proc = psutil.Process(server.pid)
         before_rows = _inbox_rows(home)
-        cpu0 = sum(proc.cpu_times()[:2])
+        cpu0 = tree_cpu(proc)
         if shutil.which("wrk") and not args.aiohttp:
             result = run_wrk(port, requests_file, script, args.duration, args.connections)
             tool = "wrk"
         else:
             result = run_aiohttp(port, rows, args.duration, args.connections)
             tool = "aiohttp"
-        cpu1 = sum(proc.cpu_times()[:2])
+        cpu1 = tree_cpu(proc)
         time.sleep(1.0)  # let the last group commits land before counting rows
         stored = _inbox_rows(home) - before_rows
     finally:
-        if server.stdin:
-            server.stdin.close()
-        server.wait(timeout=60)
+        stop(server, args.workers)
     requests = int(result["requests"])
     seconds = result["duration_us"] / 1e6
     return {
@@ -261,6 +306,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--requests", type=int, default=60_000, help="distinct signed SMS prepared per run")
     parser.add_argument("--aiohttp", action="store_true", help="use the aiohttp load generator even if wrk exists")
+    parser.add_argument("--workers", type=int, default=1, help="server processes (> 1: xswarm webhooks serve --workers N)")
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -274,6 +320,7 @@ def main() -> None:
         "benchmark": "webhooks: signed Twilio SMS (verify + inbox insert + TwiML)"
         + (", inbox processor running" if PROCESS else ", ingest only (processor off)"),
         "machine": machine(),
+        "workers": args.workers,
         "connections": args.connections,
         "duration_s": args.duration,
         "median": {

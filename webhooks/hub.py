@@ -53,6 +53,7 @@ class HubOptions(TypedDict, total=False):
     rate_limit: RateLimit | None
     record_feed: bool
     inline_reads: bool
+    worker: str | None
 
 
 class Hub:
@@ -65,6 +66,7 @@ class Hub:
         rate_limit: RateLimit | None = DEFAULT_RATE_LIMIT,
         record_feed: bool = True,
         inline_reads: bool = False,
+        worker: str | None = None,
     ) -> None:
         """``inline_reads``: run reads of the embedded file on the loop (see ``read``); only
         for a loop the webhooks have to themselves (``xswarm webhooks serve``, the benchmark).
@@ -74,6 +76,8 @@ class Hub:
         self.db = db
         self.bus = bus
         self.record_feed = record_feed
+        self.worker = worker
+        """``"2/4"`` in the second of four worker processes (``webhooks.workers``), for ``/health``."""
         self.twilio = TwilioVerifier(secret(settings.twilio.auth_token), settings.server.public_url)
         self.stripe = StripeVerifier(secret(settings.stripe.webhook_secret))
         self.sendgrid = SendGridVerifier(settings.sendgrid.webhook_public_key)

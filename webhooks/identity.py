@@ -85,11 +85,12 @@ async def health(request: web.Request) -> web.Response:
         counts = await asyncio.wait_for(hub.db.aread(inbox.counts), HEALTH_TIMEOUT_S)
     except (StoreError, asyncio.TimeoutError, TimeoutError) as exc:
         return web.json_response({"status": "unavailable", "database": f"error: {exc}"[:200]}, status=503)
-    return web.json_response(
-        {
-            "status": "ok",
-            "database": "ok",
-            "database_ms": round(ping * 1000, 2),
-            "inbox": {s: counts.get(s, 0) for s in ("pending", "failed", "dead", "done")},
-        }
-    )
+    body: dict[str, object] = {
+        "status": "ok",
+        "database": "ok",
+        "database_ms": round(ping * 1000, 2),
+        "inbox": {s: counts.get(s, 0) for s in ("pending", "failed", "dead", "done")},
+    }
+    if hub.worker is not None:
+        body["worker"] = hub.worker
+    return web.json_response(body)

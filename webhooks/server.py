@@ -82,11 +82,12 @@ class WebhooksServer:
         self._housekeeping: asyncio.Task[None] | None = None
         self.port: int | None = None
 
-    async def start(self, host: str = "127.0.0.1", port: int = 8787) -> None:
+    async def start(self, host: str = "127.0.0.1", port: int = 8787, *, reuse_port: bool = False) -> None:
+        """``reuse_port``: share the port with sibling worker processes (``webhooks.workers``)."""
         await self.hub.open()
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        site = web.TCPSite(self._runner, host, port, reuse_address=True, reuse_port=reuse_port or None)
         try:
             await site.start()
         except OSError:
@@ -98,7 +99,8 @@ class WebhooksServer:
         if self.processor is not None:
             self.processor.start()
         self._housekeeping = asyncio.create_task(self._housekeep())
-        log.info("webhooks listening on http://%s:%s", host, self.port)
+        who = f"webhooks worker {self.hub.worker}" if self.hub.worker else "webhooks"
+        log.info("%s listening on http://%s:%s", who, host, self.port)
 
     async def stop(self) -> None:
         await cancel_and_wait(self._housekeeping)

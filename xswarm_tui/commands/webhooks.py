@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from xswarm_tui.commands._common import EXIT_BAD_INPUT, EXIT_FAILED, database, fail, load
+
+if TYPE_CHECKING:
+    from webhooks.limits import RateLimit
 
 app = typer.Typer(help="Twilio, SendGrid and Stripe webhooks and the identity API.", no_args_is_help=True)
 
@@ -17,6 +22,9 @@ def serve(
     host: str = typer.Option(None, "--host", help="Address to bind (default: server.host, 127.0.0.1)."),
     port: int = typer.Option(None, "--port", help="Port (default: server.webhooks_port, 8787; 0 picks a free one)."),
     rate_limit: float = typer.Option(500.0, "--rate-limit", help="Requests per second per source and route group (0: off)."),
+    workers: int = typer.Option(
+        1, "--workers", min=1, max=64, help="Server processes sharing the port (Linux; one core each at full load)."
+    ),
 ) -> None:
     """Run the webhook server (and its inbox processor) until Ctrl-C or SIGTERM."""
     import asyncio
@@ -34,6 +42,11 @@ def serve(
     bind_host = host or settings.server.host
     bind_port = settings.server.webhooks_port if port is None else port
     limit = RateLimit(rate_limit, rate_limit * 2) if rate_limit else None
+    if not settings.server.public_url:
+        typer.echo("warning: XSWARM_PUBLIC_URL is not set; Twilio signatures are checked against the Host header", err=True)
+    if workers > 1:
+        _serve_workers(bind_host, bind_port, workers, limit, log_file)
+        return
 
     async def run() -> None:
         with database(settings) as db:
@@ -44,8 +57,6 @@ def serve(
                 fail(f"cannot listen on {bind_host}:{bind_port}: {exc}")
             quiet_gc()  # this process is the server alone
             typer.echo(f"webhooks listening on http://{bind_host}:{server.port} (logs: {log_file})")
-            if not settings.server.public_url:
-                typer.echo("warning: XSWARM_PUBLIC_URL is not set; Twilio signatures are checked against the Host header", err=True)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -54,6 +65,30 @@ def serve(
             await server.stop()
 
     run_server(run())  # uvloop where installed
+
+
+def _serve_workers(host: str, port: int, count: int, limit: "RateLimit | None", log_file: Path) -> None:
+    """``--workers N``: migrate once here, then N worker processes on one port."""
+    import signal
+    import threading
+
+    from webhooks.workers import WorkerPlan, WorkersError, serve_workers
+
+    with database():
+        pass  # migrations run once, in the parent, before any worker opens the file
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    def ready(bound: int) -> None:
+        typer.echo(f"webhooks listening on http://{host}:{bound} ({count} workers; logs: {log_file})")
+
+    try:
+        serve_workers(WorkerPlan(host, port, count, limit), ready, stop)
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc}")
+    except WorkersError as exc:
+        fail(str(exc))
 
 
 def _when(ms: int | None) -> str:
