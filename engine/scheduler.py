@@ -274,7 +274,8 @@ class Scheduler:
         self._window_steps.append((result.model_step_ms, result.tick_work_ms))
         self._recent_work.append((batch.at, result.tick_work_ms))
         tick = batch.tick
-        for slot, s in enumerate(batch.sessions[: batch.rows]):
+        for slot in self._oldest_first(batch):
+            s = batch.sessions[slot]
             if s is None or s.ended:
                 continue
             s.step_ms = result.model_step_ms
@@ -305,6 +306,21 @@ class Scheduler:
             ))
             self._window_steps.clear()
     
+    @staticmethod
+    def _oldest_first(batch: _Batch) -> list[int]:
+        """Slots in the order their frames completed, oldest first (slots without input last).
+
+        Why: a frame's bridge-added latency is its wait for the tick plus the time until its
+        output is written, and writing 100 calls' output takes milliseconds. The calls whose
+        frames waited longest for the tick are written first, so one call's long wait and
+        a late place in the send order never add up."""
+        sessions = batch.sessions[: batch.rows]
+        never = float("inf")
+        return sorted(
+            range(len(sessions)),
+            key=lambda slot: never if (s := sessions[slot]) is None or s.last_input_at is None else s.last_input_at,
+        )
+
     def _publish_call(self, s: CallSession) -> None:
         self.bus.publish(events.LatencySampled(
             call_id=s.call_id, step_ms=round(s.step_ms, 3), bal_ms=s.last_bal_ms, playout_lag_ms=s.last_lag_ms,

@@ -238,6 +238,30 @@ def test_a_broken_transport_does_not_cost_other_calls_their_frame() -> None:
     assert len(sink.frames) == 3 and broken.send_failed and broken.frames_out == 0
 
 
+def test_frames_that_waited_longest_for_the_tick_are_sent_first() -> None:
+    """Slot order is not send order: the call whose frame completed earliest (it waited
+    longest for the tick) gets its output written first."""
+    scheduler, calls, bus, _ = make(EchoModel(3))
+    order: list[str] = []
+
+    class Ordered(Sink):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        def send_frame(self, session: CallSession, step: int, ulaw: bytes, pcm: np.ndarray) -> None:
+            order.append(self.name)
+
+    sessions = [CallSession(name, Ordered(name), bus=bus, inbound=InboundFrames(guard_s=0.0)) for name in ("a", "b", "c")]
+    for session in sessions:
+        calls.admit(session)
+    t = 10.0
+    for session, completed in zip(sessions, (t - 0.002, t - 0.019, t - 0.010)):
+        push_frame(session, 0x33, completed)
+    run_tick(scheduler, t)
+    assert order == ["b", "c", "a"]
+
+
 def test_whispered_text_reaches_the_transcript_coalesced() -> None:
     scheduler, calls, bus, seen = make(EchoModel(1))
     session, _ = twilio_call(bus, "CA-words")
