@@ -7,7 +7,7 @@ it, and every caller waiting on that batch (a webhook's 2xx, a call's end row) w
 The writer turns automatic checkpoints off and this thread runs PASSIVE checkpoints
 instead: they never block the writer or readers, and they copy whatever the log holds
 while the writer goes on committing (benchmarks/webhooks.py, back to back on the 2-core
-box, with a 1 ms batch wait: 2,911 → 3,055 signed SMS/s, p99 18.0 → 15.9 ms).
+box, one server process: 2,611 → 2,835 signed SMS/s, p99 25.5 → 20.2 ms).
 
 A remote database (sqld, Turso) manages its own log; this is for the local file only.
 """
