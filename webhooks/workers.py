@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import queue
 import signal
 import socket
 import threading
@@ -149,13 +150,15 @@ class Workers:
         while waiting:
             try:
                 index, error = self._ready.get(timeout=max(0.05, min(0.5, deadline - time.monotonic())))
-            except Exception:  # queue.Empty
+            except queue.Empty:
                 dead = [i for i in waiting if not self._procs[i].is_alive()]
                 if dead:
                     raise WorkersError(f"worker {dead[0] + 1} exited during start-up (code {self._procs[dead[0]].exitcode}); see the log")
                 if time.monotonic() > deadline:
                     raise WorkersError(f"workers {sorted(i + 1 for i in waiting)} did not start within {START_TIMEOUT_S:.0f} s")
                 continue
+            if index not in waiting:
+                continue  # not one we are waiting for (cannot happen: a worker reports once)
             if error:
                 raise WorkersError(f"worker {index + 1}: {error}")
             waiting.discard(index)
@@ -176,26 +179,33 @@ def _worker_main(index: int, plan: WorkerPlan, records: "Queue[logging.LogRecord
 
     forward_to(records)
     label = f"{index + 1}/{plan.count}"
+    reported = False  # start-up ends with one message on ``ready``: "" (listening) or why not
+
+    def report(error: str = "") -> None:
+        nonlocal reported
+        if not reported:
+            reported = True
+            ready.put((index, error))
 
     async def serve() -> None:
         settings = load_settings()
         try:
             db = open_database(settings)  # already migrated by the parent: this only opens it
         except StoreError as exc:
-            ready.put((index, f"cannot open the database: {exc}"))
+            report(f"cannot open the database: {exc}")
             return
         server = WebhooksServer(settings, db, EventBus(), rate_limit=plan.share(), inline_reads=True, worker=label)
         try:
             try:
                 await server.start(plan.host, plan.port, reuse_port=True)
             except OSError as exc:
-                ready.put((index, f"cannot listen on {plan.host}:{plan.port}: {exc}"))
+                report(f"cannot listen on {plan.host}:{plan.port}: {exc}")
                 return
             quiet_gc()
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGTERM, stop.set)
-            ready.put((index, ""))
+            report()
             await stop.wait()
             await server.stop()
         finally:
@@ -203,9 +213,9 @@ def _worker_main(index: int, plan: WorkerPlan, records: "Queue[logging.LogRecord
 
     try:
         run(serve())
-    except Exception as exc:  # reported to the parent, which decides what to do
+    except Exception as exc:  # the parent restarts a worker that dies after start-up
         logging.getLogger("xswarm.webhooks.workers").exception("webhooks worker %s failed", label)
-        ready.put((index, f"{type(exc).__name__}: {exc}"))
+        report(f"{type(exc).__name__}: {exc}")
         raise SystemExit(1) from None
 
 
