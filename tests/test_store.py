@@ -242,7 +242,7 @@ def test_embedded_file_is_plain_sqlite_in_autocommit_with_wal(tmp_path) -> None:
 
 def test_the_log_is_checkpointed_off_the_writer_and_emptied_on_close(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """The writer never checkpoints (automatic checkpoints are off on its connection); the
-    checkpointer thread copies the log back while writes go on and leaves it empty at close."""
+    checkpointer thread copies the log back while writes go on; the log is gone after close."""
     import sqlite3
 
     path = tmp_path / "c.db"

@@ -28,7 +28,9 @@ so a quarter second keeps the log near 5 MB."""
 
 class Checkpointer:
     """A daemon thread that checkpoints the log whenever the writer has committed since the
-    last pass, and once more (TRUNCATE, leaving an empty log) when stopped."""
+    last pass, and once more when stopped. Always PASSIVE: a TRUNCATE at the end of a short
+    CLI command would wait for the runtime's readers and writer in another process; the last
+    connection to close removes the log anyway."""
 
     def __init__(self, connect: Callable[[], Any], commits: Callable[[], int], *, interval_s: float = INTERVAL_S) -> None:
         """``connect`` opens a connection of its own; ``commits`` reads the writer's commit count."""
@@ -44,7 +46,7 @@ class Checkpointer:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop after a final TRUNCATE checkpoint (call once the writer has stopped)."""
+        """Stop after a final checkpoint (call once the writer has stopped)."""
         if self._thread is None:
             return
         self._stop.set()
@@ -63,15 +65,15 @@ class Checkpointer:
                 now = self._commits()
                 if now != seen:
                     seen = now
-                    self._checkpoint(conn, "PASSIVE")
-            self._checkpoint(conn, "TRUNCATE")
+                    self._checkpoint(conn)
+            self._checkpoint(conn)
         finally:
             conn.close()
 
-    def _checkpoint(self, conn: Any, mode: str) -> None:
+    def _checkpoint(self, conn: Any) -> None:
         try:
-            conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
-        except Exception as exc:  # a busy or failing checkpoint only delays the next one
-            log.warning("WAL checkpoint (%s) failed: %s", mode, exc)
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except Exception as exc:  # a failing checkpoint only delays the next one
+            log.warning("WAL checkpoint failed: %s", exc)
         else:
             self.passes += 1
