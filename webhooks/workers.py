@@ -93,7 +93,6 @@ class Workers:
         self._procs: dict[int, SpawnProcess] = {}
         self._started_at: dict[int, float] = {}
         self._failed_starts = 0
-        self.restarts = 0
 
     def start(self) -> None:
         """Start every worker and wait until each listens (or raise ``WorkersError``)."""
@@ -116,7 +115,6 @@ class Workers:
                 self._failed_starts = self._failed_starts + 1 if lived < CRASH_WINDOW_S else 0
                 if self._failed_starts >= MAX_FAILED_STARTS:
                     raise WorkersError(f"worker {index + 1} keeps exiting (code {proc.exitcode}); see the log")
-                self.restarts += 1
                 self._spawn(index)
                 self._await_ready({index})
 
