@@ -71,14 +71,25 @@ def serve(port: int, slots: int, model: str) -> None:
             cpu = time.process_time() - marked[1]
             bridge = runtime.bridge.describe()
             sched = runtime.scheduler
-            print(json.dumps({
-                "wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "live_calls": len(runtime.calls),
-                "bal_ms": bridge["bal_ms"], "tick_to_send_ms": bridge["tick_to_send_ms"],
-                "playout_lag_ms": bridge["playout_lag_ms"], "refusals": bridge["refusals"],
-                "late_frames": sched.late_frames, "missed_ticks": sched.missed_ticks,
-                "model_step_ms": sched.model_step_ms.summary(), "tick_work_ms": sched.tick_work_ms.summary(),
-                "admission_ms": sched.admission_ms.summary(),
-            }), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "wall_s": round(wall, 3),
+                        "cpu_s": round(cpu, 3),
+                        "live_calls": len(runtime.calls),
+                        "bal_ms": bridge["bal_ms"],
+                        "tick_to_send_ms": bridge["tick_to_send_ms"],
+                        "playout_lag_ms": bridge["playout_lag_ms"],
+                        "refusals": bridge["refusals"],
+                        "late_frames": sched.late_frames,
+                        "missed_ticks": sched.missed_ticks,
+                        "model_step_ms": sched.model_step_ms.summary(),
+                        "tick_work_ms": sched.tick_work_ms.summary(),
+                        "admission_ms": sched.admission_ms.summary(),
+                    }
+                ),
+                flush=True,
+            )
         elif command == "QUIT":
             break
     runtime.stop()
@@ -111,7 +122,11 @@ class Server:
         env["XSWARM_HOME"] = self.home.name
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--serve", str(self.port), "--slots", str(slots), "--model", model],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().strip()
@@ -164,13 +179,20 @@ def client(port: int, first: int, count: int, stagger_s: float, seconds: float) 
     cpu, started = time.process_time(), time.monotonic()
     results = asyncio.run(main())
     share = (time.process_time() - cpu) / (time.monotonic() - started)
-    print(json.dumps({
-        "cpu_share": share,
-        "reports": [r.to_json() if not isinstance(r, BaseException) else {"error": repr(r)} for r in results],
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "cpu_share": share,
+                "reports": [r.to_json() if not isinstance(r, BaseException) else {"error": repr(r)} for r in results],
+            }
+        ),
+        flush=True,
+    )
 
 
-def run(calls: int, window_s: float, stagger_s: float, model: str, per_client: int = CALLS_PER_CLIENT) -> dict[str, Any]:
+def run(
+    calls: int, window_s: float, stagger_s: float, model: str, per_client: int = CALLS_PER_CLIENT
+) -> dict[str, Any]:
     server = Server(slots=max(calls, 1), model=model)
     ramp = stagger_s * (calls - 1)
     seconds = ramp + window_s + 3.0
@@ -178,11 +200,27 @@ def run(calls: int, window_s: float, stagger_s: float, model: str, per_client: i
     try:
         for first in range(0, calls, per_client):
             count = min(per_client, calls - first)
-            procs.append(subprocess.Popen(
-                [sys.executable, __file__, "--client", str(server.port), "--first", str(first), "--count", str(count),
-                 "--stagger", str(stagger_s), "--seconds", str(seconds)],
-                stdout=subprocess.PIPE, text=True, cwd=ROOT,
-            ))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--client",
+                        str(server.port),
+                        "--first",
+                        str(first),
+                        "--count",
+                        str(count),
+                        "--stagger",
+                        str(stagger_s),
+                        "--seconds",
+                        str(seconds),
+                    ],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    cwd=ROOT,
+                )
+            )
         time.sleep(ramp + 1.5)
         server.command("MARK")
         time.sleep(window_s)
@@ -217,8 +255,13 @@ def run(calls: int, window_s: float, stagger_s: float, model: str, per_client: i
         "client_echo_delay_ms": {"p50": delays[len(delays) // 2], "max": delays[-1]} if delays else None,
         # the simulated callers' own pacing: chunks that left late look like network jitter to the
         # bridge (a late frame here is the load generator's, not the bridge's, when these are large)
-        "client_send_late_ms": {"worst_call_p99": max(p["p99"] for p in pacing), "max": max(p["max"] for p in pacing),
-                                "calls_with_a_chunk_over_10ms_late": sum(p["max"] > 10 for p in pacing)} if pacing else None,
+        "client_send_late_ms": {
+            "worst_call_p99": max(p["p99"] for p in pacing),
+            "max": max(p["max"] for p in pacing),
+            "calls_with_a_chunk_over_10ms_late": sum(p["max"] > 10 for p in pacing),
+        }
+        if pacing
+        else None,
         "client_failures": failures[:5],
         "refusals": report.get("refusals"),
     }
@@ -231,8 +274,12 @@ def main() -> None:
     parser.add_argument("--stagger", type=float, default=0.0137, help="seconds between call starts")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--slots", type=int, default=128, help=argparse.SUPPRESS)
-    parser.add_argument("--per-client", type=int, default=CALLS_PER_CLIENT,
-                        help="simulated callers per load-generator process (more processes: less client lag)")
+    parser.add_argument(
+        "--per-client",
+        type=int,
+        default=CALLS_PER_CLIENT,
+        help="simulated callers per load-generator process (more processes: less client lag)",
+    )
     parser.add_argument("--model", default="echo", help="model spec, e.g. synthetic:7b on a GPU box")
     parser.add_argument("--client", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
@@ -254,14 +301,19 @@ def main() -> None:
             "late_frames": biggest["late_frames"] == TARGETS["late_frames"],
             "cpu_percent_per_call": biggest["server_cpu_percent_per_call"] <= TARGETS["cpu_percent_per_call"],
         }
-    print(json.dumps({
-        "benchmark": "bridge",
-        "machine": machine(),
-        "model": args.model,
-        "targets": TARGETS,
-        "met": met,
-        "runs": runs,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "bridge",
+                "machine": machine(),
+                "model": args.model,
+                "targets": TARGETS,
+                "met": met,
+                "runs": runs,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

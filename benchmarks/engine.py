@@ -35,8 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batch.split(",") if b.strip()]
     report = run_engine_bench(
-        args.model, batches, args.steps, warmup=args.warmup, device=args.device, dtype=args.dtype,
-        context=args.context, controls=args.controls, threads=args.threads,
+        args.model,
+        batches,
+        args.steps,
+        warmup=args.warmup,
+        device=args.device,
+        dtype=args.dtype,
+        context=args.context,
+        controls=args.controls,
+        threads=args.threads,
         log=lambda msg: print(msg, file=sys.stderr, flush=True),
     )
     emit(report, args.out)

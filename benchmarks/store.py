@@ -84,7 +84,11 @@ class _SqldTarget:
 
 def help_wall_time(runs: int) -> dict[str, float]:
     script = Path(sys.executable).with_name("xswarm")
-    command = [str(script), "--help"] if script.exists() else [sys.executable, "-c", "from xswarm_tui.cli import main; main()", "--help"]
+    command = (
+        [str(script), "--help"]
+        if script.exists()
+        else [sys.executable, "-c", "from xswarm_tui.cli import main; main()", "--help"]
+    )
     times = []
     for _ in range(runs):
         started = time.perf_counter()
@@ -103,7 +107,9 @@ def main() -> None:
         "benchmark": "store",
         "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
         "embedded_file": median_run(_FileTarget, args.events, args.runs),
-        "sqld": median_run(lambda: _SqldTarget(binary), args.events, args.runs) if binary else {"skipped": "sqld binary not found"},
+        "sqld": median_run(lambda: _SqldTarget(binary), args.events, args.runs)
+        if binary
+        else {"skipped": "sqld binary not found"},
         "xswarm_help": help_wall_time(7),
         "targets": {"embedded_events_per_s": 20_000, "sqld_events_per_s": 5_000, "xswarm_help_s": 0.3},
     }

@@ -68,8 +68,13 @@ def stats_ms(values_s: list[float]) -> dict[str, Any]:
     if not values_s:
         return {"n": 0}
     ms = np.asarray(values_s) * 1000
-    return {"n": int(ms.size), "p50": round(float(np.percentile(ms, 50)), 2), "p99": round(float(np.percentile(ms, 99)), 2),
-            "max": round(float(ms.max()), 2), "mean": round(float(ms.mean()), 2)}
+    return {
+        "n": int(ms.size),
+        "p50": round(float(np.percentile(ms, 50)), 2),
+        "p99": round(float(np.percentile(ms, 99)), 2),
+        "max": round(float(ms.max()), 2),
+        "mean": round(float(ms.mean()), 2),
+    }
 
 
 def http_get(port: int, path: str) -> str:
@@ -113,7 +118,9 @@ async def run_load(bridge_url: str, calls: int, seconds: float) -> None:
 
     async def one(i: int) -> None:
         await asyncio.sleep(i * 0.02)
-        report = await stream_call(StreamTarget(bridge_url, {"caller": f"+1555000{i:04d}"}), audio, call_sid=f"CALOAD{i:04d}")
+        report = await stream_call(
+            StreamTarget(bridge_url, {"caller": f"+1555000{i:04d}"}), audio, call_sid=f"CALOAD{i:04d}"
+        )
         if report.close_code not in (None, 1000):
             log(f"load call {i} closed {report.close_code} {report.close_reason}")
 
@@ -130,10 +137,15 @@ class Probe:
         self.call_sid = call_sid
         self.sent: dict[int, float] = {}
         self.heard: list[tuple[float, float]] = []
-        self.task = asyncio.get_running_loop().create_task(stream_call(
-            StreamTarget(bridge_url, {"caller": "+15559990000"}), audio, call_sid=call_sid,
-            on_sent=lambda k, _t: self.sent.__setitem__(k, time.time()),
-            on_media=lambda _t, payload: self.heard.append((time.time(), level(payload)))))
+        self.task = asyncio.get_running_loop().create_task(
+            stream_call(
+                StreamTarget(bridge_url, {"caller": "+15559990000"}),
+                audio,
+                call_sid=call_sid,
+                on_sent=lambda k, _t: self.sent.__setitem__(k, time.time()),
+                on_media=lambda _t, payload: self.heard.append((time.time(), level(payload))),
+            )
+        )
 
     def first_heard_after(self, t0: float, above: float = 0.05) -> float | None:
         for at, lvl in list(self.heard):
@@ -200,7 +212,9 @@ async def measure(args: argparse.Namespace, server_pid: int, bridge_port: int, s
     await asyncio.sleep(seconds)
     cpu_calls_only = cpu.stop()
 
-    clients = [SupervisorClient(sup_url, OPERATOR if i == 0 else MONITOR, name=f"bench{i}") for i in range(args.supervisors)]
+    clients = [
+        SupervisorClient(sup_url, OPERATOR if i == 0 else MONITOR, name=f"bench{i}") for i in range(args.supervisors)
+    ]
     for c in clients:
         await c.start()
     watchers = [Watcher(c) for c in clients]
@@ -285,11 +299,15 @@ async def measure(args: argparse.Namespace, server_pid: int, bridge_port: int, s
             "tap_to_client_ms": stats_ms(tap_delays),
             "target_ms": 150,
         },
-        "takeover_switch_ms": {**switch, "target_ms": 200,
-                               "met": bool(switch.get("n") == args.takeovers and switch["max"] <= 200)},
+        "takeover_switch_ms": {
+            **switch,
+            "target_ms": 200,
+            "met": bool(switch.get("n") == args.takeovers and switch["max"] <= 200),
+        },
         "takeover_ack_ms": stats_ms(acks),
         "server_during_run": {
-            "missed_ticks": metric(metrics1, "xswarm_missed_ticks_total") - metric(metrics0, "xswarm_missed_ticks_total"),
+            "missed_ticks": metric(metrics1, "xswarm_missed_ticks_total")
+            - metric(metrics0, "xswarm_missed_ticks_total"),
             "late_frames": metric(metrics1, "xswarm_late_frames_total") - metric(metrics0, "xswarm_late_frames_total"),
             "supervisor_dropped": metric(metrics1, "xswarm_supervisor_dropped_total"),
             "supervisor_slow_disconnects": metric(metrics1, "xswarm_supervisor_slow_disconnects_total"),
@@ -315,14 +333,36 @@ def main(argv: list[str] | None = None) -> int:
 
     home = tempfile.mkdtemp(prefix="xswarm-bench-sup-")
     bridge_port, sup_port = free_port(), free_port()
-    env = {**os.environ, "XSWARM_HOME": home, "XSWARM_SUPERVISOR_TOKEN": OPERATOR,
-           "XSWARM_SUPERVISOR_MONITOR_TOKEN": MONITOR, "XSWARM_LOG_LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        "XSWARM_HOME": home,
+        "XSWARM_SUPERVISOR_TOKEN": OPERATOR,
+        "XSWARM_SUPERVISOR_MONITOR_TOKEN": MONITOR,
+        "XSWARM_LOG_LEVEL": "WARNING",
+    }
     for name in ("TWILIO_AUTH_TOKEN", "XSWARM_CALL_TOKEN_SECRET"):
         env.pop(name, None)  # loopback bench: no signatures or call tokens to forge
     server = subprocess.Popen(
-        [sys.executable, "-m", "xswarm_tui.cli", "serve", "--model", "echo", "--slots", str(args.calls + 4),
-         "--bridge-port", str(bridge_port), "--supervisor-port", str(sup_port), "--webhooks-port", "0"],
-        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "xswarm_tui.cli",
+            "serve",
+            "--model",
+            "echo",
+            "--slots",
+            str(args.calls + 4),
+            "--bridge-port",
+            str(bridge_port),
+            "--supervisor-port",
+            str(sup_port),
+            "--webhooks-port",
+            "0",
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     load = None
     try:
@@ -341,8 +381,18 @@ def main(argv: list[str] | None = None) -> int:
         log(f"server ready (pid {server.pid}); starting {args.calls - 2} load calls")
         load_seconds = 6 * args.seconds + 2 * args.takeovers + 30
         load = subprocess.Popen(
-            [sys.executable, __file__, "--load", f"ws://127.0.0.1:{bridge_port}/twilio", "--calls", str(args.calls - 2),
-             "--load-seconds", str(load_seconds)], env=env, cwd=ROOT,
+            [
+                sys.executable,
+                __file__,
+                "--load",
+                f"ws://127.0.0.1:{bridge_port}/twilio",
+                "--calls",
+                str(args.calls - 2),
+                "--load-seconds",
+                str(load_seconds),
+            ],
+            env=env,
+            cwd=ROOT,
         )
         report = asyncio.run(measure(args, server.pid, bridge_port, sup_port))
     finally:

@@ -63,8 +63,21 @@ def _runtime() -> object:
 def _place_calls(runtime: object, n: int, seconds: float) -> subprocess.Popen:
     """n Twilio-style calls into the runtime's real bridge, from another process (the simulator
     must not share this process's GIL, or it would be measured as the UI's or the bridge's cost)."""
-    caller = subprocess.Popen([sys.executable, __file__, "--child", "twilio", "--port", str(runtime.bridge_port),  # type: ignore[attr-defined]
-                               "--calls", str(n), "--seconds", str(seconds)], stdout=subprocess.DEVNULL)
+    caller = subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            "twilio",
+            "--port",
+            str(runtime.bridge_port),  # type: ignore[attr-defined]
+            "--calls",
+            str(n),
+            "--seconds",
+            str(seconds),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 30
     while runtime.calls.used < n:  # type: ignore[attr-defined]
         if time.monotonic() > deadline:
@@ -88,8 +101,10 @@ def child_twilio(port: int, calls: int, seconds: float) -> dict:
 
     async def one(k: int) -> None:
         sid = simulator.new_sid("CA")
-        target = simulator.StreamTarget(f"ws://127.0.0.1:{port}/twilio", {
-            "token": mint(TOKEN_SECRET, sid), "caller": f"+1415555{k:04d}", "user_id": f"u-{k}", "theme": "xswarm"})
+        target = simulator.StreamTarget(
+            f"ws://127.0.0.1:{port}/twilio",
+            {"token": mint(TOKEN_SECRET, sid), "caller": f"+1415555{k:04d}", "user_id": f"u-{k}", "theme": "xswarm"},
+        )
         await simulator.stream_call(target, audio, auth_token=AUTH_TOKEN, call_sid=sid)
 
     async def all_calls() -> None:
@@ -114,6 +129,7 @@ def _scheduler_counts(runtime: object) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- children
 
+
 def first_paint_on_a_terminal() -> dict:
     """Run `xswarm --model echo` on a pseudo-terminal until its log says it painted, then quit."""
     import pty
@@ -121,12 +137,26 @@ def first_paint_on_a_terminal() -> dict:
 
     master, slave = pty.openpty()
     with tempfile.TemporaryDirectory(prefix="xswarm-bench-tui-") as home:
-        env = dict(os.environ, XSWARM_HOME=home, TERM="xterm-256color", XSWARM_SERVER__BRIDGE_PORT="0",
-                   XSWARM_SERVER__SUPERVISOR_PORT="0", COLUMNS="120", LINES="40")
+        env = dict(
+            os.environ,
+            XSWARM_HOME=home,
+            TERM="xterm-256color",
+            XSWARM_SERVER__BRIDGE_PORT="0",
+            XSWARM_SERVER__SUPERVISOR_PORT="0",
+            COLUMNS="120",
+            LINES="40",
+        )
         log = Path(home) / "state" / "logs" / "xswarm.log"
         spawned = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "xswarm_tui.cli", "--model", "echo"], cwd=ROOT, env=env,
-                                stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "xswarm_tui.cli", "--model", "echo"],
+            cwd=ROOT,
+            env=env,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            start_new_session=True,
+        )
         os.close(slave)
         match = None
         try:
@@ -148,8 +178,12 @@ def first_paint_on_a_terminal() -> dict:
             os.close(master)
     if match is None:
         raise SystemExit("the console never logged its first paint")
-    return {"first_paint_ms": float(match.group(1)), "spawn_to_first_paint_ms": round(wall * 1000, 1),
-            "torch_imported_at_first_paint": match.group(2) == "True", "exit_code": proc.returncode}
+    return {
+        "first_paint_ms": float(match.group(1)),
+        "spawn_to_first_paint_ms": round(wall * 1000, 1),
+        "torch_imported_at_first_paint": match.group(2) == "True",
+        "exit_code": proc.returncode,
+    }
 
 
 def _drain(fd: int) -> None:
@@ -193,9 +227,13 @@ def child_ui(calls: int, seconds: float) -> dict:
         def _end(self) -> None:
             cpu, wall = time.thread_time() - self._cpu0, time.perf_counter() - self._wall0
             late, missed = _scheduler_counts(link.runtime)
-            result.update(ui_cpu_percent_of_core=round(100 * cpu / wall, 2), seconds=round(wall, 2),
-                          rows=len(self.board.rows), late_frames=late - self._counts0[0],
-                          missed_ticks=missed - self._counts0[1])
+            result.update(
+                ui_cpu_percent_of_core=round(100 * cpu / wall, 2),
+                seconds=round(wall, 2),
+                rows=len(self.board.rows),
+                late_frames=late - self._counts0[0],
+                missed_ticks=missed - self._counts0[1],
+            )
             self.exit()
 
     app = Measured(link)
@@ -224,6 +262,7 @@ def child_baseline(calls: int, seconds: float) -> dict:
 
 # ------------------------------------------------------------------------------- parent
 
+
 def _run_child(args: list[str]) -> dict:
     env = dict(os.environ, TWILIO_AUTH_TOKEN=AUTH_TOKEN, XSWARM_CALL_TOKEN_SECRET=TOKEN_SECRET)
     with tempfile.TemporaryDirectory(prefix="xswarm-bench-tui-") as home:
@@ -244,10 +283,12 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.child:
-        result = {"idle": lambda: child_ui(0, args.seconds),
-                  "calls": lambda: child_ui(args.calls, args.seconds),
-                  "baseline": lambda: child_baseline(args.calls, args.seconds),
-                  "twilio": lambda: child_twilio(args.port, args.calls, args.seconds)}[args.child]()
+        result = {
+            "idle": lambda: child_ui(0, args.seconds),
+            "calls": lambda: child_ui(args.calls, args.seconds),
+            "baseline": lambda: child_baseline(args.calls, args.seconds),
+            "twilio": lambda: child_twilio(args.port, args.calls, args.seconds),
+        }[args.child]()
         print(json.dumps(result))
         return
 
@@ -256,7 +297,9 @@ def main() -> None:
     busy_runs, base_runs = [], []
     for _ in range(args.repeat):  # interleaved, so a noisy neighbour hits both sides alike
         busy_runs.append(_run_child(["--child", "calls", "--seconds", str(args.seconds), "--calls", str(args.calls)]))
-        base_runs.append(_run_child(["--child", "baseline", "--seconds", str(args.seconds), "--calls", str(args.calls)]))
+        base_runs.append(
+            _run_child(["--child", "baseline", "--seconds", str(args.seconds), "--calls", str(args.calls)])
+        )
     import statistics
 
     def median(runs: list[dict], key: str) -> float:
@@ -266,8 +309,12 @@ def main() -> None:
 
     report = {
         "benchmark": "tui",
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": psutil.cpu_count(),
-                    "python": platform.python_version(), "load_avg_1m": round(os.getloadavg()[0], 2)},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": psutil.cpu_count(),
+            "python": platform.python_version(),
+            "load_avg_1m": round(os.getloadavg()[0], 2),
+        },
         "first_paint_ms": paint["first_paint_ms"],
         "spawn_to_first_paint_ms": paint["spawn_to_first_paint_ms"],
         "console_exit_code": paint["exit_code"],
@@ -282,13 +329,20 @@ def main() -> None:
         "missed_ticks_with_ui": median(busy_runs, "missed_ticks"),
         "missed_ticks_without_ui": median(base_runs, "missed_ticks"),
         "missed_ticks_caused_by_ui": max(0, median(busy_runs, "missed_ticks") - median(base_runs, "missed_ticks")),
-        "runs": {"with_ui": [{k: r[k] for k in ("ui_cpu_percent_of_core", "late_frames", "missed_ticks")}
-                             for r in busy_runs],
-                 "without_ui": [{k: r[k] for k in ("late_frames", "missed_ticks")} for r in base_runs]},
+        "runs": {
+            "with_ui": [
+                {k: r[k] for k in ("ui_cpu_percent_of_core", "late_frames", "missed_ticks")} for r in busy_runs
+            ],
+            "without_ui": [{k: r[k] for k in ("late_frames", "missed_ticks")} for r in base_runs],
+        },
         "frames_per_window": args.calls * round(args.seconds / 0.08),
         "window_s": args.seconds,
-        "targets": {"first_paint_ms": 1000, "idle_ui_cpu_percent_of_core": 2, "calls_ui_cpu_percent_of_core": 25,
-                    "late_frames_caused_by_ui": 0},
+        "targets": {
+            "first_paint_ms": 1000,
+            "idle_ui_cpu_percent_of_core": 2,
+            "calls_ui_cpu_percent_of_core": 25,
+            "late_frames_caused_by_ui": 0,
+        },
     }
     print(json.dumps(report, indent=2))
 

@@ -100,7 +100,8 @@ def serve(port_file: Path) -> None:
     from engine.logging_setup import configure
     from engine.store.migrations import open_database
     from webhooks.limits import RateLimit
-    from webhooks.server import WebhooksServer, quiet_gc, run as run_server
+    from webhooks.server import WebhooksServer, quiet_gc
+    from webhooks.server import run as run_server
 
     configure()
     settings = load_settings()
@@ -133,11 +134,25 @@ def signed_requests(count: int, run: int) -> list[tuple[str, str]]:
     for i in range(count):
         sid = f"SM{run:02d}{i:030d}"
         params = {
-            "ToCountry": "US", "ToState": "CA", "SmsMessageSid": sid, "NumMedia": "0", "ToCity": "SAN FRANCISCO",
-            "FromZip": "94105", "SmsSid": sid, "FromState": "CA", "SmsStatus": "received", "FromCity": "SAN FRANCISCO",
-            "Body": "help" if i % 2 else "status", "FromCountry": "US", "To": "+14155550199", "ToZip": "94105",
-            "NumSegments": "1", "MessageSid": sid, "AccountSid": "AC" + "0" * 32,
-            "From": KNOWN if i % 4 else "+14155559999", "ApiVersion": "2010-04-01",
+            "ToCountry": "US",
+            "ToState": "CA",
+            "SmsMessageSid": sid,
+            "NumMedia": "0",
+            "ToCity": "SAN FRANCISCO",
+            "FromZip": "94105",
+            "SmsSid": sid,
+            "FromState": "CA",
+            "SmsStatus": "received",
+            "FromCity": "SAN FRANCISCO",
+            "Body": "help" if i % 2 else "status",
+            "FromCountry": "US",
+            "To": "+14155550199",
+            "ToZip": "94105",
+            "NumSegments": "1",
+            "MessageSid": sid,
+            "AccountSid": "AC" + "0" * 32,
+            "From": KNOWN if i % 4 else "+14155559999",
+            "ApiVersion": "2010-04-01",
         }
         out.append((validator.compute_signature(PUBLIC + "/twilio/sms", params), urlencode(params)))
     return out
@@ -146,8 +161,21 @@ def signed_requests(count: int, run: int) -> list[tuple[str, str]]:
 def run_wrk(port: int, requests_file: Path, script: Path, duration: int, connections: int) -> dict[str, float]:
     env = {**os.environ, "XSWARM_BENCH_REQUESTS": str(requests_file), "XSWARM_BENCH_HOST": f"127.0.0.1:{port}"}
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "5s", "-s", str(script), f"http://127.0.0.1:{port}/"],
-        capture_output=True, text=True, env=env, check=True,
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{duration}s",
+            "--timeout",
+            "5s",
+            "-s",
+            str(script),
+            f"http://127.0.0.1:{port}/",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
     ).stdout
     line = next(x for x in out.splitlines() if x.startswith("{"))
     return json.loads(line)
@@ -179,7 +207,9 @@ async def main():
         "p99_us": lat[int(len(lat) * 0.99)] * 1e6, "max_us": lat[-1] * 1e6, "errors": errors}}))
 asyncio.run(main())
 """
-    out = subprocess.run([sys.executable, "-c", code], input=json.dumps(rows), capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], input=json.dumps(rows), capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -189,14 +219,19 @@ asyncio.run(main())
 def prepare(home: Path) -> None:
     env = settings_env(home)
     subprocess.run(
-        [sys.executable, "-c",
-         "from engine.config import load_settings\n"
-         "from engine.store.migrations import open_database\n"
-         "from engine.store.users import create_user\n"
-         "db = open_database(load_settings())\n"
-         f"create_user(db, name='Bench', phone='{KNOWN}', email='bench@example.com', tier='enterprise')\n"
-         "db.close()\n"],
-        env=env, check=True, cwd=ROOT,
+        [
+            sys.executable,
+            "-c",
+            "from engine.config import load_settings\n"
+            "from engine.store.migrations import open_database\n"
+            "from engine.store.users import create_user\n"
+            "db = open_database(load_settings())\n"
+            f"create_user(db, name='Bench', phone='{KNOWN}', email='bench@example.com', tier='enterprise')\n"
+            "db.close()\n",
+        ],
+        env=env,
+        check=True,
+        cwd=ROOT,
     )
 
 
@@ -205,7 +240,9 @@ def start_one(home: Path, run: int) -> tuple[subprocess.Popen[bytes], int]:
     port_file = home / f"port-{run}"
     server = subprocess.Popen(
         [sys.executable, str(Path(__file__).resolve()), "--serve", str(port_file)],
-        env=settings_env(home), stdin=subprocess.PIPE, cwd=ROOT,
+        env=settings_env(home),
+        stdin=subprocess.PIPE,
+        cwd=ROOT,
     )
     deadline = time.monotonic() + 30
     while not port_file.exists() or not port_file.read_text():
@@ -220,9 +257,23 @@ def start_workers(home: Path, workers: int) -> tuple[subprocess.Popen[bytes], in
     """``xswarm webhooks serve --workers N`` as an operator runs it (the limiter in the path,
     set above the offered load); its port, from the line it prints."""
     server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("xswarm")), "webhooks", "serve", "--host", "127.0.0.1", "--port", "0",
-         "--workers", str(workers), "--rate-limit", "1000000"],
-        env=settings_env(home), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT,
+        [
+            str(Path(sys.executable).with_name("xswarm")),
+            "webhooks",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--workers",
+            str(workers),
+            "--rate-limit",
+            "1000000",
+        ],
+        env=settings_env(home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
     )
     assert server.stdout is not None
     line = server.stdout.readline().decode()
@@ -240,7 +291,7 @@ def stop(server: subprocess.Popen[bytes], workers: int) -> None:
     server.wait(timeout=60)
 
 
-def tree_cpu(proc: "psutil.Process") -> float:
+def tree_cpu(proc: psutil.Process) -> float:
     """User+system CPU seconds of a process and its children."""
     total = 0.0
     for each in [proc, *proc.children(recursive=True)]:
@@ -306,7 +357,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--requests", type=int, default=60_000, help="distinct signed SMS prepared per run")
     parser.add_argument("--aiohttp", action="store_true", help="use the aiohttp load generator even if wrk exists")
-    parser.add_argument("--workers", type=int, default=1, help="server processes (> 1: xswarm webhooks serve --workers N)")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="server processes (> 1: xswarm webhooks serve --workers N)"
+    )
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -316,20 +369,25 @@ def main() -> None:
         home = Path(tmp)
         prepare(home)
         runs = [one_run(home, run, args) for run in range(args.runs)]
-    print(json.dumps({
-        "benchmark": "webhooks: signed Twilio SMS (verify + inbox insert + TwiML)"
-        + (", inbox processor running" if PROCESS else ", ingest only (processor off)"),
-        "machine": machine(),
-        "workers": args.workers,
-        "connections": args.connections,
-        "duration_s": args.duration,
-        "median": {
-            key: statistics.median(r[key] for r in runs)
-            for key in ("requests_per_s", "p50_ms", "p99_ms", "cpu_ms_per_request")
-        },
-        "targets": {"requests_per_s": ">= 3000", "p99_ms": "<= 30", "cpu_ms_per_request": "<= 1"},
-        "runs": runs,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "webhooks: signed Twilio SMS (verify + inbox insert + TwiML)"
+                + (", inbox processor running" if PROCESS else ", ingest only (processor off)"),
+                "machine": machine(),
+                "workers": args.workers,
+                "connections": args.connections,
+                "duration_s": args.duration,
+                "median": {
+                    key: statistics.median(r[key] for r in runs)
+                    for key in ("requests_per_s", "p50_ms", "p99_ms", "cpu_ms_per_request")
+                },
+                "targets": {"requests_per_s": ">= 3000", "p99_ms": "<= 30", "cpu_ms_per_request": "<= 1"},
+                "runs": runs,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

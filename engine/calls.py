@@ -46,7 +46,7 @@ class Transport(Protocol):
 
     source: str
 
-    def send_frame(self, session: "CallSession", step: int, ulaw: bytes, pcm: np.ndarray) -> None:
+    def send_frame(self, session: CallSession, step: int, ulaw: bytes, pcm: np.ndarray) -> None:
         """Queue one 80 ms output frame (8 kHz mu-law and 24 kHz float); never blocks."""
 
     def clear(self) -> None:
@@ -126,7 +126,9 @@ class CallSession:
         return self.inbound.late if self.inbound is not None else 0
 
     def _changed(self) -> None:
-        self._bus.publish(events.CallUpdated(call_id=self.call_id, mode=self.mode, operator=self.operator, listeners=len(self.taps)))
+        self._bus.publish(
+            events.CallUpdated(call_id=self.call_id, mode=self.mode, operator=self.operator, listeners=len(self.taps))
+        )
 
     def _check_live(self) -> None:
         if self.ended:
@@ -230,7 +232,9 @@ class CallSession:
             "bal_ms": bal,
             "playout_lag_ms": lag,
             "late_frames": self.late_frames,
-            "admission_ms": None if self.first_tick_at is None else round((self.first_tick_at - self.admitted_at) * 1000, 3),
+            "admission_ms": None
+            if self.first_tick_at is None
+            else round((self.first_tick_at - self.admitted_at) * 1000, 3),
             "frames_out": self.frames_out,
             "in_level": round(self.in_level, 4),
             "out_level": round(self.out_level, 4),
@@ -251,8 +255,13 @@ class CallSession:
 class CallRegistry:
     """Live calls by id and by slot; admission into the model's fixed batch of slots."""
 
-    def __init__(self, bus: EventBus, *, on_start: Callable[[CallSession], None] | None = None,
-                 on_end: Callable[[CallSession, str], None] | None = None) -> None:
+    def __init__(
+        self,
+        bus: EventBus,
+        *,
+        on_start: Callable[[CallSession], None] | None = None,
+        on_end: Callable[[CallSession, str], None] | None = None,
+    ) -> None:
         self._bus = bus
         self._by_id: dict[str, CallSession] = {}
         self.by_slot: list[CallSession | None] = []
@@ -318,8 +327,16 @@ class CallRegistry:
         self._by_id[session.call_id] = session
         self.admitted.add(slot)
         log.info("call %s admitted to slot %d (%s)", session.call_id, slot, session.source)
-        self._bus.publish(events.CallStarted(call_id=session.call_id, slot=slot, source=session.source,
-                                             caller=session.caller, user_id=session.user_id, theme=session.theme))
+        self._bus.publish(
+            events.CallStarted(
+                call_id=session.call_id,
+                slot=slot,
+                source=session.source,
+                caller=session.caller,
+                user_id=session.user_id,
+                theme=session.theme,
+            )
+        )
         if self._on_start is not None:
             self._on_start(session)
         return slot
@@ -336,7 +353,9 @@ class CallRegistry:
                 self.by_slot[session.slot] = None
                 self.admitted.discard(session.slot)
         duration = time.time() - session.started_at
-        log.info("call %s ended: %s after %.1f s (late frames %d)", session.call_id, reason, duration, session.late_frames)
+        log.info(
+            "call %s ended: %s after %.1f s (late frames %d)", session.call_id, reason, duration, session.late_frames
+        )
         self._bus.publish(events.CallEnded(call_id=session.call_id, reason=reason, duration_s=round(duration, 3)))
         if self._on_end is not None:
             self._on_end(session, reason)

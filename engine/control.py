@@ -78,7 +78,7 @@ class CallControl:
     """Applies supervisor commands to live calls. One instance per front end is fine:
     exclusivity of takeover lives in the ``CallSession`` itself."""
 
-    def __init__(self, runtime: "Runtime") -> None:
+    def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self._taps: dict[tuple[str, str], Callable[[], None]] = {}
         """(actor, call_id) -> the function that removes that actor's tap."""
@@ -99,7 +99,9 @@ class CallControl:
             if role not in ("operator", "monitor"):
                 raise ControlError("forbidden", f"unknown role {role!r}")
             if role != "operator" and action not in MONITOR_ACTIONS:
-                raise ControlError("forbidden", f"the {role} role may only watch and listen; {action} needs an operator token")
+                raise ControlError(
+                    "forbidden", f"the {role} role may only watch and listen; {action} needs an operator token"
+                )
             try:
                 result = await self._apply(action, command, actor, tap, detail)
             except CallControlError as exc:  # the session refused: someone else holds it, it ended …
@@ -143,7 +145,9 @@ class CallControl:
 
     # ---------------------------------------------------------------------------- actions
 
-    async def _apply(self, action: str, command: Command, actor: str, tap: Tap | None, detail: dict[str, Any]) -> dict[str, Any]:
+    async def _apply(
+        self, action: str, command: Command, actor: str, tap: Tap | None, detail: dict[str, Any]
+    ) -> dict[str, Any]:
         if action == "start_local_call":
             return await self._start_local_call()
         call_id: str = command.call_id  # type: ignore[attr-defined]
@@ -197,7 +201,9 @@ class CallControl:
             raise ControlError("unavailable", "Twilio credentials (account_sid, auth_token) are not configured")
         twiml = f"<Response><Dial>{escape(number)}</Dial></Response>"
         try:
-            status, body = await twilio_rest.update_call(tw, call.call_id, {"Twiml": twiml}, timeout_s=TRANSFER_TIMEOUT_S)
+            status, body = await twilio_rest.update_call(
+                tw, call.call_id, {"Twiml": twiml}, timeout_s=TRANSFER_TIMEOUT_S
+            )
         except twilio_rest.TwilioUnreachable as exc:
             raise ControlError("failed", f"Twilio could not be reached: {exc}") from None
         if status >= 300:
@@ -218,7 +224,9 @@ class CallControl:
 
     # ------------------------------------------------------------------------------ audit
 
-    def _audit(self, actor: str, role: str, action: str, call_id: str | None, detail: dict[str, Any], result: str) -> None:
+    def _audit(
+        self, actor: str, role: str, action: str, call_id: str | None, detail: dict[str, Any], result: str
+    ) -> None:
         """Tell every console through the bus and queue the audit_log row.
 
         The row goes through the database's single writer (durable once committed, a few ms
@@ -232,8 +240,9 @@ class CallControl:
         from engine.store import audit
 
         try:
-            future = audit.record(db, actor=actor, role=role, action=action, call_id=call_id, detail=detail or None,
-                                  result=result, at=at)
+            future = audit.record(
+                db, actor=actor, role=role, action=action, call_id=call_id, detail=detail or None, result=result, at=at
+            )
         except Exception:  # the store is closed (runtime stopping): say so, keep the answer
             log.exception("could not queue audit_log for %s by %s", action, actor)
             return

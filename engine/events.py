@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 PROTOCOL_VERSION = 1
 _log = logging.getLogger("xswarm.bus")
 
-_REGISTRY: dict[str, type["Wire"]] = {}
+_REGISTRY: dict[str, type[Wire]] = {}
 W = TypeVar("W", bound="type[Wire]")
 
 

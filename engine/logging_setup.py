@@ -66,7 +66,7 @@ def configure(paths: Paths | None = None) -> Path:
     return path
 
 
-def forward_to(records: "Queue[logging.LogRecord]") -> None:
+def forward_to(records: Queue[logging.LogRecord]) -> None:
     """In a worker process: hand every record to the parent instead of opening the file.
 
     Why: several processes rotating one file lose lines (each renames the file under the
@@ -79,7 +79,7 @@ def forward_to(records: "Queue[logging.LogRecord]") -> None:
     logging.getLogger().addHandler(handler)
 
 
-def listen(records: "Queue[logging.LogRecord]") -> logging.handlers.QueueListener:
+def listen(records: Queue[logging.LogRecord]) -> logging.handlers.QueueListener:
     """In the parent, after ``configure``: write the workers' records to the file (started;
     ``stop()`` it after the workers have exited)."""
     if _file_handler is None:

@@ -54,9 +54,16 @@ _QUIET_EVENTS = (events.LatencySampled, events.TickSampled, events.SystemSampled
 class Runtime:
     """Owns the bus, the database, the model, the scheduler, the live calls and the servers."""
 
-    def __init__(self, settings: Settings, *, model_spec: str | None = None, bridge_port: int | None = None,
-                 supervisor_port: int | None = None, webhooks_port: int | None = None,
-                 bus: EventBus | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        model_spec: str | None = None,
+        bridge_port: int | None = None,
+        supervisor_port: int | None = None,
+        webhooks_port: int | None = None,
+        bus: EventBus | None = None,
+    ) -> None:
         self.settings = settings
         self.bus = bus or EventBus()
         self.db: Database | None = None
@@ -74,7 +81,8 @@ class Runtime:
             "bridge": settings.server.bridge_port if bridge_port is None else bridge_port,
             "supervisor": settings.server.supervisor_port if supervisor_port is None else supervisor_port,
             "webhooks": (settings.server.webhooks_port if settings.server.webhooks_enabled else 0)
-            if webhooks_port is None else webhooks_port,
+            if webhooks_port is None
+            else webhooks_port,
         }
         self.bridge_port: int | None = None
         self.supervisor_port: int | None = None
@@ -116,8 +124,13 @@ class Runtime:
         except BaseException:
             self.stop()
             raise
-        log.info("runtime %s started: bridge %s, supervisor %s, webhooks %s", self.node_id,
-                 self.bridge_port, self.supervisor_port, self.webhooks_port)
+        log.info(
+            "runtime %s started: bridge %s, supervisor %s, webhooks %s",
+            self.node_id,
+            self.bridge_port,
+            self.supervisor_port,
+            self.webhooks_port,
+        )
 
     def stop(self) -> None:
         """End live calls, stop the servers and the tick, flush and close the database."""
@@ -165,7 +178,9 @@ class Runtime:
         if self._want["webhooks"]:
             from webhooks.server import WebhooksServer
 
-            self.webhooks = WebhooksServer(self.settings, self.db, self.bus, record_feed=False)  # our recorder writes them
+            self.webhooks = WebhooksServer(
+                self.settings, self.db, self.bus, record_feed=False
+            )  # our recorder writes them
             await self.webhooks.start(host, self._want["webhooks"])
             self.webhooks_port = self.webhooks.port
         from engine.storage.service import StorageService
@@ -281,9 +296,13 @@ class Runtime:
         if self.db is None:
             return
         future = nodes.heartbeat(
-            self.db, self.node_id, bridge_url=self.bridge_url if self.bridge_port else None,
-            model=self.model.name if self.model else self.model_spec, slots_total=self.calls.capacity,
-            slots_free=self.calls.available, step_ms_p99=self.scheduler.model_step_ms.percentile(99),
+            self.db,
+            self.node_id,
+            bridge_url=self.bridge_url if self.bridge_port else None,
+            model=self.model.name if self.model else self.model_spec,
+            slots_total=self.calls.capacity,
+            slots_free=self.calls.available,
+            step_ms_p99=self.scheduler.model_step_ms.percentile(99),
             started_at=int(self.started_at * 1000),
         )
         future.add_done_callback(_log_failure("heartbeat"))  # type: ignore[attr-defined]
@@ -299,9 +318,16 @@ class Runtime:
         if self.db is None:
             return
         call_rows.record_live(
-            self.db, call_id=session.call_id, stream_sid=session.stream_sid, user_id=session.user_id,
-            caller=session.caller, source=session.source, node_id=self.node_id, slot=session.slot,
-            theme=session.theme, started_at=session.started_at,
+            self.db,
+            call_id=session.call_id,
+            stream_sid=session.stream_sid,
+            user_id=session.user_id,
+            caller=session.caller,
+            source=session.source,
+            node_id=self.node_id,
+            slot=session.slot,
+            theme=session.theme,
+            started_at=session.started_at,
         ).add_done_callback(_log_failure("call start row"))
 
     def _call_ended(self, session: CallSession, reason: str) -> None:
@@ -309,7 +335,10 @@ class Runtime:
             return
         summary = session.summary()
         call_rows.record_end(
-            self.db, call_id=session.call_id, reason=reason, step_p50_ms=self.scheduler.model_step_ms.percentile(50),
+            self.db,
+            call_id=session.call_id,
+            reason=reason,
+            step_p50_ms=self.scheduler.model_step_ms.percentile(50),
             **summary,
         ).add_done_callback(_log_failure("call end row"))
 
@@ -353,16 +382,34 @@ class Runtime:
         mask: Any = feed.masked_wire if mask_callers else (lambda wire: wire)
         return {
             "node": {
-                "id": self.node_id, "started_at": self.started_at, "uptime_s": round(time.time() - self.started_at, 1),
-                "bridge_port": self.bridge_port, "supervisor_port": self.supervisor_port,
-                "webhooks_port": self.webhooks_port, "bridge_url": self.bridge_url,
+                "id": self.node_id,
+                "started_at": self.started_at,
+                "uptime_s": round(time.time() - self.started_at, 1),
+                "bridge_port": self.bridge_port,
+                "supervisor_port": self.supervisor_port,
+                "webhooks_port": self.webhooks_port,
+                "bridge_url": self.bridge_url,
             },
-            "model": {"spec": self.model_spec, "name": self.model.name if self.model else None,
-                      "state": self.model_state, "detail": self.model_detail, "progress": self.model_progress},
-            "slots": {"total": self.calls.capacity, "used": self.calls.used, "free": self.calls.free,
-                      "available": self.calls.available, "no_headroom": self.scheduler.headroom()},
-            "calls": [mask(s.stats() | {"caller": s.caller, "user_id": s.user_id, "theme": s.theme,
-                                        "started_at": s.started_at}) for s in self.calls],
+            "model": {
+                "spec": self.model_spec,
+                "name": self.model.name if self.model else None,
+                "state": self.model_state,
+                "detail": self.model_detail,
+                "progress": self.model_progress,
+            },
+            "slots": {
+                "total": self.calls.capacity,
+                "used": self.calls.used,
+                "free": self.calls.free,
+                "available": self.calls.available,
+                "no_headroom": self.scheduler.headroom(),
+            },
+            "calls": [
+                mask(
+                    s.stats() | {"caller": s.caller, "user_id": s.user_id, "theme": s.theme, "started_at": s.started_at}
+                )
+                for s in self.calls
+            ],
             "scheduler": self.scheduler.describe(),
             "bridge": self.bridge.describe() if self.bridge is not None else None,
             "storage": self.storage.status() if self.storage is not None else None,

@@ -88,8 +88,14 @@ def _rms(x: np.ndarray) -> np.ndarray:
 class Scheduler:
     """Runs the tick on the runtime loop and the model on its one inference thread."""
 
-    def __init__(self, calls: CallRegistry, bus: EventBus, *, tick_s: float = FRAME_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        calls: CallRegistry,
+        bus: EventBus,
+        *,
+        tick_s: float = FRAME_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.calls = calls
         self.bus = bus
         self.tick_s = tick_s
@@ -230,8 +236,12 @@ class Scheduler:
         if frames:
             ulaw[frame_slots] = np.frombuffer(b"".join(frames), np.uint8).reshape(len(frames), FRAME_BYTES)
         step_input = StepInput(
-            pcm=np.zeros((slots, FRAME_SIZE), np.float32), active=active, admitted=admitted,
-            operator_pcm=operator_pcm, takeover=takeover, forced_text=forced,
+            pcm=np.zeros((slots, FRAME_SIZE), np.float32),
+            active=active,
+            admitted=admitted,
+            operator_pcm=operator_pcm,
+            takeover=takeover,
+            forced_text=forced,
         )
         self.steps += 1
         return _Batch(self.steps - 1, now, sessions, rows, ulaw, pcm_rows, step_input)
@@ -264,8 +274,17 @@ class Scheduler:
         for slot, frame in batch.pcm_rows.items():  # local calls have no 8 kHz input
             in_level[slot] = float(np.sqrt(np.mean(np.square(frame))))
         tick_work_ms = (self.clock() - batch.at) * 1000
-        return _Result(inp.pcm, pcm_out, ulaw_out, np.asarray(out.ready, bool), list(out.text), in_level, out_level,
-                       model_step_ms, tick_work_ms)
+        return _Result(
+            inp.pcm,
+            pcm_out,
+            ulaw_out,
+            np.asarray(out.ready, bool),
+            list(out.text),
+            in_level,
+            out_level,
+            model_step_ms,
+            tick_work_ms,
+        )
 
     def deliver(self, batch: _Batch, result: _Result) -> None:
         """Hand every call its output and publish coalesced figures (runtime loop)."""
@@ -299,13 +318,19 @@ class Scheduler:
                 self._publish_call(s)
         if tick % TICK_EVERY == 0 and self._window_steps:
             steps, work = np.asarray(self._window_steps).T
-            self.bus.publish(events.TickSampled(
-                step_ms_p50=round(float(np.median(steps)), 3), step_ms_max=round(float(steps.max()), 3),
-                active=len(self.calls), slots=self.calls.capacity, missed_ticks=self.missed_ticks,
-                tick_work_ms_p50=round(float(np.median(work)), 3), tick_work_ms_max=round(float(work.max()), 3),
-            ))
+            self.bus.publish(
+                events.TickSampled(
+                    step_ms_p50=round(float(np.median(steps)), 3),
+                    step_ms_max=round(float(steps.max()), 3),
+                    active=len(self.calls),
+                    slots=self.calls.capacity,
+                    missed_ticks=self.missed_ticks,
+                    tick_work_ms_p50=round(float(np.median(work)), 3),
+                    tick_work_ms_max=round(float(work.max()), 3),
+                )
+            )
             self._window_steps.clear()
-    
+
     @staticmethod
     def _oldest_first(batch: _Batch) -> list[int]:
         """Slots in the order their frames completed, oldest first (slots without input last).
@@ -322,14 +347,23 @@ class Scheduler:
         )
 
     def _publish_call(self, s: CallSession) -> None:
-        self.bus.publish(events.LatencySampled(
-            call_id=s.call_id, step_ms=round(s.step_ms, 3), bal_ms=s.last_bal_ms, playout_lag_ms=s.last_lag_ms,
-            late_frames=s.late_frames, in_level=round(s.in_level, 4), out_level=round(s.out_level, 4),
-        ))
+        self.bus.publish(
+            events.LatencySampled(
+                call_id=s.call_id,
+                step_ms=round(s.step_ms, 3),
+                bal_ms=s.last_bal_ms,
+                playout_lag_ms=s.last_lag_ms,
+                late_frames=s.late_frames,
+                in_level=round(s.in_level, 4),
+                out_level=round(s.out_level, 4),
+            )
+        )
         if s.transcript:
             text = "".join(s.transcript)
             s.transcript.clear()
-            self.bus.publish(events.TranscriptAppended(call_id=s.call_id, text=text, speaker="operator" if s.operator else "ai"))
+            self.bus.publish(
+                events.TranscriptAppended(call_id=s.call_id, text=text, speaker="operator" if s.operator else "ai")
+            )
 
     @staticmethod
     def _feed_taps(s: CallSession, caller: np.ndarray, ai: np.ndarray) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fixtures.s3 import S3Target
 from typer.testing import CliRunner
 
 from engine.config import load_settings
@@ -24,7 +25,6 @@ from engine.storage.backup import (
 )
 from engine.store.db import Database
 from engine.store.migrations import migrate, open_database
-from fixtures.s3 import S3Target
 
 DAY = 86400
 
@@ -52,9 +52,12 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
 def _counts(path: Path) -> dict[str, int]:
     conn = sqlite3.connect(path)
     try:
-        names = [r[0] for r in conn.execute(
-            "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' AND name NOT LIKE 'libsql_%'"
-        )]
+        names = [
+            r[0]
+            for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' AND name NOT LIKE 'libsql_%'"
+            )
+        ]
         return {n: conn.execute(f'SELECT count(*) FROM "{n}"').fetchone()[0] for n in names}
     finally:
         conn.close()
@@ -70,7 +73,10 @@ def test_round_trip_restores_same_rows(live_db: Database, store: ObjectStore, tm
     restored = restore_backup(store, backup.id, tmp_path / "restored.db")
     assert restored.row_counts == backup.row_counts == _counts(tmp_path / "restored.db")
     conn = sqlite3.connect(tmp_path / "restored.db")
-    assert conn.execute("SELECT summary, payload FROM events WHERE id = 7").fetchone() == ("quote ' and\nnewline", b"\x00\xffbin")
+    assert conn.execute("SELECT summary, payload FROM events WHERE id = 7").fetchone() == (
+        "quote ' and\nnewline",
+        b"\x00\xffbin",
+    )
     assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     # The AUTOINCREMENT counter came along: new rows do not reuse ids.
     assert conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone() == (3000,)
@@ -121,7 +127,10 @@ def test_dump_of_a_real_sqld_server(sqld, tmp_path: Path) -> None:  # type: igno
         assert backup.format == "sql" and backup.source == "remote" and backup.row_counts["events"] == 12000
         restored = restore_backup(store, "latest", tmp_path / "from-sqld.db")
         conn = sqlite3.connect(restored.path)
-        assert conn.execute("SELECT summary, payload FROM events WHERE at = 300").fetchone() == ("row 300 'q'", bytes([44]))
+        assert conn.execute("SELECT summary, payload FROM events WHERE at = 300").fetchone() == (
+            "row 300 'q'",
+            bytes([44]),
+        )
         live_rows = db.query("SELECT id, at, type, summary, payload FROM events ORDER BY id")
         assert conn.execute("SELECT id, at, type, summary, payload FROM events ORDER BY id").fetchall() == live_rows
     finally:
@@ -146,7 +155,9 @@ def test_restore_refuses_to_overwrite(live_db: Database, tmp_path: Path) -> None
         restore_backup(store, "20200101T000000Z-000000", tmp_path / "x.db")
 
 
-def test_restore_detects_a_corrupted_backup(live_db: Database, store: ObjectStore, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+def test_restore_detects_a_corrupted_backup(
+    live_db: Database, store: ObjectStore, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     backup = create_backup(live_db, store)
     if isinstance(store, LocalStore):
         path = store.root / backup.key
@@ -198,7 +209,7 @@ def test_retention_keeps_recent_and_the_newest(live_db: Database, store: ObjectS
 # ------------------------------------------------------------------------------------ CLI
 
 
-def _cli(*args: str) -> "object":
+def _cli(*args: str) -> object:
     from xswarm_tui.commands.backup import app
 
     return CliRunner().invoke(app, list(args))
@@ -237,7 +248,9 @@ def test_cli_missing_bucket_is_one_clear_line(s3_env: S3Target, monkeypatch: pyt
     assert "does not exist" in result.output and "Traceback" not in result.output  # type: ignore[attr-defined]
 
 
-def test_rebuild_a_lost_machine_from_the_bucket(s3_env: S3Target, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rebuild_a_lost_machine_from_the_bucket(
+    s3_env: S3Target, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The README's one command: a fresh XSWARM_HOME + the bucket's variables -> the database back."""
     db = open_database(load_settings())
     db.write("INSERT INTO users (id, name, created_at, updated_at) VALUES ('u9', 'Zed', 1, 1)")

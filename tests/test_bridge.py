@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 from aiohttp import web
+from local_http import start_local_app
 from twilio.request_validator import RequestValidator
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -29,7 +30,6 @@ from engine.runtime import Runtime
 from engine.store import calls as call_rows
 from engine.store import nodes
 from engine.telephony.calltoken import mint
-from local_http import start_local_app
 
 AUTH_TOKEN = "twilio-auth-token-for-tests"
 TOKEN_SECRET = "call-token-secret-for-tests"
@@ -89,7 +89,9 @@ class Twilio:
         return RequestValidator(AUTH_TOKEN).compute_signature(url, {})
 
     async def open(self, signature: str | None = "valid") -> ClientConnection:
-        headers = {} if signature is None else {"X-Twilio-Signature": self.signature() if signature == "valid" else signature}
+        headers = (
+            {} if signature is None else {"X-Twilio-Signature": self.signature() if signature == "valid" else signature}
+        )
         self.ws = await connect(f"ws://127.0.0.1:{self.port}/twilio", additional_headers=headers, max_size=2**20)
         return self.ws
 
@@ -108,32 +110,61 @@ class Twilio:
         custom = dict(params)
         if token is not None:
             custom["token"] = token
-        await self.send({
-            "event": "start", "sequenceNumber": self._next(), "streamSid": self.stream_sid,
-            "start": {
-                "accountSid": ACCOUNT, "streamSid": self.stream_sid, "callSid": self.call_sid, "tracks": ["inbound"],
-                "customParameters": custom,
-                "mediaFormat": media_format or {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
-            },
-        })
+        await self.send(
+            {
+                "event": "start",
+                "sequenceNumber": self._next(),
+                "streamSid": self.stream_sid,
+                "start": {
+                    "accountSid": ACCOUNT,
+                    "streamSid": self.stream_sid,
+                    "callSid": self.call_sid,
+                    "tracks": ["inbound"],
+                    "customParameters": custom,
+                    "mediaFormat": media_format or {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+                },
+            }
+        )
 
     async def media(self, payload: bytes, chunk: int) -> None:
-        await self.send({
-            "event": "media", "sequenceNumber": self._next(), "streamSid": self.stream_sid,
-            "media": {"track": "inbound", "chunk": str(chunk), "timestamp": str((chunk - 1) * 20),
-                      "payload": base64.b64encode(payload).decode()},
-        })
+        await self.send(
+            {
+                "event": "media",
+                "sequenceNumber": self._next(),
+                "streamSid": self.stream_sid,
+                "media": {
+                    "track": "inbound",
+                    "chunk": str(chunk),
+                    "timestamp": str((chunk - 1) * 20),
+                    "payload": base64.b64encode(payload).decode(),
+                },
+            }
+        )
 
     async def mark(self, name: str) -> None:
-        await self.send({"event": "mark", "sequenceNumber": self._next(), "streamSid": self.stream_sid, "mark": {"name": name}})
+        await self.send(
+            {"event": "mark", "sequenceNumber": self._next(), "streamSid": self.stream_sid, "mark": {"name": name}}
+        )
 
     async def dtmf(self, digit: str) -> None:
-        await self.send({"event": "dtmf", "sequenceNumber": self._next(), "streamSid": self.stream_sid,
-                         "dtmf": {"track": "inbound_track", "digit": digit}})
+        await self.send(
+            {
+                "event": "dtmf",
+                "sequenceNumber": self._next(),
+                "streamSid": self.stream_sid,
+                "dtmf": {"track": "inbound_track", "digit": digit},
+            }
+        )
 
     async def stop(self) -> None:
-        await self.send({"event": "stop", "sequenceNumber": self._next(), "streamSid": self.stream_sid,
-                         "stop": {"accountSid": ACCOUNT, "callSid": self.call_sid}})
+        await self.send(
+            {
+                "event": "stop",
+                "sequenceNumber": self._next(),
+                "streamSid": self.stream_sid,
+                "stop": {"accountSid": ACCOUNT, "callSid": self.call_sid},
+            }
+        )
 
     async def play(self, ulaw: bytes, echo_marks: bool = True) -> None:
         """Send 20 ms chunks in real time while collecting (and acknowledging) what comes back."""
@@ -220,7 +251,9 @@ async def wait_for(predicate: Any, timeout: float = 5.0) -> None:
 
 async def test_health_on_the_bridge_port(bridge: tuple[Runtime, list[events.Event]]) -> None:
     runtime, _ = bridge
-    body = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{runtime.bridge_port}/health").read())
+    body = await asyncio.to_thread(
+        lambda: urllib.request.urlopen(f"http://127.0.0.1:{runtime.bridge_port}/health").read()
+    )
     health = json.loads(body)
     assert health["model"] == "echo" and health["slots"] == {"total": 128, "used": 0, "free": 128}
     assert health["uptime_s"] >= 0 and health["auth"] == {"signature": True, "call_token": True}
@@ -284,7 +317,9 @@ async def test_takeover_sends_clear_and_hang_up_uses_twilio_rest(env: None, monk
     hits: list[dict[str, Any]] = []
 
     async def calls_endpoint(request: web.Request) -> web.Response:
-        hits.append({"path": request.path, "form": dict(await request.post()), "auth": request.headers.get("Authorization")})
+        hits.append(
+            {"path": request.path, "form": dict(await request.post()), "auth": request.headers.get("Authorization")}
+        )
         return web.json_response({"sid": request.match_info["sid"], "status": "completed"})
 
     runner, port = await start_local_app(web.post("/2010-04-01/Accounts/{account}/Calls/{sid}.json", calls_endpoint))
@@ -315,7 +350,9 @@ async def _async(fn: Any) -> Any:
     return fn()
 
 
-async def test_frames_dropped_on_a_congested_socket_are_counted_in_metrics(env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_frames_dropped_on_a_congested_socket_are_counted_in_metrics(
+    env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A caller's socket that holds too much unsent output gets no more frames; each one
     dropped is counted for the node (it outlives the call) and shown in /metrics."""
     from engine.bridge import server as bridge_mod
@@ -338,7 +375,9 @@ async def test_frames_dropped_on_a_congested_socket_are_counted_in_metrics(env: 
         runtime.stop()
 
 
-async def test_complete_call_treats_an_ended_call_as_done_and_reports_failures(env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_complete_call_treats_an_ended_call_as_done_and_reports_failures(
+    env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The REST hang-up's answers, from a local fake Twilio: done, already ended (404 / 20404),
     refused, unreachable; and nothing to do without credentials."""
     from engine.bridge.server import complete_call
@@ -416,8 +455,14 @@ async def test_every_refusal_closes_only_its_own_stream(bridge: tuple[Runtime, l
     async def bad_base64(t: Twilio) -> None:
         t.call_sid = "CA" + "e" * 32
         await t.start(token(t.call_sid))
-        await t.send({"event": "media", "sequenceNumber": "2", "streamSid": t.stream_sid,
-                      "media": {"track": "inbound", "chunk": "1", "timestamp": "0", "payload": "!!not base64!!"}})
+        await t.send(
+            {
+                "event": "media",
+                "sequenceNumber": "2",
+                "streamSid": t.stream_sid,
+                "media": {"track": "inbound", "chunk": "1", "timestamp": "0", "payload": "!!not base64!!"},
+            }
+        )
 
     async def too_big(t: Twilio) -> None:
         await t.send({"event": "media", "media": {"payload": "A" * 70000}})
@@ -511,7 +556,8 @@ class SlowEcho(EchoModel):
 
 
 async def test_a_model_without_headroom_refuses_with_its_own_code_and_stops_advertising(
-        env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("XSWARM_MODEL__SLOTS", "4")
     runtime, seen = start_runtime()
     try:
@@ -547,7 +593,9 @@ async def test_a_model_without_headroom_refuses_with_its_own_code_and_stops_adve
         runtime.stop()
 
 
-async def test_stop_before_start_closes_cleanly_and_bad_ids_are_refused(bridge: tuple[Runtime, list[events.Event]]) -> None:
+async def test_stop_before_start_closes_cleanly_and_bad_ids_are_refused(
+    bridge: tuple[Runtime, list[events.Event]],
+) -> None:
     runtime, _ = bridge
     twilio = Twilio(runtime.bridge_port)  # type: ignore[arg-type]
     await twilio.open()
@@ -570,7 +618,9 @@ async def test_unknown_events_are_ignored(bridge: tuple[Runtime, list[events.Eve
     await twilio.open()
     await twilio.start(token(), extra="x")
     await twilio.send({"event": "something-new", "sequenceNumber": "2", "streamSid": twilio.stream_sid})
-    await twilio.send({"event": "mark", "sequenceNumber": "3", "streamSid": twilio.stream_sid, "mark": {"name": "never-sent"}})
+    await twilio.send(
+        {"event": "mark", "sequenceNumber": "3", "streamSid": twilio.stream_sid, "mark": {"name": "never-sent"}}
+    )
     await twilio.media(b"\xff" * 160, 1)
     await asyncio.sleep(0.2)
     assert runtime.calls.get(twilio.call_sid) is not None

@@ -34,8 +34,9 @@ def node(monkeypatch: pytest.MonkeyPatch) -> Iterator[Runtime]:
     monkeypatch.setenv("XSWARM_BRIDGE_PUBLIC_URL", f"ws://127.0.0.1:{bridge_port}")
     monkeypatch.setenv("XSWARM_TELEPHONY__UNKNOWN_CALLERS", "guest")
     monkeypatch.setenv("XSWARM_TWILIO__API_BASE_URL", "http://127.0.0.1:9")  # never reached in these calls
-    runtime = Runtime(load_settings(), model_spec="echo", bridge_port=bridge_port, supervisor_port=0,
-                      webhooks_port=webhooks_port)
+    runtime = Runtime(
+        load_settings(), model_spec="echo", bridge_port=bridge_port, supervisor_port=0, webhooks_port=webhooks_port
+    )
     runtime.start()
     deadline = time.monotonic() + 10
     while runtime.calls.capacity == 0 and time.monotonic() < deadline:
@@ -89,8 +90,9 @@ def test_call_through_the_voice_webhook_and_the_bridge(node: Runtime, tmp_path: 
 
 
 def test_several_calls_straight_to_the_bridge_with_minted_tokens(node: Runtime) -> None:
-    code, output = invoke("--bridge", f"ws://127.0.0.1:{node.bridge_port}", "--calls", "3", "--stagger", "0.05",
-                          "--tail", "0.2", "--json")
+    code, output = invoke(
+        "--bridge", f"ws://127.0.0.1:{node.bridge_port}", "--calls", "3", "--stagger", "0.05", "--tail", "0.2", "--json"
+    )
     assert code == 0, output
     reports = json.loads(output)
     assert len(reports) == 3 and len({r["call_sid"] for r in reports}) == 3

@@ -16,7 +16,7 @@ from xswarm_tui.cli import app
 runner = CliRunner()
 
 
-def invoke(*args: str) -> "object":
+def invoke(*args: str) -> object:
     return runner.invoke(app, list(args), catch_exceptions=False)
 
 
@@ -48,7 +48,7 @@ def test_config_path_init_show(xswarm_home: Path, monkeypatch: pytest.MonkeyPatc
 def test_broken_config_is_one_line_and_exit_2(xswarm_home: Path) -> None:
     config = xswarm_home / "config" / "config.toml"
     config.parent.mkdir(parents=True)
-    config.write_text("[server]\nbridge_port = \"nope\"\n")
+    config.write_text('[server]\nbridge_port = "nope"\n')
     result = invoke("config", "show")
     assert result.exit_code == 2
     assert result.stderr.count("\n") == 1 and "server.bridge_port" in result.stderr and "config.toml:2" in result.stderr
@@ -56,7 +56,10 @@ def test_broken_config_is_one_line_and_exit_2(xswarm_home: Path) -> None:
     config.write_text("[server\n")
     real = subprocess.run(
         [sys.executable, "-c", "from xswarm_tui.cli import main; main()", "users", "list"],
-        capture_output=True, text=True, env=os.environ.copy(), timeout=60,
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+        timeout=60,
     )
     assert real.returncode == 2, real.stderr
     assert "Traceback" not in real.stderr and real.stderr.count("\n") == 1
@@ -87,7 +90,9 @@ def test_db_commands_against_sqld(sqld, monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_users_lifecycle() -> None:
-    added = invoke("users", "add", "--name", "Ada", "--phone", "+14155550100", "--email", "ada@example.com", "--tier", "personal")
+    added = invoke(
+        "users", "add", "--name", "Ada", "--phone", "+14155550100", "--email", "ada@example.com", "--tier", "personal"
+    )
     assert added.exit_code == 0 and "created user" in added.stdout
     listed = json.loads(invoke("users", "list", "--json").stdout)
     assert [(u["name"], u["phone"], u["tier"]) for u in listed] == [("Ada", "+14155550100", "personal")]
@@ -118,7 +123,11 @@ def test_users_lifecycle() -> None:
     [
         (["users", "add", "--name", "X", "--phone", "555-0100", "--email", "x@example.com"], 2, "not E.164"),
         (["users", "add", "--name", "X", "--phone", "+14155550101", "--email", "x@"], 2, "not a valid address"),
-        (["users", "add", "--name", "X", "--phone", "+14155550101", "--email", "x@example.com", "--tier", "gold"], 2, "unknown tier"),
+        (
+            ["users", "add", "--name", "X", "--phone", "+14155550101", "--email", "x@example.com", "--tier", "gold"],
+            2,
+            "unknown tier",
+        ),
         (["users", "show", "nobody"], 1, "no user 'nobody'"),
         (["users", "set-tier", "nobody", "free"], 1, "no user"),
         (["users", "consent", "nobody", "--recording"], 1, "no user"),
@@ -150,7 +159,9 @@ def test_config_show_output_is_valid_toml(monkeypatch: pytest.MonkeyPatch) -> No
     assert parsed["stripe"]["price_tiers"] == {"price_1": "personal"} and parsed["model"]["context"] == 3000
 
 
-@pytest.mark.parametrize("args", [["--theme", "nope"], ["attach", "ws://127.0.0.1:1", "--token", "t", "--theme", "nope"]])
+@pytest.mark.parametrize(
+    "args", [["--theme", "nope"], ["attach", "ws://127.0.0.1:1", "--token", "t", "--theme", "nope"]]
+)
 def test_an_unknown_theme_flag_is_refused_before_the_console_starts(args: list[str]) -> None:
     result = invoke(*args)
     assert result.exit_code == 2

@@ -21,7 +21,11 @@ def _write(text: str) -> Path:
 def test_defaults_without_a_file(xswarm_home: Path) -> None:
     settings = load_settings()
     assert settings.server.host == "127.0.0.1"
-    assert (settings.server.bridge_port, settings.server.supervisor_port, settings.server.webhooks_port) == (9998, 9999, 8787)
+    assert (settings.server.bridge_port, settings.server.supervisor_port, settings.server.webhooks_port) == (
+        9998,
+        9999,
+        8787,
+    )
     assert settings.model.name == "auto" and settings.database.url is None
     assert resolve_paths().config_file == xswarm_home / "config" / "config.toml"
 
@@ -50,12 +54,15 @@ def test_config_file_can_be_moved(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("[server]\nhost = \"127.0.0.1\"\nbridge_port = \"lots\"\n", r"config key 'server\.bridge_port' \(.*config\.toml:3\): .*integer"),
+        (
+            '[server]\nhost = "127.0.0.1"\nbridge_port = "lots"\n',
+            r"config key 'server\.bridge_port' \(.*config\.toml:3\): .*integer",
+        ),
         ("[model]\ncontext = 10\n", r"'model\.context' \(.*:2\): .*greater than or equal to 50"),
         ("[server]\nbrige_port = 1\n", r"'server\.brige_port' \(.*:2\): Extra inputs"),
         ("[mystery]\na = 1\n", r"'mystery' \(.*:1\): Extra inputs"),
         ("[server\nport = 1\n", r"config\.toml: not valid TOML: .*line 1"),
-        ("[model]\ndtype = \"fp4\"\n", r"'model\.dtype' \(.*:2\)"),
+        ('[model]\ndtype = "fp4"\n', r"'model\.dtype' \(.*:2\)"),
     ],
 )
 def test_broken_file_names_key_and_line(text: str, expected: str) -> None:
@@ -66,7 +73,9 @@ def test_broken_file_names_key_and_line(text: str, expected: str) -> None:
 
 def test_bad_environment_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XSWARM_SERVER__WEBHOOKS_PORT", "99999")
-    with pytest.raises(ConfigError, match=r"'server\.webhooks_port' \(environment variable XSWARM_SERVER__WEBHOOKS_PORT\)"):
+    with pytest.raises(
+        ConfigError, match=r"'server\.webhooks_port' \(environment variable XSWARM_SERVER__WEBHOOKS_PORT\)"
+    ):
         load_settings()
 
 
@@ -105,4 +114,6 @@ def test_default_file_parses_documents_and_round_trips() -> None:
     _write(text.replace("# bridge_port = 9998", "bridge_port = 12345"))
     changed = load_settings()
     assert changed.server.bridge_port == 12345
-    assert changed.model_dump() == defaults.model_dump() | {"server": defaults.server.model_dump() | {"bridge_port": 12345}}
+    assert changed.model_dump() == defaults.model_dump() | {
+        "server": defaults.server.model_dump() | {"bridge_port": 12345}
+    }

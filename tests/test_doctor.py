@@ -40,9 +40,15 @@ def healthy(**overrides: object) -> Probes:
 @pytest.fixture
 def all_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in {
-        "TWILIO_ACCOUNT_SID": "AC123", "TWILIO_AUTH_TOKEN": "tw-secret", "STRIPE_API_KEY": "sk_secret",
-        "STRIPE_WEBHOOK_SECRET": "whsec_secret", "SENDGRID_API_KEY": "SG.secret", "SENDGRID_WEBHOOK_PUBLIC_KEY": "MFkw",
-        "ANTHROPIC_API_KEY": "sk-ant-secret", "XSWARM_S3_BUCKET": "b", "XSWARM_S3_ACCESS_KEY_ID": "AKIA",
+        "TWILIO_ACCOUNT_SID": "AC123",
+        "TWILIO_AUTH_TOKEN": "tw-secret",
+        "STRIPE_API_KEY": "sk_secret",
+        "STRIPE_WEBHOOK_SECRET": "whsec_secret",
+        "SENDGRID_API_KEY": "SG.secret",
+        "SENDGRID_WEBHOOK_PUBLIC_KEY": "MFkw",
+        "ANTHROPIC_API_KEY": "sk-ant-secret",
+        "XSWARM_S3_BUCKET": "b",
+        "XSWARM_S3_ACCESS_KEY_ID": "AKIA",
         "XSWARM_S3_SECRET_ACCESS_KEY": "s3-secret",
     }.items():
         monkeypatch.setenv(name, value)
@@ -98,8 +104,11 @@ def test_asking_for_cuda_without_a_gpu_fails(monkeypatch: pytest.MonkeyPatch) ->
 def test_apple_silicon_passes_through_metal() -> None:
     report = run(
         load_settings(),
-        healthy(gpus=lambda: GpuProbe([], "no NVML on macOS"), metal=lambda: True,
-                cpu=lambda: CpuInfo(10, 10, "Apple M2 Pro", None, True)),
+        healthy(
+            gpus=lambda: GpuProbe([], "no NVML on macOS"),
+            metal=lambda: True,
+            cpu=lambda: CpuInfo(10, 10, "Apple M2 Pro", None, True),
+        ),
     )
     assert statuses(report)["gpu"] == "pass" and statuses(report)["cpu-features"] == "pass"
 
@@ -116,7 +125,12 @@ def test_apple_silicon_passes_through_metal() -> None:
         (dict(cpu=lambda: CpuInfo(2, 2, "tiny", True, False)), "cpu", "warn", "2 threads"),
         (dict(cpu=lambda: CpuInfo(8, 8, "old", False, False)), "cpu-features", "warn", "no AVX2"),
         (dict(portaudio=lambda: "OSError: PortAudio library not found"), "portaudio", "warn", "library not found"),
-        (dict(portaudio=lambda: "ModuleNotFoundError: No module named 'sounddevice'"), "portaudio", "warn", "sounddevice"),
+        (
+            dict(portaudio=lambda: "ModuleNotFoundError: No module named 'sounddevice'"),
+            "portaudio",
+            "warn",
+            "sounddevice",
+        ),
         (dict(weights=lambda settings: None), "model-weights", "warn", "no MOSHI moshiko"),
         (dict(database=lambda settings: ("http://db", 0.25)), "database", "warn", "250.0 ms"),
         (dict(os=lambda: OsInfo("Windows", "11", "Windows 11", "AMD64")), "os", "warn", "Windows 11"),
@@ -139,7 +153,10 @@ def test_a_crashing_probe_is_a_failed_check_not_a_crash() -> None:
         raise RuntimeError("no os")
 
     report = run(load_settings(), healthy(storage=boom, os=broken))
-    assert statuses(report)["storage"] == "fail" and "PermissionError: denied" in next(c for c in report.checks if c.name == "storage").detail
+    assert (
+        statuses(report)["storage"] == "fail"
+        and "PermissionError: denied" in next(c for c in report.checks if c.name == "storage").detail
+    )
     assert statuses(report)["os"] == "fail"
 
 
@@ -147,7 +164,10 @@ def test_credentials_report_presence_only(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("TWILIO_ACCOUNT_SID", "AC-visible-sid")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-secret")
     checks = {c.name: c for c in run(load_settings(), healthy()).checks}
-    assert checks["credentials-twilio"].status == "warn" and "TWILIO_AUTH_TOKEN missing" in checks["credentials-twilio"].detail
+    assert (
+        checks["credentials-twilio"].status == "warn"
+        and "TWILIO_AUTH_TOKEN missing" in checks["credentials-twilio"].detail
+    )
     assert checks["credentials-llm"].status == "pass" and "OPENAI_API_KEY set" in checks["credentials-llm"].detail
     assert checks["credentials-stripe"].status == "warn" and "STRIPE_API_KEY" in checks["credentials-stripe"].fix
     assert checks["credentials-turso"].status == "pass"
@@ -186,14 +206,19 @@ def test_real_s3_probe_against_a_local_s3_server(monkeypatch: pytest.MonkeyPatch
     try:
         host, port = server.get_host_and_port()
         endpoint = f"http://{host}:{port}"
-        for name, value in {"XSWARM_S3_ENDPOINT_URL": endpoint, "XSWARM_S3_BUCKET": "backups",
-                            "XSWARM_S3_ACCESS_KEY_ID": "test", "XSWARM_S3_SECRET_ACCESS_KEY": "test",
-                            "XSWARM_S3_REGION": "us-east-1"}.items():
+        for name, value in {
+            "XSWARM_S3_ENDPOINT_URL": endpoint,
+            "XSWARM_S3_BUCKET": "backups",
+            "XSWARM_S3_ACCESS_KEY_ID": "test",
+            "XSWARM_S3_SECRET_ACCESS_KEY": "test",
+            "XSWARM_S3_REGION": "us-east-1",
+        }.items():
             monkeypatch.setenv(name, value)
         with pytest.raises(Exception, match="404|Not Found"):
             real.storage(load_settings())
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test",
-                     aws_secret_access_key="test").create_bucket(Bucket="backups")
+        boto3.client(
+            "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test"
+        ).create_bucket(Bucket="backups")
         assert real.storage(load_settings()) == f"bucket backups at {endpoint}"
     finally:
         server.stop()
@@ -209,5 +234,7 @@ def test_weights_probe_uses_the_model_codes_finder(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(checkpoints, "find_local", lambda settings: found)
     described = real.model_weights(load_settings())
     assert described == f"moshi weights at {tmp_path / 'snap'} (kyutai/moshiko-pytorch-bf16)"
-    check = next(c for c in run(load_settings(), healthy(weights=real.model_weights)).checks if c.name == "model-weights")
+    check = next(
+        c for c in run(load_settings(), healthy(weights=real.model_weights)).checks if c.name == "model-weights"
+    )
     assert (check.status, check.detail) == ("pass", described)

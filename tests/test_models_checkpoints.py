@@ -80,11 +80,18 @@ def test_auto_finds_cached_weights_without_importing_torch(cache: Path, tiny_fol
     assert found.repo == "kyutai/moshika-pytorch-bf16"
     choice = registry.resolve("auto", Settings())
     assert choice.spec == "moshi" and str(snap) in choice.reason
-    code = ("import sys; from engine.config import Settings; from engine.models import registry; "
-            "print(registry.resolve('auto', Settings()).spec); "
-            "print(any(m.split('.')[0] in ('torch', 'moshi', 'huggingface_hub') for m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env=os.environ | {"PYTHONPATH": str(Path(__file__).parent.parent)})
+    code = (
+        "import sys; from engine.config import Settings; from engine.models import registry; "
+        "print(registry.resolve('auto', Settings()).spec); "
+        "print(any(m.split('.')[0] in ('torch', 'moshi', 'huggingface_hub') for m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=os.environ | {"PYTHONPATH": str(Path(__file__).parent.parent)},
+    )
     assert out.stdout.split() == ["moshi", "False"]
 
 
@@ -199,8 +206,23 @@ def test_models_commands(cache: Path, tiny_folder: Path) -> None:
 
 
 def test_bench_engine_json() -> None:
-    code, out = _cli("bench", "engine", "--model", "synthetic:tiny", "--batch", "1,2", "--steps", "3",
-                     "--warmup", "2", "--threads", "1", "--context", "64", "--json")
+    code, out = _cli(
+        "bench",
+        "engine",
+        "--model",
+        "synthetic:tiny",
+        "--batch",
+        "1,2",
+        "--steps",
+        "3",
+        "--warmup",
+        "2",
+        "--threads",
+        "1",
+        "--context",
+        "64",
+        "--json",
+    )
     assert code == 0, out
     report = json.loads(out.strip().splitlines()[-1])
     assert [r["batch"] for r in report["results"]] == [1, 2]
@@ -235,14 +257,18 @@ class _FakeHub:
                 prefix = f"/{hub.repo}/resolve/"
                 if not self.path.startswith(prefix):
                     return None
-                name = self.path[len(prefix):].split("/", 1)[1]
+                name = self.path[len(prefix) :].split("/", 1)[1]
                 path = hub.folder / name
                 return path if path.is_file() else None
 
             def _head(self, path: Path) -> None:
                 data = path.read_bytes()
                 lfs = path.suffix in (".safetensors", ".model")
-                etag = hashlib.sha256(data).hexdigest() if lfs else hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+                etag = (
+                    hashlib.sha256(data).hexdigest()
+                    if lfs
+                    else hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+                )
                 self.send_response(200)
                 self.send_header("X-Repo-Commit", hub.sha)
                 self.send_header("X-Linked-Etag" if lfs else "ETag", f'"{etag}"')
@@ -258,8 +284,13 @@ class _FakeHub:
 
             def do_GET(self) -> None:  # noqa: N802
                 if self.path.startswith(f"/api/models/{hub.repo}/revision/"):
-                    body = json.dumps({"id": hub.repo, "sha": hub.sha, "siblings": [
-                        {"rfilename": p.name} for p in sorted(hub.folder.iterdir())]}).encode()
+                    body = json.dumps(
+                        {
+                            "id": hub.repo,
+                            "sha": hub.sha,
+                            "siblings": [{"rfilename": p.name} for p in sorted(hub.folder.iterdir())],
+                        }
+                    ).encode()
                     self.send_response(200)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(body)))
@@ -293,9 +324,17 @@ def test_download_through_huggingface_hub_from_a_fake_hub(cache: Path, tiny_fold
         # `xswarm models pull` in its own process (HF_ENDPOINT is read when the hub client loads).
         other = cache.parent / "cache2"
         env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"} | {
-            "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(other), "PYTHONPATH": str(Path(__file__).parent.parent)}
-        out = subprocess.run([sys.executable, "-m", "xswarm_tui.cli", "models", "pull", "moshiko"],
-                             capture_output=True, text=True, env=env, timeout=120)
+            "HF_ENDPOINT": hub.url,
+            "HF_HUB_CACHE": str(other),
+            "PYTHONPATH": str(Path(__file__).parent.parent),
+        }
+        out = subprocess.run(
+            [sys.executable, "-m", "xswarm_tui.cli", "models", "pull", "moshiko"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
         assert out.returncode == 0, out.stderr
         assert "kyutai/moshiko-pytorch-bf16 ready" in out.stdout
         assert checkpoints.snapshot_dir(REPO, cache=other) is not None

@@ -46,8 +46,7 @@ def test_tiny_mimi_frames_like_the_real_one() -> None:
     mimi = synthetic.build_mimi("tiny")
     assert (mimi.frame_size, mimi.sample_rate, mimi.num_codebooks) == (1920, 24000, 8)
     with torch.no_grad(), mimi.streaming(2):
-        frames = [mimi.encode(torch.randn(2, 1, 1920) * torch.tensor([0.05, 0.5])[:, None, None])
-                  for _ in range(4)]
+        frames = [mimi.encode(torch.randn(2, 1, 1920) * torch.tensor([0.05, 0.5])[:, None, None]) for _ in range(4)]
         assert all(c.shape == (2, 8, 1) for c in frames)
         codes = torch.cat(frames, dim=-1)
         assert not torch.equal(codes[0], codes[1]), "random codebooks must keep encoding input-dependent"

@@ -38,8 +38,7 @@ def make(parts):
         for old in made:
             old.close()
         made.clear()
-        model = SyntheticMoshi(B, size="tiny", device="cpu", greedy=True, warmup_steps=warmup_steps,
-                               context=CONTEXT)
+        model = SyntheticMoshi(B, size="tiny", device="cpu", greedy=True, warmup_steps=warmup_steps, context=CONTEXT)
         model.load(parts=parts)
         made.append(model)
         return model
@@ -79,9 +78,11 @@ def _run(model: SyntheticMoshi, calls: list[dict], steps: int) -> list:
 
 
 def _slot(outs: list, slot: int, start: int, stop: int) -> tuple[np.ndarray, list[str], np.ndarray]:
-    return (np.stack([o.pcm[slot] for o in outs[start:stop]]),
-            [o.text[slot] for o in outs[start:stop]],
-            np.array([o.ready[slot] for o in outs[start:stop]]))
+    return (
+        np.stack([o.pcm[slot] for o in outs[start:stop]]),
+        [o.text[slot] for o in outs[start:stop]],
+        np.array([o.ready[slot] for o in outs[start:stop]]),
+    )
 
 
 def _call(slot: int, start: int, stop: int, seed: int, **extra) -> dict:
@@ -104,11 +105,15 @@ def test_out_of_sync_admission_never_blanks_live_slots(make):
 def test_joining_and_leaving_slots_do_not_disturb_others(make):
     steps = 24
     alone = _run(make(), [_call(0, 0, steps, 10)], steps)
-    busy = _run(make(), [
-        _call(0, 0, steps, 10),
-        _call(1, 5, 13, 11),      # joins, then leaves mid-run
-        _call(2, 9, steps, 12),
-    ], steps)
+    busy = _run(
+        make(),
+        [
+            _call(0, 0, steps, 10),
+            _call(1, 5, 13, 11),  # joins, then leaves mid-run
+            _call(2, 9, steps, 12),
+        ],
+        steps,
+    )
     pcm_a, text_a, ready_a = _slot(alone, 0, 0, steps)
     pcm_b, text_b, ready_b = _slot(busy, 0, 0, steps)
     np.testing.assert_array_equal(ready_a, ready_b)
@@ -175,7 +180,7 @@ def test_takeover_writes_operator_codes_into_its_slot_with_delays(make):
     encode, step = model.op_mimi.encode, model.lm_gen.step
     model.op_mimi.encode = lambda x: codes_in.append(encode(x)) or codes_in[-1]
     model.lm_gen.step = lambda c: tokens_out.append(step(c)) or tokens_out[-1]
-    held = {k: operator[k] for k in range(4, 9)}            # steps 4..8 under takeover
+    held = {k: operator[k] for k in range(4, 9)}  # steps 4..8 under takeover
     outs = _run(model, [_call(0, 0, steps, 51), _call(1, 0, steps, 52, takeover=held)], steps)
     # The caller hears the operator, unchanged, while the operator holds the call.
     for k in held:

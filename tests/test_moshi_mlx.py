@@ -20,8 +20,13 @@ pytestmark = pytest.mark.skipif(not MLX_PYTHON.exists(), reason=".venv-mlx not b
 @pytest.fixture(scope="module")
 def facts() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")} | {"PYTHONPATH": str(ROOT)}
-    out = subprocess.run([str(MLX_PYTHON), str(ROOT / "tests" / "mlx" / "check_mlx.py")], capture_output=True,
-                         text=True, env=env, timeout=240)
+    out = subprocess.run(
+        [str(MLX_PYTHON), str(ROOT / "tests" / "mlx" / "check_mlx.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 

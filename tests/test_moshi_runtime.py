@@ -75,8 +75,9 @@ async def test_two_calls_share_one_batched_step_and_controls_act_per_call(runtim
 
     model.step = counting_step  # type: ignore[method-assign]
     target = StreamTarget(f"ws://127.0.0.1:{runtime.bridge_port}/twilio", {"caller": "+15550001111"})
-    calls = [asyncio.create_task(stream_call(target, speechlike(5.0, seed), call_sid=f"CA{seed:032d}"))
-             for seed in (1, 2)]
+    calls = [
+        asyncio.create_task(stream_call(target, speechlike(5.0, seed), call_sid=f"CA{seed:032d}")) for seed in (1, 2)
+    ]
     deadline = time.monotonic() + 30
     while runtime.calls.get(f"CA{1:032d}") is None:
         assert time.monotonic() < deadline, "call 1 was not admitted"

@@ -56,7 +56,9 @@ async def settle(recordings: CallRecordings) -> None:
 
 @pytest.fixture
 def setup(tmp_path: Path) -> Callable[..., tuple[CallRecordings, dict[str, FakeCall], events.EventBus, LocalStore]]:
-    def make(consenting: set[str] | None = None) -> tuple[CallRecordings, dict[str, FakeCall], events.EventBus, LocalStore]:
+    def make(
+        consenting: set[str] | None = None,
+    ) -> tuple[CallRecordings, dict[str, FakeCall], events.EventBus, LocalStore]:
         bus = events.EventBus()
         calls: dict[str, FakeCall] = {}
         store = LocalStore(tmp_path / "objects")
@@ -66,7 +68,12 @@ def setup(tmp_path: Path) -> Callable[..., tuple[CallRecordings, dict[str, FakeC
             return user_id in allowed
 
         recordings = CallRecordings(
-            bus=bus, loop=asyncio.get_running_loop(), sessions=calls.get, consent=consent, store=store, spool=tmp_path / "spool"
+            bus=bus,
+            loop=asyncio.get_running_loop(),
+            sessions=calls.get,
+            consent=consent,
+            store=store,
+            spool=tmp_path / "spool",
         )
         recordings.start()
         return recordings, calls, bus, store
@@ -313,8 +320,14 @@ def test_twilio_call_through_the_bridge_is_recorded_to_s3(s3_env, monkeypatch: p
         call_sid = "CA" + "5" * 32
         t = np.arange(8000 * 2) / 8000
         audio = mulaw.encode((0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)).tobytes()
-        target = StreamTarget(f"ws://127.0.0.1:{runtime.bridge_port}/twilio", {
-            "token": mint("call-token-secret-for-recording-test", call_sid), "caller": "+15550100123", "user_id": user.id})
+        target = StreamTarget(
+            f"ws://127.0.0.1:{runtime.bridge_port}/twilio",
+            {
+                "token": mint("call-token-secret-for-recording-test", call_sid),
+                "caller": "+15550100123",
+                "user_id": user.id,
+            },
+        )
         report = asyncio.run(stream_call(target, audio, auth_token="auth-token-for-recording-test", call_sid=call_sid))
         assert report.chunks_received > 0
         store = open_store(settings)

@@ -18,8 +18,7 @@ from engine.config import load_settings
 from engine.models.base import FRAME_SIZE
 from engine.runtime import Runtime
 from engine.store import calls as call_rows
-from engine.store import feed
-from engine.store import nodes
+from engine.store import feed, nodes
 from engine.store.db import Database
 
 
@@ -120,13 +119,18 @@ def test_events_land_in_the_feed_once_samples_do_not_and_the_system_is_sampled(m
         assert runtime.webhooks.hub.record_feed is False  # the runtime's recorder writes webhook events
 
         async def webhook() -> None:  # what a route does with an event it wants in the feed
-            runtime.webhooks.hub.publish(events.WebhookReceived(provider="stripe", event_type="invoice.paid",
-                                                                summary="invoice paid", user_id="u-1"), to_feed=True)
+            runtime.webhooks.hub.publish(
+                events.WebhookReceived(
+                    provider="stripe", event_type="invoice.paid", summary="invoice paid", user_id="u-1"
+                ),
+                to_feed=True,
+            )
 
         runtime.call_soon(webhook()).result(timeout=5)
         assert runtime.db is not None
-        busy = runtime.db.submit("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3000000)"
-                                 " SELECT count(*) FROM c")  # the writer is busy for a while
+        busy = runtime.db.submit(
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3000000) SELECT count(*) FROM c"
+        )  # the writer is busy for a while
         runtime.bus.publish(events.CallRefused(reason="no_free_slot", detail="all 128 slots are busy"))
         assert not busy.done()  # publishing (as the tick does) did not wait for the database
         busy.result(timeout=30)
@@ -266,9 +270,23 @@ async def test_stop_ends_live_calls_and_records_them() -> None:
     try:
         await asyncio.to_thread(wait, lambda: runtime.model is not None)
         ws = await connect(f"ws://127.0.0.1:{runtime.bridge_port}/twilio")
-        await ws.send(json.dumps({"event": "start", "sequenceNumber": "1", "streamSid": "MZ1", "start": {
-            "accountSid": "AC1", "streamSid": "MZ1", "callSid": "CA-stop", "tracks": ["inbound"], "customParameters": {},
-            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}}))
+        await ws.send(
+            json.dumps(
+                {
+                    "event": "start",
+                    "sequenceNumber": "1",
+                    "streamSid": "MZ1",
+                    "start": {
+                        "accountSid": "AC1",
+                        "streamSid": "MZ1",
+                        "callSid": "CA-stop",
+                        "tracks": ["inbound"],
+                        "customParameters": {},
+                        "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+                    },
+                }
+            )
+        )
         await asyncio.to_thread(wait, lambda: runtime.calls.used == 1)
         db = runtime.db
         assert db is not None

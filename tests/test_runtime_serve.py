@@ -22,13 +22,21 @@ def free_port() -> int:
 
 
 def xswarm(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "xswarm_tui.cli", *args], cwd=ROOT, env=os.environ.copy(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "xswarm_tui.cli", *args],
+        cwd=ROOT,
+        env=os.environ.copy(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_serve_runs_the_bridge_headless_and_stops_on_sigterm() -> None:
     port = free_port()
-    proc = xswarm("serve", "--model", "echo", "--bridge-port", str(port), "--supervisor-port", "0", "--webhooks-port", "0")
+    proc = xswarm(
+        "serve", "--model", "echo", "--bridge-port", str(port), "--supervisor-port", "0", "--webhooks-port", "0"
+    )
     try:
         deadline = time.monotonic() + 60
         health = None

@@ -252,7 +252,9 @@ def test_frames_that_waited_longest_for_the_tick_are_sent_first() -> None:
         def send_frame(self, session: CallSession, step: int, ulaw: bytes, pcm: np.ndarray) -> None:
             order.append(self.name)
 
-    sessions = [CallSession(name, Ordered(name), bus=bus, inbound=InboundFrames(guard_s=0.0)) for name in ("a", "b", "c")]
+    sessions = [
+        CallSession(name, Ordered(name), bus=bus, inbound=InboundFrames(guard_s=0.0)) for name in ("a", "b", "c")
+    ]
     for session in sessions:
         calls.admit(session)
     t = 10.0

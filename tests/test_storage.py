@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from fixtures.s3 import S3Target
 
 from engine.config import load_settings
 from engine.storage import (
@@ -21,7 +22,6 @@ from engine.storage import (
     open_store,
 )
 from engine.storage.s3 import S3Store
-from fixtures.s3 import S3Target
 
 MiB = 1024 * 1024
 
@@ -63,7 +63,9 @@ def test_multipart_round_trip_to_file(store: ObjectStore, tmp_path: Path) -> Non
         assert store.pending_uploads() == []
 
 
-def test_corruption_detected_and_nothing_written(store: ObjectStore, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+def test_corruption_detected_and_nothing_written(
+    store: ObjectStore, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     store.put_bytes("backups/c.bin", b"A" * 1000)
     if isinstance(store, LocalStore):
         path = store.root / "backups" / "c.bin"
@@ -74,7 +76,9 @@ def test_corruption_detected_and_nothing_written(store: ObjectStore, tmp_path: P
         target: S3Target = request.getfixturevalue("s3_bucket")
         # Replace the bytes behind the store's back but keep the recorded checksum.
         sha = store.head("backups/c.bin").sha256
-        target.client().put_object(Bucket=target.bucket, Key="backups/c.bin", Body=b"B" * 1000, Metadata={"sha256": sha})
+        target.client().put_object(
+            Bucket=target.bucket, Key="backups/c.bin", Body=b"B" * 1000, Metadata={"sha256": sha}
+        )
     dest = tmp_path / "restored.bin"
     with pytest.raises(IntegrityError, match="corrupt"):
         store.get_file("backups/c.bin", dest)
@@ -149,7 +153,9 @@ def test_missing_bucket_is_a_clear_error(moto_endpoint: str) -> None:
 
 
 def test_rejected_credentials_are_a_clear_error(moto_auth_endpoint: str) -> None:
-    store = S3Target(moto_auth_endpoint, "any-bucket", access_key_id="AKIANOTAREALKEY", secret_access_key="nope").store()
+    store = S3Target(
+        moto_auth_endpoint, "any-bucket", access_key_id="AKIANOTAREALKEY", secret_access_key="nope"
+    ).store()
     for attempt in (store.check, lambda: store.put_bytes("k", b"x"), store.list, lambda: store.get_bytes("k")):
         with pytest.raises(StorageConfigError, match="credentials rejected.*XSWARM_S3_ACCESS_KEY_ID"):
             attempt()
@@ -161,7 +167,9 @@ def test_unreachable_endpoint_is_a_clear_error() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # closed again: nothing listens there
-    store = S3Store(bucket="b", endpoint_url=f"http://127.0.0.1:{port}", access_key_id="k", secret_access_key="s", max_attempts=2)
+    store = S3Store(
+        bucket="b", endpoint_url=f"http://127.0.0.1:{port}", access_key_id="k", secret_access_key="s", max_attempts=2
+    )
     with pytest.raises(StorageError, match="cannot reach"):
         store.put_bytes("k", b"x")
 
@@ -193,7 +201,9 @@ def test_connection_reset_on_single_put_is_retried(s3_bucket: S3Target, flaky_pr
     assert store.get_bytes("small.bin") == payload
 
 
-def test_connection_reset_mid_download_is_retried(s3_bucket: S3Target, flaky_proxy: Callable[..., object], tmp_path: Path) -> None:
+def test_connection_reset_mid_download_is_retried(
+    s3_bucket: S3Target, flaky_proxy: Callable[..., object], tmp_path: Path
+) -> None:
     payload = os.urandom(3 * MiB)
     s3_bucket.store().put_bytes("down.bin", payload)
     proxy = flaky_proxy(after_bytes=1 * MiB, drops=1, direction="download")
@@ -203,7 +213,9 @@ def test_connection_reset_mid_download_is_retried(s3_bucket: S3Target, flaky_pro
     assert (tmp_path / "down.bin").read_bytes() == payload and got.size == len(payload)
 
 
-def test_upload_that_keeps_failing_leaves_nothing_visible(s3_bucket: S3Target, flaky_proxy: Callable[..., object], tmp_path: Path) -> None:
+def test_upload_that_keeps_failing_leaves_nothing_visible(
+    s3_bucket: S3Target, flaky_proxy: Callable[..., object], tmp_path: Path
+) -> None:
     proxy = flaky_proxy(after_bytes=1 * MiB, drops=float("inf"))
     store = S3Target(proxy.endpoint_url, s3_bucket.bucket).store(  # type: ignore[attr-defined]
         part_size=5 * MiB, multipart_threshold=5 * MiB, max_attempts=2, part_attempts=2
@@ -230,7 +242,9 @@ def test_upload_that_keeps_failing_leaves_nothing_visible(s3_bucket: S3Target, f
     assert observer.list() == [] and observer.pending_uploads() == []
 
 
-def test_open_store_follows_the_environment(s3_env: S3Target, monkeypatch: pytest.MonkeyPatch, xswarm_home: Path) -> None:
+def test_open_store_follows_the_environment(
+    s3_env: S3Target, monkeypatch: pytest.MonkeyPatch, xswarm_home: Path
+) -> None:
     store = open_store(load_settings())
     assert isinstance(store, S3Store) and store.bucket == s3_env.bucket
     store.check()

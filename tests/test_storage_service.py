@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fixtures.s3 import S3Target
 
 from engine import events
 from engine.config import load_settings
@@ -20,7 +21,6 @@ from engine.storage import LocalStore, open_store
 from engine.storage.logarchive import archive_logs, prune_log_archives, rotated_files
 from engine.storage.service import DAY_S, StorageService
 from engine.store.migrations import open_database
-from fixtures.s3 import S3Target
 
 
 def rotate_some_logs(folder: Path, rounds: int = 3) -> list[bytes]:
@@ -103,7 +103,9 @@ async def test_rounds_back_up_daily_prune_and_archive(where: str, request: pytes
         runtime.db.close()
 
 
-async def test_unusable_bucket_is_reported_and_the_node_goes_on(s3_env: S3Target, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_unusable_bucket_is_reported_and_the_node_goes_on(
+    s3_env: S3Target, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("XSWARM_S3_BUCKET", "missing-bucket-for-service")
     runtime = MiniRuntime()
     try:

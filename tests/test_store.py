@@ -13,8 +13,17 @@ from engine.store.db import Database, StoreError, Target
 from engine.store.migrations import Migration
 
 CORE_TABLES = {
-    "users", "api_keys", "calls", "messages", "webhook_inbox", "subscriptions",
-    "billing_events", "audit_log", "nodes", "events", "schema_migrations",
+    "users",
+    "api_keys",
+    "calls",
+    "messages",
+    "webhook_inbox",
+    "subscriptions",
+    "billing_events",
+    "audit_log",
+    "nodes",
+    "events",
+    "schema_migrations",
 }
 
 
@@ -66,10 +75,17 @@ def test_wrong_parameter_count_is_refused_before_it_can_shift_rows(db: Database)
 
 def test_submit_many_and_returning(db: Database) -> None:
     db.write("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT)")
-    assert db.submit_many("INSERT INTO t (k, v) VALUES (?, ?)", [(i, str(i)) for i in range(2500)]).result(timeout=30) == 2500
-    rows = db.write("INSERT INTO t (k, v) VALUES (?, ?) ON CONFLICT(k) DO NOTHING RETURNING k", (1, "dup"), returning=True)
+    assert (
+        db.submit_many("INSERT INTO t (k, v) VALUES (?, ?)", [(i, str(i)) for i in range(2500)]).result(timeout=30)
+        == 2500
+    )
+    rows = db.write(
+        "INSERT INTO t (k, v) VALUES (?, ?) ON CONFLICT(k) DO NOTHING RETURNING k", (1, "dup"), returning=True
+    )
     assert rows == []
-    rows = db.write("INSERT INTO t (k, v) VALUES (?, ?) ON CONFLICT(k) DO NOTHING RETURNING k", (9999, "new"), returning=True)
+    rows = db.write(
+        "INSERT INTO t (k, v) VALUES (?, ?) ON CONFLICT(k) DO NOTHING RETURNING k", (9999, "new"), returning=True
+    )
     assert rows == [(9999,)]
     assert db.query("SELECT COUNT(*) FROM t") == [(2501,)]
 
@@ -77,7 +93,11 @@ def test_submit_many_and_returning(db: Database) -> None:
 def test_submit_script_is_atomic(db: Database) -> None:
     with pytest.raises(StoreError):
         db.submit_script(
-            ["CREATE TABLE half (a INTEGER)", ("INSERT INTO half (a) VALUES (?)", (1,)), "INSERT INTO nowhere VALUES (1)"]
+            [
+                "CREATE TABLE half (a INTEGER)",
+                ("INSERT INTO half (a) VALUES (?)", (1,)),
+                "INSERT INTO nowhere VALUES (1)",
+            ]
         ).result(timeout=30)
     assert "half" not in migrations.tables(db)
     counts = db.submit_script(["CREATE TABLE whole (a INTEGER)", ("INSERT INTO whole (a) VALUES (?)", (7,))])
@@ -225,8 +245,10 @@ def test_embedded_file_is_plain_sqlite_in_autocommit_with_wal(tmp_path) -> None:
         database.write("INSERT INTO things (id, name) VALUES (?, ?)", ("n1", "one"))
         conn = target.connect()
         try:
-            settings = [conn.execute(f"PRAGMA {name}").fetchall()[0][0]
-                        for name in ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")]
+            settings = [
+                conn.execute(f"PRAGMA {name}").fetchall()[0][0]
+                for name in ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
+            ]
             assert settings == ["wal", 1, 1, 5000]  # synchronous 1 = NORMAL
             conn.execute("UPDATE things SET name = ? WHERE id = ?", ("renamed", "n1"))
             assert not conn.in_transaction  # autocommit: a statement outside BEGIN is committed at once

@@ -44,7 +44,9 @@ _CHILD = textwrap.dedent(
 
 
 @pytest.mark.parametrize("where", ["file", "sqld"])
-def test_sigkill_mid_batch_loses_no_acknowledged_row(where: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+def test_sigkill_mid_batch_loses_no_acknowledged_row(
+    where: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     if where == "file":
         target = Target(str(tmp_path / "durable.db"))
     else:
@@ -72,7 +74,9 @@ def test_sigkill_mid_batch_loses_no_acknowledged_row(where: str, tmp_path: Path,
     with Database(target) as db:
         assert db.query("PRAGMA integrity_check") == [("ok",)]
         assert migrations.migrate(db) == []
-        stored = {int(s.removeprefix("row-")) for (s,) in db.query("SELECT summary FROM events WHERE type = 'Durability'")}
+        stored = {
+            int(s.removeprefix("row-")) for (s,) in db.query("SELECT summary FROM events WHERE type = 'Durability'")
+        }
         assert acknowledged <= stored, f"{len(acknowledged - stored)} acknowledged rows lost"
         db.write("INSERT INTO events (at, type, summary) VALUES (?, ?, ?)", (0, "after", "reopened"))
         assert db.query("SELECT COUNT(*) FROM events WHERE type = 'after'") == [(1,)]

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 from aiohttp import web
+from local_http import start_local_app
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -52,7 +53,6 @@ from engine.supervisor import server as server_mod
 from engine.supervisor.auth import TOKEN_FILE, load_tokens, token_file
 from engine.supervisor.client import AuthError, CommandError, Snapshot, SupervisorClient
 from engine.supervisor.server import SupervisorServer
-from local_http import start_local_app
 
 OPERATOR = "operator-token-0123456789abcdef"
 OPERATOR2 = OPERATOR  # two operators share the operator role; they differ by socket
@@ -294,7 +294,15 @@ async def test_monitor_can_listen_but_not_act(rig) -> None:
         await mon.command(Unlisten("CA1"))
         assert call.taps == []
     rows = await audit_rows(runtime, call_id="CA1")
-    assert [r.action for r in reversed(rows)] == ["takeover", "mute", "whisper", "hangup", "transfer", "listen", "unlisten"]
+    assert [r.action for r in reversed(rows)] == [
+        "takeover",
+        "mute",
+        "whisper",
+        "hangup",
+        "transfer",
+        "listen",
+        "unlisten",
+    ]
     assert all(r.result.startswith("error") for r in rows[2:]) and rows[0].result == "ok"
     assert {r.role for r in rows} == {"monitor"}
 
@@ -437,8 +445,11 @@ async def test_listeners_share_one_encoding_per_stream(rig, monkeypatch: pytest.
             tap("caller", tone)
             tap("ai", tone)
 
-    async with SupervisorClient(url, MONITOR) as a, SupervisorClient(url, OPERATOR) as b, \
-            SupervisorClient(url, MONITOR) as c:
+    async with (
+        SupervisorClient(url, MONITOR) as a,
+        SupervisorClient(url, OPERATOR) as b,
+        SupervisorClient(url, MONITOR) as c,
+    ):
         await a.command(Listen("CA1"))
         await b.command(Listen("CA1"))
         if opus:
@@ -447,8 +458,9 @@ async def test_listeners_share_one_encoding_per_stream(rig, monkeypatch: pytest.
             tick()
             await asyncio.sleep(0.01)  # ticks are 80 ms apart: the loop runs in between
         codecs = 2 if opus else 1
-        assert sorted(packed) == sorted([(d, codec) for d in ("caller", "ai")
-                                         for codec in ("pcm16", "opus")[:codecs]] * 3)
+        assert sorted(packed) == sorted(
+            [(d, codec) for d in ("caller", "ai") for codec in ("pcm16", "opus")[:codecs]] * 3
+        )
         got_a = [await a.next_audio(2) for _ in range(6)]
         got_b = [await b.next_audio(2) for _ in range(6)]
         key = lambda f: (f.direction, f.seq, f.captured_at)  # noqa: E731
@@ -493,14 +505,25 @@ async def test_malformed_frames_get_errors_and_others_are_fine(rig) -> None:
                 (json.dumps({"v": 1, "type": "Explode", "id": "u1"}), "u1", "unknown message type"),
                 (json.dumps({"v": 2, "type": "mute", "id": 7, "call_id": "CA1"}), 7, "unsupported protocol version"),
                 (json.dumps({"v": 1, "type": "mute", "id": "m1"}), "m1", "missing fields"),
-                (json.dumps({"v": 1, "type": "mute", "id": "m2", "call_id": "CA1", "extra": 1}), "m2", "unknown fields"),
+                (
+                    json.dumps({"v": 1, "type": "mute", "id": "m2", "call_id": "CA1", "extra": 1}),
+                    "m2",
+                    "unknown fields",
+                ),
                 (json.dumps({"v": 1, "type": "listen", "id": "l1", "call_id": "CA1", "codec": "mp3"}), "l1", "codec"),
-                (json.dumps({"v": 1, "type": "whisper", "id": "w1", "call_id": "CA1", "text": "x" * 70000}), None, "limit"),
+                (
+                    json.dumps({"v": 1, "type": "whisper", "id": "w1", "call_id": "CA1", "text": "x" * 70000}),
+                    None,
+                    "limit",
+                ),
             ]
             for raw, msg_id, words in cases:
                 await ws.send(raw)
                 answer = await _next_answer(ws)
-                assert answer["type"] == "error" and answer["id"] == msg_id and words in answer["error"], (raw[:60], answer)
+                assert answer["type"] == "error" and answer["id"] == msg_id and words in answer["error"], (
+                    raw[:60],
+                    answer,
+                )
             await ws.send(b"\x01\x02")  # a binary frame shorter than its header
             answer = await _next_answer(ws)
             assert answer["code"] == "bad_audio"
@@ -550,7 +573,9 @@ async def test_never_reading_supervisor_is_disconnected_not_waited_for(rig) -> N
         await _until(lambda: stuck.state.name == "CLOSED" or server.client_count == 1, timeout=15)
         assert server.client_count == 1  # only the good one is left
         assert np.median(publish_s) < 0.002 and sum(publish_s) < 2.0  # never waited on the stuck socket
-        last = await next_of(good, WebhookReceived, timeout=10, where=lambda e: e.summary.startswith(f"{n_events - 1} "))
+        last = await next_of(
+            good, WebhookReceived, timeout=10, where=lambda e: e.summary.startswith(f"{n_events - 1} ")
+        )
         assert last.provider == "twilio"
         stuck.transport.abort()  # a stuck client never reads the close handshake
     _, _, body = await http_get(server.port, "/metrics")
@@ -590,8 +615,12 @@ async def test_transfer_redirects_through_twilio_rest(xswarm_home: Path, monkeyp
     runner, port = await start_local_app(web.post("/2010-04-01/Accounts/{account}/Calls/{sid}.json", calls_update))
     settings = load_settings(
         supervisor={"token": OPERATOR, "monitor_token": MONITOR},
-        twilio={"account_sid": "AC123", "auth_token": "secret", "transfer_number": "+15557654321",
-                "api_base_url": f"http://127.0.0.1:{port}"},
+        twilio={
+            "account_sid": "AC123",
+            "auth_token": "secret",
+            "transfer_number": "+15557654321",
+            "api_base_url": f"http://127.0.0.1:{port}",
+        },
     )
     runtime = StandInRuntime(settings)
     server = SupervisorServer(runtime)
@@ -609,13 +638,19 @@ async def test_transfer_redirects_through_twilio_rest(xswarm_home: Path, monkeyp
             with pytest.raises(CommandError) as info:
                 await op.command(Transfer("CAGONE"))
             assert info.value.code == "failed" and "404" in str(info.value)
-        assert seen == [{
-            "path": "/2010-04-01/Accounts/AC123/Calls/CA9.json",
-            "auth": "Basic QUMxMjM6c2VjcmV0",
-            "twiml": "<Response><Dial>+15557654321</Dial></Response>",
-        }]
+        assert seen == [
+            {
+                "path": "/2010-04-01/Accounts/AC123/Calls/CA9.json",
+                "auth": "Basic QUMxMjM6c2VjcmV0",
+                "twiml": "<Response><Dial>+15557654321</Dial></Response>",
+            }
+        ]
         rows = await audit_rows(runtime, action="transfer")
-        assert [(r.call_id, r.result[:5]) for r in reversed(rows)] == [("CA9", "ok"), ("local-1", "error"), ("CAGONE", "error")]
+        assert [(r.call_id, r.result[:5]) for r in reversed(rows)] == [
+            ("CA9", "ok"),
+            ("local-1", "error"),
+            ("CAGONE", "error"),
+        ]
         assert rows[-1].detail == {"to": "+15557654321"}
     finally:
         await server.stop()
@@ -679,8 +714,9 @@ async def connect_stuck(url: str, token: str) -> ClientConnection:
     host, port = url.split("//", 1)[1].rstrip("/").split(":")
     sock.connect((host, int(port)))
     sock.setblocking(False)
-    return await connect(url, sock=sock, additional_headers={"Authorization": f"Bearer {token}"},
-                         max_queue=1, compression=None)
+    return await connect(
+        url, sock=sock, additional_headers={"Authorization": f"Bearer {token}"}, max_queue=1, compression=None
+    )
 
 
 async def _until(predicate, timeout: float = 3.0) -> None:

@@ -27,8 +27,12 @@ def render_schemas() -> str:
     parts = []
     for name, schema in p.schemas().items():
         direction = {
-            p.AUTH: "client → server", p.PING: "client → server", p.PONG: "server → client",
-            p.SNAPSHOT: "server → client", p.OK: "server → client", p.ERROR: "server → client",
+            p.AUTH: "client → server",
+            p.PING: "client → server",
+            p.PONG: "server → client",
+            p.SNAPSHOT: "server → client",
+            p.OK: "server → client",
+            p.ERROR: "server → client",
         }.get(name)
         if direction is None:
             direction = "client → server (command)" if name in p.COMMAND_ALIASES.values() else "server → client (event)"

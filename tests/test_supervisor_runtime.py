@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
-
-from engine.bridge.simulator import StreamTarget, stream_call
+from test_supervisor import audit_rows, connect_stuck
+from websockets.asyncio.client import connect
 
 from engine.audio import mulaw
+from engine.bridge.simulator import StreamTarget, stream_call
 from engine.config import load_settings
 from engine.events import CallEnded, CallStarted, CallUpdated, HandBack, HangUp, Listen, TakeOver, Whisper
 from engine.logging_setup import mask_phone
@@ -28,7 +28,6 @@ from engine.runtime import Runtime
 from engine.store import feed
 from engine.supervisor import protocol as p
 from engine.supervisor.client import SupervisorClient
-from test_supervisor import audit_rows, connect_stuck
 
 OPERATOR = "operator-token-0123456789abcdef"
 MONITOR = "monitor-token-0123456789abcdef"
@@ -74,11 +73,16 @@ class Caller:
         self.heard: list[tuple[float, float]] = []
         self.task: asyncio.Task[Any] | None = None
 
-    async def __aenter__(self) -> "Caller":
-        self.task = asyncio.get_running_loop().create_task(stream_call(
-            self.target, self.audio, call_sid=self.call_sid,
-            on_sent=lambda k, _t: self.sent.__setitem__(k, time.time()),
-            on_media=lambda _t, payload: self.heard.append((time.time(), level(payload)))))
+    async def __aenter__(self) -> Caller:
+        self.task = asyncio.get_running_loop().create_task(
+            stream_call(
+                self.target,
+                self.audio,
+                call_sid=self.call_sid,
+                on_sent=lambda k, _t: self.sent.__setitem__(k, time.time()),
+                on_media=lambda _t, payload: self.heard.append((time.time(), level(payload))),
+            )
+        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -106,7 +110,9 @@ class Caller:
 
 @pytest.fixture
 def runtime(xswarm_home):
-    settings = load_settings(supervisor={"token": OPERATOR, "monitor_token": MONITOR}, model={"name": "echo", "slots": 8})
+    settings = load_settings(
+        supervisor={"token": OPERATOR, "monitor_token": MONITOR}, model={"name": "echo", "slots": 8}
+    )
     rt = Runtime(settings, model_spec="echo", bridge_port=free_port(), supervisor_port=free_port(), webhooks_port=0)
     rt.start()
     deadline = time.monotonic() + 20
@@ -150,8 +156,10 @@ async def test_monitors_see_callers_masked_operators_in_full(runtime: Runtime) -
         async with Caller(runtime.bridge_port, "CA150", audio_with_bursts(3)):
             assert (await _next_of(mon, CallStarted)).caller == masked
             assert (await _next_of(op, CallStarted)).caller == full
-            async with SupervisorClient(sup_url(runtime), MONITOR) as mon2, \
-                    SupervisorClient(sup_url(runtime), OPERATOR) as op2:
+            async with (
+                SupervisorClient(sup_url(runtime), MONITOR) as mon2,
+                SupervisorClient(sup_url(runtime), OPERATOR) as op2,
+            ):
                 mon_snap, op_snap = mon2.snapshot, op2.snapshot
     assert [c["caller"] for c in mon_snap["calls"]] == [masked]
     assert [c["caller"] for c in op_snap["calls"]] == [full]
@@ -183,16 +191,20 @@ async def test_listen_is_live_and_echo_is_heard(runtime: Runtime) -> None:
             sent = await caller.wait_sent(burst)
     assert set(heard) == {"caller", "ai"}, heard
     behind_caller = heard["caller"] - sent
-    print(f"listen: caller burst heard {behind_caller * 1000:.1f} ms after it was sent; "
-          f"tap->client p50 {np.median(tap_delay) * 1000:.2f} ms")
+    print(
+        f"listen: caller burst heard {behind_caller * 1000:.1f} ms after it was sent; "
+        f"tap->client p50 {np.median(tap_delay) * 1000:.2f} ms"
+    )
     assert 0 < behind_caller < 0.5  # loose: the figure that matters is in benchmarks/supervisor.py
     assert 0.04 <= heard["ai"] - heard["caller"] <= 0.5  # echo: one frame later
 
 
 async def test_takeover_switches_the_callers_audio_and_hand_back_restores_it(runtime: Runtime) -> None:
     async with Caller(runtime.bridge_port, "CA300", audio_with_bursts(5)) as caller:
-        async with SupervisorClient(sup_url(runtime), OPERATOR, name="alice") as op, \
-                SupervisorClient(sup_url(runtime), MONITOR, name="eve") as mon:
+        async with (
+            SupervisorClient(sup_url(runtime), OPERATOR, name="alice") as op,
+            SupervisorClient(sup_url(runtime), MONITOR, name="eve") as mon,
+        ):
             await wait_call(op, runtime, "CA300")
             await asyncio.sleep(0.3)
             assert caller.first_heard_after(0) is None  # the echo of silence is silence
@@ -229,15 +241,25 @@ async def test_whisper_and_hangup_on_the_real_call_path(runtime: Runtime) -> Non
 
 async def test_metrics_read_the_runtime(runtime: Runtime) -> None:
     async with connect(f"ws://127.0.0.1:{runtime.bridge_port}/twilio") as bad:  # refused at admission
-        await bad.send(json.dumps({"event": "start", "start": {"streamSid": "MZ1", "callSid": "CA1",
-                                                               "mediaFormat": {"encoding": "audio/l16"}}}))
+        await bad.send(
+            json.dumps(
+                {
+                    "event": "start",
+                    "start": {"streamSid": "MZ1", "callSid": "CA1", "mediaFormat": {"encoding": "audio/l16"}},
+                }
+            )
+        )
         await bad.wait_closed()
     async with Caller(runtime.bridge_port, "CA500", audio_with_bursts(5)):
         async with SupervisorClient(sup_url(runtime), MONITOR) as mon:
             await wait_call(mon, runtime, "CA500")
             await asyncio.sleep(0.5)
             body = await asyncio.to_thread(
-                lambda: urllib.request.urlopen(f"http://127.0.0.1:{runtime.supervisor_port}/metrics", timeout=5).read().decode()
+                lambda: (
+                    urllib.request.urlopen(f"http://127.0.0.1:{runtime.supervisor_port}/metrics", timeout=5)
+                    .read()
+                    .decode()
+                )
             )
     assert "xswarm_calls_open 1.0" in body and "xswarm_slots_total 8.0" in body
     assert "xswarm_model_step_duration_ms_count" in body and 'xswarm_model_step_duration_ms_bucket{le="+Inf"}' in body
@@ -290,10 +312,12 @@ async def test_a_supervisor_that_never_reads_does_not_delay_calls(runtime: Runti
 
     base = trips([k for k in bursts if first <= k < half])
     loaded = trips([k for k in bursts if half + every <= k < half + every * 20])
-    print(f"echo round trip p50 without {np.median(base) * 1000:.1f} ms, with a stuck supervisor "
-          f"{np.median(loaded) * 1000:.1f} ms; bridge-added latency p50 {np.median(base_bal):.2f} vs "
-          f"{np.median(loaded_bal):.2f} ms; missed ticks {missed1 - missed0} vs {missed2 - missed1}; "
-          f"audio frames dropped for it {dropped:.0f}")
+    print(
+        f"echo round trip p50 without {np.median(base) * 1000:.1f} ms, with a stuck supervisor "
+        f"{np.median(loaded) * 1000:.1f} ms; bridge-added latency p50 {np.median(base_bal):.2f} vs "
+        f"{np.median(loaded_bal):.2f} ms; missed ticks {missed1 - missed0} vs {missed2 - missed1}; "
+        f"audio frames dropped for it {dropped:.0f}"
+    )
     assert len(base) > 10 and len(loaded) > 10
     assert dropped > 0  # the stuck socket's audio was dropped, not queued without bound
     assert np.median(loaded_bal) < np.median(base_bal) + 20  # milliseconds: no queueing behind it

@@ -11,11 +11,20 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from tui_support import (
+    FIXED_NOW,
+    RecordingAudio,
+    ReplayLink,
+    busy_night,
+    free_port,
+    start_call,
+    telephony_env,
+    wait_until,
+)
 
 from engine import events as ev
 from engine.config import load_settings
 from engine.runtime import Runtime
-from tui_support import FIXED_NOW, RecordingAudio, ReplayLink, busy_night, free_port, start_call, telephony_env, wait_until
 from xswarm_tui.app import ACTING, XswarmApp
 from xswarm_tui.link import AttachedLink, EmbeddedLink
 from xswarm_tui.state import ConsoleState, mask_caller
@@ -46,10 +55,14 @@ def test_state_folds_events_and_snapshots_idempotently() -> None:
     assert call.mode == "operator" and call.operator == "ops@console"
     assert call.bal_p50 == pytest.approx(138.5)
     assert {i.category for i in state.feed} >= {"sms", "email", "payment", "user", "error", "call", "model"}
-    snap = {"calls": [{"call_id": "CA02f3e9", "slot": 1, "mode": "muted"},
-                      {"call_id": "CA77", "slot": 4, "source": "twilio", "caller": "+1", "started_at": 1.0},
-                      {"slot": "garbage"}],
-            "model": {"spec": "echo", "name": None, "state": "ready"}}
+    snap = {
+        "calls": [
+            {"call_id": "CA02f3e9", "slot": 1, "mode": "muted"},
+            {"call_id": "CA77", "slot": 4, "source": "twilio", "caller": "+1", "started_at": 1.0},
+            {"slot": "garbage"},
+        ],
+        "model": {"spec": "echo", "name": None, "state": "ready"},
+    }
     state.load_snapshot(snap, taken_after=FIXED_NOW)
     state.load_snapshot(snap, taken_after=FIXED_NOW)
     assert set(state.calls) == {"CA02f3e9", "CA77"}  # CA01/CA03 ended during the reconnect
@@ -159,7 +172,9 @@ async def test_every_key_acts_on_a_real_call(runtime: Runtime) -> None:
         await _until(pilot, lambda: session.ended and cid not in _board(app).rows)
 
         await pilot.press("v")  # a local conversation needs a sound card; without one the console says why
-        await _until(pilot, lambda: "no audio" in _toasts(app) or any(c.source == "local" for c in app.state.calls.values()))
+        await _until(
+            pilot, lambda: "no audio" in _toasts(app) or any(c.source == "local" for c in app.state.calls.values())
+        )
 
         await pilot.press("q")
     link.close()
@@ -188,10 +203,14 @@ async def test_users_and_logs_screens(runtime: Runtime) -> None:
     app = XswarmApp(link)
     async with app.run_test(size=(120, 40)) as pilot:
         await _until(pilot, lambda: runtime.model is not None)
-        runtime.db.write("INSERT INTO users (id, name, phone, tier, created_at, updated_at) "
-                         "VALUES ('u-ada', 'Ada', '+15550100123', 'pro', 1, 1)")
-        runtime.db.write("INSERT INTO usage (user_id, period, voice_seconds, sms_count) "
-                         "VALUES ('u-ada', strftime('%Y-%m', 'now'), 600, 4)")
+        runtime.db.write(
+            "INSERT INTO users (id, name, phone, tier, created_at, updated_at) "
+            "VALUES ('u-ada', 'Ada', '+15550100123', 'pro', 1, 1)"
+        )
+        runtime.db.write(
+            "INSERT INTO usage (user_id, period, voice_seconds, sms_count) "
+            "VALUES ('u-ada', strftime('%Y-%m', 'now'), 600, 4)"
+        )
         await pilot.press("u")
         await _until(pilot, lambda: "1 users" in str(app.screen.query_one("#users-status").render()))
         table = app.screen.query_one("#users-table")
@@ -262,8 +281,9 @@ def served_runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[Runtime]:
     monkeypatch.setenv("XSWARM_SUPERVISOR_TOKEN", OPERATOR_TOKEN)
     monkeypatch.setenv("XSWARM_SUPERVISOR_MONITOR_TOKEN", MONITOR_TOKEN)
     telephony_env(monkeypatch)
-    rt = Runtime(load_settings(), model_spec="echo", bridge_port=free_port(), supervisor_port=free_port(),
-                 webhooks_port=0)
+    rt = Runtime(
+        load_settings(), model_spec="echo", bridge_port=free_port(), supervisor_port=free_port(), webhooks_port=0
+    )
     rt.start()
     wait_until(lambda: rt.model is not None)
     yield rt
@@ -316,8 +336,9 @@ async def test_attached_with_a_monitor_token_is_read_only(served_runtime: Runtim
 
 
 async def test_attach_with_a_bad_token_says_so() -> None:
-    link = AttachedLink(f"ws://127.0.0.1:{free_port()}/", "wrong-token-0123456789", audio=lambda: "no audio",
-                        open_timeout_s=3)
+    link = AttachedLink(
+        f"ws://127.0.0.1:{free_port()}/", "wrong-token-0123456789", audio=lambda: "no audio", open_timeout_s=3
+    )
     app = XswarmApp(link)
     async with app.run_test(size=(120, 40)) as pilot:
         await _until(pilot, lambda: "not connected" in app.sub_title, timeout=8)
@@ -384,9 +405,11 @@ def test_state_knows_when_admission_is_paused_for_headroom() -> None:
 
 
 async def test_system_panel_shows_missed_ticks_and_paused_admission() -> None:
-    events = [*busy_night(2),
-              ev.TickSampled(step_ms_p50=91.0, step_ms_max=140.0, active=2, slots=8, missed_ticks=7, at=FIXED_NOW - 1),
-              ev.CallRefused("no_headroom", SLOW, at=FIXED_NOW - 0.5)]
+    events = [
+        *busy_night(2),
+        ev.TickSampled(step_ms_p50=91.0, step_ms_max=140.0, active=2, slots=8, missed_ticks=7, at=FIXED_NOW - 1),
+        ev.CallRefused("no_headroom", SLOW, at=FIXED_NOW - 0.5),
+    ]
     app = XswarmApp(ReplayLink(events), clock=lambda: FIXED_NOW)
     async with app.run_test(size=(120, 40)) as pilot:
         panel = app.query_one("#system-text")
@@ -397,9 +420,19 @@ async def test_system_panel_shows_missed_ticks_and_paused_admission() -> None:
 
 
 async def test_tick_budget_counts_the_whole_tick_not_only_the_model_step() -> None:
-    events = [*busy_night(1),
-              ev.TickSampled(step_ms_p50=20.0, step_ms_max=30.0, active=1, slots=8, missed_ticks=0,
-                             tick_work_ms_p50=72.0, tick_work_ms_max=75.0, at=FIXED_NOW - 1)]
+    events = [
+        *busy_night(1),
+        ev.TickSampled(
+            step_ms_p50=20.0,
+            step_ms_max=30.0,
+            active=1,
+            slots=8,
+            missed_ticks=0,
+            tick_work_ms_p50=72.0,
+            tick_work_ms_max=75.0,
+            at=FIXED_NOW - 1,
+        ),
+    ]
     app = XswarmApp(ReplayLink(events), clock=lambda: FIXED_NOW)
     async with app.run_test(size=(120, 40)) as pilot:
         panel = app.query_one("#system-text")

@@ -11,8 +11,8 @@ import time
 from typing import Any
 
 import pytest
-
 from tui_support import FIXED_NOW, ReplayLink, busy_night
+
 from xswarm_tui.app import XswarmApp
 
 SIZE = (120, 40)

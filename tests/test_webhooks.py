@@ -20,11 +20,6 @@ from engine.store.db import Database, Target
 from engine.store.migrations import migrate
 from engine.store.users import create_api_key, create_user, get_user, revoke_api_key, set_stripe_customer
 from engine.telephony.calltoken import verify as verify_call_token
-from webhooks import replies, twilio_sms
-from webhooks.hub import Hub
-from webhooks.limits import RateLimit
-from webhooks.server import WebhooksServer
-
 from tests.webhooks_support import (
     CALL_SECRET,
     PUBLIC_URL,
@@ -41,6 +36,10 @@ from tests.webhooks_support import (
     twilio_rest_routes,
     wait_processed,
 )
+from webhooks import replies, twilio_sms
+from webhooks.hub import Hub
+from webhooks.limits import RateLimit
+from webhooks.server import WebhooksServer
 
 ALICE = "+14155550101"
 OUR_NUMBER = "+14155550199"
@@ -128,9 +127,13 @@ def sms(body: str, sid: str = "SM0001", sender: str = ALICE) -> dict[str, str]:
 
 
 async def test_sms_status_answers_real_figures_and_stores_everything(db: Database, alice: Any, make: Any) -> None:
-    db.write("INSERT INTO usage (user_id, period, voice_seconds, sms_count) VALUES (?, ?, 750, 4)", (alice.id, usage.period_of()))
     db.write(
-        "INSERT INTO calls (id, user_id, status, started_at) VALUES ('CA1', ?, 'ended', ?)", (alice.id, int(time.time() * 1000))
+        "INSERT INTO usage (user_id, period, voice_seconds, sms_count) VALUES (?, ?, 750, 4)",
+        (alice.id, usage.period_of()),
+    )
+    db.write(
+        "INSERT INTO calls (id, user_id, status, started_at) VALUES ('CA1', ?, 'ended', ?)",
+        (alice.id, int(time.time() * 1000)),
     )
     h = await make()
     status, text = await h.twilio("/twilio/sms", sms("Status"))
@@ -181,7 +184,9 @@ async def test_sms_without_provider_gets_canned_reply_within_320(db: Database, a
 
 
 @pytest.mark.parametrize("tamper", ["body", "token", "missing", "url"])
-async def test_unsigned_or_tampered_sms_is_403_and_stores_nothing(db: Database, alice: Any, make: Any, tamper: str) -> None:
+async def test_unsigned_or_tampered_sms_is_403_and_stores_nothing(
+    db: Database, alice: Any, make: Any, tamper: str
+) -> None:
     h = await make()
     params = sms("status")
     if tamper == "token":
@@ -210,9 +215,13 @@ async def test_public_url_behind_proxy_with_query_is_what_is_signed(db: Database
 async def test_oversized_and_malformed_bodies(db: Database, make: Any) -> None:
     h = await make()
     big = b"Body=" + b"x" * (1024 * 1024 + 10)
-    status, _ = await post(h.session, h.base + "/twilio/sms", big, {"Content-Type": "application/x-www-form-urlencoded"})
+    status, _ = await post(
+        h.session, h.base + "/twilio/sms", big, {"Content-Type": "application/x-www-form-urlencoded"}
+    )
     assert status == 413
-    status, _ = await post(h.session, h.base + "/twilio/sms", b"\xff\xfe=\x00", {"Content-Type": "application/x-www-form-urlencoded"})
+    status, _ = await post(
+        h.session, h.base + "/twilio/sms", b"\xff\xfe=\x00", {"Content-Type": "application/x-www-form-urlencoded"}
+    )
     assert status == 400
     status, _ = await post(h.session, h.base + "/twilio/sms", b'{"a":1}', {"Content-Type": "application/json"})
     assert status == 415
@@ -221,7 +230,9 @@ async def test_oversized_and_malformed_bodies(db: Database, make: Any) -> None:
 
 async def test_llm_reply_inline_and_capped(db: Database, alice: Any, make: Any, fakes: dict[str, FakeApi]) -> None:
     fakes["llm"].behaviour["text"] = "word " * 200
-    h = await make(llm={"provider": "anthropic", "anthropic_api_key": "sk-test", "anthropic_base_url": fakes["llm"].url})
+    h = await make(
+        llm={"provider": "anthropic", "anthropic_api_key": "sk-test", "anthropic_base_url": fakes["llm"].url}
+    )
     status, text = await h.twilio("/twilio/sms", sms("Plan my day"))
     assert status == 200
     reply = text.split("<Message>")[1].split("</Message>")[0]
@@ -237,16 +248,30 @@ async def test_llm_failure_or_timeout_gives_canned_reply(
 ) -> None:
     fakes["llm"].behaviour.update(behaviour)
     h = await make(
-        llm={"provider": "openai", "openai_api_key": "sk-o", "openai_base_url": fakes["llm"].url, "timeout_s": 0.3, "sms_budget_s": 2.0}
+        llm={
+            "provider": "openai",
+            "openai_api_key": "sk-o",
+            "openai_base_url": fakes["llm"].url,
+            "timeout_s": 0.3,
+            "sms_budget_s": 2.0,
+        }
     )
     status, text = await h.twilio("/twilio/sms", sms("anything new?"))
     assert status == 200 and "couldn" in text
 
 
-async def test_slow_llm_replies_later_through_twilio_rest(db: Database, alice: Any, make: Any, fakes: dict[str, FakeApi]) -> None:
+async def test_slow_llm_replies_later_through_twilio_rest(
+    db: Database, alice: Any, make: Any, fakes: dict[str, FakeApi]
+) -> None:
     fakes["llm"].behaviour.update({"delay": 0.6, "text": "Done: moved to 4pm."})
     h = await make(
-        llm={"provider": "anthropic", "anthropic_api_key": "k", "anthropic_base_url": fakes["llm"].url, "sms_budget_s": 0.2, "timeout_s": 5},
+        llm={
+            "provider": "anthropic",
+            "anthropic_api_key": "k",
+            "anthropic_base_url": fakes["llm"].url,
+            "sms_budget_s": 0.2,
+            "timeout_s": 5,
+        },
     )
     status, text = await h.twilio("/twilio/sms", sms("move my 3pm"))
     assert status == 200 and "<Message>" not in text
@@ -294,12 +319,27 @@ async def test_reads_use_the_reader_pool_unless_the_loop_is_the_servers_own(db: 
 
 
 def call(sid: str = "CA0001", caller: str = ALICE) -> dict[str, str]:
-    return {"CallSid": sid, "AccountSid": "AC0123", "From": caller, "To": OUR_NUMBER, "CallStatus": "ringing", "Direction": "inbound"}
+    return {
+        "CallSid": sid,
+        "AccountSid": "AC0123",
+        "From": caller,
+        "To": OUR_NUMBER,
+        "CallStatus": "ringing",
+        "Direction": "inbound",
+    }
 
 
 async def test_voice_connects_to_a_node_with_a_one_time_token(db: Database, alice: Any, make: Any) -> None:
-    nodes.heartbeat(db, "node-a", bridge_url="wss://a.example.com:9998", model="echo", slots_total=4, slots_free=2,
-                    step_ms_p99=20.0, started_at=0).result()
+    nodes.heartbeat(
+        db,
+        "node-a",
+        bridge_url="wss://a.example.com:9998",
+        model="echo",
+        slots_total=4,
+        slots_free=2,
+        step_ms_p99=20.0,
+        started_at=0,
+    ).result()
     h = await make()
     status, text = await h.twilio("/twilio/voice", call())
     assert status == 200
@@ -311,23 +351,35 @@ async def test_voice_connects_to_a_node_with_a_one_time_token(db: Database, alic
 
 
 async def test_voice_without_free_slot_takes_voicemail(db: Database, alice: Any, make: Any) -> None:
-    nodes.heartbeat(db, "full", bridge_url="wss://b:9998", model="echo", slots_total=1, slots_free=0, step_ms_p99=None,
-                    started_at=0).result()
+    nodes.heartbeat(
+        db, "full", bridge_url="wss://b:9998", model="echo", slots_total=1, slots_free=0, step_ms_p99=None, started_at=0
+    ).result()
     h = await make()
     status, text = await h.twilio("/twilio/voice", call())
     assert status == 200 and "<Say>" in text and '<Record action="/twilio/voice/voicemail"' in text
     assert h.recorder.of("CallRefused")
-    recording = {**call(), "RecordingUrl": "https://api.twilio.com/rec/RE1", "RecordingSid": "RE1", "RecordingDuration": "14"}
+    recording = {
+        **call(),
+        "RecordingUrl": "https://api.twilio.com/rec/RE1",
+        "RecordingSid": "RE1",
+        "RecordingDuration": "14",
+    }
     status, text = await h.twilio("/twilio/voice/voicemail", recording)
     assert status == 200 and "<Hangup" in text
     await wait_processed(db, 2)
     vm = messages.get_by_provider_id(db, "RE1")
-    assert vm is not None and vm.channel == "voicemail" and vm.user_id == alice.id and vm.meta["recording_url"].endswith("RE1")
+    assert (
+        vm is not None
+        and vm.channel == "voicemail"
+        and vm.user_id == alice.id
+        and vm.meta["recording_url"].endswith("RE1")
+    )
 
 
 async def test_voice_unknown_caller_refused_or_guest(db: Database, make: Any) -> None:
-    nodes.heartbeat(db, "n", bridge_url="wss://n:9998", model="echo", slots_total=2, slots_free=2, step_ms_p99=None,
-                    started_at=0).result()
+    nodes.heartbeat(
+        db, "n", bridge_url="wss://n:9998", model="echo", slots_total=2, slots_free=2, step_ms_p99=None, started_at=0
+    ).result()
     refuse = await make()
     _, text = await refuse.twilio("/twilio/voice", call(caller="+15005550006"))
     assert "registered users" in text and "<Hangup" in text and "<Connect>" not in text
@@ -339,8 +391,9 @@ async def test_voice_unknown_caller_refused_or_guest(db: Database, make: Any) ->
 async def test_voice_quota_used_up_is_refused_politely(db: Database, make: Any) -> None:
     bob = create_user(db, name="Bob", phone="+14155550102", email="bob@example.com", tier="free")
     db.write("INSERT INTO usage (user_id, period, voice_seconds) VALUES (?, ?, 600)", (bob.id, usage.period_of()))
-    nodes.heartbeat(db, "n", bridge_url="wss://n:9998", model="echo", slots_total=2, slots_free=2, step_ms_p99=None,
-                    started_at=0).result()
+    nodes.heartbeat(
+        db, "n", bridge_url="wss://n:9998", model="echo", slots_total=2, slots_free=2, step_ms_p99=None, started_at=0
+    ).result()
     h = await make()
     _, text = await h.twilio("/twilio/voice", call(caller=bob.phone))
     assert "used all 10 voice minutes" in text and "<Connect>" not in text
@@ -367,9 +420,15 @@ async def test_status_callback_ends_call_and_counts_minutes_once(db: Database, a
 
 
 def subscription(sub_id: str, status: str, price: str, customer: str = "cus_A") -> dict[str, Any]:
-    return {"id": sub_id, "object": "subscription", "customer": customer, "status": status,
-            "cancel_at_period_end": False, "current_period_end": 1_900_000_000,
-            "items": {"data": [{"price": {"id": price}}]}}
+    return {
+        "id": sub_id,
+        "object": "subscription",
+        "customer": customer,
+        "status": status,
+        "cancel_at_period_end": False,
+        "current_period_end": 1_900_000_000,
+        "items": {"data": [{"price": {"id": price}}]},
+    }
 
 
 async def _stripe(h: Harness, event: dict[str, Any], **kw: Any) -> int:
@@ -382,8 +441,12 @@ async def test_stripe_out_of_order_and_duplicates(db: Database, alice: Any, make
     set_stripe_customer(db, alice.id, "cus_A")
     h = await make()
     t0 = int(time.time()) - 100
-    newer = stripe_event("evt_2", "customer.subscription.updated", subscription("sub_1", "active", "price_pro"), t0 + 50)
-    older = stripe_event("evt_1", "customer.subscription.created", subscription("sub_1", "incomplete", "price_personal"), t0)
+    newer = stripe_event(
+        "evt_2", "customer.subscription.updated", subscription("sub_1", "active", "price_pro"), t0 + 50
+    )
+    older = stripe_event(
+        "evt_1", "customer.subscription.created", subscription("sub_1", "incomplete", "price_personal"), t0
+    )
     assert await _stripe(h, newer) == 200
     await wait_processed(db, 1)
     assert await _stripe(h, older) == 200
@@ -392,7 +455,9 @@ async def test_stripe_out_of_order_and_duplicates(db: Database, alice: Any, make
     sub = billing.get_subscription(db, "sub_1")
     assert sub is not None and sub.status == "active" and sub.tier == "professional"
     assert get_user(db, alice.id).tier == "professional"  # type: ignore[union-attr]
-    same_second = stripe_event("evt_3", "customer.subscription.deleted", subscription("sub_1", "canceled", "price_pro"), t0 + 50)
+    same_second = stripe_event(
+        "evt_3", "customer.subscription.deleted", subscription("sub_1", "canceled", "price_pro"), t0 + 50
+    )
     assert await _stripe(h, same_second) == 200
     await wait_processed(db, 3)
     assert get_user(db, alice.id).tier == "free"  # type: ignore[union-attr]
@@ -403,13 +468,33 @@ async def test_stripe_out_of_order_and_duplicates(db: Database, alice: Any, make
 async def test_stripe_checkout_then_invoices(db: Database, alice: Any, make: Any) -> None:
     h = await make()
     now = int(time.time())
-    sub_first = stripe_event("evt_s", "customer.subscription.created", subscription("sub_9", "active", "price_personal", "cus_Z"), now - 5)
-    checkout = stripe_event("evt_c", "checkout.session.completed", {"id": "cs_1", "object": "checkout.session",
-                            "client_reference_id": alice.id, "customer": "cus_Z", "subscription": "sub_9",
-                            "payment_status": "paid", "amount_total": 2900, "currency": "usd"}, now - 4)
-    paid = stripe_event("evt_p", "invoice.paid", {"id": "in_1", "customer": "cus_Z", "amount_paid": 2900, "currency": "usd"}, now - 3)
-    failed = stripe_event("evt_f", "invoice.payment_failed", {"id": "in_2", "customer": "cus_Z", "amount_due": 2900,
-                          "currency": "usd", "attempt_count": 2}, now - 2)
+    sub_first = stripe_event(
+        "evt_s", "customer.subscription.created", subscription("sub_9", "active", "price_personal", "cus_Z"), now - 5
+    )
+    checkout = stripe_event(
+        "evt_c",
+        "checkout.session.completed",
+        {
+            "id": "cs_1",
+            "object": "checkout.session",
+            "client_reference_id": alice.id,
+            "customer": "cus_Z",
+            "subscription": "sub_9",
+            "payment_status": "paid",
+            "amount_total": 2900,
+            "currency": "usd",
+        },
+        now - 4,
+    )
+    paid = stripe_event(
+        "evt_p", "invoice.paid", {"id": "in_1", "customer": "cus_Z", "amount_paid": 2900, "currency": "usd"}, now - 3
+    )
+    failed = stripe_event(
+        "evt_f",
+        "invoice.payment_failed",
+        {"id": "in_2", "customer": "cus_Z", "amount_due": 2900, "currency": "usd", "attempt_count": 2},
+        now - 2,
+    )
     unknown = stripe_event("evt_u", "customer.created", {"id": "cus_Z"}, now)
     for event in (sub_first, checkout, paid, failed, unknown):
         assert await _stripe(h, event) == 200
@@ -446,15 +531,39 @@ async def test_stripe_rejects_bad_signatures(db: Database, make: Any, case: str)
 async def test_sendgrid_events_signed_deduped_and_forward_only(db: Database, alice: Any, make: Any) -> None:
     key = SendGridKey()
     h = await make(sendgrid={"webhook_public_key": key.public_b64})
-    db.write(*messages.insert_statement(channel="email", direction="out", provider_id="sgabc", user_id=alice.id,
-                                        from_addr="x@y", to_addr=alice.email, body="hi", status="sent"))
+    db.write(
+        *messages.insert_statement(
+            channel="email",
+            direction="out",
+            provider_id="sgabc",
+            user_id=alice.id,
+            from_addr="x@y",
+            to_addr=alice.email,
+            body="hi",
+            status="sent",
+        )
+    )
     items = [
-        {"email": alice.email, "timestamp": 1, "event": "delivered", "sg_event_id": "ev1", "sg_message_id": "sgabc.filter1.1"},
-        {"email": alice.email, "timestamp": 2, "event": "processed", "sg_event_id": "ev2", "sg_message_id": "sgabc.filter1.1"},
+        {
+            "email": alice.email,
+            "timestamp": 1,
+            "event": "delivered",
+            "sg_event_id": "ev1",
+            "sg_message_id": "sgabc.filter1.1",
+        },
+        {
+            "email": alice.email,
+            "timestamp": 2,
+            "event": "processed",
+            "sg_event_id": "ev2",
+            "sg_message_id": "sgabc.filter1.1",
+        },
     ]
     body = (json.dumps(items) + "\n").encode()
     for _ in range(2):
-        status, _ = await post(h.session, h.base + "/sendgrid/events", body, {**key.headers(body), "Content-Type": "application/json"})
+        status, _ = await post(
+            h.session, h.base + "/sendgrid/events", body, {**key.headers(body), "Content-Type": "application/json"}
+        )
         assert status == 200
     await wait_processed(db, 2)
     assert db.query("SELECT COUNT(*) FROM webhook_inbox WHERE provider = 'sendgrid-events'")[0][0] == 2
@@ -471,10 +580,20 @@ def _multipart(fields: dict[str, str], files: list[tuple[str, str, bytes]]) -> t
     boundary = "xYzZY-boundary"
     out = b""
     for name, value in fields.items():
-        out += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n").encode() + value.encode() + b"\r\n"
+        out += (
+            (f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n').encode()
+            + value.encode()
+            + b"\r\n"
+        )
     for index, (filename, ctype, data) in enumerate(files, start=1):
-        out += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"attachment{index}\"; filename=\"{filename}\"\r\n"
-                f"Content-Type: {ctype}\r\n\r\n").encode() + data + b"\r\n"
+        out += (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="attachment{index}"; filename="{filename}"\r\n'
+                f"Content-Type: {ctype}\r\n\r\n"
+            ).encode()
+            + data
+            + b"\r\n"
+        )
     out += f"--{boundary}--\r\n".encode()
     return out, f"multipart/form-data; boundary={boundary}"
 
@@ -483,19 +602,34 @@ async def test_sendgrid_inbound_mail_stored_attachment_kept_reply_threaded(
     db: Database, alice: Any, make: Any, fakes: dict[str, FakeApi], xswarm_home: Path
 ) -> None:
     key = SendGridKey()
-    h = await make(sendgrid={"webhook_public_key": key.public_b64, "api_key": "SG.k", "from_email": "assistant@xswarm.example"})
+    h = await make(
+        sendgrid={"webhook_public_key": key.public_b64, "api_key": "SG.k", "from_email": "assistant@xswarm.example"}
+    )
     attachment = bytes(range(256)) * 8000  # 2 MB of binary: over the 1 MiB limit of other routes
     body, ctype = _multipart(
-        {"from": "Alice <alice@example.com>", "to": "assistant@xswarm.example", "subject": "Lunch",
-         "text": "Are we on for lunch?", "headers": "Message-ID: <m1@example.com>\nSubject: Lunch\n",
-         "envelope": json.dumps({"to": ["assistant@xswarm.example"], "from": "alice@example.com"}), "attachments": "1"},
+        {
+            "from": "Alice <alice@example.com>",
+            "to": "assistant@xswarm.example",
+            "subject": "Lunch",
+            "text": "Are we on for lunch?",
+            "headers": "Message-ID: <m1@example.com>\nSubject: Lunch\n",
+            "envelope": json.dumps({"to": ["assistant@xswarm.example"], "from": "alice@example.com"}),
+            "attachments": "1",
+        },
         [("menu.bin", "application/octet-stream", attachment)],
     )
-    status, text = await post(h.session, h.base + "/sendgrid/inbound", body, {**key.headers(body), "Content-Type": ctype})
+    status, text = await post(
+        h.session, h.base + "/sendgrid/inbound", body, {**key.headers(body), "Content-Type": ctype}
+    )
     assert status == 200, text
     await wait_processed(db, 1)
     mail = messages.get_by_provider_id(db, "<m1@example.com>")
-    assert mail is not None and mail.user_id == alice.id and mail.subject == "Lunch" and mail.body == "Are we on for lunch?"
+    assert (
+        mail is not None
+        and mail.user_id == alice.id
+        and mail.subject == "Lunch"
+        and mail.body == "Are we on for lunch?"
+    )
     (meta,) = mail.meta["attachments"]
     assert meta["size"] == len(attachment) and meta["filename"] == "menu.bin"
     assert (xswarm_home / "data" / "storage" / meta["key"]).read_bytes() == attachment
@@ -521,7 +655,12 @@ async def test_identity_api_and_identical_401s(db: Database, alice: Any, make: A
     assert data["id"] == alice.id and data["tier"] == "personal" and data["quotas"]["sms"] == 500
     assert data["remaining"]["voice_minutes"] == 300 and "hash" not in json.dumps(data)
     answers = set()
-    for header in ({}, {"Authorization": "Bearer xsk_nope"}, {"Authorization": "Basic abc"}, {"Authorization": f"Bearer {revoked}"}):
+    for header in (
+        {},
+        {"Authorization": "Bearer xsk_nope"},
+        {"Authorization": "Basic abc"},
+        {"Authorization": f"Bearer {revoked}"},
+    ):
         async with h.session.get(h.base + "/api/identity", headers=header) as resp:
             answers.add((resp.status, await resp.text(), resp.headers.get("WWW-Authenticate")))
     assert answers == {(401, '{"error":"unauthorized"}', "Bearer")}
@@ -545,7 +684,9 @@ async def test_sendgrid_inbound_raw_mode_twice_is_one_mail_and_one_reply(
     db: Database, alice: Any, make: Any, fakes: dict[str, FakeApi]
 ) -> None:
     key = SendGridKey()
-    h = await make(sendgrid={"webhook_public_key": key.public_b64, "api_key": "SG.k", "from_email": "assistant@xswarm.example"})
+    h = await make(
+        sendgrid={"webhook_public_key": key.public_b64, "api_key": "SG.k", "from_email": "assistant@xswarm.example"}
+    )
     mime = (
         "From: Alice <alice@example.com>\r\nTo: assistant@xswarm.example\r\nSubject: Re: Plans\r\n"
         "Message-ID: <raw1@example.com>\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
@@ -555,7 +696,9 @@ async def test_sendgrid_inbound_raw_mode_twice_is_one_mail_and_one_reply(
         {"email": mime, "to": "assistant@xswarm.example", "envelope": json.dumps({"from": "alice@example.com"})}, []
     )
     for _ in range(2):
-        status, _ = await post(h.session, h.base + "/sendgrid/inbound", body, {**key.headers(body), "Content-Type": ctype})
+        status, _ = await post(
+            h.session, h.base + "/sendgrid/inbound", body, {**key.headers(body), "Content-Type": ctype}
+        )
         assert status == 200
     await wait_processed(db, 1)
     await asyncio.sleep(0.2)

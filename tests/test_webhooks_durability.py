@@ -10,17 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import fixtures.sqld as sqld_fixture
 import pytest
 from typer.testing import CliRunner
 
-import fixtures.sqld as sqld_fixture
 from engine.events import EventBus
 from engine.store import inbox, messages
 from engine.store.db import Database, Target
 from engine.store.migrations import migrate
 from engine.store.users import create_user
-from webhooks.server import WebhooksServer
-
 from tests.webhooks_support import (
     TWILIO_TOKEN,
     FakeApi,
@@ -32,6 +30,7 @@ from tests.webhooks_support import (
     twilio_rest_routes,
     wait_processed,
 )
+from webhooks.server import WebhooksServer
 
 ALICE = "+14155550101"
 
@@ -115,7 +114,12 @@ async def test_retries_back_off_then_dead_letter_then_cli_replay(
     db = Database(Target(str(db_path))).start()
     migrate(db)
     create_user(db, name="Alice", phone=ALICE, email="alice@example.com")
-    llm_settings = {"provider": "anthropic", "anthropic_api_key": "k", "anthropic_base_url": llm.url, "sms_budget_s": 0.1}
+    llm_settings = {
+        "provider": "anthropic",
+        "anthropic_api_key": "k",
+        "anthropic_base_url": llm.url,
+        "sms_budget_s": 0.1,
+    }
     settings = make_settings(twilio={"api_base_url": rest.url}, llm=llm_settings)
     bus = EventBus()
     seen = Recorder(bus)
@@ -185,8 +189,20 @@ def test_serve_command_binds_answers_health_and_stops_on_sigterm(tmp_path: Path)
     port = free_port()
     env = {**os.environ, "TWILIO_AUTH_TOKEN": TWILIO_TOKEN, "XSWARM_PUBLIC_URL": "https://hooks.example.com"}
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from xswarm_tui.commands.webhooks import app; app()", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "from xswarm_tui.commands.webhooks import app; app()",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         line = proc.stdout.readline() if proc.stdout else ""
@@ -253,5 +269,7 @@ async def test_rows_committed_together_one_bad_row_fails_alone(tmp_path: Path) -
     notes = db.query("SELECT summary FROM events WHERE type = 'Note' ORDER BY summary")
     assert [n for (n,) in notes] == ["a", "b", "c"]
     merged = merge_inserts([("INSERT INTO t (a, b) VALUES (?, ?) ON CONFLICT(a) DO NOTHING", (i, i)) for i in range(3)])
-    assert merged == [("INSERT INTO t (a, b) VALUES (?, ?),(?, ?),(?, ?) ON CONFLICT(a) DO NOTHING", (0, 0, 1, 1, 2, 2))]
+    assert merged == [
+        ("INSERT INTO t (a, b) VALUES (?, ?),(?, ?),(?, ?) ON CONFLICT(a) DO NOTHING", (0, 0, 1, 1, 2, 2))
+    ]
     db.close()

@@ -17,11 +17,11 @@ from typing import Any
 
 import psutil
 import pytest
-
 from fixtures.sqld import free_port
+from webhooks_support import PUBLIC_URL, TWILIO_TOKEN, twilio_post
+
 from webhooks.limits import RateLimit
 from webhooks.workers import WorkerPlan
-from webhooks_support import PUBLIC_URL, TWILIO_TOKEN, twilio_post
 
 SENDER = "+14155550123"
 
@@ -29,9 +29,21 @@ SENDER = "+14155550123"
 def serve(port: int, *extra: str) -> subprocess.Popen[str]:
     env = {**os.environ, "TWILIO_AUTH_TOKEN": TWILIO_TOKEN, "XSWARM_PUBLIC_URL": PUBLIC_URL}
     return subprocess.Popen(
-        [sys.executable, "-c", "from xswarm_tui.commands.webhooks import app; app()", "serve",
-         "--host", "127.0.0.1", "--port", str(port), *extra],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "from xswarm_tui.commands.webhooks import app; app()",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *extra,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -41,7 +53,9 @@ def two_workers(xswarm_home: Path) -> Iterator[tuple[subprocess.Popen[str], int]
     proc = serve(port, "--workers", "2")
     try:
         line = proc.stdout.readline() if proc.stdout else ""
-        assert f"listening on http://127.0.0.1:{port} (2 workers" in line, line + (proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
+        assert f"listening on http://127.0.0.1:{port} (2 workers" in line, line + (
+            proc.stderr.read() if proc.poll() is not None and proc.stderr else ""
+        )
         yield proc, port
     finally:
         if proc.poll() is None:
@@ -75,11 +89,19 @@ def until(check: Callable[[], bool], timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
-def test_workers_share_the_port_and_apply_each_sms_once(two_workers: tuple[subprocess.Popen[str], int], xswarm_home: Path) -> None:
+def test_workers_share_the_port_and_apply_each_sms_once(
+    two_workers: tuple[subprocess.Popen[str], int], xswarm_home: Path
+) -> None:
     proc, port = two_workers
     assert workers_answering(port) == {"1/2", "2/2"}
     for i in range(40):
-        params = {"MessageSid": f"SMw{i:03d}", "From": SENDER, "To": "+14155550199", "Body": "help", "AccountSid": "AC0123"}
+        params = {
+            "MessageSid": f"SMw{i:03d}",
+            "From": SENDER,
+            "To": "+14155550199",
+            "Body": "help",
+            "AccountSid": "AC0123",
+        }
         body, headers = twilio_post(params, "/twilio/sms")
         request = urllib.request.Request(f"http://127.0.0.1:{port}/twilio/sms", data=body, headers=headers)
         with urllib.request.urlopen(request, timeout=5) as resp:
@@ -87,7 +109,9 @@ def test_workers_share_the_port_and_apply_each_sms_once(two_workers: tuple[subpr
     until(lambda: health(port)["inbox"]["done"] == 40)
     conn = sqlite3.connect(xswarm_home / "data" / "xswarm.db")
     try:
-        inbound = conn.execute("SELECT COUNT(*), COUNT(DISTINCT provider_id) FROM messages WHERE direction = 'in'").fetchone()
+        inbound = conn.execute(
+            "SELECT COUNT(*), COUNT(DISTINCT provider_id) FROM messages WHERE direction = 'in'"
+        ).fetchone()
         replies = conn.execute("SELECT COUNT(*) FROM messages WHERE provider_id LIKE 'reply:%'").fetchone()
     finally:
         conn.close()
@@ -106,7 +130,18 @@ def test_a_dead_worker_is_replaced_and_sigterm_stops_all(two_workers: tuple[subp
     victim = workers[0]
     victim.kill()
     victim.wait(10)
-    until(lambda: len([c for c in parent.children() if c.pid != victim.pid and "resource_tracker" not in " ".join(c.cmdline())]) == 2)
+    until(
+        lambda: (
+            len(
+                [
+                    c
+                    for c in parent.children()
+                    if c.pid != victim.pid and "resource_tracker" not in " ".join(c.cmdline())
+                ]
+            )
+            == 2
+        )
+    )
     until(lambda: workers_answering(port) == {"1/2", "2/2"})
     remaining = parent.children(recursive=True)
     proc.send_signal(signal.SIGTERM)

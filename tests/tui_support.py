@@ -67,17 +67,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_call(runtime: Any, call_sid: str = "CA" + "7" * 32, caller: str = "+15550100123",
-               seconds: float = 120.0) -> CallSession:
+def start_call(
+    runtime: Any, call_sid: str = "CA" + "7" * 32, caller: str = "+15550100123", seconds: float = 120.0
+) -> CallSession:
     """A phone call as Twilio places it: the ``xswarm call`` simulator streams a tone into the
     runtime's real bridge (signed upgrade, one-time token) from its own thread, in real time."""
     t = np.arange(int(8000 * seconds)) / 8000
     audio = mulaw.encode((0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)).tobytes()
-    target = simulator.StreamTarget(f"ws://127.0.0.1:{runtime.bridge_port}/twilio", {
-        "token": mint(TOKEN_SECRET, call_sid), "caller": caller, "user_id": "u-ada", "theme": "kitt"})
-    threading.Thread(target=lambda: asyncio.run(simulator.stream_call(target, audio, auth_token=AUTH_TOKEN,
-                                                                      call_sid=call_sid)),
-                     name="twilio-simulator", daemon=True).start()
+    target = simulator.StreamTarget(
+        f"ws://127.0.0.1:{runtime.bridge_port}/twilio",
+        {"token": mint(TOKEN_SECRET, call_sid), "caller": caller, "user_id": "u-ada", "theme": "kitt"},
+    )
+    threading.Thread(
+        target=lambda: asyncio.run(simulator.stream_call(target, audio, auth_token=AUTH_TOKEN, call_sid=call_sid)),
+        name="twilio-simulator",
+        daemon=True,
+    ).start()
     wait_until(lambda: runtime.calls.get(call_sid) is not None)
     return runtime.calls.get(call_sid)
 
@@ -124,22 +129,51 @@ def busy_night(calls: int = 3) -> Iterator[ev.Event]:
     """A plausible moment: a few calls in different modes, a GPU, a feed with every kind."""
     at = FIXED_NOW - 300
     yield ev.ModelStatusChanged(model="moshi", state="ready", detail="moshiko bf16: 8 slots", at=at)
-    yield ev.SystemSampled(cpu_percent=37.0, ram_used_bytes=41 * 2**30, ram_total_bytes=128 * 2**30,
-                           gpus=[{"name": "NVIDIA H100 80GB HBM3", "util_percent": 64.0, "mem_used": 52 * 2**30,
-                                  "mem_total": 80 * 2**30, "temp_c": 61.0, "power_w": 412.0}], at=FIXED_NOW - 0.5)
+    yield ev.SystemSampled(
+        cpu_percent=37.0,
+        ram_used_bytes=41 * 2**30,
+        ram_total_bytes=128 * 2**30,
+        gpus=[
+            {
+                "name": "NVIDIA H100 80GB HBM3",
+                "util_percent": 64.0,
+                "mem_used": 52 * 2**30,
+                "mem_total": 80 * 2**30,
+                "temp_c": 61.0,
+                "power_w": 412.0,
+            }
+        ],
+        at=FIXED_NOW - 0.5,
+    )
     for step in (31.0, 33.5, 35.0, 32.2, 34.8, 36.1, 33.3):
         yield ev.TickSampled(step_ms_p50=step, step_ms_max=step + 9, active=calls, slots=8, missed_ticks=0, at=at)
     modes = ("ai", "operator", "muted")
     for i in range(calls):
         cid = f"CA{i + 1:02d}f3e9"
-        yield ev.CallStarted(cid, i, "twilio", f"+1415555{i:04d}", f"u-{i}", ("xswarm", "hal-9000", "kitt")[i % 3],
-                             at=FIXED_NOW - 60 * (i + 1) - 7)
+        yield ev.CallStarted(
+            cid,
+            i,
+            "twilio",
+            f"+1415555{i:04d}",
+            f"u-{i}",
+            ("xswarm", "hal-9000", "kitt")[i % 3],
+            at=FIXED_NOW - 60 * (i + 1) - 7,
+        )
         if modes[i % 3] != "ai":
-            yield ev.CallUpdated(cid, modes[i % 3], operator="ops@console" if modes[i % 3] == "operator" else None,
-                                 at=at)
+            yield ev.CallUpdated(
+                cid, modes[i % 3], operator="ops@console" if modes[i % 3] == "operator" else None, at=at
+            )
         for k in range(8):
-            yield ev.LatencySampled(cid, step_ms=33.0 + k, bal_ms=95.0 + 40 * i + k, playout_lag_ms=180.0 + 90 * i,
-                                    late_frames=2 * i, in_level=0.05 * (k % 3), out_level=0.08, at=at)
+            yield ev.LatencySampled(
+                cid,
+                step_ms=33.0 + k,
+                bal_ms=95.0 + 40 * i + k,
+                playout_lag_ms=180.0 + 90 * i,
+                late_frames=2 * i,
+                in_level=0.05 * (k % 3),
+                out_level=0.08,
+                at=at,
+            )
         yield ev.TranscriptAppended(cid, "Hello, thanks for calling. How can I help?", at=at)
     yield ev.DtmfReceived("CA01f3e9", "4", at=at)
     yield ev.MessageReceived("sms", "u-0", "Can you call me back at 5?", at=FIXED_NOW - 200)

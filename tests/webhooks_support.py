@@ -46,7 +46,10 @@ def make_settings(**sections: dict[str, Any]) -> Settings:
     base: dict[str, dict[str, Any]] = {
         "twilio": {"auth_token": TWILIO_TOKEN, "account_sid": "AC0123", "api_base_url": "http://127.0.0.1:9"},
         "server": {"public_url": PUBLIC_URL},
-        "stripe": {"webhook_secret": STRIPE_SECRET, "price_tiers": {"price_personal": "personal", "price_pro": "professional"}},
+        "stripe": {
+            "webhook_secret": STRIPE_SECRET,
+            "price_tiers": {"price_personal": "personal", "price_pro": "professional"},
+        },
         "telephony": {"call_token_secret": CALL_SECRET},
         "llm": {"provider": "none", "sms_budget_s": 1.0, "timeout_s": 3.0},
     }
@@ -58,7 +61,9 @@ def make_settings(**sections: dict[str, Any]) -> Settings:
 # ------------------------------------------------------------------------------ signing
 
 
-def twilio_post(params: dict[str, str], path: str, *, token: str = TWILIO_TOKEN, base: str = PUBLIC_URL) -> tuple[bytes, dict[str, str]]:
+def twilio_post(
+    params: dict[str, str], path: str, *, token: str = TWILIO_TOKEN, base: str = PUBLIC_URL
+) -> tuple[bytes, dict[str, str]]:
     """Body and headers of a Twilio webhook, signed with the SDK's own code."""
     signature = RequestValidator(token).compute_signature(base + path, params)
     return urlencode(params).encode(), {
@@ -67,14 +72,23 @@ def twilio_post(params: dict[str, str], path: str, *, token: str = TWILIO_TOKEN,
     }
 
 
-def stripe_post(event: dict[str, Any], *, secret: str = STRIPE_SECRET, timestamp: int | None = None) -> tuple[bytes, dict[str, str]]:
+def stripe_post(
+    event: dict[str, Any], *, secret: str = STRIPE_SECRET, timestamp: int | None = None
+) -> tuple[bytes, dict[str, str]]:
     body = json.dumps(event)
     header = stripe.WebhookSignature.generate_signature_header(body, secret, timestamp=timestamp or int(time.time()))
     return body.encode(), {"Stripe-Signature": header, "Content-Type": "application/json"}
 
 
 def stripe_event(event_id: str, kind: str, obj: dict[str, Any], created: int) -> dict[str, Any]:
-    return {"id": event_id, "object": "event", "type": kind, "created": created, "data": {"object": obj}, "livemode": False}
+    return {
+        "id": event_id,
+        "object": "event",
+        "type": kind,
+        "created": created,
+        "data": {"object": obj},
+        "livemode": False,
+    }
 
 
 class SendGridKey:
@@ -105,7 +119,7 @@ class FakeApi:
     runner: web.AppRunner | None = None
     url: str = ""
 
-    async def start(self, routes: Callable[["FakeApi"], list[web.RouteDef]]) -> "FakeApi":
+    async def start(self, routes: Callable[[FakeApi], list[web.RouteDef]]) -> FakeApi:
         app = web.Application()
         app.add_routes(routes(self))
         self.runner = web.AppRunner(app, access_log=None)
@@ -165,7 +179,9 @@ def sendgrid_routes(api: FakeApi) -> list[web.RouteDef]:
 # ------------------------------------------------------------------------------ helpers
 
 
-async def wait_processed(db: Database, count: int, *, timeout: float = 10.0, status: str = "done") -> list[inbox.InboxRow]:
+async def wait_processed(
+    db: Database, count: int, *, timeout: float = 10.0, status: str = "done"
+) -> list[inbox.InboxRow]:
     """Wait until ``count`` inbox rows have ``status``."""
     deadline = time.monotonic() + timeout
     while True:

@@ -23,15 +23,32 @@ from typing import Any, Literal
 Voice = Literal["moshiko", "moshika"]
 
 PALETTE_KEYS = (
-    "primary", "secondary", "accent", "warning", "error", "success",
-    "foreground", "background", "surface", "panel",
+    "primary",
+    "secondary",
+    "accent",
+    "warning",
+    "error",
+    "success",
+    "foreground",
+    "background",
+    "surface",
+    "panel",
 )
 """Textual's base colours; ``primary`` is required, the rest derive from it when absent."""
 
 DOMAIN_KEYS = (
-    "call-live", "call-operator", "call-muted",
-    "latency-good", "latency-warn", "latency-bad",
-    "level-caller", "level-ai", "gpu", "event-money", "event-message", "event-error",
+    "call-live",
+    "call-operator",
+    "call-muted",
+    "latency-good",
+    "latency-warn",
+    "latency-bad",
+    "level-caller",
+    "level-ai",
+    "gpu",
+    "event-money",
+    "event-message",
+    "event-error",
 )
 """Domain colours the stylesheet uses as ``$call-live`` and friends; every theme sets all."""
 
@@ -83,11 +100,7 @@ def _user_dir() -> Path:
 
 def _bundled() -> dict[str, Path]:
     root = resources.files(__name__)
-    return {
-        Path(entry.name).stem: Path(str(entry))
-        for entry in root.iterdir()
-        if entry.name.endswith(".toml")
-    }
+    return {Path(entry.name).stem: Path(str(entry)) for entry in root.iterdir() if entry.name.endswith(".toml")}
 
 
 def _files() -> dict[str, Path]:
@@ -154,13 +167,14 @@ def _build(path: Path, data: dict[str, Any]) -> Theme:
         texts[key] = value.strip()
     voice = raw.get("voice")
     if voice not in ("moshiko", "moshika"):
-        raise fail("persona.voice", f"must be \"moshiko\" or \"moshika\", not {voice!r}")
+        raise fail("persona.voice", f'must be "moshiko" or "moshika", not {voice!r}')
     persona = Persona(voice=voice, **texts)
     return Theme(name, title.strip(), dark, palette, variables, persona, path)
 
 
-def _colours(data: dict[str, Any], table: str, allowed: tuple[str, ...], *,
-             required: tuple[str, ...], fail: Any) -> dict[str, str]:
+def _colours(
+    data: dict[str, Any], table: str, allowed: tuple[str, ...], *, required: tuple[str, ...], fail: Any
+) -> dict[str, str]:
     raw = data.get(table)
     if not isinstance(raw, dict):
         raise fail(table, f"missing [{table}] table")
@@ -173,7 +187,7 @@ def _colours(data: dict[str, Any], table: str, allowed: tuple[str, ...], *,
                 raise fail(f"{table}.{key}", "missing")
             continue
         if not isinstance(value, str) or not _HEX.match(value):
-            raise fail(f"{table}.{key}", f"must be a colour like \"#1a2b3c\", not {value!r}")
+            raise fail(f"{table}.{key}", f'must be a colour like "#1a2b3c", not {value!r}')
         out[key] = value.lower()
     return out
 

@@ -148,19 +148,25 @@ class Hub:
                 added = await asyncio.wrap_future(self.db.submit(*put))
         except StoreError as exc:
             log.error("%s: could not store event (answering 503 so it is retried): %s", provider, exc)
-            raise web.HTTPServiceUnavailable(text="storage unavailable, retry later", headers={"Retry-After": "5"}) from None
+            raise web.HTTPServiceUnavailable(
+                text="storage unavailable, retry later", headers={"Retry-After": "5"}
+            ) from None
         if added:
             self.wake()
         return bool(added)
 
     async def ingest_many(self, provider: str, rows: list[tuple[str, str | None, str]]) -> int:
         """Store several events from one request (all or 503); returns how many were new."""
-        futures = [inbox.put(self.db, provider, event_id, event_type, payload) for event_id, event_type, payload in rows]
+        futures = [
+            inbox.put(self.db, provider, event_id, event_type, payload) for event_id, event_type, payload in rows
+        ]
         try:
             added = sum([int(await asyncio.wrap_future(f)) for f in futures])
         except StoreError as exc:
             log.error("%s: could not store events (answering 503 so they are retried): %s", provider, exc)
-            raise web.HTTPServiceUnavailable(text="storage unavailable, retry later", headers={"Retry-After": "5"}) from None
+            raise web.HTTPServiceUnavailable(
+                text="storage unavailable, retry later", headers={"Retry-After": "5"}
+            ) from None
         if added:
             self.wake()
         return added

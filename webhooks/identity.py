@@ -83,7 +83,7 @@ async def health(request: web.Request) -> web.Response:
     try:
         ping = await asyncio.wait_for(hub.db.aread(lambda d: d.ping()), HEALTH_TIMEOUT_S)
         counts = await asyncio.wait_for(hub.db.aread(inbox.counts), HEALTH_TIMEOUT_S)
-    except (StoreError, asyncio.TimeoutError, TimeoutError) as exc:
+    except (StoreError, TimeoutError) as exc:
         return web.json_response({"status": "unavailable", "database": f"error: {exc}"[:200]}, status=503)
     body: dict[str, object] = {
         "status": "ok",

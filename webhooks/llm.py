@@ -7,7 +7,6 @@ tests point them at a local fake. Every failure (timeout, non-2xx, malformed JSO
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from dataclasses import dataclass
@@ -48,7 +47,7 @@ class _HttpProvider:
                 if resp.status != 200:
                     raise LlmError(f"{url} answered {resp.status}: {text[:200]}")
                 return json.loads(text)
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             raise LlmError(f"{url} took longer than {self.timeout_s:g} s") from None
         except aiohttp.ClientError as exc:
             raise LlmError(f"{url} unreachable: {exc}") from None

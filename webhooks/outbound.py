@@ -6,7 +6,6 @@ raises ``SendError`` so the inbox processor retries the event with backoff.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,8 +32,10 @@ class TwilioRest:
     base_url: str
 
     @classmethod
-    def from_settings(cls, settings: Settings, session: aiohttp.ClientSession) -> "TwilioRest":
-        return cls(session, settings.twilio.account_sid, secret(settings.twilio.auth_token), settings.twilio.api_base_url)
+    def from_settings(cls, settings: Settings, session: aiohttp.ClientSession) -> TwilioRest:
+        return cls(
+            session, settings.twilio.account_sid, secret(settings.twilio.auth_token), settings.twilio.api_base_url
+        )
 
     @property
     def configured(self) -> bool:
@@ -65,8 +66,10 @@ class SendGridMail:
     base_url: str
 
     @classmethod
-    def from_settings(cls, settings: Settings, session: aiohttp.ClientSession) -> "SendGridMail":
-        return cls(session, secret(settings.sendgrid.api_key), settings.sendgrid.from_email, settings.sendgrid.api_base_url)
+    def from_settings(cls, settings: Settings, session: aiohttp.ClientSession) -> SendGridMail:
+        return cls(
+            session, secret(settings.sendgrid.api_key), settings.sendgrid.from_email, settings.sendgrid.api_base_url
+        )
 
     @property
     def configured(self) -> bool:
@@ -93,7 +96,7 @@ class SendGridMail:
                 if resp.status not in (200, 202):
                     raise SendError(f"SendGrid answered {resp.status}: {mask_contacts((await resp.text())[:200])}")
                 return resp.headers.get("X-Message-Id")
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise SendError(f"SendGrid unreachable: {exc!r}") from None
 
 
@@ -103,5 +106,5 @@ async def _post(session: aiohttp.ClientSession, url: str, **kwargs: Any) -> Any:
             if resp.status not in (200, 201):
                 raise SendError(f"{url} answered {resp.status}: {mask_contacts((await resp.text())[:200])}")
             return await resp.json(content_type=None)
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+    except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
         raise SendError(f"{url} failed: {exc!r}") from None

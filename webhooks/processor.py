@@ -132,7 +132,7 @@ class InboxProcessor:
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), pause or self.poll_s)
-            except (asyncio.TimeoutError, TimeoutError):
+            except TimeoutError:
                 pass
 
     def _done(self, task: asyncio.Task[None]) -> None:

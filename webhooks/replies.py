@@ -19,7 +19,8 @@ from engine.config import Settings
 from engine.store import usage as usage_store
 from engine.store.db import Database
 from engine.store.users import User, find_by_phone
-from engine.tiers import Tier, tier as tier_named
+from engine.tiers import Tier
+from engine.tiers import tier as tier_named
 from webhooks.llm import LlmError, LlmProvider
 
 log = logging.getLogger("xswarm.webhooks.replies")
@@ -32,12 +33,16 @@ HELP_TEXT = (
     "xswarm commands: STATUS (your plan and usage this month), HELP (this list). "
     "Anything else goes to your assistant, or call this number to talk."
 )
-UNKNOWN_SENDER = "This number isn't linked to an xswarm account, so I can't help here. Ask your xswarm operator to add you."
+UNKNOWN_SENDER = (
+    "This number isn't linked to an xswarm account, so I can't help here. Ask your xswarm operator to add you."
+)
 NO_PROVIDER = (
     "Got your message, thanks. The assistant can't write replies yet: no AI provider is set up "
     "on this xswarm. Text HELP for commands, or call to talk."
 )
-PROVIDER_DOWN = "Got your message. I couldn't compose a reply just now; please try again in a few minutes or call instead."
+PROVIDER_DOWN = (
+    "Got your message. I couldn't compose a reply just now; please try again in a few minutes or call instead."
+)
 
 
 @dataclass(frozen=True)
@@ -157,7 +162,9 @@ class Replier:
         )
         try:
             text = await self.llm.complete(
-                system, f"Text from {user.name}:\n<<<\n{clean(body, 1600)}\n>>>", max_tokens=self.settings.llm.max_tokens_sms
+                system,
+                f"Text from {user.name}:\n<<<\n{clean(body, 1600)}\n>>>",
+                max_tokens=self.settings.llm.max_tokens_sms,
             )
         except LlmError as exc:
             log.warning("SMS reply fell back to canned text: %s", exc)
@@ -180,9 +187,7 @@ class Replier:
         )
         prompt = f"Subject: {clean(subject, 300)}\n<<<\n{clean(body, 8000)}\n>>>"
         try:
-            return clean(
-                await self.llm.complete(system, prompt, max_tokens=self.settings.llm.max_tokens_email), 8000
-            )
+            return clean(await self.llm.complete(system, prompt, max_tokens=self.settings.llm.max_tokens_email), 8000)
         except LlmError as exc:
             log.warning("email reply fell back to canned text: %s", exc)
             return f"Hello {user.name},\n\nYour message arrived. I couldn't compose a reply just now; I'll be glad to help if you write again later.\n"

@@ -34,7 +34,20 @@ from webhooks.processor import PermanentError, received
 log = logging.getLogger("xswarm.webhooks.sendgrid")
 PARSE = "sendgrid-parse"
 EVENTS = "sendgrid-events"
-_TEXT_FIELDS = ("from", "to", "cc", "subject", "text", "html", "headers", "envelope", "spam_score", "SPF", "dkim", "sender_ip")
+_TEXT_FIELDS = (
+    "from",
+    "to",
+    "cc",
+    "subject",
+    "text",
+    "html",
+    "headers",
+    "envelope",
+    "spam_score",
+    "SPF",
+    "dkim",
+    "sender_ip",
+)
 
 
 class MailFormatError(ValueError):
@@ -146,8 +159,15 @@ async def inbound_effect(hub: Hub, row: InboxRow) -> Outcome:
     mid = row.event_id
     statements = [
         messages.insert_statement(
-            channel="email", direction="in", provider_id=mid, user_id=user.id if user else None,
-            from_addr=sender, to_addr=mail.get("to"), subject=subject, body=text, status="received",
+            channel="email",
+            direction="in",
+            provider_id=mid,
+            user_id=user.id if user else None,
+            from_addr=sender,
+            to_addr=mail.get("to"),
+            subject=subject,
+            body=text,
+            status="received",
             meta={"attachments": mail.get("attachments", []), "spam_score": mail.get("spam_score")},
             at_ms=row.received_at,
         )
@@ -181,8 +201,15 @@ async def _reply(hub: Hub, user: User, sender: str, subject: str, text: str, mid
     sent_id = await hub.mail.send(to=sender, subject=reply_subject, text=body, in_reply_to=threading)
     return [
         messages.insert_statement(
-            channel="email", direction="out", provider_id=sent_id or f"reply:{mid}", user_id=user.id,
-            from_addr=hub.mail.from_email, to_addr=sender, subject=reply_subject, body=body, status="sent",
+            channel="email",
+            direction="out",
+            provider_id=sent_id or f"reply:{mid}",
+            user_id=user.id,
+            from_addr=hub.mail.from_email,
+            to_addr=sender,
+            subject=reply_subject,
+            body=body,
+            status="sent",
             meta={"in_reply_to": mid},
         )
     ]

@@ -94,7 +94,7 @@ async def _subscription(hub: Hub, row: InboxRow, sub: dict[str, Any], created: i
         stored = await hub.read(lambda d: billing.get_subscription(d, sub["id"]))
         if stored is not None and stored.user_id:
             user = await hub.read(lambda d: get_user(d, stored.user_id))
-    items = ((sub.get("items") or {}).get("data") or [{}])
+    items = (sub.get("items") or {}).get("data") or [{}]
     price_id = ((items[0] or {}).get("price") or {}).get("id")
     tier = hub.settings.stripe.price_tiers.get(price_id) if price_id else None
     if tier is not None and tier not in TIERS:
@@ -115,8 +115,13 @@ async def _subscription(hub: Hub, row: InboxRow, sub: dict[str, Any], created: i
         event_rank=RANK[kind],
     )
     note = billing.billing_event_statement(
-        event_id=row.event_id, user_id=user.id if user else None, type=kind, amount=None, currency=None,
-        created=created, summary=f"subscription {sub['id']} {status} ({price_id or 'no price'})",
+        event_id=row.event_id,
+        user_id=user.id if user else None,
+        type=kind,
+        amount=None,
+        currency=None,
+        created=created,
+        summary=f"subscription {sub['id']} {status} ({price_id or 'no price'})",
     )
     # Commit the subscription state first: the tier is derived from what is stored.
     await asyncio.wrap_future(hub.db.submit_script([upsert, note]))
@@ -124,7 +129,11 @@ async def _subscription(hub: Hub, row: InboxRow, sub: dict[str, Any], created: i
     new_tier = await hub.db.aread(lambda d: _apply_tier(d, user)) if user else None
     summary = f"Subscription {status}" + (f" → {new_tier}" if new_tier else " (no matching user)")
     return Outcome(
-        [], [PaymentStatusChanged(user.id if user else None, status, new_tier), received(row, summary, user.id if user else None)]
+        [],
+        [
+            PaymentStatusChanged(user.id if user else None, status, new_tier),
+            received(row, summary, user.id if user else None),
+        ],
     )
 
 
@@ -143,8 +152,12 @@ async def _checkout(hub: Hub, row: InboxRow, session: dict[str, Any], created: i
         statements.append(billing.link_statement(sub_id, user.id, customer, created))
     statements.append(
         billing.billing_event_statement(
-            event_id=row.event_id, user_id=user.id if user else None, type=row.event_type or "",
-            amount=session.get("amount_total"), currency=session.get("currency"), created=created,
+            event_id=row.event_id,
+            user_id=user.id if user else None,
+            type=row.event_type or "",
+            amount=session.get("amount_total"),
+            currency=session.get("currency"),
+            created=created,
             summary=f"checkout {session.get('payment_status', '')}",
         )
     )
@@ -154,7 +167,10 @@ async def _checkout(hub: Hub, row: InboxRow, session: dict[str, Any], created: i
     status = "checkout_" + str(session.get("payment_status") or "completed")
     return Outcome(
         [],
-        [PaymentStatusChanged(user.id if user else None, status, new_tier), received(row, f"Checkout {status}", user.id if user else None)],
+        [
+            PaymentStatusChanged(user.id if user else None, status, new_tier),
+            received(row, f"Checkout {status}", user.id if user else None),
+        ],
     )
 
 
@@ -167,11 +183,19 @@ async def _invoice(hub: Hub, row: InboxRow, invoice: dict[str, Any], created: in
     status = "paid" if paid else "payment_failed"
     attempt = "" if paid else f", attempt {invoice.get('attempt_count', 1)}"
     statement = billing.billing_event_statement(
-        event_id=row.event_id, user_id=user.id if user else None, type=row.event_type or "", amount=amount,
-        currency=invoice.get("currency"), created=created, summary=f"invoice {invoice.get('id', '')} {status}{attempt}",
+        event_id=row.event_id,
+        user_id=user.id if user else None,
+        type=row.event_type or "",
+        amount=amount,
+        currency=invoice.get("currency"),
+        created=created,
+        summary=f"invoice {invoice.get('id', '')} {status}{attempt}",
     )
     summary = f"Invoice {status}: {(amount or 0) / 100:.2f} {str(invoice.get('currency') or '').upper()}{attempt}"
     return Outcome(
         [statement],
-        [PaymentStatusChanged(user.id if user else None, status, user.tier if user else None), received(row, summary, user.id if user else None)],
+        [
+            PaymentStatusChanged(user.id if user else None, status, user.tier if user else None),
+            received(row, summary, user.id if user else None),
+        ],
     )

@@ -13,8 +13,8 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from itertools import islice
 from dataclasses import dataclass, field
+from itertools import islice
 from urllib.parse import parse_qsl
 
 from aiohttp import web
@@ -23,9 +23,9 @@ from multidict import MultiDict
 from engine.events import MessageReceived
 from engine.logging_setup import mask_phone
 from engine.store import messages, usage
-from engine.store.messages import Statement
 from engine.store.db import StoreError
 from engine.store.inbox import InboxRow
+from engine.store.messages import Statement
 from engine.store.users import User, find_by_phone
 from webhooks import twiml
 from webhooks.body import parse_form, read_body
@@ -48,7 +48,7 @@ rather than letting the map (and every full GC pass over it) grow with the backl
 class PendingReply:
     """A reply the route is composing; the processor sends it if the route could not."""
 
-    task: "asyncio.Future[str] | None" = None
+    task: asyncio.Future[str] | None = None
     user: User | None = None
     looked_up: bool = False
     """``user`` is the sender as the route found it (saves the processor a lookup)."""
@@ -58,12 +58,12 @@ class PendingReply:
     """What the route answered inline."""
     recorded: bool = False
     """The reply row was committed together with the inbox row."""
-    form: "MultiDict[str] | None" = None
+    form: MultiDict[str] | None = None
     """The posted form as the route parsed it (saves the processor parsing it again)."""
     created: float = field(default_factory=time.monotonic)
 
 
-def _pending(hub: Hub) -> "OrderedDict[str, PendingReply]":
+def _pending(hub: Hub) -> OrderedDict[str, PendingReply]:
     """An ``OrderedDict``, not a dict: entries leave from the front, and a plain dict's
     iteration walks every deleted slot before the first live one, which made ``_bound`` cost
     grow with the number of SMS answered since the last resize."""
@@ -138,7 +138,7 @@ async def route(request: web.Request) -> web.Response:
         entry.task = task = asyncio.ensure_future(hub.replier.llm_sms(user, body))  # type: ignore[arg-type]
         try:
             await asyncio.wait_for(asyncio.shield(task), hub.settings.llm.sms_budget_s)
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             log.info("SMS %s: reply not ready in %.1f s; it goes out via REST", sid, hub.settings.llm.sms_budget_s)
             hub.release(PROVIDER, sid)
             return twiml.response(twiml.EMPTY)
@@ -226,7 +226,7 @@ async def _deferred_reply(
     return [reply_statement(sid, user, sender, ours, text, {"via": "rest", "sid": rest_sid})]
 
 
-def _bound(pending: "OrderedDict[str, PendingReply]") -> None:
+def _bound(pending: OrderedDict[str, PendingReply]) -> None:
     """Drop the oldest decided entries beyond ``MAX_PENDING`` (undecided ones are still being
     answered by their route). Without its entry the processor falls back to the durable path:
     a reply on record (every inline answer is written before its row can be claimed) is not

@@ -37,7 +37,9 @@ VOICEMAIL_PATH = "/twilio/voice/voicemail"
 TERMINAL = {"completed", "busy", "failed", "no-answer", "canceled"}
 
 REFUSE_UNKNOWN = "Hello. This line only takes calls from registered users. Goodbye."
-NO_ROOM = "Hello. All of our lines are busy right now. Please leave a message after the tone, and we will get back to you."
+NO_ROOM = (
+    "Hello. All of our lines are busy right now. Please leave a message after the tone, and we will get back to you."
+)
 NOT_READY = "Hello. The assistant is not available right now. Please leave a message after the tone."
 
 
@@ -173,7 +175,10 @@ async def _status_effect(hub: Hub, row: InboxRow, form: dict[str, str]) -> Outco
             statements += usage.count_statements("voice", f"call:{call_sid}", user_id, duration, row.received_at)
     else:
         statements.append(
-            ("UPDATE calls SET status = ? WHERE id = ? AND status != 'ended'", ("live" if state == "in-progress" else state, call_sid))
+            (
+                "UPDATE calls SET status = ? WHERE id = ? AND status != 'ended'",
+                ("live" if state == "in-progress" else state, call_sid),
+            )
         )
     summary = f"Call {mask_phone(caller)} {state}" + (f" after {duration:.0f} s" if duration else "")
     return Outcome(statements, [received(row, summary, user_id)])
@@ -192,13 +197,20 @@ async def _voicemail_effect(hub: Hub, row: InboxRow, form: dict[str, str]) -> Ou
         to_addr=form.get("To"),
         body=None,
         status="received",
-        meta={"recording_url": form.get("RecordingUrl", ""), "duration_s": str(seconds or 0), "call_sid": form.get("CallSid", "")},
+        meta={
+            "recording_url": form.get("RecordingUrl", ""),
+            "duration_s": str(seconds or 0),
+            "call_sid": form.get("CallSid", ""),
+        },
         at_ms=row.received_at,
     )
     summary = f"Voicemail from {user.name if user else 'unknown'} ({mask_phone(caller)}), {seconds or 0:.0f} s"
     return Outcome(
         [statement],
-        [MessageReceived("voicemail", user.id if user else None, summary), received(row, summary, user.id if user else None)],
+        [
+            MessageReceived("voicemail", user.id if user else None, summary),
+            received(row, summary, user.id if user else None),
+        ],
     )
 
 

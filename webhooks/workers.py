@@ -111,7 +111,13 @@ class Workers:
                 if proc.is_alive():
                     continue
                 lived = time.monotonic() - self._started_at[index]
-                log.error("webhooks worker %d (pid %s) exited with %s after %.1f s; restarting", index + 1, proc.pid, proc.exitcode, lived)
+                log.error(
+                    "webhooks worker %d (pid %s) exited with %s after %.1f s; restarting",
+                    index + 1,
+                    proc.pid,
+                    proc.exitcode,
+                    lived,
+                )
                 self._failed_starts = self._failed_starts + 1 if lived < CRASH_WINDOW_S else 0
                 if self._failed_starts >= MAX_FAILED_STARTS:
                     raise WorkersError(f"worker {index + 1} keeps exiting (code {proc.exitcode}); see the log")
@@ -151,9 +157,13 @@ class Workers:
             except queue.Empty:
                 dead = [i for i in waiting if not self._procs[i].is_alive()]
                 if dead:
-                    raise WorkersError(f"worker {dead[0] + 1} exited during start-up (code {self._procs[dead[0]].exitcode}); see the log")
+                    raise WorkersError(
+                        f"worker {dead[0] + 1} exited during start-up (code {self._procs[dead[0]].exitcode}); see the log"
+                    )
                 if time.monotonic() > deadline:
-                    raise WorkersError(f"workers {sorted(i + 1 for i in waiting)} did not start within {START_TIMEOUT_S:.0f} s")
+                    raise WorkersError(
+                        f"workers {sorted(i + 1 for i in waiting)} did not start within {START_TIMEOUT_S:.0f} s"
+                    )
                 continue
             if index not in waiting:
                 continue  # not one we are waiting for (cannot happen: a worker reports once)
@@ -162,7 +172,9 @@ class Workers:
             waiting.discard(index)
 
 
-def _worker_main(index: int, plan: WorkerPlan, records: "Queue[logging.LogRecord]", ready: "Queue[tuple[int, str]]") -> None:
+def _worker_main(
+    index: int, plan: WorkerPlan, records: Queue[logging.LogRecord], ready: Queue[tuple[int, str]]
+) -> None:
     """A worker process: the webhook server on the shared port until SIGTERM (Ctrl-C is the
     parent's to handle: it stops the workers in order)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -15,10 +15,10 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from pathlib import Path
 from collections import deque
 from collections.abc import Callable, Iterable
 from functools import partial
+from pathlib import Path
 
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
@@ -60,8 +60,16 @@ ACTING = frozenset({"take_over", "hand_back", "listen", "whisper", "mute", "hang
 """Actions that change a call; `--read-only` and monitor tokens hide them everywhere."""
 
 
-def _binding(key: str, action: str, description: str, tooltip: str, *, show: bool = True,
-             priority: bool = False, group: str = "call") -> Binding:
+def _binding(
+    key: str,
+    action: str,
+    description: str,
+    tooltip: str,
+    *,
+    show: bool = True,
+    priority: bool = False,
+    group: str = "call",
+) -> Binding:
     return Binding(key, action, description, show=show, priority=priority, id=f"{group}.{action}", tooltip=tooltip)
 
 
@@ -75,8 +83,7 @@ BINDINGS: list[Binding] = [
     _binding("v", "local_call", "Voice", "Talk to the AI through this machine's microphone and speakers"),
     _binding("p", "pause", "Pause", "Freeze the panels; data keeps being collected", group="view"),
     _binding("question_mark,f1", "help", "Help", "Keys and how to read the panels", group="view"),
-    _binding("q", "quit", "Quit", "Leave the console (the embedded runtime stops cleanly)", priority=True,
-             group="app"),
+    _binding("q", "quit", "Quit", "Leave the console (the embedded runtime stops cleanly)", priority=True, group="app"),
     _binding("r", "reveal", "Reveal", "Show or mask callers' phone numbers", show=False, group="view"),
     _binding("s", "sort", "Sort", "Cycle the calls board's sort order", show=False, group="view"),
     _binding("slash", "filter", "Filter", "Filter the focused panel (escape clears)", show=False, group="view"),
@@ -98,9 +105,17 @@ class XswarmApp(App[None]):
     TITLE = "xswarm"
     BINDINGS = BINDINGS
 
-    def __init__(self, link: Link, *, read_only: bool = False, theme: str = DEFAULT_THEME,
-                 clock: Callable[[], float] = time.time, poll_interval_s: float = 1.0,
-                 reveal_callers: bool = False, started_at: float | None = None) -> None:
+    def __init__(
+        self,
+        link: Link,
+        *,
+        read_only: bool = False,
+        theme: str = DEFAULT_THEME,
+        clock: Callable[[], float] = time.time,
+        poll_interval_s: float = 1.0,
+        reveal_callers: bool = False,
+        started_at: float | None = None,
+    ) -> None:
         super().__init__()
         self._started_at = time.perf_counter() if started_at is None else started_at
         """perf_counter() at the process's start, for the time-to-first-paint log line."""
@@ -137,8 +152,9 @@ class XswarmApp(App[None]):
         with Horizontal(id="bottom"):
             yield self.system_panel
             with Vertical(id="events-area"):
-                yield Input(placeholder="filter events: sms, payment, error, any word", id="events-filter",
-                            classes="filter")
+                yield Input(
+                    placeholder="filter events: sms, payment, error, any word", id="events-filter", classes="filter"
+                )
                 yield self.feed_panel
         yield Footer(compact=True)
 
@@ -159,8 +175,11 @@ class XswarmApp(App[None]):
 
     def _first_paint(self) -> None:
         """The dashboard is on screen: only now start the runtime, so it never delays the paint."""
-        log.info("first paint %.0f ms after start (torch imported: %s)",
-                 (time.perf_counter() - self._started_at) * 1000, "torch" in sys.modules)
+        log.info(
+            "first paint %.0f ms after start (torch imported: %s)",
+            (time.perf_counter() - self._started_at) * 1000,
+            "torch" in sys.modules,
+        )
         self._open_link()
 
     def on_unmount(self) -> None:
@@ -300,8 +319,12 @@ class XswarmApp(App[None]):
         """One place for worker failures: a toast naming what failed, the app carries on."""
         if event.state == WorkerState.ERROR:
             log.error("worker %s failed: %s", event.worker.name, event.worker.error)
-            self.notify(f"{event.worker.description or event.worker.name}: {event.worker.error}",
-                        title="Failed", severity="error", markup=False)  # error text is not markup
+            self.notify(
+                f"{event.worker.description or event.worker.name}: {event.worker.error}",
+                title="Failed",
+                severity="error",
+                markup=False,
+            )  # error text is not markup
 
     # ---------------------------------------------------------------------- bindings
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
@@ -331,19 +354,27 @@ class XswarmApp(App[None]):
             group = (binding.id or "app").split(".")[0]
             if group == "call":
                 continue
-            yield SystemCommand(f"{group}: {binding.description.lower()}", binding.tooltip,
-                                partial(self.run_action, binding.action))
+            yield SystemCommand(
+                f"{group}: {binding.description.lower()}", binding.tooltip, partial(self.run_action, binding.action)
+            )
         for call_id in list(self.state.calls)[:50]:
-            yield SystemCommand(f"call {call_id}: open detail", "Latency, levels, transcript",
-                                partial(self._open_detail, call_id))
+            yield SystemCommand(
+                f"call {call_id}: open detail", "Latency, levels, transcript", partial(self._open_detail, call_id)
+            )
             for binding in self.BINDINGS:
                 assert isinstance(binding, Binding)
                 if binding.action in ACTING - {"local_call"} and self.check_action(binding.action, ()):
-                    yield SystemCommand(f"call {call_id}: {binding.description.lower()}", binding.tooltip,
-                                        partial(self._act_on, call_id, binding.action))
+                    yield SystemCommand(
+                        f"call {call_id}: {binding.description.lower()}",
+                        binding.tooltip,
+                        partial(self._act_on, call_id, binding.action),
+                    )
         if self.check_action("local_call", ()):
-            yield SystemCommand("call: start a local voice conversation", "Microphone and speakers of this machine",
-                                partial(self.run_action, "local_call"))
+            yield SystemCommand(
+                "call: start a local voice conversation",
+                "Microphone and speakers of this machine",
+                partial(self.run_action, "local_call"),
+            )
 
     async def _act_on(self, call_id: str, action: str) -> None:
         self._select(call_id)
@@ -373,8 +404,12 @@ class XswarmApp(App[None]):
         return now - last < DEBOUNCE_S
 
     def _send(self, command: ev.Command, done: str, after: Callable[[], object] | None = None) -> None:
-        self.run_worker(self._execute(command, done, after), group="command", exit_on_error=False,
-                        description=type(command).__name__)
+        self.run_worker(
+            self._execute(command, done, after),
+            group="command",
+            exit_on_error=False,
+            description=type(command).__name__,
+        )
 
     async def _execute(self, command: ev.Command, done: str, after: Callable[[], object] | None) -> None:
         try:
@@ -400,8 +435,7 @@ class XswarmApp(App[None]):
         if not (call_id := self._need_call()):
             return
         if call_id in self.listening:
-            self._send(ev.Unlisten(call_id), f"stopped listening to {call_id}",
-                       lambda: self.listening.discard(call_id))
+            self._send(ev.Unlisten(call_id), f"stopped listening to {call_id}", lambda: self.listening.discard(call_id))
         else:
             self._send(ev.Listen(call_id), f"listening to {call_id}", lambda: self.listening.add(call_id))
 

@@ -47,8 +47,9 @@ class LocalAudio:
 
     def start_speakers(self) -> None:
         if self._out is None:
-            self._out = self._sd.OutputStream(samplerate=RATE, channels=1, dtype="float32",
-                                              blocksize=FRAME, callback=self._fill)
+            self._out = self._sd.OutputStream(
+                samplerate=RATE, channels=1, dtype="float32", blocksize=FRAME, callback=self._fill
+            )
             self._out.start()
 
     def stop_speakers(self) -> None:
@@ -78,8 +79,9 @@ class LocalAudio:
         def capture(data: np.ndarray, _frames: int, _time: Any, _status: Any) -> None:
             sink(data[:, 0].copy())
 
-        self._mic = self._sd.InputStream(samplerate=RATE, channels=1, dtype="float32",
-                                         blocksize=FRAME, callback=capture)
+        self._mic = self._sd.InputStream(
+            samplerate=RATE, channels=1, dtype="float32", blocksize=FRAME, callback=capture
+        )
         self._mic.start()
 
     def stop_microphone(self) -> None:

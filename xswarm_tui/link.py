@@ -167,8 +167,9 @@ class EmbeddedLink(Link):
     kind = "embedded"
     target = "this process"
 
-    def __init__(self, build_runtime: Callable[[], Any], *, read_only: bool = False,
-                 audio: AudioFactory = _default_audio) -> None:
+    def __init__(
+        self, build_runtime: Callable[[], Any], *, read_only: bool = False, audio: AudioFactory = _default_audio
+    ) -> None:
         super().__init__(read_only=read_only, audio=audio)
         self._build = build_runtime
         """Makes (not starts) the Runtime; called in the worker so imports stay off the first paint."""
@@ -215,8 +216,7 @@ class EmbeddedLink(Link):
             self.users_unavailable = "no database is open in this runtime"
             return None
         rows = db.query(USERS_SQL, (time.strftime("%Y-%m", time.gmtime()),))
-        return [UserRow(str(r[0]), str(r[1]), str(r[2]), r[3], float(r[4]) / 60.0, int(r[5]), int(r[6]))
-                for r in rows]
+        return [UserRow(str(r[0]), str(r[1]), str(r[2]), r[3], float(r[4]) / 60.0, int(r[5]), int(r[6])) for r in rows]
 
     def close(self) -> None:
         if self._sampler is not None:
@@ -241,11 +241,20 @@ class AttachedLink(Link):
     """
 
     kind = "attached"
-    users_unavailable = ("user data is not sent over the supervisor socket; "
-                         "run `xswarm` on the server (or query its database) to see users")
+    users_unavailable = (
+        "user data is not sent over the supervisor socket; "
+        "run `xswarm` on the server (or query its database) to see users"
+    )
 
-    def __init__(self, url: str, token: str, *, read_only: bool = False,
-                 audio: AudioFactory = _default_audio, open_timeout_s: float = 15.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        *,
+        read_only: bool = False,
+        audio: AudioFactory = _default_audio,
+        open_timeout_s: float = 15.0,
+    ) -> None:
         super().__init__(read_only=read_only, audio=audio)
         self.target = url
         self._token = token
@@ -325,6 +334,7 @@ class AttachedLink(Link):
     def close(self) -> None:
         self._close_audio()
         if self._thread.is_alive():
+
             async def shutdown() -> None:
                 for task in self._tasks:
                     task.cancel()

@@ -134,12 +134,17 @@ class ConsoleState:
                 self._refresh_mode(call)
                 continue
             try:
-                self.apply(ev.CallStarted(
-                    call_id=str(call["call_id"]), slot=int(call.get("slot", 0)),
-                    source=str(call.get("source", "twilio")), caller=call.get("caller"),
-                    user_id=call.get("user_id"), theme=call.get("theme"),
-                    at=float(call.get("started_at", 0.0)),
-                ))
+                self.apply(
+                    ev.CallStarted(
+                        call_id=str(call["call_id"]),
+                        slot=int(call.get("slot", 0)),
+                        source=str(call.get("source", "twilio")),
+                        caller=call.get("caller"),
+                        user_id=call.get("user_id"),
+                        theme=call.get("theme"),
+                        at=float(call.get("started_at", 0.0)),
+                    )
+                )
                 self._refresh_mode(call)
             except (KeyError, TypeError, ValueError, AttributeError):
                 continue  # one malformed entry must not hide the others
@@ -149,9 +154,14 @@ class ConsoleState:
             self._set_headroom(str(reason) if reason else None, float(snap.get("server_time") or time.time()))
         model = snap.get("model")
         if isinstance(model, dict) and model.get("state") in ("loading", "warming", "ready", "failed", "fallback"):
-            self.apply(ev.ModelStatusChanged(model=str(model.get("name") or model.get("spec") or "?"),
-                                             state=model["state"], detail=str(model.get("detail") or ""),
-                                             progress=model.get("progress")))
+            self.apply(
+                ev.ModelStatusChanged(
+                    model=str(model.get("name") or model.get("spec") or "?"),
+                    state=model["state"],
+                    detail=str(model.get("detail") or ""),
+                    progress=model.get("progress"),
+                )
+            )
         if self.feed:  # a reconnect: the feed already holds these
             return
         for wire in snap.get("recent_events", []) or []:
@@ -181,8 +191,14 @@ class ConsoleState:
 
     def _refresh_mode(self, call: dict[str, Any]) -> None:
         if call.get("mode") in ("ai", "operator", "muted"):
-            self.apply(ev.CallUpdated(call_id=str(call["call_id"]), mode=call["mode"],
-                                      operator=call.get("operator"), listeners=int(call.get("listeners", 0) or 0)))
+            self.apply(
+                ev.CallUpdated(
+                    call_id=str(call["call_id"]),
+                    mode=call["mode"],
+                    operator=call.get("operator"),
+                    listeners=int(call.get("listeners", 0) or 0),
+                )
+            )
 
     def apply(self, event: ev.Event) -> None:
         handler = _HANDLERS.get(type(event))
@@ -274,8 +290,11 @@ class ConsoleState:
 
 
 def _message(s: ConsoleState, e: ev.MessageReceived) -> None:
-    s._feed(e.at, e.channel if e.channel != "voicemail" else "sms",
-            f"{e.channel} from {e.user_id or 'unknown'}: {e.summary}")
+    s._feed(
+        e.at,
+        e.channel if e.channel != "voicemail" else "sms",
+        f"{e.channel} from {e.user_id or 'unknown'}: {e.summary}",
+    )
 
 
 def _payment(s: ConsoleState, e: ev.PaymentStatusChanged) -> None:
@@ -283,8 +302,16 @@ def _payment(s: ConsoleState, e: ev.PaymentStatusChanged) -> None:
     s._feed(e.at, "payment", f"payment {e.status} for {e.user_id or 'unknown'}{tier}")
 
 
-_FEED_ONLY = (ev.MessageReceived, ev.PaymentStatusChanged, ev.WebhookReceived, ev.WebhookFailed, ev.UserCreated,
-              ev.ErrorRaised, ev.CallRefused, ev.SupervisorActed)
+_FEED_ONLY = (
+    ev.MessageReceived,
+    ev.PaymentStatusChanged,
+    ev.WebhookReceived,
+    ev.WebhookFailed,
+    ev.UserCreated,
+    ev.ErrorRaised,
+    ev.CallRefused,
+    ev.SupervisorActed,
+)
 """Recent events a snapshot may replay into the feed (call events are the snapshot's own calls)."""
 
 _HANDLERS: dict[type, Any] = {
@@ -303,7 +330,8 @@ _HANDLERS: dict[type, Any] = {
     ev.CallRefused: ConsoleState._refused,
     ev.WebhookReceived: lambda s, e: s._feed(e.at, "webhook", f"{e.provider} {e.event_type}: {e.summary}"),
     ev.WebhookFailed: lambda s, e: s._feed(
-        e.at, "error", f"{e.provider} webhook {e.event_id} {'dead-lettered' if e.dead else 'failed'}: {e.error}"),
+        e.at, "error", f"{e.provider} webhook {e.event_id} {'dead-lettered' if e.dead else 'failed'}: {e.error}"
+    ),
     ev.UserCreated: lambda s, e: s._feed(e.at, "user", f"new user {e.name} ({e.tier})"),
     ev.ErrorRaised: lambda s, e: s._feed(e.at, "error", f"{e.source}: {e.message}"),
 }

@@ -43,8 +43,9 @@ def split_frame(codes: bytes) -> list[bytes]:
 class InboundFrames:
     """One call's inbound mu-law bytes -> one aligned 80 ms frame per tick."""
 
-    def __init__(self, guard_s: float = 0.004, trim_after_ticks: int = 12, max_depth: int = 1,
-                 relax_after_ticks: int = 125) -> None:
+    def __init__(
+        self, guard_s: float = 0.004, trim_after_ticks: int = 12, max_depth: int = 1, relax_after_ticks: int = 125
+    ) -> None:
         self.guard_s = guard_s
         self.trim_after_ticks = trim_after_ticks
         self.max_depth = max_depth

@@ -22,7 +22,9 @@ KAISER_BETA = 7.0
 HIGH_RATE = 24_000
 
 
-def lowpass(taps: int = TAPS, cutoff_hz: float = CUTOFF_HZ, rate: int = HIGH_RATE, beta: float = KAISER_BETA) -> np.ndarray:
+def lowpass(
+    taps: int = TAPS, cutoff_hz: float = CUTOFF_HZ, rate: int = HIGH_RATE, beta: float = KAISER_BETA
+) -> np.ndarray:
     """Kaiser-windowed sinc low-pass at ``rate`` with unit DC gain."""
     n = np.arange(taps) - (taps - 1) / 2
     h = np.sinc(2 * cutoff_hz / rate * n) * np.kaiser(taps, beta)
@@ -66,7 +68,9 @@ class _BlockFir:
         parts = []
         if blocks:
             window = self.history + self.in_block
-            view = np.lib.stride_tricks.sliding_window_view(ext, window, axis=1)[:, : blocks * self.in_block : self.in_block]
+            view = np.lib.stride_tricks.sliding_window_view(ext, window, axis=1)[
+                :, : blocks * self.in_block : self.in_block
+            ]
             parts.append((view @ self.matrix).reshape(k, blocks * self.out_block))
         if rest:
             start = blocks * self.in_block

@@ -41,7 +41,9 @@ def load_sounddevice() -> Any:
     except OSError as exc:  # the package is there, the PortAudio library is not
         raise LocalAudioError(f"no audio: {exc} (install PortAudio, e.g. apt install libportaudio2)") from None
     except ImportError:
-        raise LocalAudioError("no audio: the sounddevice package is not installed (pip install 'xswarm[audio]')") from None
+        raise LocalAudioError(
+            "no audio: the sounddevice package is not installed (pip install 'xswarm[audio]')"
+        ) from None
     return sounddevice
 
 
@@ -50,7 +52,7 @@ class LocalAudioCall:
 
     source = "local"
 
-    def __init__(self, runtime: "Runtime", sd: Any | None = None) -> None:
+    def __init__(self, runtime: Runtime, sd: Any | None = None) -> None:
         self.runtime = runtime
         self._sd = sd
         self.session: CallSession | None = None
@@ -88,7 +90,9 @@ class LocalAudioCall:
         try:
             self._streams = [
                 sd.InputStream(samplerate=SAMPLE_RATE, channels=1, dtype="float32", blocksize=FRAME_SIZE, callback=mic),
-                sd.OutputStream(samplerate=SAMPLE_RATE, channels=1, dtype="float32", blocksize=FRAME_SIZE, callback=speaker),
+                sd.OutputStream(
+                    samplerate=SAMPLE_RATE, channels=1, dtype="float32", blocksize=FRAME_SIZE, callback=speaker
+                ),
             ]
             for stream in self._streams:
                 stream.start()

@@ -82,7 +82,7 @@ NO_HEADROOM = 4011
 class BridgeServer:
     """The websockets server; owns the token ledger and the bridge-wide figures."""
 
-    def __init__(self, runtime: "Runtime") -> None:
+    def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.settings = runtime.settings
         self.ledger = TokenLedger()
@@ -102,15 +102,26 @@ class BridgeServer:
 
     async def start(self, host: str, port: int) -> None:
         self._server = await serve(
-            self._handle, host, port, process_request=self._http, max_size=MAX_MESSAGE,
-            compression=None, max_queue=64, server_header=None, close_timeout=2,
+            self._handle,
+            host,
+            port,
+            process_request=self._http,
+            max_size=MAX_MESSAGE,
+            compression=None,
+            max_queue=64,
+            server_header=None,
+            close_timeout=2,
         )
         self.port = self._server.sockets[0].getsockname()[1] if self._server.sockets else port
         if not self._auth_token:
-            log.warning("bridge on %s:%s does not check X-Twilio-Signature: TWILIO_AUTH_TOKEN is not set", host, self.port)
+            log.warning(
+                "bridge on %s:%s does not check X-Twilio-Signature: TWILIO_AUTH_TOKEN is not set", host, self.port
+            )
         if not self._token_secret:
             if host in LOOPBACK:
-                log.warning("bridge accepts calls without a call token: XSWARM_CALL_TOKEN_SECRET is not set (loopback only)")
+                log.warning(
+                    "bridge accepts calls without a call token: XSWARM_CALL_TOKEN_SECRET is not set (loopback only)"
+                )
             else:
                 log.error("XSWARM_CALL_TOKEN_SECRET is not set: the bridge on %s refuses every call", host)
         log.info("bridge listening on %s:%s%s", host, self.port, PATH)
@@ -194,8 +205,14 @@ class BridgeServer:
 
 def _json_response(status: int, body: dict[str, Any]) -> Response:
     data = json.dumps(body).encode()
-    headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(data))),
-                       ("Cache-Control", "no-store"), ("Connection", "close")])
+    headers = Headers(
+        [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(data))),
+            ("Cache-Control", "no-store"),
+            ("Connection", "close"),
+        ]
+    )
     return Response(status, http.HTTPStatus(status).phrase, headers, data)
 
 
@@ -323,14 +340,22 @@ class TwilioStream:
             raise Refusal("malformed_start", MALFORMED, "start without a start object")
         stream_sid = start.get("streamSid") or msg.get("streamSid")
         call_sid = start.get("callSid")
-        if not (isinstance(stream_sid, str) and _SID.fullmatch(stream_sid)
-                and isinstance(call_sid, str) and _SID.fullmatch(call_sid)):
+        if not (
+            isinstance(stream_sid, str)
+            and _SID.fullmatch(stream_sid)
+            and isinstance(call_sid, str)
+            and _SID.fullmatch(call_sid)
+        ):
             raise Refusal("malformed_start", MALFORMED, "start without valid streamSid/callSid")
         self.stream_sid, self.call_sid = stream_sid, call_sid
         self._media_head = f'{{"event":"media","streamSid":"{stream_sid}","media":{{"payload":"'
         fmt = start.get("mediaFormat")
-        if not isinstance(fmt, dict) or fmt.get("encoding") != "audio/x-mulaw" or str(fmt.get("sampleRate")) != "8000" \
-                or str(fmt.get("channels", 1)) != "1":
+        if (
+            not isinstance(fmt, dict)
+            or fmt.get("encoding") != "audio/x-mulaw"
+            or str(fmt.get("sampleRate")) != "8000"
+            or str(fmt.get("channels", 1)) != "1"
+        ):
             raise Refusal("bad_media_format", BAD_FORMAT, "media format must be audio/x-mulaw 8000 Hz mono")
         params = start.get("customParameters") or {}
         if not isinstance(params, dict):
@@ -338,9 +363,13 @@ class TwilioStream:
         self._check_token(params.get("token"), call_sid)
         user_id = params.get("user_id")
         session = CallSession(
-            call_sid, self, bus=self.server.runtime.bus, caller=_text(params.get("caller")),
+            call_sid,
+            self,
+            bus=self.server.runtime.bus,
+            caller=_text(params.get("caller")),
             user_id=None if user_id in (None, "", "guest") else _text(user_id),
-            theme=_text(params.get("theme") or params.get("persona")), stream_sid=stream_sid,
+            theme=_text(params.get("theme") or params.get("persona")),
+            stream_sid=stream_sid,
             inbound=InboundFrames(),
         )
         try:

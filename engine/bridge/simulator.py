@@ -16,8 +16,8 @@ import json
 import secrets
 import time
 import xml.etree.ElementTree as ET
-from dataclasses import asdict, dataclass, field
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -84,14 +84,22 @@ def new_sid(prefix: str) -> str:
     return prefix + secrets.token_hex(16)
 
 
-async def voice_webhook(webhooks_url: str, auth_token: str, *, call_sid: str, account_sid: str,
-                        caller: str, called: str = "+15005550006") -> StreamTarget:
+async def voice_webhook(
+    webhooks_url: str, auth_token: str, *, call_sid: str, account_sid: str, caller: str, called: str = "+15005550006"
+) -> StreamTarget:
     """POST the voice webhook as Twilio does and return the stream the TwiML points at."""
     import aiohttp
 
     url = webhooks_url.rstrip("/") + "/twilio/voice"
-    form = {"CallSid": call_sid, "AccountSid": account_sid, "From": caller, "To": called, "CallStatus": "ringing",
-            "Direction": "inbound", "ApiVersion": "2010-04-01"}
+    form = {
+        "CallSid": call_sid,
+        "AccountSid": account_sid,
+        "From": caller,
+        "To": called,
+        "CallStatus": "ringing",
+        "Direction": "inbound",
+        "ApiVersion": "2010-04-01",
+    }
     headers = {"X-Twilio-Signature": sign(auth_token, url, form)}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
         async with session.post(url, data=form, headers=headers) as resp:
@@ -144,10 +152,18 @@ class _Playout:
             self.echo(name)
 
 
-async def stream_call(target: StreamTarget, audio: bytes, *, auth_token: str | None = None,
-                      call_sid: str | None = None, account_sid: str = "AC" + "0" * 32, tail_s: float = 0.5,
-                      open_timeout: float = 10.0, on_sent: Callable[[int, float], None] | None = None,
-                      on_media: Callable[[float, bytes], None] | None = None) -> CallReport:
+async def stream_call(
+    target: StreamTarget,
+    audio: bytes,
+    *,
+    auth_token: str | None = None,
+    call_sid: str | None = None,
+    account_sid: str = "AC" + "0" * 32,
+    tail_s: float = 0.5,
+    open_timeout: float = 10.0,
+    on_sent: Callable[[int, float], None] | None = None,
+    on_media: Callable[[float, bytes], None] | None = None,
+) -> CallReport:
     """Play ``audio`` (8 kHz mu-law) into a bridge in real time and record what comes back.
 
     ``on_sent(k, t)`` / ``on_media(t, payload)`` (t: the loop's monotonic clock) let a
@@ -165,8 +181,9 @@ async def stream_call(target: StreamTarget, audio: bytes, *, auth_token: str | N
     lag = Histogram()
     pace = Histogram()
     try:
-        ws = await connect(target.url, additional_headers=headers, open_timeout=open_timeout, compression=None,
-                           max_size=2**20)
+        ws = await connect(
+            target.url, additional_headers=headers, open_timeout=open_timeout, compression=None, max_size=2**20
+        )
     except Exception as exc:
         raise SimulationError(f"cannot open {target.url}: {exc}") from None
     loop = asyncio.get_running_loop()
@@ -184,8 +201,9 @@ async def stream_call(target: StreamTarget, audio: bytes, *, auth_token: str | N
         if queued_at is not None:
             lag.observe((loop.time() - queued_at) * 1000)
         report.marks_echoed += 1
-        outgoing.put_nowait(json.dumps({"event": "mark", "sequenceNumber": next_seq(), "streamSid": stream_sid,
-                                        "mark": {"name": name}}))
+        outgoing.put_nowait(
+            json.dumps({"event": "mark", "sequenceNumber": next_seq(), "streamSid": stream_sid, "mark": {"name": name}})
+        )
 
     playout = _Playout(loop, echo_mark)
     start_sent = 0.0
@@ -229,12 +247,23 @@ async def stream_call(target: StreamTarget, audio: bytes, *, auth_token: str | N
     try:
         await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
         start_sent = loop.time()
-        await ws.send(json.dumps({
-            "event": "start", "sequenceNumber": next_seq(), "streamSid": stream_sid,
-            "start": {"accountSid": account_sid, "streamSid": stream_sid, "callSid": call_sid, "tracks": ["inbound"],
-                      "customParameters": target.parameters,
-                      "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}},
-        }))
+        await ws.send(
+            json.dumps(
+                {
+                    "event": "start",
+                    "sequenceNumber": next_seq(),
+                    "streamSid": stream_sid,
+                    "start": {
+                        "accountSid": account_sid,
+                        "streamSid": stream_sid,
+                        "callSid": call_sid,
+                        "tracks": ["inbound"],
+                        "customParameters": target.parameters,
+                        "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+                    },
+                }
+            )
+        )
         origin = loop.time()
         silence_tail = bytes([mulaw.SILENCE]) * int(tail_s / CHUNK_S) * CHUNK_BYTES
         data = audio + silence_tail
@@ -247,14 +276,24 @@ async def stream_call(target: StreamTarget, audio: bytes, *, auth_token: str | N
             pace.observe((loop.time() - origin - k * CHUNK_S) * 1000)
             payload = base64.b64encode(data[k * CHUNK_BYTES : (k + 1) * CHUNK_BYTES]).decode()
             # the same JSON json.dumps would give, from a template: 100 calls send 5,000 a second
-            await ws.send(f'{{"event":"media","sequenceNumber":"{next_seq()}","streamSid":"{stream_sid}",'
-                          f'"media":{{"track":"inbound","chunk":"{k + 1}","timestamp":"{k * 20}","payload":"{payload}"}}}}')
+            await ws.send(
+                f'{{"event":"media","sequenceNumber":"{next_seq()}","streamSid":"{stream_sid}",'
+                f'"media":{{"track":"inbound","chunk":"{k + 1}","timestamp":"{k * 20}","payload":"{payload}"}}}}'
+            )
             report.chunks_sent += 1
             if on_sent is not None:
                 on_sent(k, loop.time())
         if not receiver.done():
-            await ws.send(json.dumps({"event": "stop", "sequenceNumber": next_seq(), "streamSid": stream_sid,
-                                      "stop": {"accountSid": account_sid, "callSid": call_sid}}))
+            await ws.send(
+                json.dumps(
+                    {
+                        "event": "stop",
+                        "sequenceNumber": next_seq(),
+                        "streamSid": stream_sid,
+                        "stop": {"accountSid": account_sid, "callSid": call_sid},
+                    }
+                )
+            )
             await asyncio.wait_for(asyncio.shield(receiver), timeout=2.0)
     except (ConnectionClosed, TimeoutError):
         pass

@@ -36,7 +36,12 @@ def check_os(p: Probes, s: Settings) -> Check:
     info = p.os()
     if info.system in ("Linux", "Darwin"):
         return Check("os", "pass", f"{info.description} ({info.machine})")
-    return Check("os", "warn", f"{info.description} ({info.machine}) is untested", "run xswarm on Linux or macOS (WSL2 on Windows)")
+    return Check(
+        "os",
+        "warn",
+        f"{info.description} ({info.machine}) is untested",
+        "run xswarm on Linux or macOS (WSL2 on Windows)",
+    )
 
 
 def check_cpu(p: Probes, s: Settings) -> Check:
@@ -54,8 +59,18 @@ def check_cpu_features(p: Probes, s: Settings) -> Check:
     if cpu.avx2:
         return Check("cpu-features", "pass", "AVX2")
     if cpu.avx2 is None:
-        return Check("cpu-features", "warn", "not x86 and not Apple Silicon: CPU kernels untested", "use an x86-64 CPU with AVX2 or Apple Silicon")
-    return Check("cpu-features", "warn", "no AVX2: CPU audio and model code run much slower", "use a CPU with AVX2 (Intel Haswell / AMD Zen or newer)")
+        return Check(
+            "cpu-features",
+            "warn",
+            "not x86 and not Apple Silicon: CPU kernels untested",
+            "use an x86-64 CPU with AVX2 or Apple Silicon",
+        )
+    return Check(
+        "cpu-features",
+        "warn",
+        "no AVX2: CPU audio and model code run much slower",
+        "use a CPU with AVX2 (Intel Haswell / AMD Zen or newer)",
+    )
 
 
 def check_ram(p: Probes, s: Settings) -> Check:
@@ -64,7 +79,12 @@ def check_ram(p: Probes, s: Settings) -> Check:
     if mem.total < 4 * GIB:
         return Check("ram", "fail", detail, "xswarm needs at least 4 GiB of RAM")
     if mem.total < WEIGHTS_BYTES["bf16"] + 2 * GIB:
-        return Check("ram", "warn", detail, f"MOSHI 7B bf16 stages {_gib(WEIGHTS_BYTES['bf16'])} of weights in RAM: use 16+ GiB, or int8")
+        return Check(
+            "ram",
+            "warn",
+            detail,
+            f"MOSHI 7B bf16 stages {_gib(WEIGHTS_BYTES['bf16'])} of weights in RAM: use 16+ GiB, or int8",
+        )
     return Check("ram", "pass", detail)
 
 
@@ -95,7 +115,8 @@ def check_gpu(p: Probes, s: Settings) -> Check:
         "gpu",
         "fail" if wants_gpu else "warn",
         f"no GPU ({found.reason}); MOSHI on CPU is far slower than real time, so `auto` serves the echo model",
-        "install the NVIDIA driver on a CUDA GPU box" + ("" if wants_gpu else ", or use this box for tests and the echo model"),
+        "install the NVIDIA driver on a CUDA GPU box"
+        + ("" if wants_gpu else ", or use this box for tests and the echo model"),
     )
 
 
@@ -108,7 +129,9 @@ def check_portaudio(p: Probes, s: Settings) -> Check:
         if "No module named" in problem
         else "install it: apt install libportaudio2 (Debian/Ubuntu) or brew install portaudio (macOS)"
     )
-    return Check("portaudio", "warn", f"PortAudio unavailable ({problem}); phone calls work, local microphone calls do not", fix)
+    return Check(
+        "portaudio", "warn", f"PortAudio unavailable ({problem}); phone calls work, local microphone calls do not", fix
+    )
 
 
 def check_ports(p: Probes, s: Settings) -> Iterator[Check]:
@@ -124,7 +147,12 @@ def check_ports(p: Probes, s: Settings) -> Iterator[Check]:
         elif p.port_free(host, port):
             yield Check(name, "pass", f"{host}:{port} free for the {what} server")
         else:
-            yield Check(name, "fail", f"{host}:{port} is in use", f"stop what holds it (ss -ltnp | grep {port}) or set server.{key}")
+            yield Check(
+                name,
+                "fail",
+                f"{host}:{port} is in use",
+                f"stop what holds it (ss -ltnp | grep {port}) or set server.{key}",
+            )
 
 
 def check_python(p: Probes, s: Settings) -> Check:
@@ -133,7 +161,9 @@ def check_python(p: Probes, s: Settings) -> Check:
     if version[:2] < (3, 11):
         return Check("python", "fail", f"Python {text}", "install Python 3.11, 3.12 or 3.13")
     if version[:2] > (3, 13):
-        return Check("python", "warn", f"Python {text}: libsql wheels exist for 3.11 to 3.13", "use Python 3.11 to 3.13")
+        return Check(
+            "python", "warn", f"Python {text}: libsql wheels exist for 3.11 to 3.13", "use Python 3.11 to 3.13"
+        )
     return Check("python", "pass", f"Python {text}")
 
 
@@ -141,10 +171,20 @@ def check_database(p: Probes, s: Settings) -> Check:
     try:
         where, rtt = p.database(s)
     except Exception as exc:
-        return Check("database", "fail", f"unreachable: {exc}", "check TURSO_DATABASE_URL / TURSO_AUTH_TOKEN, or unset them to use the local file")
+        return Check(
+            "database",
+            "fail",
+            f"unreachable: {exc}",
+            "check TURSO_DATABASE_URL / TURSO_AUTH_TOKEN, or unset them to use the local file",
+        )
     detail = f"{where} answers in {rtt * 1000:.1f} ms"
     if rtt > 0.1:
-        return Check("database", "warn", detail, "a database this far away slows every webhook: move it closer or use the local file")
+        return Check(
+            "database",
+            "warn",
+            detail,
+            "a database this far away slows every webhook: move it closer or use the local file",
+        )
     return Check("database", "pass", detail)
 
 
@@ -153,18 +193,53 @@ def check_storage(p: Probes, s: Settings) -> Check:
         return Check("storage", "pass", f"{p.storage(s)} is writable")
     except Exception as exc:
         where = f"bucket {s.s3.bucket}" if s.s3.bucket else "the local storage folder"
-        fix = "check XSWARM_S3_ENDPOINT_URL, the bucket name and its keys" if s.s3.bucket else "make the data folder writable"
+        fix = (
+            "check XSWARM_S3_ENDPOINT_URL, the bucket name and its keys"
+            if s.s3.bucket
+            else "make the data folder writable"
+        )
         return Check("storage", "fail", f"{where} unreachable: {type(exc).__name__}: {exc}", fix)
 
 
 _PROVIDERS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
     # (check name, what it enables, [(section, field, environment name)])
-    ("credentials-twilio", "phone calls and SMS", [("twilio", "account_sid", "TWILIO_ACCOUNT_SID"), ("twilio", "auth_token", "TWILIO_AUTH_TOKEN")]),
-    ("credentials-stripe", "billing", [("stripe", "api_key", "STRIPE_API_KEY"), ("stripe", "webhook_secret", "STRIPE_WEBHOOK_SECRET")]),
-    ("credentials-sendgrid", "email", [("sendgrid", "api_key", "SENDGRID_API_KEY"), ("sendgrid", "webhook_public_key", "SENDGRID_WEBHOOK_PUBLIC_KEY")]),
-    ("credentials-llm", "SMS and email replies", [("llm", "anthropic_api_key", "ANTHROPIC_API_KEY"), ("llm", "openai_api_key", "OPENAI_API_KEY")]),
-    ("credentials-s3", "off-box backups", [("s3", "bucket", "XSWARM_S3_BUCKET"), ("s3", "access_key_id", "XSWARM_S3_ACCESS_KEY_ID"), ("s3", "secret_access_key", "XSWARM_S3_SECRET_ACCESS_KEY")]),
-    ("credentials-turso", "a shared remote database", [("database", "url", "TURSO_DATABASE_URL"), ("database", "auth_token", "TURSO_AUTH_TOKEN")]),
+    (
+        "credentials-twilio",
+        "phone calls and SMS",
+        [("twilio", "account_sid", "TWILIO_ACCOUNT_SID"), ("twilio", "auth_token", "TWILIO_AUTH_TOKEN")],
+    ),
+    (
+        "credentials-stripe",
+        "billing",
+        [("stripe", "api_key", "STRIPE_API_KEY"), ("stripe", "webhook_secret", "STRIPE_WEBHOOK_SECRET")],
+    ),
+    (
+        "credentials-sendgrid",
+        "email",
+        [
+            ("sendgrid", "api_key", "SENDGRID_API_KEY"),
+            ("sendgrid", "webhook_public_key", "SENDGRID_WEBHOOK_PUBLIC_KEY"),
+        ],
+    ),
+    (
+        "credentials-llm",
+        "SMS and email replies",
+        [("llm", "anthropic_api_key", "ANTHROPIC_API_KEY"), ("llm", "openai_api_key", "OPENAI_API_KEY")],
+    ),
+    (
+        "credentials-s3",
+        "off-box backups",
+        [
+            ("s3", "bucket", "XSWARM_S3_BUCKET"),
+            ("s3", "access_key_id", "XSWARM_S3_ACCESS_KEY_ID"),
+            ("s3", "secret_access_key", "XSWARM_S3_SECRET_ACCESS_KEY"),
+        ],
+    ),
+    (
+        "credentials-turso",
+        "a shared remote database",
+        [("database", "url", "TURSO_DATABASE_URL"), ("database", "auth_token", "TURSO_AUTH_TOKEN")],
+    ),
 ]
 
 
@@ -182,7 +257,12 @@ def check_credentials(p: Probes, s: Settings) -> Iterator[Check]:
         elif not have:
             yield Check(name, "warn", f"not set: {enables} off", f"set {(' or ' if either else ' and ').join(missing)}")
         else:
-            yield Check(name, "warn", f"{', '.join(have)} set but {', '.join(missing)} missing: {enables} off", f"set {' and '.join(missing)}")
+            yield Check(
+                name,
+                "warn",
+                f"{', '.join(have)} set but {', '.join(missing)} missing: {enables} off",
+                f"set {' and '.join(missing)}",
+            )
 
 
 def check_weights(p: Probes, s: Settings) -> Check:
@@ -198,6 +278,17 @@ def check_weights(p: Probes, s: Settings) -> Check:
 
 
 CHECKS: list[Callable[[Probes, Settings], Check | Iterator[Check]]] = [
-    check_os, check_cpu, check_cpu_features, check_ram, check_disk, check_gpu, check_portaudio,
-    check_ports, check_python, check_database, check_storage, check_credentials, check_weights,
+    check_os,
+    check_cpu,
+    check_cpu_features,
+    check_ram,
+    check_disk,
+    check_gpu,
+    check_portaudio,
+    check_ports,
+    check_python,
+    check_database,
+    check_storage,
+    check_credentials,
+    check_weights,
 ]

@@ -13,9 +13,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from engine.config import Settings, secret
 from engine.paths import resolve_paths

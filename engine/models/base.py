@@ -46,7 +46,7 @@ class StepInput:
     """slot -> text newly queued to be forced into the AI's text stream (whisper, greeting)."""
 
     @classmethod
-    def silence(cls, slots: int) -> "StepInput":
+    def silence(cls, slots: int) -> StepInput:
         return cls(
             pcm=np.zeros((slots, FRAME_SIZE), np.float32),
             active=np.zeros(slots, bool),

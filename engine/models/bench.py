@@ -38,7 +38,10 @@ def _driver() -> str | None:
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         )
         return out.stdout.strip().splitlines()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
@@ -106,8 +109,9 @@ def run_engine_bench(
     cuda = dev.type == "cuda"
 
     def make(slots: int) -> SyntheticMoshi:
-        return SyntheticMoshi(slots, size=size or "tiny", device=str(dev), dtype=dtype, context=context,
-                              seed=0, warmup_steps=warmup)
+        return SyntheticMoshi(
+            slots, size=size or "tiny", device=str(dev), dtype=dtype, context=context, seed=0, warmup_steps=warmup
+        )
 
     builder = make(batches[0])
     say(f"building {spec} on {dev}")
@@ -135,13 +139,22 @@ def run_engine_bench(
             times = _time_steps(model, steps, False, rng)
             row: dict[str, Any] = {"batch": b}
             p = _percentiles(times)
-            row.update(step_ms_p50=p["p50"], step_ms_p99=p["p99"], step_ms_mean=p["mean"], step_ms_max=p["max"],
-                       per_call_ms=round(p["p50"] / b, 3), realtime_factor=round(p["p50"] / FRAME_MS, 3))
+            row.update(
+                step_ms_p50=p["p50"],
+                step_ms_p99=p["p99"],
+                step_ms_mean=p["mean"],
+                step_ms_max=p["max"],
+                per_call_ms=round(p["p50"] / b, 3),
+                realtime_factor=round(p["p50"] / FRAME_MS, 3),
+            )
             if controls:
                 ctimes = _time_steps(model, steps, True, rng)
                 c = _percentiles(ctimes)
-                row.update(controls_step_ms_p50=c["p50"], controls_step_ms_p99=c["p99"],
-                           controls_overhead_ms_p50=round(c["p50"] - p["p50"], 3))
+                row.update(
+                    controls_step_ms_p50=c["p50"],
+                    controls_step_ms_p99=c["p99"],
+                    controls_overhead_ms_p50=round(c["p50"] - p["p50"], 3),
+                )
             if cuda:
                 alloc = torch.cuda.memory_allocated(dev)
                 row.update(

@@ -179,6 +179,7 @@ def _voices(preferred: str) -> list[str]:
 
 # -- listing ----------------------------------------------------------------------------------
 
+
 @dataclass
 class CachedRepo:
     repo: str
@@ -218,6 +219,7 @@ def list_cached(cache: Path | None = None, *, only_moshi: bool = True) -> list[C
 
 
 # -- checksums --------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class FileCheck:
@@ -272,9 +274,13 @@ def verify(folder: Path, progress: Progress | None = None) -> list[FileCheck]:
         sha256, sha1, done = _hash_file(path, progress, done, total)
         blob = Path(os.readlink(path)).name if path.is_symlink() else None
         if blob and _HEX64.match(blob):
-            results.append(FileCheck(name, sha256 == blob, "sha256 (blob name)", "" if sha256 == blob else f"got {sha256}"))
+            results.append(
+                FileCheck(name, sha256 == blob, "sha256 (blob name)", "" if sha256 == blob else f"got {sha256}")
+            )
         elif blob and _HEX40.match(blob):
-            results.append(FileCheck(name, sha1 == blob, "git blob sha1 (blob name)", "" if sha1 == blob else f"got {sha1}"))
+            results.append(
+                FileCheck(name, sha1 == blob, "git blob sha1 (blob name)", "" if sha1 == blob else f"got {sha1}")
+            )
         elif name in manifest:
             ok = manifest[name] == sha256
             results.append(FileCheck(name, ok, "sha256 (SHA256SUMS)", "" if ok else f"got {sha256}"))
@@ -285,12 +291,19 @@ def verify(folder: Path, progress: Progress | None = None) -> list[FileCheck]:
 
 # -- pulling ----------------------------------------------------------------------------------
 
+
 def needed_files(int8: bool) -> list[str]:
     return ["config.json", MOSHI_Q8_NAME if int8 else MOSHI_NAME, MIMI_NAME, TEXT_TOKENIZER_NAME]
 
 
-def import_folder(source: Path, repo: str, *, cache: Path | None = None,
-                  progress: Progress | None = None, files: Iterable[str] | None = None) -> Path:
+def import_folder(
+    source: Path,
+    repo: str,
+    *,
+    cache: Path | None = None,
+    progress: Progress | None = None,
+    files: Iterable[str] | None = None,
+) -> Path:
     """Copy a local checkpoint folder into the hub cache layout (hashing while copying).
 
     For machines without network access: copy the weights over by hand, then import them
@@ -300,8 +313,11 @@ def import_folder(source: Path, repo: str, *, cache: Path | None = None,
     source = Path(source)
     if not source.is_dir():
         raise FileNotFoundError(f"{source}: not a folder")
-    names = sorted(files) if files is not None else sorted(
-        str(p.relative_to(source)) for p in source.rglob("*") if p.is_file() and p.name != "SHA256SUMS")
+    names = (
+        sorted(files)
+        if files is not None
+        else sorted(str(p.relative_to(source)) for p in source.rglob("*") if p.is_file() and p.name != "SHA256SUMS")
+    )
     names = [n for n in names if (source / n).is_file()]
     if not names:
         raise FileNotFoundError(f"{source}: no files to import")
@@ -349,15 +365,25 @@ def import_folder(source: Path, repo: str, *, cache: Path | None = None,
     return snap
 
 
-def download(repo: str, *, int8: bool = False, cache: Path | None = None, revision: str | None = None,
-             endpoint: str | None = None, token: str | None = None) -> Path:
+def download(
+    repo: str,
+    *,
+    int8: bool = False,
+    cache: Path | None = None,
+    revision: str | None = None,
+    endpoint: str | None = None,
+    token: str | None = None,
+) -> Path:
     """Download a MOSHI checkpoint with huggingface_hub (its own progress bars, resumable)."""
     from huggingface_hub import snapshot_download
 
     check_repo_id(repo)
     path = snapshot_download(
-        repo, revision=revision, cache_dir=str(cache) if cache else None,
-        allow_patterns=needed_files(int8) + ["*.json"], endpoint=endpoint, token=token,
+        repo,
+        revision=revision,
+        cache_dir=str(cache) if cache else None,
+        allow_patterns=needed_files(int8) + ["*.json"],
+        endpoint=endpoint,
+        token=token,
     )
     return Path(path)
-

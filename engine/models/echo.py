@@ -27,7 +27,7 @@ class EchoModel(VoiceModel):
         self._previous = np.zeros((slots, FRAME_SIZE), np.float32)
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, variant: str | None = None, slots: int | None = None) -> "EchoModel":
+    def from_settings(cls, settings: Settings, *, variant: str | None = None, slots: int | None = None) -> EchoModel:
         if variant:
             raise ValueError(f"the echo model has no variants (got {variant!r})")
         return cls(slots or settings.model.slots or DEFAULT_SLOTS)

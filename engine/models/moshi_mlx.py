@@ -48,8 +48,12 @@ def tiny_configs() -> tuple[Any, Any]:
     lm = dataclasses.replace(
         lm,
         transformer=dataclasses.replace(lm.transformer, d_model=256, num_heads=4, num_layers=2, dim_feedforward=1024),
-        depformer=dataclasses.replace(lm.depformer, transformer=dataclasses.replace(
-            lm.depformer.transformer, d_model=128, num_heads=16, num_layers=1, dim_feedforward=528)),
+        depformer=dataclasses.replace(
+            lm.depformer,
+            transformer=dataclasses.replace(
+                lm.depformer.transformer, d_model=128, num_heads=16, num_layers=1, dim_feedforward=528
+            ),
+        ),
     )
     mimi = mimi_202407(8)
     mimi = dataclasses.replace(
@@ -94,8 +98,16 @@ class MlxMoshi(VoiceModel):
 
     name = "moshi-mlx"
 
-    def __init__(self, slots: int, *, size: str | None = None, weights: Path | None = None,
-                 quantized: int | None = 8, greedy: bool = False, seed: int = 0) -> None:
+    def __init__(
+        self,
+        slots: int,
+        *,
+        size: str | None = None,
+        weights: Path | None = None,
+        quantized: int | None = 8,
+        greedy: bool = False,
+        seed: int = 0,
+    ) -> None:
         super().__init__(slots)
         if size not in (None, "tiny"):
             raise ValueError("moshi-mlx sizes: tiny (random weights) or real weights")
@@ -110,7 +122,7 @@ class MlxMoshi(VoiceModel):
             self.name = "moshi-mlx:tiny"
 
     @classmethod
-    def from_settings(cls, settings: Any, *, variant: str | None, slots: int | None) -> "MlxMoshi":
+    def from_settings(cls, settings: Any, *, variant: str | None, slots: int | None) -> MlxMoshi:
         from engine.models import checkpoints
 
         m = settings.model
@@ -118,8 +130,10 @@ class MlxMoshi(VoiceModel):
             return cls(slots or m.slots or 2, size="tiny", seed=m.seed or 0)
         folder = m.weights_path or checkpoints.snapshot_dir(checkpoints.MLX_REPOS[m.variant])
         if folder is None:
-            raise FileNotFoundError(f"no MLX weights for {m.variant} in {checkpoints.hub_cache_dir()}; "
-                                    f"run `xswarm models pull {checkpoints.MLX_REPOS[m.variant]}`")
+            raise FileNotFoundError(
+                f"no MLX weights for {m.variant} in {checkpoints.hub_cache_dir()}; "
+                f"run `xswarm models pull {checkpoints.MLX_REPOS[m.variant]}`"
+            )
         return cls(slots or m.slots or 2, weights=Path(folder), seed=m.seed or 0)
 
     # -- building -----------------------------------------------------------------------
@@ -129,8 +143,10 @@ class MlxMoshi(VoiceModel):
             import mlx.nn as nn
             from moshi_mlx import models, utils
         except ImportError as exc:
-            raise RuntimeError(f"the moshi-mlx model needs moshi_mlx and mlx ({exc}); they live in their own "
-                               "environment: bash .ci/setup --dev builds .venv-mlx") from None
+            raise RuntimeError(
+                f"the moshi-mlx model needs moshi_mlx and mlx ({exc}); they live in their own "
+                "environment: bash .ci/setup --dev builds .venv-mlx"
+            ) from None
         import sentencepiece
 
         mx.random.seed(self.seed)
@@ -164,7 +180,8 @@ class MlxMoshi(VoiceModel):
         self._text_base = utils.Sampler(temp=temp) if temp is not None else utils.Sampler(temp=0.7, top_k=25)
         self._audio_base = utils.Sampler(temp=temp) if temp is not None else utils.Sampler(temp=0.8, top_k=250)
         self._pieces = [
-            "" if i in (TEXT_EPAD_ID, TEXT_PAD_ID) or self.tokenizer.is_control(i) or self.tokenizer.is_unknown(i)
+            ""
+            if i in (TEXT_EPAD_ID, TEXT_PAD_ID) or self.tokenizer.is_control(i) or self.tokenizer.is_unknown(i)
             else self.tokenizer.id_to_piece(i).replace("▁", " ")
             for i in range(self.tokenizer.vocab_size())
         ]
@@ -300,8 +317,14 @@ class MlxMoshi(VoiceModel):
 
     def describe(self) -> dict[str, object]:
         p50 = float(np.percentile(list(self.step_times_ms), 50)) if self.step_times_ms else None
-        return {"model": self.name, "slots": self.slots, "device": "mlx", "batched": False,
-                "last_step_ms": self.last_step_ms, "step_ms_p50": p50}
+        return {
+            "model": self.name,
+            "slots": self.slots,
+            "device": "mlx",
+            "batched": False,
+            "last_step_ms": self.last_step_ms,
+            "step_ms_p50": p50,
+        }
 
 
 def _random_codebooks(mimi: Any) -> None:
@@ -311,6 +334,10 @@ def _random_codebooks(mimi: Any) -> None:
 
     for _, module in mimi.named_modules():
         if isinstance(module, EuclideanCodebook):
-            module.update({"embedding_sum": mx.random.normal(module.embedding_sum.shape) * 1e-3,
-                           "cluster_usage": mx.ones(module.cluster_usage.shape),
-                           "initialized": mx.ones([1])})
+            module.update(
+                {
+                    "embedding_sum": mx.random.normal(module.embedding_sum.shape) * 1e-3,
+                    "cluster_usage": mx.ones(module.cluster_usage.shape),
+                    "initialized": mx.ones([1]),
+                }
+            )

@@ -404,7 +404,6 @@ class BatchedMoshi(VoiceModel):
 # -- real weights -----------------------------------------------------------------------------
 
 
-
 def default_slots(device: str) -> int:
     """Slot count when settings say 0: a batch a GPU can usually hold, 4 on CPU."""
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
@@ -436,7 +435,7 @@ class MoshiModel(BatchedMoshi):
         self.context = context
 
     @classmethod
-    def from_settings(cls, settings: Any, *, variant: str | None, slots: int | None) -> "MoshiModel":
+    def from_settings(cls, settings: Any, *, variant: str | None, slots: int | None) -> MoshiModel:
         m = settings.model
         voice = variant or m.variant
         if voice not in ("moshiko", "moshika"):
@@ -471,15 +470,19 @@ class MoshiModel(BatchedMoshi):
         # Every file is passed as a Path, so moshi reads them directly and never asks the hub:
         # no network wait even where it is unreachable (the effect HF_HUB_OFFLINE=1 has), and
         # no process-wide environment change that would later block `xswarm models pull`.
-        info = loaders.CheckpointInfo.from_hf_repo(
-            self.repo,
-            moshi_weights=files.moshi,
-            mimi_weights=files.mimi,
-            tokenizer=files.tokenizer,
-            config_path=files.config,
-            mimi_config_path=files.mimi_config,
-            lora_weights=files.lora,
-        ) if files.config is not None else loaders.CheckpointInfo(files.moshi, files.mimi, files.tokenizer)
+        info = (
+            loaders.CheckpointInfo.from_hf_repo(
+                self.repo,
+                moshi_weights=files.moshi,
+                mimi_weights=files.mimi,
+                tokenizer=files.tokenizer,
+                config_path=files.config,
+                mimi_config_path=files.mimi_config,
+                lora_weights=files.lora,
+            )
+            if files.config is not None
+            else loaders.CheckpointInfo(files.moshi, files.mimi, files.tokenizer)
+        )
         overrides: dict[str, Any] = {"context": self.context}
         if self.dtype_name == "int8":
             if device.type != "cuda":

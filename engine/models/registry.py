@@ -50,7 +50,9 @@ def _check_variant(spec: str) -> None:
     """Variants whose valid values are known without loading anything."""
     family, has_variant, variant = spec.partition(":")
     if family == "synthetic" and has_variant and variant not in SYNTHETIC_SIZES:
-        raise ModelSpecError(f"unknown synthetic size {variant!r} in {spec!r}; valid sizes: {', '.join(SYNTHETIC_SIZES)}")
+        raise ModelSpecError(
+            f"unknown synthetic size {variant!r} in {spec!r}; valid sizes: {', '.join(SYNTHETIC_SIZES)}"
+        )
     if family == "echo" and has_variant:
         raise ModelSpecError(f"the echo model has no variants (got {spec!r}); use 'echo'")
 

@@ -30,14 +30,31 @@ from engine.models.registry import SYNTHETIC_SIZES as SIZES
 TINY_MIMI_SEANET = {"n_filters": 8, "dimension": 64}
 TINY_MIMI_QUANTIZER = {"dimension": 32, "input_dimension": 64, "output_dimension": 64}
 TINY_MIMI_TRANSFORMER = {
-    "d_model": 64, "num_heads": 2, "num_layers": 1, "dim_feedforward": 128,
-    "input_dimension": 64, "output_dimensions": [64],
+    "d_model": 64,
+    "num_heads": 2,
+    "num_layers": 1,
+    "dim_feedforward": 128,
+    "input_dimension": 64,
+    "output_dimensions": [64],
 }
 LM_OVERRIDES: dict[str, dict[str, Any]] = {
-    "tiny": {"dim": 256, "num_heads": 4, "num_layers": 2, "depformer_dim": 128,
-             "depformer_num_layers": 1, "depformer_dim_feedforward": 528},
-    "small": {"dim": 512, "num_heads": 8, "num_layers": 4, "depformer_dim": 256,
-              "depformer_num_heads": 4, "depformer_num_layers": 2, "depformer_dim_feedforward": 1056},
+    "tiny": {
+        "dim": 256,
+        "num_heads": 4,
+        "num_layers": 2,
+        "depformer_dim": 128,
+        "depformer_num_layers": 1,
+        "depformer_dim_feedforward": 528,
+    },
+    "small": {
+        "dim": 512,
+        "num_heads": 8,
+        "num_layers": 4,
+        "depformer_dim": 256,
+        "depformer_num_heads": 4,
+        "depformer_num_layers": 2,
+        "depformer_dim_feedforward": 1056,
+    },
     "7b": {},
 }
 
@@ -114,7 +131,7 @@ class SyntheticMoshi(BatchedMoshi):
         self.context = context
 
     @classmethod
-    def from_settings(cls, settings: Any, *, variant: str | None, slots: int | None) -> "SyntheticMoshi":
+    def from_settings(cls, settings: Any, *, variant: str | None, slots: int | None) -> SyntheticMoshi:
         m = settings.model
         return cls(
             slots or m.slots or default_slots(m.device),
@@ -128,8 +145,13 @@ class SyntheticMoshi(BatchedMoshi):
         if self.dtype_name is None:
             # bf16 is the GPU serving dtype; on CPU float32 is both faster and exact.
             return torch.bfloat16 if device.type == "cuda" else torch.float32
-        return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
-                "float32": torch.float32, "fp16": torch.float16}[self.dtype_name]
+        return {
+            "bf16": torch.bfloat16,
+            "bfloat16": torch.bfloat16,
+            "fp32": torch.float32,
+            "float32": torch.float32,
+            "fp16": torch.float16,
+        }[self.dtype_name]
 
     def _build(self, device: torch.device, progress: Progress | None) -> Parts:
         import sentencepiece
@@ -138,8 +160,10 @@ class SyntheticMoshi(BatchedMoshi):
         from engine.models.tiny_checkpoint import tiny_tokenizer_proto
 
         if self.size == "7b" and device.type != "cuda":
-            raise RuntimeError("synthetic:7b is for GPU benchmarks: building it on a CPU takes minutes "
-                               "and steps take seconds; use synthetic:tiny here")
+            raise RuntimeError(
+                "synthetic:7b is for GPU benchmarks: building it on a CPU takes minutes "
+                "and steps take seconds; use synthetic:tiny here"
+            )
         dtype = self._torch_dtype(device)
         if self.seed is not None:
             torch.manual_seed(self.seed)

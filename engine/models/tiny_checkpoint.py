@@ -32,8 +32,17 @@ def tiny_tokenizer_proto() -> bytes:
 
     buf = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(_CORPUS * 20), model_writer=buf, vocab_size=200, hard_vocab_limit=False,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3, model_type="unigram", minloglevel=2, num_threads=1,
+        sentence_iterator=iter(_CORPUS * 20),
+        model_writer=buf,
+        vocab_size=200,
+        hard_vocab_limit=False,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        model_type="unigram",
+        minloglevel=2,
+        num_threads=1,
     )
     return buf.getvalue()
 

@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -79,12 +79,12 @@ class Restored:
 
 def new_id(now: float | None = None) -> str:
     """Sortable by time, unique across nodes taking backups in the same second."""
-    stamp = datetime.fromtimestamp(now if now is not None else time.time(), timezone.utc)
+    stamp = datetime.fromtimestamp(now if now is not None else time.time(), UTC)
     return stamp.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
 def _id_time(backup_id: str) -> float:
-    return datetime.strptime(backup_id.split("-", 1)[0], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc).timestamp()
+    return datetime.strptime(backup_id.split("-", 1)[0], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC).timestamp()
 
 
 # ---------------------------------------------------------------------------- inventory
@@ -153,9 +153,21 @@ def create_backup(
             "source": "remote" if remote else "embedded",
         }
         info = store.put_file(key, packed, metadata)
-    log.info("backup %s: %d bytes, %d rows, %.2fs", backup_id, info.size, sum(counts.values()), time.perf_counter() - started)
-    return Backup(backup_id, key, _id_time(backup_id), info.size, fmt, codec_name, version, counts, content_sha,
-                  metadata["source"])
+    log.info(
+        "backup %s: %d bytes, %d rows, %.2fs", backup_id, info.size, sum(counts.values()), time.perf_counter() - started
+    )
+    return Backup(
+        backup_id,
+        key,
+        _id_time(backup_id),
+        info.size,
+        fmt,
+        codec_name,
+        version,
+        counts,
+        content_sha,
+        metadata["source"],
+    )
 
 
 def _vacuum_into(target: Target, dest: Path) -> None:
@@ -187,7 +199,11 @@ def dump(target: Target, write: Callable[[bytes], Any]) -> tuple[int, dict[str, 
         ).fetchall()
         tables = [(name, sql) for kind, name, _, sql in schema if kind == "table"]
         has_versions = any(name == "schema_migrations" for name, _ in tables)
-        version = int(conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchall()[0][0]) if has_versions else 0
+        version = (
+            int(conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchall()[0][0])
+            if has_versions
+            else 0
+        )
         write(f"-- xswarm logical backup, schema version {version}\nPRAGMA foreign_keys=OFF;\nBEGIN;\n".encode())
         counts: dict[str, int] = {}
         for name, sql in tables:
@@ -196,12 +212,16 @@ def dump(target: Target, write: Callable[[bytes], Any]) -> tuple[int, dict[str, 
             for batch in _pages(conn, name):
                 counts[name] += len(batch)
                 for start in range(0, len(batch), _INSERT_ROWS):
-                    rows = ",".join("(" + ",".join(map(_literal, row)) + ")" for row in batch[start : start + _INSERT_ROWS])
+                    rows = ",".join(
+                        "(" + ",".join(map(_literal, row)) + ")" for row in batch[start : start + _INSERT_ROWS]
+                    )
                     write(f"INSERT INTO {_quote(name)} VALUES{rows};\n".encode())
         if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_sequence'").fetchall():
             write(b"DELETE FROM sqlite_sequence;\n")
             for seq_name, seq in conn.execute("SELECT name, seq FROM sqlite_sequence").fetchall():
-                write(f"INSERT INTO sqlite_sequence(name, seq) VALUES({_literal(seq_name)}, {_literal(seq)});\n".encode())
+                write(
+                    f"INSERT INTO sqlite_sequence(name, seq) VALUES({_literal(seq_name)}, {_literal(seq)});\n".encode()
+                )
         for kind, _, _, sql in schema:
             if kind != "table":
                 write(f"{sql};\n".encode())

@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from engine.storage import codec
@@ -47,10 +47,8 @@ def archive_logs(store: ObjectStore, folder: Path, *, node_id: str) -> list[str]
                 with tempfile.TemporaryDirectory(prefix="logarchive-") as tmp:
                     packed = Path(tmp) / "packed.gz"
                     content_sha, size = codec.compress_stream("gzip", source, packed)
-                    stamp = datetime.fromtimestamp(before.st_mtime, timezone.utc)
-                    key = (
-                        f"{PREFIX}{node}/{stamp:%Y-%m-%d}/{match['base']}-{stamp:%Y%m%dT%H%M%SZ}-{content_sha[:12]}.log.gz"
-                    )
+                    stamp = datetime.fromtimestamp(before.st_mtime, UTC)
+                    key = f"{PREFIX}{node}/{stamp:%Y-%m-%d}/{match['base']}-{stamp:%Y%m%dT%H%M%SZ}-{content_sha[:12]}.log.gz"
                     if not store.exists(key):
                         store.put_file(key, packed, {"node": node, "content-sha256": content_sha, "bytes": str(size)})
                         written.append(key)

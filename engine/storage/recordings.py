@@ -24,7 +24,7 @@ import time
 import wave
 from collections import deque
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -54,7 +54,9 @@ class Tappable(Protocol):
 class CallRecorder:
     """Writes one call's two directions into a stereo 16-bit WAV as frames arrive."""
 
-    def __init__(self, call_id: str, folder: Path, *, user_id: str | None, caller: str | None, started_at: float) -> None:
+    def __init__(
+        self, call_id: str, folder: Path, *, user_id: str | None, caller: str | None, started_at: float
+    ) -> None:
         self.call_id = call_id
         self.user_id = user_id
         self.caller = caller
@@ -118,8 +120,15 @@ class CallRecorder:
             self._wav = None
         done = self.path.with_name(f"{_safe(self.call_id)}.wav")
         sidecar = _write_sidecar(
-            done, call_id=self.call_id, user_id=self.user_id, caller=self.caller, started_at=self.started_at,
-            ended_at=ended_at, end_reason=reason, frames=self.frames, transcript=self.transcript,
+            done,
+            call_id=self.call_id,
+            user_id=self.user_id,
+            caller=self.caller,
+            started_at=self.started_at,
+            ended_at=ended_at,
+            end_reason=reason,
+            frames=self.frames,
+            transcript=self.transcript,
         )
         self.path.replace(done)  # last: a finished pair is what the spool retry looks for
         self.path = done
@@ -190,7 +199,9 @@ class CallRecordings:
         if session is None:
             return
         try:
-            recorder = CallRecorder(event.call_id, self.spool, user_id=event.user_id, caller=event.caller, started_at=event.at)
+            recorder = CallRecorder(
+                event.call_id, self.spool, user_id=event.user_id, caller=event.caller, started_at=event.at
+            )
         except OSError as exc:
             log.error("cannot record %s: %s", event.call_id, exc)
             return
@@ -231,7 +242,7 @@ class CallRecordings:
 
     async def _upload(self, wav: Path, sidecar: Path) -> bool:
         record = json.loads(sidecar.read_text(encoding="utf-8"))
-        day = datetime.fromtimestamp(record["started_at"], timezone.utc).strftime("%Y-%m-%d")
+        day = datetime.fromtimestamp(record["started_at"], UTC).strftime("%Y-%m-%d")
         base = f"{PREFIX}{day}/{wav.stem}"
         metadata = {"call-id": _safe(record["call_id"]), "duration-s": str(record["duration_s"])}
         try:
@@ -294,8 +305,15 @@ def recover_spool(spool: Path) -> int:
             frames = len(raw) // 4
             ended = path.stat().st_mtime
             _write_sidecar(
-                done, call_id=call_id, user_id=None, caller=None, started_at=ended - frames / SAMPLE_RATE,
-                ended_at=ended, end_reason="recovered after a restart", frames=frames, transcript=[],
+                done,
+                call_id=call_id,
+                user_id=None,
+                caller=None,
+                started_at=ended - frames / SAMPLE_RATE,
+                ended_at=ended,
+                end_reason="recovered after a restart",
+                frames=frames,
+                transcript=[],
             )
             path.unlink()
             recovered += 1
@@ -306,20 +324,36 @@ def recover_spool(spool: Path) -> int:
     return recovered
 
 
-def _write_sidecar(wav: Path, *, call_id: str, user_id: str | None, caller: str | None, started_at: float,
-                   ended_at: float, end_reason: str, frames: int, transcript: list[dict[str, Any]]) -> Path:
+def _write_sidecar(
+    wav: Path,
+    *,
+    call_id: str,
+    user_id: str | None,
+    caller: str | None,
+    started_at: float,
+    ended_at: float,
+    end_reason: str,
+    frames: int,
+    transcript: list[dict[str, Any]],
+) -> Path:
     sidecar = wav.with_suffix(".json")
-    sidecar.write_text(json.dumps({
-        "call_id": call_id,
-        "user_id": user_id,
-        "caller": caller,
-        "started_at": started_at,
-        "ended_at": ended_at,
-        "end_reason": end_reason,
-        "duration_s": round(frames / SAMPLE_RATE, 3),
-        "audio": {"channels": ["caller", "ai_or_operator"], "sample_rate": SAMPLE_RATE, "format": "pcm_s16le"},
-        "transcript": transcript,
-    }, indent=1), encoding="utf-8")
+    sidecar.write_text(
+        json.dumps(
+            {
+                "call_id": call_id,
+                "user_id": user_id,
+                "caller": caller,
+                "started_at": started_at,
+                "ended_at": ended_at,
+                "end_reason": end_reason,
+                "duration_s": round(frames / SAMPLE_RATE, 3),
+                "audio": {"channels": ["caller", "ai_or_operator"], "sample_rate": SAMPLE_RATE, "format": "pcm_s16le"},
+                "transcript": transcript,
+            },
+            indent=1,
+        ),
+        encoding="utf-8",
+    )
     return sidecar
 
 

@@ -44,8 +44,14 @@ _MAX_PARTS = 10_000
 _NETWORK = (bex.ConnectionError, bex.HTTPClientError, bex.IncompleteReadError, OSError)
 _TRANSIENT_CODES = {"RequestTimeout", "SlowDown", "InternalError", "ServiceUnavailable", "503", "500"}
 _CREDENTIAL_CODES = {
-    "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "InvalidToken",
-    "ExpiredToken", "Unauthorized", "401",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AccessDenied",
+    "403",
+    "InvalidToken",
+    "ExpiredToken",
+    "Unauthorized",
+    "401",
 }
 
 
@@ -98,7 +104,7 @@ class S3Store(ObjectStore):
         )
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "S3Store":
+    def from_settings(cls, settings: Settings) -> S3Store:
         s3 = settings.s3
         if not s3.bucket:
             raise StorageConfigError("XSWARM_S3_BUCKET is not set")
@@ -131,7 +137,9 @@ class S3Store(ObjectStore):
         if isinstance(exc, bex.ClientError):
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code == "NoSuchBucket":
-                return StorageConfigError(f"{self.describe()} does not exist: create the bucket or fix XSWARM_S3_BUCKET")
+                return StorageConfigError(
+                    f"{self.describe()} does not exist: create the bucket or fix XSWARM_S3_BUCKET"
+                )
             if code in _CREDENTIAL_CODES:
                 return StorageConfigError(
                     f"S3 credentials rejected ({code}) by {self.describe()}: check "
@@ -159,7 +167,9 @@ class S3Store(ObjectStore):
                 if not _transient(exc) or attempt == self.part_attempts:
                     raise self._error(exc, what) from exc
                 delay = min(0.2 * 2 ** (attempt - 1), 5.0)
-                log.warning("%s failed (%s), attempt %d/%d; retrying in %.1fs", what, exc, attempt, self.part_attempts, delay)
+                log.warning(
+                    "%s failed (%s), attempt %d/%d; retrying in %.1fs", what, exc, attempt, self.part_attempts, delay
+                )
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -184,9 +194,14 @@ class S3Store(ObjectStore):
         if size < self.multipart_threshold:
             fileobj.seek(0)
             self._call(
-                f"upload of {key!r}", self._client.put_object,
-                Bucket=self.bucket, Key=self._full(key), Body=fileobj, ContentLength=size,
-                ContentMD5=_md5_of(fileobj), Metadata=meta,
+                f"upload of {key!r}",
+                self._client.put_object,
+                Bucket=self.bucket,
+                Key=self._full(key),
+                Body=fileobj,
+                ContentLength=size,
+                ContentMD5=_md5_of(fileobj),
+                Metadata=meta,
             )
             return
         self._multipart(key, fileobj, size, sha256, meta)
@@ -194,8 +209,11 @@ class S3Store(ObjectStore):
     def _multipart(self, key: str, fileobj: BinaryIO, size: int, sha256: str, meta: dict[str, str]) -> None:
         full = self._full(key)
         created = self._call(
-            f"upload of {key!r}", self._client.create_multipart_upload,
-            Bucket=self.bucket, Key=full, Metadata=meta,
+            f"upload of {key!r}",
+            self._client.create_multipart_upload,
+            Bucket=self.bucket,
+            Key=full,
+            Metadata=meta,
         )
         upload_id = created["UploadId"]
         lock = threading.Lock()
@@ -283,7 +301,7 @@ class S3Store(ObjectStore):
             )
             for page in pages:
                 for item in page.get("Contents", []):
-                    key = item["Key"][len(self.prefix):]
+                    key = item["Key"][len(self.prefix) :]
                     found.append(ObjectInfo(key, int(item["Size"]), item["LastModified"].timestamp()))
         except Exception as exc:
             raise self._error(exc, f"listing of {prefix!r}") from exc
@@ -298,7 +316,7 @@ class S3Store(ObjectStore):
         response = self._call(
             "listing of uploads", self._client.list_multipart_uploads, Bucket=self.bucket, Prefix=self.prefix
         )
-        return [u["Key"][len(self.prefix):] for u in response.get("Uploads", [])]
+        return [u["Key"][len(self.prefix) :] for u in response.get("Uploads", [])]
 
 
 def _transient(exc: Exception) -> bool:

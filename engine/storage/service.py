@@ -96,7 +96,11 @@ class StorageService:
         now = time.time() if now is None else now
         done: dict[str, Any] = {}
         db = self.runtime.db
-        if settings.backup.daily and db is not None and (self.last_backup_at is None or now - self.last_backup_at >= DAY_S):
+        if (
+            settings.backup.daily
+            and db is not None
+            and (self.last_backup_at is None or now - self.last_backup_at >= DAY_S)
+        ):
             try:
                 self.last_backup = await asyncio.to_thread(create_backup, db, store)
             except (BackupError, StorageError) as exc:
@@ -108,7 +112,9 @@ class StorageService:
         done["logs_archived"] = await asyncio.to_thread(
             archive_logs, store, resolve_paths().logs, node_id=self.runtime.node_id
         )
-        done["logs_pruned"] = await asyncio.to_thread(prune_log_archives, store, settings.backup.retention_days, now=now)
+        done["logs_pruned"] = await asyncio.to_thread(
+            prune_log_archives, store, settings.backup.retention_days, now=now
+        )
         done["recordings_pruned"] = await asyncio.to_thread(
             prune_recordings, store, settings.recording.retention_days, now=now
         )

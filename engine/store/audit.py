@@ -59,7 +59,9 @@ def log_failure(future: concurrent.futures.Future[Any]) -> None:
         log.error("could not write audit_log: %s", exc)
 
 
-def recent(db: Database, *, limit: int = 100, call_id: str | None = None, action: str | None = None) -> list[AuditEntry]:
+def recent(
+    db: Database, *, limit: int = 100, call_id: str | None = None, action: str | None = None
+) -> list[AuditEntry]:
     """Newest first, optionally for one call or one action."""
     where, params = [], []
     if call_id is not None:

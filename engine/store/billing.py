@@ -94,7 +94,14 @@ def link_statement(sub_id: str, user_id: str, customer_id: str | None, event_cre
 
 
 def billing_event_statement(
-    *, event_id: str, user_id: str | None, type: str, amount: int | None, currency: str | None, created: int, summary: str
+    *,
+    event_id: str,
+    user_id: str | None,
+    type: str,
+    amount: int | None,
+    currency: str | None,
+    created: int,
+    summary: str,
 ) -> Statement:
     return (
         "INSERT INTO billing_events (id, user_id, type, amount, currency, created, summary)"

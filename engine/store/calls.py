@@ -13,8 +13,19 @@ from typing import Any
 from engine.store.db import Database
 
 
-def record_live(db: Database, *, call_id: str, stream_sid: str | None, user_id: str | None, caller: str | None,
-                source: str, node_id: str, slot: int, theme: str | None, started_at: float) -> Any:
+def record_live(
+    db: Database,
+    *,
+    call_id: str,
+    stream_sid: str | None,
+    user_id: str | None,
+    caller: str | None,
+    source: str,
+    node_id: str,
+    slot: int,
+    theme: str | None,
+    started_at: float,
+) -> Any:
     return db.submit(
         "INSERT INTO calls (id, stream_sid, user_id, caller, source, node_id, slot, theme, status, started_at)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'live', ?)"
@@ -26,21 +37,57 @@ def record_live(db: Database, *, call_id: str, stream_sid: str | None, user_id: 
     )
 
 
-def record_end(db: Database, *, call_id: str, reason: str, duration_s: float, bal_p50_ms: float | None,
-               bal_p99_ms: float | None, step_p50_ms: float | None, playout_lag_p50_ms: float | None,
-               late_frames: int, ended_at: float | None = None) -> Any:
+def record_end(
+    db: Database,
+    *,
+    call_id: str,
+    reason: str,
+    duration_s: float,
+    bal_p50_ms: float | None,
+    bal_p99_ms: float | None,
+    step_p50_ms: float | None,
+    playout_lag_p50_ms: float | None,
+    late_frames: int,
+    ended_at: float | None = None,
+) -> Any:
     return db.submit(
         "UPDATE calls SET status = 'ended', ended_at = ?, end_reason = ?, duration_s = ?, bal_p50_ms = ?,"
         " bal_p99_ms = ?, step_p50_ms = ?, playout_lag_p50_ms = ?, late_frames = ? WHERE id = ?",
-        (int((ended_at or time.time()) * 1000), reason, duration_s, bal_p50_ms, bal_p99_ms, step_p50_ms,
-         playout_lag_p50_ms, late_frames, call_id),
+        (
+            int((ended_at or time.time()) * 1000),
+            reason,
+            duration_s,
+            bal_p50_ms,
+            bal_p99_ms,
+            step_p50_ms,
+            playout_lag_p50_ms,
+            late_frames,
+            call_id,
+        ),
     )
 
 
 def get(db: Database, call_id: str) -> dict[str, Any] | None:
     """One call row as a dict (tests, the TUI's call detail)."""
-    cols = ("id", "stream_sid", "user_id", "caller", "source", "node_id", "slot", "theme", "status", "started_at",
-            "ended_at", "end_reason", "duration_s", "bal_p50_ms", "bal_p99_ms", "step_p50_ms",
-            "playout_lag_p50_ms", "late_frames")
+    cols = (
+        "id",
+        "stream_sid",
+        "user_id",
+        "caller",
+        "source",
+        "node_id",
+        "slot",
+        "theme",
+        "status",
+        "started_at",
+        "ended_at",
+        "end_reason",
+        "duration_s",
+        "bal_p50_ms",
+        "bal_p99_ms",
+        "step_p50_ms",
+        "playout_lag_p50_ms",
+        "late_frames",
+    )
     rows = db.query(f"SELECT {', '.join(cols)} FROM calls WHERE id = ?", (call_id,))
     return dict(zip(cols, rows[0])) if rows else None

@@ -33,7 +33,9 @@ class Checkpointer:
     CLI command would wait for the runtime's readers and writer in another process; the last
     connection to close removes the log anyway."""
 
-    def __init__(self, connect: Callable[[], Any], commits: Callable[[], int], *, interval_s: float = INTERVAL_S) -> None:
+    def __init__(
+        self, connect: Callable[[], Any], commits: Callable[[], int], *, interval_s: float = INTERVAL_S
+    ) -> None:
         """``connect`` opens a connection of its own; ``commits`` reads the writer's commit count."""
         self._connect = connect
         self._commits = commits

@@ -134,7 +134,7 @@ class Target:
         return self.location
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Target":
+    def from_settings(cls, settings: Settings) -> Target:
         if settings.database.url:
             url = settings.database.url
             # Turso hands out libsql:// URLs; the Python client speaks Hrana over HTTPS for them.
@@ -215,7 +215,7 @@ class Database:
         self.commits = 0
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Database":
+    def from_settings(cls, settings: Settings) -> Database:
         return cls(
             Target.from_settings(settings),
             batch_max_rows=settings.database.batch_max_rows,
@@ -224,7 +224,7 @@ class Database:
 
     # ----------------------------------------------------------------------- lifecycle
 
-    def start(self) -> "Database":
+    def start(self) -> Database:
         """Open the writer connection and start the writer thread."""
         if self._writer is None:
             ready: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -263,7 +263,7 @@ class Database:
             except Exception:
                 pass
 
-    def __enter__(self) -> "Database":
+    def __enter__(self) -> Database:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -335,7 +335,7 @@ class Database:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._readers, self.query, sql, params)
 
-    async def aread(self, fn: Callable[["Database"], T]) -> T:
+    async def aread(self, fn: Callable[[Database], T]) -> T:
         """Run a blocking repository function on the reader pool."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._readers, fn, self)
@@ -467,7 +467,9 @@ class Database:
                 # A run of writes of the same plain INSERT becomes a few multi-row statements.
                 rows: list[tuple[Any, ...]] = []
                 j = i
-                while j < len(batch) and batch[j].sql == item.sql and batch[j].kind != "script" and not batch[j].returning:
+                while (
+                    j < len(batch) and batch[j].sql == item.sql and batch[j].kind != "script" and not batch[j].returning
+                ):
                     item_rows = batch[j].rows()
                     rows.extend(item_rows)
                     results[j] = len(item_rows)

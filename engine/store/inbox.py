@@ -143,9 +143,7 @@ def get(db: Database, key: str) -> InboxRow | None:
     provider, sep, event_id = key.partition(":")
     if not sep or not event_id:
         return None
-    rows = db.query(
-        f"SELECT {_COLUMNS} FROM webhook_inbox WHERE provider = ? AND event_id = ?", (provider, event_id)
-    )
+    rows = db.query(f"SELECT {_COLUMNS} FROM webhook_inbox WHERE provider = ? AND event_id = ?", (provider, event_id))
     return InboxRow(*rows[0]) if rows else None
 
 

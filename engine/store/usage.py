@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from engine.store.db import Database
@@ -35,7 +35,7 @@ class Usage:
 def period_of(at_ms: int | None = None) -> str:
     """The billing period ("YYYY-MM", UTC) a moment falls in."""
     moment = (at_ms if at_ms is not None else time.time() * 1000) / 1000
-    return datetime.fromtimestamp(moment, timezone.utc).strftime("%Y-%m")
+    return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m")
 
 
 def count_statements(kind: Kind, key: str, user_id: str, amount: float, at_ms: int) -> list[Statement]:
@@ -74,7 +74,7 @@ def usage_for(db: Database, user_id: str, period: str | None = None) -> Usage:
 def calls_today(db: Database, user_id: str, now_ms: int | None = None) -> int:
     """Calls the user started since midnight UTC."""
     moment = (now_ms if now_ms is not None else int(time.time() * 1000)) / 1000
-    day = datetime.fromtimestamp(moment, timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    day = datetime.fromtimestamp(moment, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     rows = db.query(
         "SELECT COUNT(*) FROM calls WHERE user_id = ? AND started_at >= ?", (user_id, int(day.timestamp() * 1000))
     )

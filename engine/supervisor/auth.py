@@ -80,7 +80,9 @@ def _read_or_create(path: Path) -> dict[str, str]:
     """Read the token file, or create it with 0600 perms (O_EXCL: two starts cannot race)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, dict) or not all(isinstance(data.get(r), str) and len(data[r]) >= _MIN_TOKEN_CHARS for r in ROLES):
+        if not isinstance(data, dict) or not all(
+            isinstance(data.get(r), str) and len(data[r]) >= _MIN_TOKEN_CHARS for r in ROLES
+        ):
             raise AuthConfigError(f"{path}: expected string tokens for {', '.join(ROLES)}; delete it to regenerate")
         if path.stat().st_mode & 0o077:
             os.chmod(path, 0o600)

@@ -134,7 +134,7 @@ class SupervisorClient:
 
     # ------------------------------------------------------------------------ lifecycle
 
-    async def __aenter__(self) -> "SupervisorClient":
+    async def __aenter__(self) -> SupervisorClient:
         await self.start()
         return self
 
@@ -151,7 +151,9 @@ class SupervisorClient:
     async def wait_snapshot(self, timeout: float | None = 10.0) -> dict[str, Any]:
         waiter = asyncio.ensure_future(self.connected.wait())
         runner = self._runner
-        done, _ = await asyncio.wait({waiter, runner} if runner else {waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {waiter, runner} if runner else {waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
         if waiter not in done:
             waiter.cancel()
             if self._fatal is not None:
@@ -186,7 +188,7 @@ class SupervisorClient:
                 self._fatal = exc
                 await self._deliver(exc)
                 return
-            except (OSError, ConnectionClosed, InvalidStatus, TimeoutError, asyncio.TimeoutError, SupervisorError) as exc:
+            except (OSError, ConnectionClosed, InvalidStatus, TimeoutError, SupervisorError) as exc:
                 self.last_connect_error = str(exc) or type(exc).__name__
                 log.info("supervisor connection to %s lost: %s", self.url, self.last_connect_error)
             self.connected.clear()

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from engine.control import ACTIONS
-from engine.events import Command, Wire, WireError, from_wire
 from engine.events import PROTOCOL_VERSION as VERSION
+from engine.events import Command, Wire, WireError, from_wire
 
 SAMPLE_RATE = 24_000
 """Every audio frame on the socket is mono 24 kHz, the model's own rate: no resampling on the
@@ -182,12 +182,17 @@ class AudioFrame:
         if not 0 < len(call) < 256:
             raise ProtocolError("call id must be 1..255 bytes")
         header = _HEADER.pack(
-            VERSION, _DIRECTION_IDS[self.direction], _CODEC_IDS[self.codec], len(call), self.seq & 0xFFFFFFFF, self.captured_at
+            VERSION,
+            _DIRECTION_IDS[self.direction],
+            _CODEC_IDS[self.codec],
+            len(call),
+            self.seq & 0xFFFFFFFF,
+            self.captured_at,
         )
         return header + call + self.payload
 
     @classmethod
-    def unpack(cls, data: bytes) -> "AudioFrame":
+    def unpack(cls, data: bytes) -> AudioFrame:
         if len(data) < _HEADER.size + 1:
             raise ProtocolError(f"audio frame of {len(data)} bytes is shorter than its header")
         version, direction, codec, call_len, seq, captured_at = _HEADER.unpack_from(data)
@@ -324,34 +329,60 @@ def schemas() -> dict[str, dict[str, Any]]:
 
     out: dict[str, dict[str, Any]] = {}
     any_object = {"type": "object"}
-    out[AUTH] = message(AUTH, ["token"], {"token": {"type": "string"}, "name": {"type": ["string", "null"]}}, with_id=True)
+    out[AUTH] = message(
+        AUTH, ["token"], {"token": {"type": "string"}, "name": {"type": ["string", "null"]}}, with_id=True
+    )
     out[PING] = message(PING, [], {}, with_id=True)
     out[PONG] = message(PONG, ["id", "server_time"], {"server_time": {"type": "number"}}, with_id=True)
     out[SNAPSHOT] = {
-        **message(SNAPSHOT, ["id", "you", "server_time", "opus", "node", "model", "calls", "recent_events", "system"], {
-            "you": {"type": "object", "required": ["actor", "role"], "properties": {
-                "actor": {"type": "string"}, "role": {"enum": ["operator", "monitor"]}}},
-            "server_time": {"type": "number"},
-            "opus": {"type": "boolean"},
-            "node": any_object,
-            "model": any_object,
-            "slots": any_object,
-            "calls": {"type": "array", "items": {"type": "object", "required": ["call_id", "mode"]}},
-            "recent_events": {"type": "array", "items": any_object},
-            "system": {"type": ["object", "null"]},
-        }, with_id=True),
+        **message(
+            SNAPSHOT,
+            ["id", "you", "server_time", "opus", "node", "model", "calls", "recent_events", "system"],
+            {
+                "you": {
+                    "type": "object",
+                    "required": ["actor", "role"],
+                    "properties": {"actor": {"type": "string"}, "role": {"enum": ["operator", "monitor"]}},
+                },
+                "server_time": {"type": "number"},
+                "opus": {"type": "boolean"},
+                "node": any_object,
+                "model": any_object,
+                "slots": any_object,
+                "calls": {"type": "array", "items": {"type": "object", "required": ["call_id", "mode"]}},
+                "recent_events": {"type": "array", "items": any_object},
+                "system": {"type": ["object", "null"]},
+            },
+            with_id=True,
+        ),
         "additionalProperties": True,  # the runtime may add sections (scheduler, bridge …)
     }
     out[OK] = {
-        **message(OK, ["id", "type_of"], {"type_of": {"type": "string"}, "call_id": {"type": "string"},
-                                          "mode": {"enum": ["ai", "operator", "muted"]},
-                                          "operator": {"type": ["string", "null"]}}, with_id=True),
+        **message(
+            OK,
+            ["id", "type_of"],
+            {
+                "type_of": {"type": "string"},
+                "call_id": {"type": "string"},
+                "mode": {"enum": ["ai", "operator", "muted"]},
+                "operator": {"type": ["string", "null"]},
+            },
+            with_id=True,
+        ),
         "additionalProperties": True,
     }
     out[ERROR] = {
-        **message(ERROR, ["id", "error", "code"], {"error": {"type": "string"}, "code": {"type": "string"},
-                                                  "type_of": {"type": "string"},
-                                                  "operator": {"type": ["string", "null"]}}, with_id=True),
+        **message(
+            ERROR,
+            ["id", "error", "code"],
+            {
+                "error": {"type": "string"},
+                "code": {"type": "string"},
+                "type_of": {"type": "string"},
+                "operator": {"type": ["string", "null"]},
+            },
+            with_id=True,
+        ),
         "additionalProperties": False,
     }
     for name, cls in sorted(events._REGISTRY.items(), key=lambda item: (item[1].kind, item[0])):
@@ -359,7 +390,9 @@ def schemas() -> dict[str, dict[str, Any]]:
         fields = dataclasses.fields(cls)  # type: ignore[arg-type]
         props = {f.name: field_schema(hints[f.name]) for f in fields}
         if issubclass(cls, Command):
-            required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+            required = [
+                f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            ]
             props.update({k: {"enum": list(CODECS)} for k in _COMMAND_OPTIONS.get(name, ())})
             out[name] = message(name, required, props, with_id=True)
         else:  # the server always sends every field of an event

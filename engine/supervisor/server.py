@@ -153,11 +153,11 @@ class _Client:
 class SupervisorServer:
     """The supervisor WebSocket, /health and /metrics of one runtime."""
 
-    def __init__(self, runtime: "Runtime") -> None:
+    def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.control = CallControl(runtime)
         self.port: int | None = None
-        self.metrics: "Metrics | None" = None
+        self.metrics: Metrics | None = None
         self._server: Server | None = None
         self._auth: Authenticator | None = None
         self._clients: set[_Client] = set()
@@ -284,7 +284,9 @@ class SupervisorServer:
             return
         from engine.store import audit
 
-        future = audit.record(db, actor=actor or address, role=role, action="connect", detail={"address": address}, result=result)
+        future = audit.record(
+            db, actor=actor or address, role=role, action="connect", detail={"address": address}, result=result
+        )
         future.add_done_callback(audit.log_failure)
 
     # ------------------------------------------------------------------- socket handler
@@ -343,7 +345,7 @@ class SupervisorServer:
                 reason = "rate limited" if blocked else "invalid token"
             else:
                 self._check(address, None)
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             self._check(address, None)
             reason = "no auth message within 2 s"
         except p.ProtocolError:
@@ -380,7 +382,9 @@ class SupervisorServer:
             self._push_event(client, p.error_frame(getattr(exc, "id", None), str(exc), code="bad_request"))
             return
         if request.type == p.PING:
-            self._push_event(client, p.encode({"v": p.VERSION, "type": p.PONG, "id": request.id, "server_time": time.time()}))
+            self._push_event(
+                client, p.encode({"v": p.VERSION, "type": p.PONG, "id": request.id, "server_time": time.time()})
+            )
             return
         if request.type == p.AUTH:
             self._push_event(client, p.error_frame(request.id, "already authenticated", code="bad_request"))
@@ -388,17 +392,28 @@ class SupervisorServer:
         command = request.command
         assert command is not None
         if not client.take_credit():
-            self._push_event(client, p.error_frame(request.id, f"more than {COMMAND_RATE:.0f} commands a second",
-                                                   code="rate_limited", type_of=request.type))
+            self._push_event(
+                client,
+                p.error_frame(
+                    request.id,
+                    f"more than {COMMAND_RATE:.0f} commands a second",
+                    code="rate_limited",
+                    type_of=request.type,
+                ),
+            )
             return
         tap = None
         if isinstance(command, Listen):
             codec = (request.body or {}).get("codec", "pcm16")
             if codec not in p.CODECS:
-                self._push_event(client, p.error_frame(request.id, f"codec must be one of {', '.join(p.CODECS)}", code="bad_request"))
+                self._push_event(
+                    client, p.error_frame(request.id, f"codec must be one of {', '.join(p.CODECS)}", code="bad_request")
+                )
                 return
             if codec == "opus" and not p.opus_available():
-                self._push_event(client, p.error_frame(request.id, "opus needs sphn on the server; use pcm16", code="unavailable"))
+                self._push_event(
+                    client, p.error_frame(request.id, "opus needs sphn on the server; use pcm16", code="unavailable")
+                )
                 return
             state = _Listen(codec)
             tap = self._make_tap(client, command.call_id, state)
@@ -548,7 +563,9 @@ class SupervisorServer:
             return True
         self._sample_pending[event.call_id] = event
         if event.call_id not in self._sample_timers and self._loop is not None:
-            self._sample_timers[event.call_id] = self._loop.call_later(last + SAMPLE_INTERVAL_S - now, self._flush_sample, event.call_id)
+            self._sample_timers[event.call_id] = self._loop.call_later(
+                last + SAMPLE_INTERVAL_S - now, self._flush_sample, event.call_id
+            )
         return False
 
     def _flush_sample(self, call_id: str) -> None:

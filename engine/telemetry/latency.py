@@ -17,7 +17,25 @@ from bisect import bisect_left
 import numpy as np
 
 DEFAULT_BUCKETS_MS: tuple[float, ...] = (
-    1, 2, 5, 10, 15, 20, 25, 30, 40, 50, 60, 80, 100, 150, 200, 300, 500, 1000, 2000,
+    1,
+    2,
+    5,
+    10,
+    15,
+    20,
+    25,
+    30,
+    40,
+    50,
+    60,
+    80,
+    100,
+    150,
+    200,
+    300,
+    500,
+    1000,
+    2000,
 )
 
 
@@ -72,5 +90,9 @@ class Histogram:
 
     def summary(self) -> dict[str, float | int | None]:
         """JSON-able figures for health pages, reports and benchmarks."""
-        return {"count": self.count, "mean": None if self.mean is None else round(self.mean, 3),
-                "max": round(self.max, 3), **self.percentiles(50, 90, 99)}
+        return {
+            "count": self.count,
+            "mean": None if self.mean is None else round(self.mean, 3),
+            "max": round(self.max, 3),
+            **self.percentiles(50, 90, 99),
+        }

@@ -31,24 +31,35 @@ if TYPE_CHECKING:
 class Metrics:
     """The registry behind /metrics; subscribes to the bus for webhook counts."""
 
-    def __init__(self, runtime: "Runtime", *, supervisor: "SupervisorServer | None" = None) -> None:
+    def __init__(self, runtime: Runtime, *, supervisor: SupervisorServer | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.webhooks = Counter(
-            "xswarm_webhooks_received", "Webhook deliveries accepted, per provider.", ["provider"], registry=self.registry
+            "xswarm_webhooks_received",
+            "Webhook deliveries accepted, per provider.",
+            ["provider"],
+            registry=self.registry,
         )
         self.webhook_failures = Counter(
-            "xswarm_webhooks_failed", "Webhook deliveries that failed processing, per provider.", ["provider", "dead"],
+            "xswarm_webhooks_failed",
+            "Webhook deliveries that failed processing, per provider.",
+            ["provider", "dead"],
             registry=self.registry,
         )
         self.auth_failures = Counter(
-            "xswarm_supervisor_auth_failures", "Refused supervisor logins, per reason.", ["reason"], registry=self.registry
+            "xswarm_supervisor_auth_failures",
+            "Refused supervisor logins, per reason.",
+            ["reason"],
+            registry=self.registry,
         )
         self.dropped = Counter(
-            "xswarm_supervisor_dropped", "Messages not sent to a slow supervisor (samples superseded, audio too late).",
-            ["kind"], registry=self.registry,
+            "xswarm_supervisor_dropped",
+            "Messages not sent to a slow supervisor (samples superseded, audio too late).",
+            ["kind"],
+            registry=self.registry,
         )
         self.slow_disconnects = Counter(
-            "xswarm_supervisor_slow_disconnects", "Supervisors disconnected because they did not keep up.",
+            "xswarm_supervisor_slow_disconnects",
+            "Supervisors disconnected because they did not keep up.",
             registry=self.registry,
         )
         self.clients = Gauge("xswarm_supervisor_clients", "Connected supervisors.", registry=self.registry)
@@ -77,7 +88,7 @@ class Metrics:
 class _RuntimeCollector(Collector):
     """Reads the runtime's live figures at scrape time (runs on the scraping thread: reads only)."""
 
-    def __init__(self, runtime: "Runtime") -> None:
+    def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
 
     def collect(self) -> Iterator[Metric]:
@@ -85,20 +96,56 @@ class _RuntimeCollector(Collector):
         calls = rt.calls
         yield _gauge("xswarm_calls_open", "Live calls on this node.", len(calls))
         model = rt.model
-        yield _gauge("xswarm_slots_total", "Call slots of the loaded model (0 before it loads).", model.slots if model else 0)
+        yield _gauge(
+            "xswarm_slots_total", "Call slots of the loaded model (0 before it loads).", model.slots if model else 0
+        )
         yield _gauge(
             "xswarm_uptime_seconds", "Seconds since the runtime started.", max(0.0, time.time() - float(rt.started_at))
         )
         scheduler = getattr(rt, "scheduler", None)
         bridge = getattr(rt, "bridge", None)
-        yield from _histogram("xswarm_model_step_duration_ms", "The batched model step alone (model.step), per 80 ms tick.", scheduler, "model_step_ms")
-        yield from _histogram("xswarm_tick_work_duration_ms", "Work per 80 ms tick from its start to the batch's results: gathering frames, the hand-off to the inference thread, resampling and the model step (admission judges this).", scheduler, "tick_work_ms")
-        yield from _histogram("xswarm_bridge_added_latency_ms", "Latency the bridge adds between a caller frame arriving and its reply going out.", bridge, "bal_ms")
-        yield from _histogram("xswarm_playout_lag_ms", "Twilio playout lag measured by mark echoes.", bridge, "playout_lag_ms")
-        yield from _counter("xswarm_missed_ticks", "Ticks that started late because the tick's work overran 80 ms.", scheduler, "missed_ticks")
-        yield from _counter("xswarm_late_frames", "Caller frames that missed their tick (concealed with silence).", scheduler, "late_frames")
-        yield from _counter("xswarm_bridge_dropped_frames", "Output frames not sent because a caller's socket was congested (the caller hears a gap).", bridge, "dropped_frames")
-        yield from _counter("xswarm_admission_refusals", "Calls refused at admission (no free slot, bad token …).", bridge, "refusals")
+        yield from _histogram(
+            "xswarm_model_step_duration_ms",
+            "The batched model step alone (model.step), per 80 ms tick.",
+            scheduler,
+            "model_step_ms",
+        )
+        yield from _histogram(
+            "xswarm_tick_work_duration_ms",
+            "Work per 80 ms tick from its start to the batch's results: gathering frames, the hand-off to the inference thread, resampling and the model step (admission judges this).",
+            scheduler,
+            "tick_work_ms",
+        )
+        yield from _histogram(
+            "xswarm_bridge_added_latency_ms",
+            "Latency the bridge adds between a caller frame arriving and its reply going out.",
+            bridge,
+            "bal_ms",
+        )
+        yield from _histogram(
+            "xswarm_playout_lag_ms", "Twilio playout lag measured by mark echoes.", bridge, "playout_lag_ms"
+        )
+        yield from _counter(
+            "xswarm_missed_ticks",
+            "Ticks that started late because the tick's work overran 80 ms.",
+            scheduler,
+            "missed_ticks",
+        )
+        yield from _counter(
+            "xswarm_late_frames",
+            "Caller frames that missed their tick (concealed with silence).",
+            scheduler,
+            "late_frames",
+        )
+        yield from _counter(
+            "xswarm_bridge_dropped_frames",
+            "Output frames not sent because a caller's socket was congested (the caller hears a gap).",
+            bridge,
+            "dropped_frames",
+        )
+        yield from _counter(
+            "xswarm_admission_refusals", "Calls refused at admission (no free slot, bad token …).", bridge, "refusals"
+        )
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -30,10 +30,17 @@ def sample() -> SystemSampled:
         cpu_percent=float(psutil.cpu_percent(interval=None)),
         ram_used_bytes=int(memory.total - memory.available),
         ram_total_bytes=int(memory.total),
-        gpus=[{
-            "name": g.name, "util_percent": g.util_percent, "mem_used": g.memory_used,
-            "mem_total": g.memory_total, "temp_c": g.temp_c, "power_w": g.power_w,
-        } for g in found.gpus],
+        gpus=[
+            {
+                "name": g.name,
+                "util_percent": g.util_percent,
+                "mem_used": g.memory_used,
+                "mem_total": g.memory_total,
+                "temp_c": g.temp_c,
+                "power_w": g.power_w,
+            }
+            for g in found.gpus
+        ],
         gpu_reason=found.reason,
     )
 

@@ -8,7 +8,6 @@ inside the call: only these actions need an HTTP client, and ``xswarm --help`` m
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from engine.config import secret
@@ -44,5 +43,5 @@ async def update_call(twilio: Any, call_sid: str, data: dict[str, str], *, timeo
             auth = {"Authorization": aiohttp.encode_basic_auth(account, token)}
             async with http.post(url, data=data, headers=auth) as resp:
                 return resp.status, await resp.text()
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         raise TwilioUnreachable(str(exc) or type(exc).__name__) from None

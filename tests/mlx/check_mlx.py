@@ -13,7 +13,6 @@ import numpy as np
 from engine.models.base import FRAME_SIZE, StepInput
 from engine.models.moshi_mlx import MlxMoshi
 
-
 rng = np.random.default_rng(0)
 caller0 = (rng.standard_normal((12, FRAME_SIZE)) * 0.1).astype(np.float32)
 caller1 = (rng.standard_normal((12, FRAME_SIZE)) * 0.1).astype(np.float32)

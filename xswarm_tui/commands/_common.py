@@ -25,7 +25,7 @@ def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     raise typer.Exit(code)
 
 
-def load() -> "Settings":
+def load() -> Settings:
     """The settings, or exit 2 naming the bad key."""
     from engine.config import ConfigError, load_settings
 
@@ -36,7 +36,7 @@ def load() -> "Settings":
 
 
 @contextmanager
-def database(settings: "Settings | None" = None) -> Iterator["Database"]:
+def database(settings: Settings | None = None) -> Iterator[Database]:
     """The started, migrated database; unreachable or failing stores exit 1 with the reason."""
     from engine.store.db import StoreError
     from engine.store.migrations import open_database

@@ -8,7 +8,7 @@ rebuilt (README: "Backups and storage").
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,10 +20,12 @@ if TYPE_CHECKING:
     from engine.config import Settings
     from engine.storage import ObjectStore
 
-app = typer.Typer(help="Back up, list, restore and prune database backups (local folder or S3/R2).", no_args_is_help=True)
+app = typer.Typer(
+    help="Back up, list, restore and prune database backups (local folder or S3/R2).", no_args_is_help=True
+)
 
 
-def _store(settings: "Settings") -> "ObjectStore":
+def _store(settings: Settings) -> ObjectStore:
     from engine.storage import StorageError, open_store
 
     try:
@@ -78,7 +80,7 @@ def list_(as_json: bool = typer.Option(False, "--json", help="A JSON array inste
         return
     typer.echo(f"{'ID':<24} {'CREATED (UTC)':<20} {'SIZE':>10} {'FORMAT':<7} {'SCHEMA':>6} {'ROWS':>10}")
     for b in backups:
-        created = datetime.fromtimestamp(b.created_at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        created = datetime.fromtimestamp(b.created_at, UTC).strftime("%Y-%m-%d %H:%M:%S")
         typer.echo(
             f"{b.id:<24} {created:<20} {_size(b.size):>10} {b.format:<7} {b.schema_version:>6} {sum(b.row_counts.values()):>10}"
         )
@@ -88,7 +90,9 @@ def list_(as_json: bool = typer.Option(False, "--json", help="A JSON array inste
 def restore(
     backup_id: str = typer.Argument(..., metavar="ID", help="A backup id from `xswarm backup list`, or `latest`."),
     to: Path | None = typer.Option(None, "--to", help="Database file to write (default: this node's database path)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing file, even the live database (stop xswarm first)."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an existing file, even the live database (stop xswarm first)."
+    ),
 ) -> None:
     """Write a backup as a new database file, after checking its checksum, schema and row counts."""
     from engine.paths import resolve_paths
@@ -115,7 +119,9 @@ def restore(
 
 @app.command()
 def prune(
-    days: int | None = typer.Option(None, "--days", min=1, help="Keep this many days (default: backup.retention_days)."),
+    days: int | None = typer.Option(
+        None, "--days", min=1, help="Keep this many days (default: backup.retention_days)."
+    ),
 ) -> None:
     """Delete backups older than the retention period (the newest one is always kept)."""
     from engine.storage import StorageError

@@ -41,28 +41,42 @@ def engine(
     """Full step per batch: Mimi encode + LM step + Mimi decode, after a warm-up."""
     sizes = _batches(batch)
     if not model.startswith("synthetic:"):
-        fail("the engine benchmark uses random weights: pick synthetic:tiny, synthetic:small or synthetic:7b",
-             EXIT_BAD_INPUT)
+        fail(
+            "the engine benchmark uses random weights: pick synthetic:tiny, synthetic:small or synthetic:7b",
+            EXIT_BAD_INPUT,
+        )
     if dtype is not None and dtype not in ("bf16", "fp32"):
         fail("--dtype must be bf16 or fp32", EXIT_BAD_INPUT)
     from engine.models.bench import run_engine_bench
 
     try:
         report = run_engine_bench(
-            model, sizes, steps, warmup=warmup, device=device, dtype=dtype, context=context,
-            controls=controls, threads=threads, log=lambda msg: typer.echo(msg, err=True),
+            model,
+            sizes,
+            steps,
+            warmup=warmup,
+            device=device,
+            dtype=dtype,
+            context=context,
+            controls=controls,
+            threads=threads,
+            log=lambda msg: typer.echo(msg, err=True),
         )
     except (ValueError, RuntimeError) as exc:
         fail(str(exc), EXIT_BAD_INPUT if isinstance(exc, ValueError) else 1)
     if as_json:
         typer.echo(json.dumps(report))
         return
-    typer.echo(f"{report['model']} on {report['device_name']} ({report['device']}, {report['dtype']}, "
-               f"torch {report['torch']}, context {report['context']})")
+    typer.echo(
+        f"{report['model']} on {report['device_name']} ({report['device']}, {report['dtype']}, "
+        f"torch {report['torch']}, context {report['context']})"
+    )
     typer.echo(f"{'batch':>6} {'p50 ms':>9} {'p99 ms':>9} {'per call ms':>12}")
     for row in report["results"]:
         if "error" in row:
             typer.echo(f"{row['batch']:>6} {row['error']}")
             continue
-        typer.echo(f"{row['batch']:>6} {row['step_ms_p50']:>9.1f} {row['step_ms_p99']:>9.1f} {row['per_call_ms']:>12.2f}")
+        typer.echo(
+            f"{row['batch']:>6} {row['step_ms_p50']:>9.1f} {row['step_ms_p99']:>9.1f} {row['per_call_ms']:>12.2f}"
+        )
     typer.echo(f"largest batch with p99 < 80 ms: {report['largest_batch_p99_under_80ms']}")

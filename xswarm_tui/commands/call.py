@@ -14,13 +14,25 @@ def register(app: typer.Typer) -> None:
 
 
 def call(
-    wav: Path = typer.Argument(None, help="WAV file to play (any rate, mono or stereo). Default: 3 s of test speech-band audio."),
-    bridge: str = typer.Option(None, "--bridge", help="Bridge URL (default ws://<server.host>:<server.bridge_port>/twilio)."),
-    webhooks: str = typer.Option(None, "--webhooks", help="Webhooks base URL: POST a signed voice webhook first and follow its TwiML."),
-    auth_token: str = typer.Option(None, "--auth-token", help="Twilio auth token for signatures (default: TWILIO_AUTH_TOKEN)."),
+    wav: Path = typer.Argument(
+        None, help="WAV file to play (any rate, mono or stereo). Default: 3 s of test speech-band audio."
+    ),
+    bridge: str = typer.Option(
+        None, "--bridge", help="Bridge URL (default ws://<server.host>:<server.bridge_port>/twilio)."
+    ),
+    webhooks: str = typer.Option(
+        None, "--webhooks", help="Webhooks base URL: POST a signed voice webhook first and follow its TwiML."
+    ),
+    auth_token: str = typer.Option(
+        None, "--auth-token", help="Twilio auth token for signatures (default: TWILIO_AUTH_TOKEN)."
+    ),
     caller: str = typer.Option("+15005550006", "--from", help="Caller number sent to the voice webhook."),
-    param: list[str] = typer.Option([], "--param", help="Extra <Parameter> name=value for a direct bridge call (repeatable)."),
-    out: Path = typer.Option(None, "--out", help="Write the reply to this WAV (8 kHz; several calls get -1, -2, ... suffixes)."),
+    param: list[str] = typer.Option(
+        [], "--param", help="Extra <Parameter> name=value for a direct bridge call (repeatable)."
+    ),
+    out: Path = typer.Option(
+        None, "--out", help="Write the reply to this WAV (8 kHz; several calls get -1, -2, ... suffixes)."
+    ),
     calls: int = typer.Option(1, "--calls", help="Concurrent calls."),
     stagger: float = typer.Option(0.1, "--stagger", help="Seconds between call starts."),
     tail: float = typer.Option(0.5, "--tail", help="Seconds of silence after the audio, to hear the end of the reply."),
@@ -47,7 +59,10 @@ def call(
     settings = load()
     token = auth_token or secret(settings.twilio.auth_token)
     if webhooks and not token:
-        fail("--webhooks needs the Twilio auth token to sign the request (--auth-token or TWILIO_AUTH_TOKEN)", EXIT_BAD_INPUT)
+        fail(
+            "--webhooks needs the Twilio auth token to sign the request (--auth-token or TWILIO_AUTH_TOKEN)",
+            EXIT_BAD_INPUT,
+        )
     audio = _read_audio(wav) if wav is not None else _test_audio()
     bridge_url = simulator.websocket_url(bridge or f"ws://{settings.server.host}:{settings.server.bridge_port}")
     token_secret = secret(settings.telephony.call_token_secret)
@@ -56,8 +71,13 @@ def call(
         await asyncio.sleep(k * stagger)
         call_sid = simulator.new_sid("CA")
         if webhooks:
-            target = await simulator.voice_webhook(webhooks, token, call_sid=call_sid,  # type: ignore[arg-type]
-                                                   account_sid=settings.twilio.account_sid or "AC" + "0" * 32, caller=caller)
+            target = await simulator.voice_webhook(
+                webhooks,
+                token,
+                call_sid=call_sid,  # type: ignore[arg-type]
+                account_sid=settings.twilio.account_sid or "AC" + "0" * 32,
+                caller=caller,
+            )
         else:
             params = dict(extra)
             if token_secret and "token" not in params:  # what the voice webhook would have minted

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+
 import typer
 
 from xswarm_tui.commands._common import EXIT_FAILED, fail, load

@@ -30,7 +30,9 @@ def migrate() -> None:
 
 
 @app.command()
-def status(as_json: bool = typer.Option(False, "--json", help='Print {"version": N, "pending": [...], "tables": [...]}.')) -> None:
+def status(
+    as_json: bool = typer.Option(False, "--json", help='Print {"version": N, "pending": [...], "tables": [...]}.'),
+) -> None:
     """Show the schema version, pending migrations and tables (applies nothing)."""
     from engine.store import migrations
     from engine.store.db import Database, StoreError

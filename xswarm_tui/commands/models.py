@@ -94,7 +94,9 @@ def pull(
 
 @app.command("verify")
 def verify(
-    target: str = typer.Argument(None, help="org/name, moshiko, moshika or a folder (default: every cached MOSHI repo)"),
+    target: str = typer.Argument(
+        None, help="org/name, moshiko, moshika or a folder (default: every cached MOSHI repo)"
+    ),
 ) -> None:
     """Re-hash every file; exit 1 if any does not match."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
@@ -119,7 +121,8 @@ def verify(
         with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), transient=True) as bar:
             task = bar.add_task(f"hashing {label}", total=None)
             results = checkpoints.verify(
-                folder, progress=lambda done, total, file: bar.update(task, completed=done, total=total))
+                folder, progress=lambda done, total, file: bar.update(task, completed=done, total=total)
+            )
         typer.echo(label)
         for r in results:
             mark = {True: "ok", False: "CORRUPT", None: "unchecked"}[r.ok]

@@ -12,11 +12,17 @@ def register(app: typer.Typer) -> None:
 
 
 def serve(
-    model: str = typer.Option(None, "--model", help="Model to serve: auto, echo, synthetic:tiny, moshi, ... (default: model.name)."),
+    model: str = typer.Option(
+        None, "--model", help="Model to serve: auto, echo, synthetic:tiny, moshi, ... (default: model.name)."
+    ),
     bridge_port: int = typer.Option(None, "--bridge-port", help="Twilio Media Streams port (default 9998; 0: off)."),
     supervisor_port: int = typer.Option(None, "--supervisor-port", help="Supervisor port (default 9999; 0: off)."),
-    webhooks_port: int = typer.Option(None, "--webhooks-port", help="Webhooks port (default: on at 8787 when server.webhooks_enabled; 0: off)."),
-    slots: int = typer.Option(None, "--slots", help="Concurrent calls (model batch size; default: model.slots or the model's own)."),
+    webhooks_port: int = typer.Option(
+        None, "--webhooks-port", help="Webhooks port (default: on at 8787 when server.webhooks_enabled; 0: off)."
+    ),
+    slots: int = typer.Option(
+        None, "--slots", help="Concurrent calls (model batch size; default: model.slots or the model's own)."
+    ),
 ) -> None:
     """Run the voice runtime headless until Ctrl-C or SIGTERM."""
     import queue
@@ -29,7 +35,11 @@ def serve(
     from engine.runtime import Runtime
     from engine.store.db import StoreError
 
-    for name, port in (("--bridge-port", bridge_port), ("--supervisor-port", supervisor_port), ("--webhooks-port", webhooks_port)):
+    for name, port in (
+        ("--bridge-port", bridge_port),
+        ("--supervisor-port", supervisor_port),
+        ("--webhooks-port", webhooks_port),
+    ):
         if port is not None and not 0 <= port <= 65535:
             fail(f"{name} must be between 0 and 65535", EXIT_BAD_INPUT)
     if slots is not None and not 1 <= slots <= 256:
@@ -49,8 +59,9 @@ def serve(
         if isinstance(event, events.ModelStatusChanged) and event.state in ("ready", "failed", "fallback"):
             notes.put(f"model {event.model}: {event.state} - {event.detail}")
 
-    runtime = Runtime(settings, model_spec=spec, bridge_port=bridge_port, supervisor_port=supervisor_port,
-                      webhooks_port=webhooks_port)
+    runtime = Runtime(
+        settings, model_spec=spec, bridge_port=bridge_port, supervisor_port=supervisor_port, webhooks_port=webhooks_port
+    )
     runtime.bus.subscribe(on_event)
     try:
         runtime.start()
@@ -58,8 +69,11 @@ def serve(
         fail(f"cannot start: {exc}")
     host = settings.server.host
     typer.echo(f"xswarm node {runtime.node_id} (logs: {log_file})")
-    for what, port, scheme in (("bridge", runtime.bridge_port, "ws"), ("supervisor", runtime.supervisor_port, "ws"),
-                               ("webhooks", runtime.webhooks_port, "http")):
+    for what, port, scheme in (
+        ("bridge", runtime.bridge_port, "ws"),
+        ("supervisor", runtime.supervisor_port, "ws"),
+        ("webhooks", runtime.webhooks_port, "http"),
+    ):
         typer.echo(f"  {what:<10} " + (f"{scheme}://{host}:{port}" if port else "off"))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

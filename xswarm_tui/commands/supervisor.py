@@ -30,6 +30,10 @@ def token(
     role = "monitor" if monitor else "operator"
     if where:
         source = tokens.source[role]
-        typer.echo("settings (XSWARM_SUPERVISOR_%sTOKEN or config.toml)" % ("MONITOR_" if monitor else "") if source == "settings" else source)
+        typer.echo(
+            "settings (XSWARM_SUPERVISOR_%sTOKEN or config.toml)" % ("MONITOR_" if monitor else "")
+            if source == "settings"
+            else source
+        )
         return
     typer.echo(getattr(tokens, role))

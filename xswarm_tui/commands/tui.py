@@ -21,7 +21,7 @@ _STARTED = time.perf_counter()
 """When the CLI imported this module: the origin of the time-to-first-paint figure in the log."""
 
 
-def _run_console(link: object, *, read_only: bool, theme: str | None, settings: "Settings | None" = None) -> None:
+def _run_console(link: object, *, read_only: bool, theme: str | None, settings: Settings | None = None) -> None:
     """Run the app on ``link``. A ``--theme`` typed on the command line must exist (exit 2 naming
     the available ones); an unknown ``ui.theme`` in the settings only falls back with a notice."""
     if theme is not None:
@@ -32,9 +32,14 @@ def _run_console(link: object, *, read_only: bool, theme: str | None, settings: 
     from xswarm_tui.app import XswarmApp
 
     settings = settings or load()
-    app = XswarmApp(link, read_only=read_only, theme=theme or settings.ui.theme,  # type: ignore[arg-type]
-                    poll_interval_s=settings.ui.poll_interval_s, reveal_callers=settings.ui.reveal_callers,
-                    started_at=_STARTED)
+    app = XswarmApp(
+        link,
+        read_only=read_only,
+        theme=theme or settings.ui.theme,  # type: ignore[arg-type]
+        poll_interval_s=settings.ui.poll_interval_s,
+        reveal_callers=settings.ui.reveal_callers,
+        started_at=_STARTED,
+    )
     try:
         app.run()
     finally:
@@ -76,8 +81,12 @@ def register(app: typer.Typer) -> None:
     @app.command("attach")
     def attach(
         url: str = typer.Argument(..., help="Supervisor socket, e.g. ws://127.0.0.1:9999"),
-        token: str = typer.Option(..., "--token", envvar="XSWARM_SUPERVISOR_TOKEN",
-                                  help="Operator token (may act) or monitor token (watch only)."),
+        token: str = typer.Option(
+            ...,
+            "--token",
+            envvar="XSWARM_SUPERVISOR_TOKEN",
+            help="Operator token (may act) or monitor token (watch only).",
+        ),
         read_only: bool = typer.Option(False, "--read-only", help="Hide every key that acts on a call."),
         theme: str | None = typer.Option(None, "--theme", help="Theme name from themes/."),
     ) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import typer
@@ -23,10 +23,10 @@ app.add_typer(keys, name="key")
 def _when(ms: int | None) -> str:
     if ms is None:
         return "—"
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def _find(db: "Database", ref: str) -> "User":
+def _find(db: Database, ref: str) -> User:
     from engine.store.users import lookup
 
     user = lookup(db, ref)
@@ -51,7 +51,9 @@ def add(
             user = create_user(db, name=name, phone=phone, email=email, tier=tier)
         except ValueError as exc:
             fail(str(exc), EXIT_BAD_INPUT)
-    typer.echo(json.dumps(dataclasses.asdict(user)) if as_json else f"created user {user.id} ({user.name}, {user.tier})")
+    typer.echo(
+        json.dumps(dataclasses.asdict(user)) if as_json else f"created user {user.id} ({user.name}, {user.tier})"
+    )
 
 
 @app.command("list")
@@ -82,7 +84,9 @@ def list_(
 
 
 @app.command()
-def show(user: str = typer.Argument(..., help="Id, phone or email."), as_json: bool = typer.Option(False, "--json")) -> None:
+def show(
+    user: str = typer.Argument(..., help="Id, phone or email."), as_json: bool = typer.Option(False, "--json")
+) -> None:
     """One user with their API keys (prefixes only)."""
     from engine.store.users import list_api_keys
 
@@ -118,7 +122,9 @@ def set_tier(user: str = typer.Argument(..., help="Id, phone or email."), tier: 
 @app.command("consent")
 def consent(
     user: str = typer.Argument(..., help="Id, phone or email."),
-    recording: bool = typer.Option(..., "--recording/--no-recording", help="The user agreed to call recording (or withdrew)."),
+    recording: bool = typer.Option(
+        ..., "--recording/--no-recording", help="The user agreed to call recording (or withdrew)."
+    ),
 ) -> None:
     """Record whether a user consented to call recording (recordings also need recording.enabled)."""
     from engine.store import users

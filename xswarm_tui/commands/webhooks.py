@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +21,9 @@ app = typer.Typer(help="Twilio, SendGrid and Stripe webhooks and the identity AP
 def serve(
     host: str = typer.Option(None, "--host", help="Address to bind (default: server.host, 127.0.0.1)."),
     port: int = typer.Option(None, "--port", help="Port (default: server.webhooks_port, 8787; 0 picks a free one)."),
-    rate_limit: float = typer.Option(500.0, "--rate-limit", help="Requests per second per source and route group (0: off)."),
+    rate_limit: float = typer.Option(
+        500.0, "--rate-limit", help="Requests per second per source and route group (0: off)."
+    ),
     workers: int = typer.Option(
         1, "--workers", min=1, max=64, help="Server processes sharing the port (Linux; one core each at full load)."
     ),
@@ -33,7 +35,8 @@ def serve(
     from engine.events import EventBus
     from engine.logging_setup import configure
     from webhooks.limits import RateLimit
-    from webhooks.server import WebhooksServer, quiet_gc, run as run_server
+    from webhooks.server import WebhooksServer, quiet_gc
+    from webhooks.server import run as run_server
 
     if rate_limit < 0:
         fail("--rate-limit must be 0 or more", EXIT_BAD_INPUT)
@@ -43,14 +46,18 @@ def serve(
     bind_port = settings.server.webhooks_port if port is None else port
     limit = RateLimit(rate_limit, rate_limit * 2) if rate_limit else None
     if not settings.server.public_url:
-        typer.echo("warning: XSWARM_PUBLIC_URL is not set; Twilio signatures are checked against the Host header", err=True)
+        typer.echo(
+            "warning: XSWARM_PUBLIC_URL is not set; Twilio signatures are checked against the Host header", err=True
+        )
     if workers > 1:
         _serve_workers(bind_host, bind_port, workers, limit, log_file)
         return
 
     async def run() -> None:
         with database(settings) as db:
-            server = WebhooksServer(settings, db, EventBus(), rate_limit=limit, inline_reads=True)  # the loop is ours alone
+            server = WebhooksServer(
+                settings, db, EventBus(), rate_limit=limit, inline_reads=True
+            )  # the loop is ours alone
             try:
                 await server.start(bind_host, bind_port)
             except OSError as exc:
@@ -67,7 +74,7 @@ def serve(
     run_server(run())  # uvloop where installed
 
 
-def _serve_workers(host: str, port: int, count: int, limit: "RateLimit | None", log_file: Path) -> None:
+def _serve_workers(host: str, port: int, count: int, limit: RateLimit | None, log_file: Path) -> None:
     """``--workers N``: migrate once here, then N worker processes on one port."""
     import signal
     import threading
@@ -94,7 +101,7 @@ def _serve_workers(host: str, port: int, count: int, limit: "RateLimit | None", 
 def _when(ms: int | None) -> str:
     if ms is None:
         return "—"
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 @app.command()
@@ -113,11 +120,24 @@ def inbox(
     with database() as db:
         rows = store.list_rows(db, status=wanted, limit=limit)  # type: ignore[arg-type]
     if as_json:
-        typer.echo(json.dumps([
-            {"id": r.key, "provider": r.provider, "event_id": r.event_id, "type": r.event_type, "status": r.status,
-             "attempts": r.attempts, "received_at": r.received_at, "next_attempt_at": r.next_attempt_at,
-             "last_error": r.last_error} for r in rows
-        ]))
+        typer.echo(
+            json.dumps(
+                [
+                    {
+                        "id": r.key,
+                        "provider": r.provider,
+                        "event_id": r.event_id,
+                        "type": r.event_type,
+                        "status": r.status,
+                        "attempts": r.attempts,
+                        "received_at": r.received_at,
+                        "next_attempt_at": r.next_attempt_at,
+                        "last_error": r.last_error,
+                    }
+                    for r in rows
+                ]
+            )
+        )
         return
     if not rows:
         typer.echo("no events" + (f" with status {wanted}" if wanted else ""))

@@ -83,7 +83,7 @@ class CallDetailScreen(Screen[None]):
             self.query_one(f"#spark-{key}", Sparkline).data = series
         log = self.query_one("#transcript", RichLog)
         pieces = list(call.transcript)
-        for speaker, piece in pieces[self._transcript_seen:]:
+        for speaker, piece in pieces[self._transcript_seen :]:
             log.write(Text(piece, style=c.get("level-ai" if speaker == "ai" else "level-caller", "")), scroll_end=True)
         self._transcript_seen = len(pieces)
         self.query_one("#actions", Static).update("\n".join(call.actions) or "none yet")

@@ -12,6 +12,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import Footer, Header, RichLog
 
+
 class LogMirror:
     """Keeps the newest formatted records for the log screen and wakes the app.
 

@@ -30,8 +30,15 @@ class UsersScreen(Screen[None]):
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
         table.border_title = "Users (this month)"
-        for key, label in (("id", "User"), ("name", "Name"), ("tier", "Tier"), ("phone", "Phone"),
-                           ("voice", "Voice min"), ("sms", "SMS"), ("email", "Email")):
+        for key, label in (
+            ("id", "User"),
+            ("name", "Name"),
+            ("tier", "Tier"),
+            ("phone", "Phone"),
+            ("voice", "Voice min"),
+            ("sms", "SMS"),
+            ("email", "Email"),
+        ):
             table.add_column(label, key=key)
         self.action_reload()
 
@@ -59,5 +66,6 @@ class UsersScreen(Screen[None]):
         status.update(f"{len(rows)} users")
         table.clear()
         for r in rows:
-            table.add_row(r.user_id, r.name, r.tier, r.phone or "—", f"{r.voice_minutes:.1f}", r.sms, r.email,
-                          key=r.user_id)
+            table.add_row(
+                r.user_id, r.name, r.tier, r.phone or "—", f"{r.voice_minutes:.1f}", r.sms, r.email, key=r.user_id
+            )

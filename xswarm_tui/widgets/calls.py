@@ -12,9 +12,16 @@ from xswarm_tui.state import CallView, ConsoleState, mask_caller
 from xswarm_tui.widgets.format import bar, duration, level_fraction, ms
 
 COLUMNS = (
-    ("call", "Call"), ("caller", "Caller"), ("user", "User"), ("theme", "Theme"),
-    ("duration", "Duration"), ("mode", "Mode"), ("bal", "BAL p50"), ("lag", "Playout lag"),
-    ("late", "Late"), ("levels", "Caller │ AI"),
+    ("call", "Call"),
+    ("caller", "Caller"),
+    ("user", "User"),
+    ("theme", "Theme"),
+    ("duration", "Duration"),
+    ("mode", "Mode"),
+    ("bal", "BAL p50"),
+    ("lag", "Playout lag"),
+    ("late", "Late"),
+    ("levels", "Caller │ AI"),
 )
 SORTS: dict[str, tuple[str, Callable[[CallView], object], bool]] = {
     "started": ("oldest first", lambda c: c.started_at, False),
@@ -132,7 +139,9 @@ class CallBoard(DataTable):
         mode = {"ai": "AI", "operator": f"OPERATOR {call.operator or ''}".strip(), "muted": "MUTED"}[call.mode]
         if call.listeners:
             mode += f" ◉{call.listeners}"
-        caller = "local mic" if call.source == "local" else (call.caller or "—") if self.reveal else mask_caller(call.caller)
+        caller = (
+            "local mic" if call.source == "local" else (call.caller or "—") if self.reveal else mask_caller(call.caller)
+        )
         levels = Text.assemble(
             (bar(level_fraction(call.in_level), LEVEL_WIDTH), colours.get("level-caller", "")),
             "│",

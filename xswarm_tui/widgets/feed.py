@@ -11,9 +11,15 @@ from textual.widgets import DataTable
 from xswarm_tui.state import FEED_SIZE, ConsoleState, FeedItem
 
 CATEGORY_COLOURS = {
-    "payment": "event-money", "sms": "event-message", "email": "event-message",
-    "user": "event-money", "error": "event-error", "webhook": "event-message",
-    "call": "call-live", "supervisor": "call-operator", "model": "gpu",
+    "payment": "event-money",
+    "sms": "event-message",
+    "email": "event-message",
+    "user": "event-money",
+    "error": "event-error",
+    "webhook": "event-message",
+    "call": "call-live",
+    "supervisor": "call-operator",
+    "model": "gpu",
 }
 
 
@@ -64,8 +70,12 @@ class EventsFeed(DataTable):
     def _add(self, item: FeedItem, colours: dict[str, str]) -> None:
         style = colours.get(CATEGORY_COLOURS.get(item.category, ""), "")
         # Text, not str: event text carries outside input (SMS summaries, names) that must not be markup.
-        self.add_row(Text(time.strftime("%H:%M:%S", time.localtime(item.at))), Text(item.category, style=style),
-                     Text(item.text), key=str(item.seq))
+        self.add_row(
+            Text(time.strftime("%H:%M:%S", time.localtime(item.at))),
+            Text(item.category, style=style),
+            Text(item.text),
+            key=str(item.seq),
+        )
         self._shown.append(item.seq)
 
     def _title(self) -> None:
