@@ -13,7 +13,6 @@ socket can send them as they are and the TUI can show them without knowing the p
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -34,6 +33,7 @@ from engine.events import (
     Unmute,
     Whisper,
 )
+from engine.phone import E164
 from engine.telephony import twilio_rest
 
 if TYPE_CHECKING:
@@ -61,7 +61,6 @@ ACTIONS: dict[type[Command], str] = {
 MONITOR_ACTIONS = frozenset({"listen", "unlisten"})
 """What the read-only role may do: watching and listening change nothing on the call."""
 
-_E164 = re.compile(r"^\+[1-9]\d{6,14}$")
 TRANSFER_TIMEOUT_S = 10.0
 
 
@@ -193,7 +192,7 @@ class CallControl:
         media stream, and the bridge ends the call here)."""
         tw = self.runtime.settings.twilio
         number = tw.transfer_number
-        if not number or not _E164.match(number):
+        if not number or not E164.fullmatch(number):
             raise ControlError("unavailable", "no valid twilio.transfer_number (E.164) is configured")
         if call.source != "twilio":
             raise ControlError("unavailable", f"a {call.source} call cannot be transferred")
