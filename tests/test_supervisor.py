@@ -50,7 +50,7 @@ from engine.store import audit
 from engine.store.migrations import open_database
 from engine.supervisor import protocol as p
 from engine.supervisor import server as server_mod
-from engine.supervisor.auth import TOKEN_FILE, load_tokens, token_file
+from engine.supervisor.auth import TOKEN_FILE, Authenticator, Tokens, load_tokens, token_file
 from engine.supervisor.client import AuthError, CommandError, Snapshot, SupervisorClient
 from engine.supervisor.server import SupervisorServer
 
@@ -221,25 +221,66 @@ async def test_auth_message_gets_snapshot_first(rig) -> None:
     assert [c["call_id"] for c in first["calls"]] == ["CA1"]
 
 
-async def test_failures_are_rate_limited(rig) -> None:
+async def test_five_wrong_tokens_never_lock_out_the_operator(rig) -> None:
+    """Contract (issue 13): after five wrong tokens from 127.0.0.1 the valid operator token
+    still connects. Behind a tunnel every console is 127.0.0.1, so a lockout per address alone
+    let anyone lock the operator out."""
     runtime, server, url = rig
     for _ in range(5):
         with pytest.raises(InvalidStatus) as info:
             async with connect(url, additional_headers={"Authorization": "Bearer guess"}):
                 pass
         assert info.value.response.status_code == 401
-    with pytest.raises(InvalidStatus) as info:  # even the right token, while the window lasts
-        async with connect(url, additional_headers={"Authorization": f"Bearer {OPERATOR}"}):
+    async with connect(url, additional_headers={"Authorization": f"Bearer {OPERATOR}"}) as ws:
+        first = json.loads(await asyncio.wait_for(ws.recv(), 3))
+        assert first["you"]["role"] == "operator"
+    async with connect(url) as ws:  # and through the auth message
+        await ws.send(json.dumps({"v": 1, "type": "auth", "token": OPERATOR}))
+        assert json.loads(await asyncio.wait_for(ws.recv(), 3))["you"]["role"] == "operator"
+
+
+async def test_a_repeated_wrong_token_is_rate_limited(rig) -> None:
+    runtime, server, url = rig
+    for _ in range(5):
+        with pytest.raises(InvalidStatus) as info:
+            async with connect(url, additional_headers={"Authorization": "Bearer guess"}):
+                pass
+        assert info.value.response.status_code == 401
+    with pytest.raises(InvalidStatus) as info:  # the same wrong token, while the window lasts
+        async with connect(url, additional_headers={"Authorization": "Bearer guess"}):
             pass
     assert info.value.response.status_code == 429
     async with connect(url) as ws:  # the auth message is refused the same way
-        await ws.send(json.dumps({"v": 1, "type": "auth", "token": OPERATOR}))
+        await ws.send(json.dumps({"v": 1, "type": "auth", "token": "guess"}))
         with pytest.raises(ConnectionClosed):
             await asyncio.wait_for(ws.recv(), 3)
         assert ws.close_code == p.CLOSE_RATE_LIMITED
     _, _, body = await http_get(server.port, "/metrics")
     assert 'xswarm_supervisor_auth_failures_total{reason="rate_limited"} 2.0' in body
     assert 'xswarm_supervisor_auth_failures_total{reason="bad_token"} 5.0' in body
+
+
+def test_a_monitor_login_does_not_reset_the_failure_count() -> None:
+    """Issue 13: any successful login cleared the count, so a monitor could guess the operator
+    token without limit by logging in between guesses."""
+    auth = Authenticator(Tokens(OPERATOR, MONITOR, {}), max_failures=5, window_s=60, max_total_failures=1000)
+    for _ in range(5):
+        assert auth.check("10.0.0.9", "operator-guess", now=1.0) == (None, "bad_token")
+        assert auth.check("10.0.0.9", MONITOR, now=1.0) == ("monitor", None)
+    assert auth.check("10.0.0.9", "operator-guess", now=1.0) == (None, "rate_limited")
+    assert auth.check("10.0.0.9", OPERATOR, now=1.0) == ("operator", None)
+    assert auth.check("10.0.0.9", "operator-guess", now=62.0) == (None, "bad_token")  # the window moved on
+
+
+def test_failures_have_a_global_cap() -> None:
+    """Guesses spread over many tokens and addresses: past the cap every failure is answered
+    429 (and no longer audited one by one), while the real tokens still get in."""
+    auth = Authenticator(Tokens(OPERATOR, MONITOR, {}), max_failures=5, window_s=60, max_total_failures=20)
+    for i in range(20):
+        assert auth.check(f"10.0.0.{i}", f"guess-{i}", now=1.0) == (None, "bad_token")
+    assert auth.check("10.9.9.9", "fresh-guess", now=1.0) == (None, "rate_limited")
+    assert auth.check("10.9.9.9", OPERATOR, now=1.0) == ("operator", None)
+    assert auth.check("10.9.9.9", None, now=1.0) == (None, "rate_limited")
 
 
 def test_tokens_generated_once_with_0600(xswarm_home: Path) -> None:

@@ -6,12 +6,14 @@ TOML file), else ``<config>/supervisor-tokens.json``, which is created at first 
 fresh random tokens and mode 0600. The server never logs a token; ``xswarm supervisor token``
 prints one only when asked.
 
-Failed attempts are limited per client address (a sliding window), so a token cannot be
-guessed online, and every failure is written to ``audit_log`` by the caller.
+Failures are counted per (client address, token fingerprint) and in total (``Authenticator``);
+valid tokens are always admitted. Every counted failure is written to ``audit_log`` by the
+caller.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -116,14 +118,31 @@ def bearer(header: str | None) -> str | None:
     return value.strip()
 
 
-class Authenticator:
-    """Checks tokens in constant time and limits failures per client address."""
+Refusal = Literal["bad_token", "missing_token", "rate_limited"]
 
-    def __init__(self, tokens: Tokens, *, max_failures: int = 5, window_s: float = 60.0) -> None:
+
+class Authenticator:
+    """Checks tokens in constant time; counts failures per (client address, token fingerprint)
+    and in total.
+
+    Why this shape: behind an SSH tunnel or a proxy every console connects from 127.0.0.1, so
+    a lockout per address let five wrong tokens lock the real operator out. A valid token is
+    therefore always admitted, and a success never clears anyone's failure count (that let a
+    monitor guess the operator token between its own logins). What the lockout bounds is the
+    cost of failures: the same wrong token from the same address past ``max_failures`` in
+    ``window_s``, or any failure past ``max_total_failures`` in the window, is answered 429
+    at once, without an audit row. Guessing itself is bounded by the tokens' length (random
+    256-bit tokens; configured ones at least 16 characters), not by the lockout."""
+
+    def __init__(
+        self, tokens: Tokens, *, max_failures: int = 5, window_s: float = 60.0, max_total_failures: int = 100
+    ) -> None:
         self._tokens = {role: getattr(tokens, role).encode() for role in ROLES}
         self.max_failures = max_failures
         self.window_s = window_s
-        self._failures: dict[str, deque[float]] = {}
+        self.max_total_failures = max_total_failures
+        self._failures: dict[tuple[str, str], deque[float]] = {}
+        self._all_failures: deque[float] = deque()
 
     def role_of(self, token: str | None) -> Role | None:
         """The role a token grants, or None. Both tokens are always compared, so the time taken
@@ -135,25 +154,38 @@ class Authenticator:
                 found = role
         return found
 
-    def blocked(self, address: str, now: float | None = None) -> bool:
-        """True while ``address`` has used up its failures in the current window."""
-        times = self._failures.get(address)
+    def check(self, address: str, token: str | None, now: float | None = None) -> tuple[Role | None, Refusal | None]:
+        """``(role, None)`` for a valid token, else ``(None, why)``; counts the failure."""
+        role = self.role_of(token)
+        if role is not None:
+            return role, None
+        moment = time.monotonic() if now is None else now
+        key = (address, _fingerprint(token))
+        if self._blocked(key, moment):
+            return None, "rate_limited"
+        self._failures.setdefault(key, deque()).append(moment)
+        self._all_failures.append(moment)
+        if len(self._failures) > 10_000:  # a scan from many addresses must not grow memory forever
+            oldest = min(self._failures, key=lambda k: self._failures[k][-1])
+            del self._failures[oldest]
+        return None, "missing_token" if not token else "bad_token"
+
+    def _blocked(self, key: tuple[str, str], now: float) -> bool:
+        while self._all_failures and now - self._all_failures[0] > self.window_s:
+            self._all_failures.popleft()
+        if len(self._all_failures) >= self.max_total_failures:
+            return True
+        times = self._failures.get(key)
         if not times:
             return False
-        now = time.monotonic() if now is None else now
         while times and now - times[0] > self.window_s:
             times.popleft()
         if not times:
-            del self._failures[address]
+            del self._failures[key]
             return False
         return len(times) >= self.max_failures
 
-    def failed(self, address: str, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
-        self._failures.setdefault(address, deque()).append(now)
-        if len(self._failures) > 10_000:  # a scan from many addresses must not grow memory forever
-            oldest = min(self._failures, key=lambda a: self._failures[a][-1])
-            del self._failures[oldest]
 
-    def succeeded(self, address: str) -> None:
-        self._failures.pop(address, None)
+def _fingerprint(token: str | None) -> str:
+    """Enough of the token's hash to tell repeated guesses apart, never the token itself."""
+    return hashlib.sha256((token or "").encode()).hexdigest()[:16]

@@ -50,7 +50,7 @@ from engine.events import (
 )
 from engine.store import feed
 from engine.supervisor import protocol as p
-from engine.supervisor.auth import Authenticator, Role, bearer, load_tokens
+from engine.supervisor.auth import Authenticator, Refusal, Role, bearer, load_tokens
 
 if TYPE_CHECKING:
     from engine.runtime import Runtime
@@ -241,9 +241,9 @@ class SupervisorServer:
         token = bearer(request.headers.get("Authorization"))
         if token is None:
             return None  # the client may still authenticate with its first message
-        blocked = self._auth is not None and self._auth.blocked(address)
-        role = self._check(address, token)
+        role, refused = self._check(address, token)
         if role is None:
+            blocked = refused == "rate_limited"
             return conn.respond(429 if blocked else 401, "too many failed attempts\n" if blocked else "invalid token\n")
         self._header_roles[conn] = (role, _name(request.headers.get("X-Xswarm-Name")) or role)
         return None
@@ -259,24 +259,17 @@ class SupervisorServer:
             "uptime_s": round(time.time() - self.runtime.started_at, 1),
         }
 
-    def _check(self, address: str, token: str | None) -> Role | None:
-        """Role for a token, counting (and auditing) failures; None when refused."""
+    def _check(self, address: str, token: str | None) -> tuple[Role | None, Refusal | None]:
+        """Role for a token, counting (and auditing) failures; ``(None, why)`` when refused."""
         assert self._auth is not None
-        if self._auth.blocked(address):
+        role, refused = self._auth.check(address, token)
+        if refused is not None:
             if self.metrics is not None:
-                self.metrics.auth_failures.labels(reason="rate_limited").inc()
-            return None
-        role = self._auth.role_of(token)
-        if role is None:
-            self._auth.failed(address)
-            reason = "missing_token" if not token else "bad_token"
-            if self.metrics is not None:
-                self.metrics.auth_failures.labels(reason=reason).inc()
-            self._audit_login(address, None, f"error: {reason.replace('_', ' ')}")
-            log.warning("supervisor login from %s refused: %s", address, reason)
-            return None
-        self._auth.succeeded(address)
-        return role
+                self.metrics.auth_failures.labels(reason=refused).inc()
+            if refused != "rate_limited":  # the rate limit is there to bound these rows
+                self._audit_login(address, None, f"error: {refused.replace('_', ' ')}")
+                log.warning("supervisor login from %s refused: %s", address, refused)
+        return role, refused
 
     def _audit_login(self, address: str, actor: str | None, result: str, role: str | None = None) -> None:
         db = self.runtime.db
@@ -338,11 +331,10 @@ class SupervisorServer:
             request = p.parse_request(raw)
             if request.type == p.AUTH:
                 token = request.body.get("token") if request.body else None
-                blocked = self._auth is not None and self._auth.blocked(address)
-                role = self._check(address, token if isinstance(token, str) else None)
+                role, refused = self._check(address, token if isinstance(token, str) else None)
                 if role is not None:
                     return role, _name((request.body or {}).get("name")) or role
-                reason = "rate limited" if blocked else "invalid token"
+                reason = "rate limited" if refused == "rate_limited" else "invalid token"
             else:
                 self._check(address, None)
         except TimeoutError:
