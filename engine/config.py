@@ -50,9 +50,12 @@ class ServerSettings(_Section):
     supervisor_port: int = Field(9999, ge=0, le=65535)
     """Supervisor WebSocket, /health and /metrics (0 turns it off)."""
     webhooks_port: int = Field(8787, ge=0, le=65535)
-    """Webhooks HTTP server inside `xswarm`/`xswarm serve` (0 turns it off)."""
+    """Webhooks HTTP server of `xswarm`/`xswarm serve`, in child processes (0 turns it off)."""
     webhooks_enabled: bool = False
-    """Embed the webhooks app in the runtime (it is always available as `xswarm webhooks serve`)."""
+    """Run the webhooks with the node (child processes; always available as `xswarm webhooks serve`)."""
+    webhooks_workers: int = Field(1, ge=1, le=64)
+    """Webhook server processes a node runs (``xswarm serve``, the console); never in the
+    real-time process itself."""
     public_url: str | None = None
     """Public https base URL Twilio calls for webhooks; signatures are checked against it."""
     bridge_public_url: str | None = None

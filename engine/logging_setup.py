@@ -15,6 +15,7 @@ import os
 import re
 import threading
 from collections.abc import Callable
+from multiprocessing.queues import Queue as MPQueue
 from pathlib import Path
 from queue import Queue
 
@@ -66,7 +67,7 @@ def configure(paths: Paths | None = None) -> Path:
     return path
 
 
-def forward_to(records: Queue[logging.LogRecord]) -> None:
+def forward_to(records: Queue[logging.LogRecord] | MPQueue[logging.LogRecord]) -> None:
     """In a worker process: hand every record to the parent instead of opening the file.
 
     Why: several processes rotating one file lose lines (each renames the file under the
@@ -79,14 +80,20 @@ def forward_to(records: Queue[logging.LogRecord]) -> None:
     logging.getLogger().addHandler(handler)
 
 
-def listen(records: Queue[logging.LogRecord]) -> logging.handlers.QueueListener:
-    """In the parent, after ``configure``: write the workers' records to the file (started;
-    ``stop()`` it after the workers have exited)."""
-    if _file_handler is None:
-        raise RuntimeError("configure() first")
-    listener = logging.handlers.QueueListener(records, _file_handler, respect_handler_level=True)
+def listen(records: Queue[logging.LogRecord] | MPQueue[logging.LogRecord]) -> logging.handlers.QueueListener:
+    """In the parent: hand the workers' records to this process's own loggers (started;
+    ``stop()`` it after the workers have exited). They reach whatever this process logs to:
+    the file after ``configure``, and the console's log view through ``add_mirror``."""
+    listener = logging.handlers.QueueListener(records, _Dispatch())
     listener.start()
     return listener
+
+
+class _Dispatch(logging.Handler):
+    """Passes a record from another process to the logger it was made for, here."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger(record.name).handle(record)
 
 
 class _Mirror(logging.Handler):

@@ -2,7 +2,8 @@
 
 `xswarm serve` runs it alone; the TUI runs the very same object in the background and only
 consumes its bus and its ``snapshot``. Start order: database (migrated) and the feed recorder
--> system sampler -> scheduler tick -> bridge / supervisor / webhooks servers -> model load on
+-> system sampler -> scheduler tick -> bridge / supervisor servers -> webhook child processes
+(never on this loop: ``_start_webhooks``) -> model load on
 the inference thread (it may take minutes, so it never holds up the servers: calls are refused
 with "model not ready" until it is done, and ``ModelStatusChanged`` events report progress) ->
 node heartbeat.
@@ -121,6 +122,8 @@ class Runtime:
         self._thread.start()
         try:
             self.call_soon(self._astart()).result(timeout=60)
+            if self._want["webhooks"]:
+                self._start_webhooks()
         except BaseException:
             self.stop()
             raise
@@ -137,6 +140,8 @@ class Runtime:
         if self._stopped:
             return
         self._stopped = True
+        if self.webhooks is not None:
+            self.webhooks.stop()  # first: no new call is admitted while the calls close
         if self._thread is not None and self._thread.is_alive():
             try:
                 self.call_soon(self._astop()).result(timeout=20)
@@ -175,14 +180,6 @@ class Runtime:
             self.supervisor = SupervisorServer(self)
             await self.supervisor.start(host, self._want["supervisor"])
             self.supervisor_port = self.supervisor.port
-        if self._want["webhooks"]:
-            from webhooks.server import WebhooksServer
-
-            self.webhooks = WebhooksServer(
-                self.settings, self.db, self.bus, record_feed=False
-            )  # our recorder writes them
-            await self.webhooks.start(host, self._want["webhooks"])
-            self.webhooks_port = self.webhooks.port
         from engine.storage.service import StorageService
 
         self.storage = StorageService(self)
@@ -190,11 +187,29 @@ class Runtime:
         self._begin_model_load()
         self._heartbeat = self.loop.create_task(self._heartbeat_loop(), name="xswarm-heartbeat")
 
+    def _start_webhooks(self) -> None:
+        """The webhooks run in child processes (``webhooks.workers``), never on this process's
+        loop: hostile HTTP must not share the voice tick's loop and GIL. Their events come back
+        to this bus (our recorder writes them to the feed), their log lines to our log; a
+        child that exits is restarted; they stop with the node."""
+        from webhooks.limits import DEFAULT_RATE_LIMIT
+        from webhooks.workers import WebhookProcesses, WorkerPlan
+
+        server = self.settings.server
+        plan = WorkerPlan(
+            server.host, self._want["webhooks"], server.webhooks_workers, DEFAULT_RATE_LIMIT, settings=self.settings
+        )
+        self.webhooks = WebhookProcesses(plan, bus=self.bus)
+        self.webhooks_port = self.webhooks.start()
+        self.webhooks.watch_in_background(
+            lambda exc: self.bus.publish(events.ErrorRaised(source="webhooks", message=str(exc)))
+        )
+
     async def _astop(self) -> None:
         await cancel_and_wait(self._heartbeat)
         self._heartbeat = None
         await self._close_calls("node shutting down")
-        for server in (self.bridge, self.supervisor, self.webhooks, self.storage):
+        for server in (self.bridge, self.supervisor, self.storage):
             if server is not None:
                 try:
                     await server.stop()
@@ -219,7 +234,7 @@ class Runtime:
         except TimeoutError:
             log.warning("closing %d live calls took over %.0f s; the rest were left open", len(sessions), CLOSE_CALLS_S)
             results = [None] * len(sessions)
-        for session, result in zip(sessions, results):
+        for session, result in zip(sessions, results, strict=True):
             if isinstance(result, BaseException):
                 log.error("could not close %s: %s", session.call_id, result)
             self.calls.finish(session, reason)

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from webhooks_support import PUBLIC_URL, TWILIO_TOKEN, twilio_post
 
 from engine import events
 from engine.bridge.local_audio import LocalAudioError
@@ -110,23 +111,24 @@ def test_supervisor_and_webhooks_start_with_the_runtime() -> None:
 
 def test_events_land_in_the_feed_once_samples_do_not_and_the_system_is_sampled(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XSWARM_UI__POLL_INTERVAL_S", "0.1")
+    monkeypatch.setenv("TWILIO_AUTH_TOKEN", TWILIO_TOKEN)
+    monkeypatch.setenv("XSWARM_PUBLIC_URL", PUBLIC_URL)
     runtime, seen = started(webhooks_port=free_port())
     try:
         wait(lambda: runtime.model is not None)
         wait(lambda: any(isinstance(e, events.SystemSampled) for e in seen))
         sample = next(e for e in seen if isinstance(e, events.SystemSampled))
         assert sample.ram_total_bytes > 0 and (sample.gpus or sample.gpu_reason)
-        assert runtime.webhooks.hub.record_feed is False  # the runtime's recorder writes webhook events
-
-        async def webhook() -> None:  # what a route does with an event it wants in the feed
-            runtime.webhooks.hub.publish(
-                events.WebhookReceived(
-                    provider="stripe", event_type="invoice.paid", summary="invoice paid", user_id="u-1"
-                ),
-                to_feed=True,
-            )
-
-        runtime.call_soon(webhook()).result(timeout=5)
+        # a real webhook, answered in the child process: its events reach this bus and the
+        # runtime's recorder writes them (the child writes no feed rows of its own)
+        body, headers = twilio_post({"CallSid": "CA-feed", "From": "+15550009999"}, "/twilio/voice")
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{runtime.webhooks_port}/twilio/voice", data=body, headers=headers
+        )
+        assert b"registered users" in urllib.request.urlopen(request, timeout=10).read()
+        wait(lambda: any(isinstance(e, events.WebhookReceived) for e in seen))
+        hook = next(e for e in seen if isinstance(e, events.WebhookReceived))
+        assert hook.provider == "twilio-voice" and hook.event_type == "call"
         assert runtime.db is not None
         busy = runtime.db.submit(
             "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3000000) SELECT count(*) FROM c"
@@ -143,9 +145,9 @@ def test_events_land_in_the_feed_once_samples_do_not_and_the_system_is_sampled(m
     with Database.from_settings(load_settings()) as check:
         rows = feed.recent(check, 1000)
     types = [r.type for r in rows]
-    assert types.count("WebhookReceived") == 1 and types.count("CallRefused") == 1
-    hook = next(r for r in rows if r.type == "WebhookReceived")
-    assert hook.user_id == "u-1" and hook.payload and hook.payload["event_type"] == "invoice.paid"
+    assert types.count("WebhookReceived") == 1 and types.count("CallRefused") == 2  # the child's, then ours
+    row = next(r for r in rows if r.type == "WebhookReceived")
+    assert row.payload and row.payload["event_type"] == "call"
     assert not {"SystemSampled", "TickSampled", "LatencySampled"} & set(types)
     states = [r.payload["state"] for r in rows if r.type == "ModelStatusChanged" and r.payload]
     assert states == ["ready"]  # the outcome, not every step of the load

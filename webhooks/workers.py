@@ -1,6 +1,14 @@
-"""``xswarm webhooks serve --workers N``: N server processes sharing one port.
+"""Webhook server processes: ``xswarm webhooks serve --workers N``, and the webhooks of
+``xswarm serve`` and the console (``WebhookProcesses``).
 
-Why: one server process is one event loop and one GIL, so it tops out near one core; on the
+Why a node runs its webhooks in child processes: the real-time process (bridge, scheduler,
+model, supervisor) must never parse webhook HTTP. Sharing its event loop and GIL, five
+unsigned 100,000-field POSTs cost a live call ~2 s of audio; in a child they cost that child
+alone. The child sends every event it publishes to the node's bus (so the console, the
+supervisors, the metrics and the feed see them as before), and its log records to the node's
+log.
+
+Why several: one server process is one event loop and one GIL, so it tops out near one core; on the
 2-core box signed SMS went from ~2,700/s with one worker to ~3,700/s with two
 (benchmarks/webhooks.py --workers 2, benchmarks/results/webhooks_2core_quiet.json).
 
@@ -27,10 +35,13 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.context import SpawnProcess
 from multiprocessing.queues import Queue
+from typing import Any
 
+from engine.config import Settings
+from engine.events import Event, EventBus, WireError, from_wire
 from webhooks.limits import RateLimit
 
 log = logging.getLogger("xswarm.webhooks.workers")
@@ -55,6 +66,11 @@ class WorkerPlan:
     port: int
     count: int
     rate_limit: RateLimit | None
+    settings: Settings | None = None
+    """The parent's settings; None: each worker loads them (env and config file), as the CLI does."""
+    forward_events: bool = False
+    """Send every event to the parent's bus (``WebhookProcesses(bus=...)``), which records
+    them in the feed; the workers then write no feed rows of their own."""
 
     def share(self) -> RateLimit | None:
         """One worker's part of the rate limit."""
@@ -89,6 +105,7 @@ class Workers:
         self.plan = plan
         self._ctx = multiprocessing.get_context("spawn")  # a clean interpreter: no inherited threads or loops
         self.records: Queue[logging.LogRecord] = self._ctx.Queue()
+        self.events: Queue[dict[str, Any] | None] = self._ctx.Queue()
         self._ready: Queue[tuple[int, str]] = self._ctx.Queue()
         self._procs: dict[int, SpawnProcess] = {}
         self._started_at: dict[int, float] = {}
@@ -141,7 +158,7 @@ class Workers:
     def _spawn(self, index: int) -> None:
         proc = self._ctx.Process(
             target=_worker_main,
-            args=(index, self.plan, self.records, self._ready),
+            args=(index, self.plan, self.records, self._ready, self.events),
             name=f"xswarm-webhooks-{index + 1}",
             daemon=True,  # never outlive the parent
         )
@@ -157,13 +174,14 @@ class Workers:
             except queue.Empty:
                 dead = [i for i in waiting if not self._procs[i].is_alive()]
                 if dead:
+                    code = self._procs[dead[0]].exitcode
                     raise WorkersError(
-                        f"worker {dead[0] + 1} exited during start-up (code {self._procs[dead[0]].exitcode}); see the log"
-                    )
+                        f"worker {dead[0] + 1} exited during start-up (code {code}); see the log"
+                    ) from None
                 if time.monotonic() > deadline:
                     raise WorkersError(
                         f"workers {sorted(i + 1 for i in waiting)} did not start within {START_TIMEOUT_S:.0f} s"
-                    )
+                    ) from None
                 continue
             if index not in waiting:
                 continue  # not one we are waiting for (cannot happen: a worker reports once)
@@ -173,7 +191,11 @@ class Workers:
 
 
 def _worker_main(
-    index: int, plan: WorkerPlan, records: Queue[logging.LogRecord], ready: Queue[tuple[int, str]]
+    index: int,
+    plan: WorkerPlan,
+    records: Queue[logging.LogRecord],
+    ready: Queue[tuple[int, str]],
+    events: Queue[dict[str, Any] | None],
 ) -> None:
     """A worker process: the webhook server on the shared port until SIGTERM (Ctrl-C is the
     parent's to handle: it stops the workers in order)."""
@@ -198,13 +220,24 @@ def _worker_main(
             ready.put((index, error))
 
     async def serve() -> None:
-        settings = load_settings()
+        settings = plan.settings or load_settings()
         try:
             db = open_database(settings)  # already migrated by the parent: this only opens it
         except StoreError as exc:
             report(f"cannot open the database: {exc}")
             return
-        server = WebhooksServer(settings, db, EventBus(), rate_limit=plan.share(), inline_reads=True, worker=label)
+        bus = EventBus()
+        if plan.forward_events:
+            bus.subscribe(lambda event: events.put(event.to_wire()))
+        server = WebhooksServer(
+            settings,
+            db,
+            bus,
+            rate_limit=plan.share(),
+            inline_reads=True,
+            worker=label,
+            record_feed=not plan.forward_events,
+        )
         try:
             try:
                 await server.start(plan.host, plan.port, reuse_port=True)
@@ -229,23 +262,109 @@ def _worker_main(
         raise SystemExit(1) from None
 
 
+class WebhookProcesses:
+    """The parent's handle on its webhook processes: bind the port, start the workers, watch
+    them (restarting any that exits) and stop them. Used by ``xswarm webhooks serve --workers``
+    and by the runtime, whose webhooks always run here rather than on its own loop."""
+
+    def __init__(self, plan: WorkerPlan, *, bus: EventBus | None = None) -> None:
+        """``bus``: publish the workers' events there (sets ``plan.forward_events``)."""
+        self.plan = replace(plan, forward_events=bus is not None)
+        self.bus = bus
+        self.workers: Workers | None = None
+        self._reservation: socket.socket | None = None
+        self._listener: Any = None
+        self._forwarder: threading.Thread | None = None
+        self._watcher: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    @property
+    def port(self) -> int:
+        return self.plan.port
+
+    def start(self) -> int:
+        """Start every worker and return the port once all listen. Raises ``WorkersError``
+        (or ``OSError`` when the port cannot be bound); nothing is left running then."""
+        from engine.logging_setup import listen
+
+        if not supported():
+            raise WorkersError("webhook worker processes need SO_REUSEPORT (Linux, macOS)")
+        self._reservation = reserve(self.plan.host, self.plan.port)
+        self.plan = replace(self.plan, port=self._reservation.getsockname()[1])
+        self.workers = Workers(self.plan)
+        self._listener = listen(self.workers.records)
+        if self.bus is not None:
+            self._forwarder = threading.Thread(target=self._forward, name="xswarm-webhook-events", daemon=True)
+            self._forwarder.start()
+        try:
+            self.workers.start()
+        except BaseException:
+            self.stop()
+            raise
+        log.info(
+            "webhooks: %d worker process(es) on port %d (pids %s)", self.plan.count, self.port, self.workers.pids()
+        )
+        return self.port
+
+    def watch(self, stop: threading.Event) -> None:
+        """Restart workers that exit until ``stop`` is set; raises ``WorkersError`` when one
+        keeps dying."""
+        assert self.workers is not None
+        self.workers.watch(stop)
+
+    def watch_in_background(self, on_give_up: Callable[[WorkersError], None]) -> None:
+        """``watch`` on a thread of its own; ``on_give_up`` runs there if it gives up."""
+
+        def watching() -> None:
+            try:
+                self.watch(self._stop)
+            except WorkersError as exc:
+                log.error("webhooks: %s; the node goes on without webhooks", exc)
+                on_give_up(exc)
+
+        self._watcher = threading.Thread(target=watching, name="xswarm-webhook-watch", daemon=True)
+        self._watcher.start()
+
+    def stop(self) -> None:
+        """Stop the watcher, then the workers (each drains its requests), then the log and
+        event relays, then give the port back."""
+        self._stop.set()
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join(timeout=STOP_TIMEOUT_S)
+        if self.workers is not None:
+            self.workers.stop()
+            self.workers.events.put(None)
+        if self._forwarder is not None:
+            self._forwarder.join(timeout=5)
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener = None
+        if self._reservation is not None:
+            self._reservation.close()
+            self._reservation = None
+
+    def _forward(self) -> None:
+        assert self.workers is not None and self.bus is not None
+        while True:
+            wire = self.workers.events.get()
+            if wire is None:
+                return
+            try:
+                event = from_wire(wire)
+            except WireError as exc:  # cannot happen between two copies of this code
+                log.warning("webhook worker sent an unknown event: %s", exc)
+                continue
+            if isinstance(event, Event):
+                self.bus.publish(event)
+
+
 def serve_workers(plan: WorkerPlan, on_ready: Callable[[int], None], stop: threading.Event) -> None:
     """Run ``plan.count`` workers until ``stop`` is set; ``on_ready(port)`` once all listen.
     Raises ``WorkersError`` (or ``OSError`` when the port cannot be bound)."""
-    from engine.logging_setup import listen
-
-    if not supported():
-        raise WorkersError("--workers above 1 needs SO_REUSEPORT (Linux); run one worker per port instead")
-    reservation = reserve(plan.host, plan.port)
-    plan = WorkerPlan(plan.host, reservation.getsockname()[1], plan.count, plan.rate_limit)
-    workers = Workers(plan)
-    listener = listen(workers.records)
+    processes = WebhookProcesses(plan)
+    port = processes.start()
     try:
-        workers.start()
-        log.info("webhooks: %d workers on port %d (pids %s)", plan.count, plan.port, workers.pids())
-        on_ready(plan.port)
-        workers.watch(stop)
+        on_ready(port)
+        processes.watch(stop)
     finally:
-        workers.stop()
-        listener.stop()
-        reservation.close()
+        processes.stop()

@@ -18,13 +18,20 @@ def serve(
     bridge_port: int = typer.Option(None, "--bridge-port", help="Twilio Media Streams port (default 9998; 0: off)."),
     supervisor_port: int = typer.Option(None, "--supervisor-port", help="Supervisor port (default 9999; 0: off)."),
     webhooks_port: int = typer.Option(
-        None, "--webhooks-port", help="Webhooks port (default: on at 8787 when server.webhooks_enabled; 0: off)."
+        None,
+        "--webhooks-port",
+        help="Webhooks port (default: on at 8787 when server.webhooks_enabled; 0: off). The webhooks "
+        "run in child processes (server.webhooks_workers), started, watched, restarted and stopped with "
+        "the node: webhook HTTP never reaches the process that carries the calls.",
     ),
     slots: int = typer.Option(
         None, "--slots", help="Concurrent calls (model batch size; default: model.slots or the model's own)."
     ),
 ) -> None:
-    """Run the voice runtime headless until Ctrl-C or SIGTERM."""
+    """Run the voice runtime headless until Ctrl-C or SIGTERM.
+
+    The bridge, the supervisor, the scheduler and the model share this process; the webhooks
+    run in child processes, so hostile webhook traffic never delays a call's audio."""
     import queue
     import signal
     import threading
@@ -34,6 +41,7 @@ def serve(
     from engine.models.registry import ModelSpecError, resolve
     from engine.runtime import Runtime
     from engine.store.db import StoreError
+    from webhooks.workers import WorkersError
 
     for name, port in (
         ("--bridge-port", bridge_port),
@@ -65,16 +73,19 @@ def serve(
     runtime.bus.subscribe(on_event)
     try:
         runtime.start()
-    except (OSError, StoreError) as exc:
+    except (OSError, StoreError, WorkersError) as exc:
         fail(f"cannot start: {exc}")
     host = settings.server.host
     typer.echo(f"xswarm node {runtime.node_id} (logs: {log_file})")
-    for what, port, scheme in (
+    for what, bound, scheme in (
         ("bridge", runtime.bridge_port, "ws"),
         ("supervisor", runtime.supervisor_port, "ws"),
         ("webhooks", runtime.webhooks_port, "http"),
     ):
-        typer.echo(f"  {what:<10} " + (f"{scheme}://{host}:{port}" if port else "off"))
+        where = f"{scheme}://{host}:{bound}" if bound else "off"
+        if what == "webhooks" and bound:
+            where += f" (child process{'es' if settings.server.webhooks_workers > 1 else ''})"
+        typer.echo(f"  {what:<10} {where}")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
