@@ -25,13 +25,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
-def node(monkeypatch: pytest.MonkeyPatch) -> Iterator[Runtime]:
+def start_node(monkeypatch: pytest.MonkeyPatch, bridge_public_url: str | None = None) -> Runtime:
     bridge_port, webhooks_port = free_port(), free_port()
     monkeypatch.setenv("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
     monkeypatch.setenv("TWILIO_ACCOUNT_SID", "AC" + "3" * 32)
     monkeypatch.setenv("XSWARM_CALL_TOKEN_SECRET", "cli-test-token-secret")
-    monkeypatch.setenv("XSWARM_BRIDGE_PUBLIC_URL", f"ws://127.0.0.1:{bridge_port}")
+    monkeypatch.setenv("XSWARM_BRIDGE_PUBLIC_URL", bridge_public_url or f"ws://127.0.0.1:{bridge_port}")
+    monkeypatch.setenv("XSWARM_SERVER__BRIDGE_PORT", str(bridge_port))  # the node's own settings
     monkeypatch.setenv("XSWARM_TELEPHONY__UNKNOWN_CALLERS", "guest")
     monkeypatch.setenv("XSWARM_TWILIO__API_BASE_URL", "http://127.0.0.1:9")  # never reached in these calls
     runtime = Runtime(
@@ -42,6 +42,21 @@ def node(monkeypatch: pytest.MonkeyPatch) -> Iterator[Runtime]:
     while runtime.calls.capacity == 0 and time.monotonic() < deadline:
         time.sleep(0.02)
     time.sleep(0.2)  # the node row's first heartbeat lands
+    return runtime
+
+
+@pytest.fixture
+def node(monkeypatch: pytest.MonkeyPatch) -> Iterator[Runtime]:
+    runtime = start_node(monkeypatch)
+    yield runtime
+    runtime.stop()
+
+
+@pytest.fixture
+def public_node(monkeypatch: pytest.MonkeyPatch) -> Iterator[Runtime]:
+    """A node as deployed behind a TLS proxy: both public URLs set, neither reachable here."""
+    monkeypatch.setenv("XSWARM_PUBLIC_URL", "https://hooks.example.com")
+    runtime = start_node(monkeypatch, "wss://voice.example.com")
     yield runtime
     runtime.stop()
 
@@ -110,3 +125,24 @@ def test_bad_arguments_exit_2(tmp_path: Path) -> None:
     missing = tmp_path / "missing.wav"
     code, output = invoke(str(missing))
     assert code == 2 and "cannot read" in output
+
+
+def test_call_reaches_a_node_with_public_urls_and_the_caller_is_recorded(public_node: Runtime) -> None:
+    """Issue 13: the simulator signs what Twilio would have signed (the public URLs from the
+    settings) while it connects to the addresses given; and the caller's number reaches the
+    ``calls`` row (it used to be NULL for every Twilio call)."""
+    code, output = invoke(
+        "--webhooks", f"http://127.0.0.1:{public_node.webhooks_port}", "--from", "+15551230001", "--json"
+    )
+    assert code == 0, output
+    report = json.loads(output)
+    assert report["close_code"] == 1000 and report["chunks_received"] > 0
+    assert report["url"] == f"ws://127.0.0.1:{public_node.bridge_port}/twilio"
+    assert public_node.bridge.refusals == {}
+    assert public_node.db is not None
+    deadline = time.monotonic() + 5
+    rows: list[tuple[str, str | None]] = []
+    while time.monotonic() < deadline and not rows:
+        rows = public_node.db.query("SELECT id, caller FROM calls WHERE id = ?", (report["call_sid"],))
+        time.sleep(0.05)
+    assert [row[1] for row in rows] == ["+15551230001"]

@@ -40,6 +40,9 @@ class StreamTarget:
 
     url: str
     parameters: dict[str, str] = field(default_factory=dict)
+    signed_url: str | None = None
+    """The URL Twilio would have dialled, which the signature covers (a node with
+    ``server.bridge_public_url`` checks against that); None: ``url`` itself."""
 
 
 @dataclass
@@ -85,12 +88,23 @@ def new_sid(prefix: str) -> str:
 
 
 async def voice_webhook(
-    webhooks_url: str, auth_token: str, *, call_sid: str, account_sid: str, caller: str, called: str = "+15005550006"
+    webhooks_url: str,
+    auth_token: str,
+    *,
+    call_sid: str,
+    account_sid: str,
+    caller: str,
+    called: str = "+15005550006",
+    public_url: str | None = None,
 ) -> StreamTarget:
-    """POST the voice webhook as Twilio does and return the stream the TwiML points at."""
+    """POST the voice webhook as Twilio does and return the stream the TwiML points at.
+
+    ``public_url``: the base URL Twilio is configured with (a node behind a proxy checks the
+    signature against it); the POST still goes to ``webhooks_url``."""
     import aiohttp
 
     url = webhooks_url.rstrip("/") + "/twilio/voice"
+    signed = (public_url or webhooks_url).rstrip("/") + "/twilio/voice"
     form = {
         "CallSid": call_sid,
         "AccountSid": account_sid,
@@ -100,7 +114,7 @@ async def voice_webhook(
         "Direction": "inbound",
         "ApiVersion": "2010-04-01",
     }
-    headers = {"X-Twilio-Signature": sign(auth_token, url, form)}
+    headers = {"X-Twilio-Signature": sign(auth_token, signed, form)}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
         async with session.post(url, data=form, headers=headers) as resp:
             body = await resp.text()
@@ -174,7 +188,7 @@ async def stream_call(
     call_sid = call_sid or new_sid("CA")
     stream_sid = new_sid("MZ")
     report = CallReport(call_sid=call_sid, stream_sid=stream_sid, url=target.url)
-    headers = {"X-Twilio-Signature": sign(auth_token, target.url)} if auth_token else {}
+    headers = {"X-Twilio-Signature": sign(auth_token, target.signed_url or target.url)} if auth_token else {}
     started = time.monotonic()
     reply = bytearray()
     gaps = Histogram()

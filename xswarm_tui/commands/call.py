@@ -18,10 +18,18 @@ def call(
         None, help="WAV file to play (any rate, mono or stereo). Default: 3 s of test speech-band audio."
     ),
     bridge: str = typer.Option(
-        None, "--bridge", help="Bridge URL (default ws://<server.host>:<server.bridge_port>/twilio)."
+        None,
+        "--bridge",
+        help="Bridge URL to connect to (default ws://<server.host>:<server.bridge_port>/twilio). The upgrade is "
+        "signed for server.bridge_public_url (XSWARM_BRIDGE_PUBLIC_URL) when that is set, as Twilio would sign it.",
     ),
     webhooks: str = typer.Option(
-        None, "--webhooks", help="Webhooks base URL: POST a signed voice webhook first and follow its TwiML."
+        None,
+        "--webhooks",
+        help="Webhooks base URL: POST a signed voice webhook first and follow its TwiML. Read from the settings: "
+        "the request is signed for server.public_url (XSWARM_PUBLIC_URL) when set, and a stream TwiML sends to "
+        "server.bridge_public_url is opened on --bridge (default: the local bridge) instead, so a node behind a "
+        "proxy is reachable from the node itself.",
     ),
     auth_token: str = typer.Option(
         None, "--auth-token", help="Twilio auth token for signatures (default: TWILIO_AUTH_TOKEN)."
@@ -65,7 +73,16 @@ def call(
         )
     audio = _read_audio(wav) if wav is not None else _test_audio()
     bridge_url = simulator.websocket_url(bridge or f"ws://{settings.server.host}:{settings.server.bridge_port}")
+    public_bridge = settings.server.bridge_public_url
+    public_stream = simulator.websocket_url(public_bridge) if public_bridge else None
     token_secret = secret(settings.telephony.call_token_secret)
+
+    def reachable(target: simulator.StreamTarget) -> simulator.StreamTarget:
+        """A stream TwiML sent to this node's public bridge URL: open it on ``bridge_url``,
+        signed for the public URL (the address Twilio would have dialled)."""
+        if public_stream and target.url == public_stream:
+            return simulator.StreamTarget(bridge_url, target.parameters, signed_url=public_stream)
+        return target
 
     async def one(k: int) -> simulator.CallReport:
         await asyncio.sleep(k * stagger)
@@ -77,12 +94,14 @@ def call(
                 call_sid=call_sid,  # type: ignore[arg-type]
                 account_sid=settings.twilio.account_sid or "AC" + "0" * 32,
                 caller=caller,
+                public_url=settings.server.public_url,
             )
+            target = reachable(target)
         else:
             params = dict(extra)
             if token_secret and "token" not in params:  # what the voice webhook would have minted
                 params["token"] = mint(token_secret, call_sid, settings.telephony.call_token_ttl_s)
-            target = simulator.StreamTarget(bridge_url, params)
+            target = simulator.StreamTarget(bridge_url, params, signed_url=public_stream)
         return await simulator.stream_call(target, audio, auth_token=token, call_sid=call_sid, tail_s=tail)
 
     async def run_all() -> list[simulator.CallReport | BaseException]:
