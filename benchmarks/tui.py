@@ -94,7 +94,7 @@ def child_twilio(port: int, calls: int, seconds: float) -> dict:
 
     from engine.audio import mulaw
     from engine.bridge import simulator
-    from engine.telephony.calltoken import mint
+    from engine.telephony.calltoken import Claims, mint
 
     t = np.arange(int(8000 * seconds)) / 8000
     audio = mulaw.encode((0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)).tobytes()
@@ -103,7 +103,7 @@ def child_twilio(port: int, calls: int, seconds: float) -> dict:
         sid = simulator.new_sid("CA")
         target = simulator.StreamTarget(
             f"ws://127.0.0.1:{port}/twilio",
-            {"token": mint(TOKEN_SECRET, sid), "caller": f"+1415555{k:04d}", "user_id": f"u-{k}", "theme": "xswarm"},
+            {"token": mint(TOKEN_SECRET, sid, claims=Claims(f"u-{k}", f"+1415555{k:04d}", "xswarm"))},
         )
         await simulator.stream_call(target, audio, auth_token=AUTH_TOKEN, call_sid=sid)
 

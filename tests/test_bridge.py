@@ -29,7 +29,7 @@ from engine.models.echo import EchoModel
 from engine.runtime import Runtime
 from engine.store import calls as call_rows
 from engine.store import nodes
-from engine.telephony.calltoken import mint
+from engine.telephony.calltoken import Claims, mint
 
 AUTH_TOKEN = "twilio-auth-token-for-tests"
 TOKEN_SECRET = "call-token-secret-for-tests"
@@ -215,8 +215,10 @@ async def _closed_via(reader: asyncio.Task[Any], twilio: Twilio) -> tuple[int | 
     return twilio.ws.close_code, twilio.ws.close_reason or ""
 
 
-def token(call_sid: str = "CA" + "a" * 32, ttl: int = 60, now: float | None = None) -> str:
-    return mint(TOKEN_SECRET, call_sid, ttl, now=now)
+def token(
+    call_sid: str = "CA" + "a" * 32, ttl: int = 60, now: float | None = None, claims: Claims | None = None
+) -> str:
+    return mint(TOKEN_SECRET, call_sid, ttl, now=now, claims=claims)
 
 
 def speech(seconds: float, seed: int = 3) -> np.ndarray:
@@ -264,7 +266,7 @@ async def test_full_call_both_directions_and_echo_round_trip(bridge: tuple[Runti
     twilio = Twilio(runtime.bridge_port)  # type: ignore[arg-type]
     await twilio.open()
     await twilio.connected()
-    await twilio.start(token(), user_id="guest", theme="kitt")
+    await twilio.start(token(claims=Claims(None, "+15550001234", "kitt")))
     await wait_for(lambda: runtime.calls.get(twilio.call_sid) is not None)
     session = runtime.calls.get(twilio.call_sid)
     assert session is not None and session.theme == "kitt" and session.user_id is None
@@ -488,7 +490,7 @@ async def test_every_refusal_closes_only_its_own_stream(bridge: tuple[Runtime, l
         got_code, got_reason = await refused(runtime, script)
         assert got_code == code, (script.__name__, got_code, got_reason)
         assert reason in got_reason, (script.__name__, got_reason)
-        await wait_for(lambda: runtime.bridge.refusals[key] >= 1)  # type: ignore[union-attr]
+        await wait_for(lambda key=key: runtime.bridge.refusals[key] >= 1)  # type: ignore[union-attr,misc]
 
     # a reused token: the first use works, the second is refused
     once = Twilio(runtime.bridge_port, call_sid="CA" + "7" * 32)  # type: ignore[arg-type]

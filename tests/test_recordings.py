@@ -299,7 +299,7 @@ def test_twilio_call_through_the_bridge_is_recorded_to_s3(s3_env, monkeypatch: p
     from engine.runtime import Runtime
     from engine.storage import open_store
     from engine.store.users import create_user, set_recording_consent
-    from engine.telephony.calltoken import mint
+    from engine.telephony.calltoken import Claims, mint
 
     monkeypatch.setenv("TWILIO_AUTH_TOKEN", "auth-token-for-recording-test")
     monkeypatch.setenv("XSWARM_CALL_TOKEN_SECRET", "call-token-secret-for-recording-test")
@@ -322,11 +322,7 @@ def test_twilio_call_through_the_bridge_is_recorded_to_s3(s3_env, monkeypatch: p
         audio = mulaw.encode((0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)).tobytes()
         target = StreamTarget(
             f"ws://127.0.0.1:{runtime.bridge_port}/twilio",
-            {
-                "token": mint("call-token-secret-for-recording-test", call_sid),
-                "caller": "+15550100123",
-                "user_id": user.id,
-            },
+            {"token": mint("call-token-secret-for-recording-test", call_sid, claims=Claims(user.id, "+15550100123"))},
         )
         report = asyncio.run(stream_call(target, audio, auth_token="auth-token-for-recording-test", call_sid=call_sid))
         assert report.chunks_received > 0

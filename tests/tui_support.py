@@ -16,7 +16,7 @@ from engine import events as ev
 from engine.audio import mulaw
 from engine.bridge import simulator
 from engine.calls import CallSession
-from engine.telephony.calltoken import mint
+from engine.telephony.calltoken import Claims, mint
 from xswarm_tui.link import Link, UserRow
 
 FIXED_NOW = 1_795_000_000.0
@@ -76,7 +76,7 @@ def start_call(
     audio = mulaw.encode((0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)).tobytes()
     target = simulator.StreamTarget(
         f"ws://127.0.0.1:{runtime.bridge_port}/twilio",
-        {"token": mint(TOKEN_SECRET, call_sid), "caller": caller, "user_id": "u-ada", "theme": "kitt"},
+        {"token": mint(TOKEN_SECRET, call_sid, claims=Claims("u-ada", caller, "kitt"))},
     )
     threading.Thread(
         target=lambda: asyncio.run(simulator.stream_call(target, audio, auth_token=AUTH_TOKEN, call_sid=call_sid)),

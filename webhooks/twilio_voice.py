@@ -24,7 +24,7 @@ from engine.store.db import Database
 from engine.store.inbox import InboxRow
 from engine.store.nodes import Node, choose_node
 from engine.store.users import User, find_by_phone
-from engine.telephony.calltoken import mint
+from engine.telephony.calltoken import Claims, mint
 from engine.tiers import tier as tier_named
 from webhooks import twiml
 from webhooks.body import parse_form, read_body
@@ -107,8 +107,9 @@ def answer(hub: Hub, call_sid: str, caller: str | None, admission: Admission) ->
         log.error("XSWARM_CALL_TOKEN_SECRET is not set: calls cannot be admitted, taking voicemail")
         hub.bus.publish(CallRefused("no call token secret", "XSWARM_CALL_TOKEN_SECRET unset"))
         return twiml.voicemail(NOT_READY, VOICEMAIL_PATH)
-    token = mint(token_secret, call_sid, telephony.call_token_ttl_s)
     theme = user.theme if user else hub.settings.ui.theme
+    claims = Claims(user.id if user else None, caller, theme)  # the bridge trusts these, not the parameters
+    token = mint(token_secret, call_sid, telephony.call_token_ttl_s, claims=claims)
     url = admission.node.bridge_url.rstrip("/") + "/twilio"
     return twiml.stream(url, {"token": token, "user_id": user.id if user else "guest", "theme": theme})
 

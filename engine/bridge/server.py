@@ -3,8 +3,10 @@
 One ``TwilioStream`` per socket. Its life: the upgrade is refused (403) unless
 ``X-Twilio-Signature`` is valid for our public URL; then ``connected``, and ``start`` must come
 within ``telephony.start_timeout_s`` with 8 kHz mu-law and a one-time token bound to its
-CallSid; the call is admitted into a model slot; ``media`` feeds the call's jitter buffer,
-``mark`` echoes give the playout lag, ``dtmf`` goes on the bus, ``stop`` ends the call.
+CallSid, which also says who calls (user, number, theme: ``engine.telephony.calltoken``; the
+``start`` message's own parameters are not trusted for these); the call is admitted into a
+model slot; ``media`` feeds the call's jitter buffer, ``mark`` echoes give the playout lag,
+``dtmf`` goes on the bus, ``stop`` ends the call.
 
 Every refusal closes only its own socket with a 4xxx code and a reason (1009 for an oversized
 message, which websockets enforces), counts it in ``refusals``, logs one line and publishes
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import concurrent.futures
 import http
 import json
 import logging
@@ -37,9 +40,10 @@ from engine import events
 from engine.audio.framing import InboundFrames, split_frame
 from engine.calls import CallControlError, CallSession, NoFreeSlot, NoHeadroom
 from engine.config import secret
+from engine.store import calltokens
 from engine.telemetry.latency import Histogram
 from engine.telephony import twilio_rest
-from engine.telephony.calltoken import TokenError, TokenLedger
+from engine.telephony.calltoken import Claims, TokenError, TokenLedger
 
 if TYPE_CHECKING:
     from engine.runtime import Runtime
@@ -101,6 +105,10 @@ class BridgeServer:
         self._token_secret = secret(self.settings.telephony.call_token_secret)
 
     async def start(self, host: str, port: int) -> None:
+        db = self.runtime.db
+        if db is not None:  # tokens used before a restart stay used until they expire
+            for nonce, expires in calltokens.unexpired(db):
+                self.ledger.remember(nonce, expires)
         self._server = await serve(
             self._handle,
             host,
@@ -360,15 +368,21 @@ class TwilioStream:
         params = start.get("customParameters") or {}
         if not isinstance(params, dict):
             raise Refusal("malformed_start", MALFORMED, "customParameters is not an object")
-        self._check_token(params.get("token"), call_sid)
-        user_id = params.get("user_id")
+        claims = self._check_token(params.get("token"), call_sid)
+        if claims is None:  # no call tokens (loopback development): the parameters say who calls
+            user_id = params.get("user_id")
+            claims = Claims(
+                None if user_id in (None, "", "guest") else _text(user_id),
+                _text(params.get("caller")),
+                _text(params.get("theme") or params.get("persona")),
+            )
         session = CallSession(
             call_sid,
             self,
             bus=self.server.runtime.bus,
-            caller=_text(params.get("caller")),
-            user_id=None if user_id in (None, "", "guest") else _text(user_id),
-            theme=_text(params.get("theme") or params.get("persona")),
+            caller=_text(claims.caller),
+            user_id=None if claims.user_id in (None, "", "guest") else _text(claims.user_id),
+            theme=_text(claims.theme),
             stream_sid=stream_sid,
             inbound=InboundFrames(),
         )
@@ -384,18 +398,38 @@ class TwilioStream:
             raise Refusal("duplicate_call", BAD_TOKEN, str(exc)) from None
         self.session = session
 
-    def _check_token(self, token: object, call_sid: str) -> None:
+    def _check_token(self, token: object, call_sid: str) -> Claims | None:
+        """The token's claims (who calls: user, number, theme), burnt here and recorded in
+        ``used_call_tokens``; None when this node takes calls without tokens."""
         server = self.server
         if not server.tokens_required:
-            return
+            return None
         if not server._token_secret:
             raise Refusal("bad_token", BAD_TOKEN, "call tokens are not configured on this node")
         if not isinstance(token, str) or not token:
             raise Refusal("bad_token", BAD_TOKEN, "missing call token")
         try:
-            server.ledger.burn(server._token_secret, token, call_sid)
+            verified = server.ledger.burn(server._token_secret, token, call_sid)
         except TokenError as exc:
             raise Refusal("bad_token", BAD_TOKEN, str(exc)) from None
+        db = server.runtime.db
+        if db is not None:
+            loop = asyncio.get_running_loop()
+            recorded = calltokens.record(db, verified.nonce, verified.expires)
+            recorded.add_done_callback(lambda done: loop.call_soon_threadsafe(self._token_recorded, done))
+        return verified.claims
+
+    def _token_recorded(self, done: concurrent.futures.Future[list[int]]) -> None:
+        """The insert found the nonce already there: another node or an earlier run of this
+        one used the token first, so this call ends (admission did not wait for the commit)."""
+        try:
+            counts = done.result()
+        except Exception as exc:  # StoreError: the call goes on; the in-memory burn still holds here
+            log.warning("call %s: used call token not recorded: %s", self.call_sid, exc)
+            return
+        if counts[-1] == 0 and self.session is not None and not self.ws.close_code:
+            self.server.refused("bad_token", "call token already used (recorded elsewhere)", self.call_sid)
+            asyncio.get_running_loop().create_task(self.close("call token already used"))
 
     # ------------------------------------------------------------------ transport
 

@@ -35,9 +35,14 @@ def call(
     auth_token: str = typer.Option(
         None, "--auth-token", help="Twilio auth token for signatures (default: TWILIO_AUTH_TOKEN)."
     ),
-    caller: str = typer.Option("+15005550006", "--from", help="Caller number sent to the voice webhook."),
+    caller: str = typer.Option(
+        "+15005550006", "--from", help="Caller number (sent to the voice webhook, or put in the minted call token)."
+    ),
     param: list[str] = typer.Option(
-        [], "--param", help="Extra <Parameter> name=value for a direct bridge call (repeatable)."
+        [],
+        "--param",
+        help="Extra <Parameter> name=value for a direct bridge call (repeatable); user_id, caller and theme "
+        "go into the minted call token, the only place the bridge reads them from.",
     ),
     out: Path = typer.Option(
         None, "--out", help="Write the reply to this WAV (8 kHz; several calls get -1, -2, ... suffixes)."
@@ -53,7 +58,7 @@ def call(
 
     from engine.bridge import simulator
     from engine.config import secret
-    from engine.telephony.calltoken import mint
+    from engine.telephony.calltoken import Claims, mint
 
     if not 1 <= calls <= 1000:
         fail("--calls must be between 1 and 1000", EXIT_BAD_INPUT)
@@ -101,7 +106,8 @@ def call(
         else:
             params = dict(extra)
             if token_secret and "token" not in params:  # what the voice webhook would have minted
-                params["token"] = mint(token_secret, call_sid, settings.telephony.call_token_ttl_s)
+                claims = Claims(extra.get("user_id"), extra.get("caller", caller), extra.get("theme"))
+                params["token"] = mint(token_secret, call_sid, settings.telephony.call_token_ttl_s, claims=claims)
             target = simulator.StreamTarget(bridge_url, params, signed_url=public_stream)
         return await simulator.stream_call(target, audio, auth_token=token, call_sid=call_sid, tail_s=tail)
 
