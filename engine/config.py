@@ -11,6 +11,7 @@ the CLI turns it into one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -62,6 +63,24 @@ class ServerSettings(_Section):
     """Public wss base URL of this node's bridge (TwiML uses `<base>/twilio`)."""
     node_id: str | None = None
     """Name of this node in the `nodes` table (default: the host name)."""
+    trusted_proxies: list[str] = Field(default_factory=list)
+    """Addresses or CIDR ranges of the reverse proxies in front of the webhooks. Only a request
+    from one of these has its client taken from `X-Forwarded-For` (rate limits key on it)."""
+    request_timeout_s: float = Field(20.0, gt=0, le=300)
+    """Longest a webhook request body may take to arrive before the answer is 408."""
+    inbox_retention_days: int = Field(30, ge=4, le=3650)
+    """Processed webhook events are kept (and deduplicated) this long. At least 4 days, so
+    it covers the providers' retries (Stripe retries for up to 3 days, SendGrid 72 hours)."""
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"trusted proxy {item!r} is not an address or CIDR range") from None
+        return value
 
 
 class ModelSettings(_Section):

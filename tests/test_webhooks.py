@@ -214,16 +214,15 @@ async def test_public_url_behind_proxy_with_query_is_what_is_signed(db: Database
 
 async def test_oversized_and_malformed_bodies(db: Database, make: Any) -> None:
     h = await make()
+    FORM = {"Content-Type": "application/x-www-form-urlencoded", "X-Twilio-Signature": "x"}  # noqa: N806
     big = b"Body=" + b"x" * (1024 * 1024 + 10)
-    status, _ = await post(
-        h.session, h.base + "/twilio/sms", big, {"Content-Type": "application/x-www-form-urlencoded"}
-    )
+    status, _ = await post(h.session, h.base + "/twilio/sms", big, FORM)
     assert status == 413
-    status, _ = await post(
-        h.session, h.base + "/twilio/sms", b"\xff\xfe=\x00", {"Content-Type": "application/x-www-form-urlencoded"}
-    )
+    status, _ = await post(h.session, h.base + "/twilio/sms", b"\xff\xfe=\x00", FORM)
     assert status == 400
-    status, _ = await post(h.session, h.base + "/twilio/sms", b'{"a":1}', {"Content-Type": "application/json"})
+    status, _ = await post(
+        h.session, h.base + "/twilio/sms", b'{"a":1}', {"Content-Type": "application/json", "X-Twilio-Signature": "x"}
+    )
     assert status == 415
     assert db.query("SELECT COUNT(*) FROM webhook_inbox")[0][0] == 0
 
@@ -672,12 +671,17 @@ async def test_health_reports_database(db: Database, make: Any) -> None:
         assert resp.status == 200 and (await resp.json())["database"] == "ok"
 
 
-async def test_rate_limit_answers_429(db: Database, alice: Any, make: Any) -> None:
+async def test_refusals_are_rate_limited_signed_deliveries_never(db: Database, alice: Any, make: Any) -> None:
+    """Issue 13, item 4: the limit counted every request before the signature check, so an
+    unsigned flood from a shared address got real signed SMS answered 429."""
     h = await make(server_kw={"rate_limit": RateLimit(rate=1.0, burst=3.0)})
-    codes = [(await h.twilio("/twilio/sms", sms("help", sid=f"SM{i}")))[0] for i in range(5)]
-    assert codes[:3] == [200, 200, 200] and codes[3:] == [429, 429]
+    forged = {"X-Twilio-Signature": "forged", "Content-Type": "application/x-www-form-urlencoded"}
+    codes = [(await post(h.session, h.base + "/twilio/sms", b"Body=x", forged))[0] for _ in range(5)]
+    assert codes == [403, 403, 403, 429, 429]
     async with h.session.get(h.base + "/health") as resp:
         assert resp.status == 200  # health is never limited
+    quiet = await make(server_kw={"rate_limit": RateLimit(rate=1.0, burst=3.0)})
+    assert [(await quiet.twilio("/twilio/sms", sms("help", sid=f"SM{i}")))[0] for i in range(6)] == [200] * 6
 
 
 async def test_sendgrid_inbound_raw_mode_twice_is_one_mail_and_one_reply(

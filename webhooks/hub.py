@@ -20,7 +20,7 @@ from engine.config import Settings, secret
 from engine.events import Event, EventBus
 from engine.store import feed, inbox
 from engine.store.db import Database, StoreError
-from webhooks.limits import DEFAULT_RATE_LIMIT, RateLimit, RateLimiter
+from webhooks.limits import DEFAULT_RATE_LIMIT, RateLimit, RateLimiter, networks
 from webhooks.llm import provider_from_settings
 from webhooks.outbound import SendGridMail, TwilioRest
 from webhooks.replies import Replier
@@ -82,6 +82,7 @@ class Hub:
         self.stripe = StripeVerifier(secret(settings.stripe.webhook_secret))
         self.sendgrid = SendGridVerifier(settings.sendgrid.webhook_public_key)
         self.limiter = RateLimiter(rate_limit) if rate_limit else None
+        self.trusted_proxies = networks(settings.server.trusted_proxies)
         self.session: aiohttp.ClientSession | None = None
         self._inline_reads = inline_reads and not db.target.remote
         self.replier = Replier(settings, self.read, None)
@@ -114,9 +115,10 @@ class Hub:
         for a loop that serves nothing else. An indexed read of the local file takes tens
         of microseconds; a hop to a pool thread and back costs more than that under load. (The
         file is read through stdlib sqlite3, which releases the GIL, so pool reads would now run
-        in parallel; the hand-off still costs more than it saves.) Measured on the signed-SMS benchmark with sqlite3, back to back on the 2-core
-        box: 2,423 requests/s inline vs 1,915/s through the pool, p99 30 vs 34 ms, CPU per
-        request 0.39 vs 0.52 ms. Never inline inside the runtime: a slow read (usage totals, node
+        in parallel; the hand-off still costs more than it saves.) Measured on the signed-SMS
+        benchmark with sqlite3, back to back on the 2-core box: 2,423 requests/s inline vs
+        1,915/s through the pool, p99 30 vs 34 ms, CPU per request 0.39 vs 0.52 ms. Never
+        inline inside the runtime: a slow read (usage totals, node
         choice) there would delay every call's audio. Remote database: always the pool, since
         the wait is a network round trip the loop must not sit through."""
         if self._inline_reads:

@@ -85,6 +85,9 @@ async def health(request: web.Request) -> web.Response:
         counts = await asyncio.wait_for(hub.db.aread(inbox.counts), HEALTH_TIMEOUT_S)
     except (StoreError, TimeoutError) as exc:
         return web.json_response({"status": "unavailable", "database": f"error: {exc}"[:200]}, status=503)
+    if hub.db.write_error is not None:  # reads work, writes do not: every delivery gets 503
+        failing = {"status": "unavailable", "database": f"writes failing: {hub.db.write_error}"[:200]}
+        return web.json_response(failing, status=503)
     body: dict[str, object] = {
         "status": "ok",
         "database": "ok",

@@ -1,36 +1,59 @@
-"""Per-source rate limits (token buckets) so one noisy sender cannot starve the others.
+"""Who a request comes from, and a limit on the requests each source gets refused.
 
-A source is (route group, client address). Behind a reverse proxy every request shares the
-proxy's address, so the limit then acts per provider, which is still the protection we want:
-a runaway retry storm from one provider cannot take the others' capacity.
+What is limited: refusals (a failed signature, a malformed or oversized body), never signed
+deliveries. Why: a provider's retry storm is legitimate traffic that must be stored, while
+unsigned floods are what the limit is for; keyed on every request and applied before the
+signature, it answered real Twilio deliveries 429 whenever an attacker shared their address.
+A source whose refusals used up its bucket is answered 429 before its body is read.
+
+Who the source is: the connecting address, or, when that address is one of
+``server.trusted_proxies``, the rightmost ``X-Forwarded-For`` entry that is not itself a
+trusted proxy (what the proxy saw). Behind an untrusted proxy every request shares the
+proxy's address, so the limit then acts per route group, as before.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+from aiohttp import web
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
 class RateLimit:
     rate: float
-    """Sustained requests per second per source."""
+    """Sustained refusals per second per source."""
     burst: float
-    """Requests a source may send at once before the rate applies."""
+    """Refusals a source may collect at once before it is answered 429."""
 
 
-DEFAULT_RATE_LIMIT = RateLimit(rate=500.0, burst=1000.0)
+DEFAULT_RATE_LIMIT = RateLimit(rate=20.0, burst=100.0)
 
 
 class RateLimiter:
-    """Token buckets keyed by source; idle buckets are forgotten so memory stays bounded."""
+    """Token buckets keyed by (route group, source); idle buckets are forgotten so memory
+    stays bounded."""
 
     def __init__(self, limit: RateLimit, *, max_sources: int = 10_000) -> None:
         self.limit = limit
         self.max_sources = max_sources
         self._buckets: dict[tuple[str, str], list[float]] = {}
 
-    def allow(self, group: str, source: str, now: float | None = None) -> bool:
+    def exhausted(self, group: str, source: str, now: float | None = None) -> bool:
+        """True while ``source`` has no refusals left in ``group``."""
+        bucket = self._buckets.get((group, source))
+        if bucket is None:
+            return False
+        moment = time.monotonic() if now is None else now
+        return self._refill(bucket, moment) < 1.0
+
+    def charge(self, group: str, source: str, now: float | None = None) -> None:
+        """Count one refusal against ``source``."""
         moment = time.monotonic() if now is None else now
         key = (group, source)
         bucket = self._buckets.get(key)
@@ -38,13 +61,11 @@ class RateLimiter:
             if len(self._buckets) >= self.max_sources:
                 self._forget_idle(moment)
             bucket = self._buckets[key] = [self.limit.burst, moment]
-        tokens = min(self.limit.burst, bucket[0] + (moment - bucket[1]) * self.limit.rate)
+        bucket[0] = max(0.0, self._refill(bucket, moment) - 1.0)
         bucket[1] = moment
-        if tokens < 1.0:
-            bucket[0] = tokens
-            return False
-        bucket[0] = tokens - 1.0
-        return True
+
+    def _refill(self, bucket: list[float], moment: float) -> float:
+        return min(self.limit.burst, bucket[0] + (moment - bucket[1]) * self.limit.rate)
 
     def retry_after(self) -> int:
         return max(1, int(1 / self.limit.rate + 0.999))
@@ -55,3 +76,36 @@ class RateLimiter:
             del self._buckets[key]
         if len(self._buckets) >= self.max_sources:  # still full: a flood of distinct sources
             self._buckets.clear()
+
+
+def networks(items: Iterable[str]) -> tuple[Network, ...]:
+    """``server.trusted_proxies`` parsed (the settings have validated them)."""
+    return tuple(ipaddress.ip_network(item, strict=False) for item in items)
+
+
+def client_address(request: web.Request, trusted: tuple[Network, ...]) -> str:
+    """The request's source: see the module docstring."""
+    remote = request.remote or "?"
+    if not trusted or not _within(remote, trusted):
+        return remote
+    hops = [hop.strip() for header in request.headers.getall("X-Forwarded-For", []) for hop in header.split(",")]
+    for hop in reversed(hops):
+        if not _within(hop, trusted):
+            return hop if _parses(hop) else remote
+    return remote
+
+
+def _within(address: str, trusted: tuple[Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in trusted)
+
+
+def _parses(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return True

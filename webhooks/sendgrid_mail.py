@@ -225,16 +225,19 @@ async def events(request: web.Request) -> web.Response:
     hub.sendgrid.check(request, raw)
     try:
         items = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         raise web.HTTPBadRequest(text="body is not JSON") from None
     if not isinstance(items, list):
         raise web.HTTPBadRequest(text="expected a JSON array of events")
     rows = []
-    for item in items:
-        if isinstance(item, dict) and isinstance(item.get("sg_event_id"), str) and item["sg_event_id"]:
-            rows.append((item["sg_event_id"], str(item.get("event", "")), json.dumps(item, separators=(",", ":"))))
-        else:
-            log.warning("SendGrid event without sg_event_id skipped")
+    try:
+        for item in items:
+            if isinstance(item, dict) and isinstance(item.get("sg_event_id"), str) and item["sg_event_id"]:
+                rows.append((item["sg_event_id"], str(item.get("event", "")), json.dumps(item, separators=(",", ":"))))
+            else:
+                log.warning("SendGrid event without sg_event_id skipped")
+    except RecursionError:
+        raise web.HTTPBadRequest(text="event nested too deep") from None
     if rows:
         await hub.ingest_many(EVENTS, rows)
     return web.Response(text="OK")

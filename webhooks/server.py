@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar, Unpack
 
@@ -19,7 +20,8 @@ from aiohttp import web
 
 from engine.config import Settings
 from engine.events import EventBus
-from engine.store.db import Database
+from engine.store import inbox
+from engine.store.db import Database, StoreError
 from engine.tasks import cancel_and_wait
 from webhooks import twilio_sms
 from webhooks.app import EFFECTS, create_app
@@ -28,6 +30,8 @@ from webhooks.processor import InboxProcessor
 
 log = logging.getLogger("xswarm.webhooks")
 HOUSEKEEPING_S = 60.0
+PRUNE_INBOX_S = 3600.0
+DAY_MS = 86_400_000
 GC_GEN0_THRESHOLD = 20_000
 T = TypeVar("T")
 
@@ -113,6 +117,33 @@ class WebhooksServer:
         log.info("webhooks stopped")
 
     async def _housekeep(self) -> None:
+        pruned_at = 0.0
         while True:
             await asyncio.sleep(HOUSEKEEPING_S)
             twilio_sms.prune(self.hub, self.hub.settings.llm.timeout_s + 120)
+            if time.monotonic() - pruned_at >= PRUNE_INBOX_S:
+                pruned_at = time.monotonic()
+                await self.prune_inbox()
+
+    async def prune_inbox(self, now_ms: int | None = None) -> int:
+        """Delete processed inbox rows older than ``server.inbox_retention_days`` (in batches,
+        so no transaction holds the writer long); returns how many went."""
+        cutoff = (
+            now_ms if now_ms is not None else inbox.now_ms()
+        ) - self.hub.settings.server.inbox_retention_days * DAY_MS
+        removed = 0
+        while True:
+            try:
+                count = await asyncio.wrap_future(self.hub.db.submit(*inbox.prune_statement(cutoff)))
+            except StoreError as exc:
+                log.warning("inbox pruning failed (retried in an hour): %s", exc)
+                return removed
+            removed += int(count or 0)
+            if not count or count < inbox.PRUNE_BATCH:
+                if removed:
+                    log.info(
+                        "inbox: pruned %d processed events older than %d days",
+                        removed,
+                        self.hub.settings.server.inbox_retention_days,
+                    )
+                return removed

@@ -72,17 +72,22 @@ async def effect(hub: Hub, row: InboxRow) -> Outcome:
         event = json.loads(row.payload)
         obj = event["data"]["object"]
         created = int(event["created"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise PermanentError("stored Stripe event is not an event object") from None
+    if not isinstance(obj, dict):
+        raise PermanentError(f"Stripe event's data.object is a {type(obj).__name__}, not an object")
     lock: asyncio.Lock = hub.state.setdefault(_LOCK, asyncio.Lock())
     async with lock:  # tier derivation reads then writes: one Stripe event at a time
         kind = row.event_type or ""
-        if kind in RANK:
-            return await _subscription(hub, row, obj, created)
-        if kind == "checkout.session.completed":
-            return await _checkout(hub, row, obj, created)
-        if kind in ("invoice.paid", "invoice.payment_failed"):
-            return await _invoice(hub, row, obj, created)
+        try:
+            if kind in RANK:
+                return await _subscription(hub, row, obj, created)
+            if kind == "checkout.session.completed":
+                return await _checkout(hub, row, obj, created)
+            if kind in ("invoice.paid", "invoice.payment_failed"):
+                return await _invoice(hub, row, obj, created)
+        except (AttributeError, TypeError) as exc:  # a field of the wrong JSON type: no retry mends it
+            raise PermanentError(f"malformed Stripe {kind}: {exc}") from None
     return Outcome([], [received(row, f"Stripe {kind} (ignored)")])
 
 

@@ -28,7 +28,7 @@ from engine.store.inbox import InboxRow
 from engine.store.messages import Statement
 from engine.store.users import User, find_by_phone
 from webhooks import twiml
-from webhooks.body import parse_form, read_body
+from webhooks.body import FORM_LIMIT, parse_form, read_body
 from webhooks.hub import HUB, Hub, Outcome
 from webhooks.processor import PermanentError, received
 from webhooks.replies import fit_sms
@@ -95,7 +95,7 @@ def reply_statement(
 
 async def route(request: web.Request) -> web.Response:
     hub: Hub = request.app[HUB]
-    raw = await read_body(request)
+    raw = await read_body(request, FORM_LIMIT)
     form = parse_form(request, raw)
     hub.twilio.check(request, form)
     sid = form.get("MessageSid") or form.get("SmsSid")

@@ -27,7 +27,7 @@ from engine.store.users import User, find_by_phone
 from engine.telephony.calltoken import Claims, mint
 from engine.tiers import tier as tier_named
 from webhooks import twiml
-from webhooks.body import parse_form, read_body
+from webhooks.body import FORM_LIMIT, parse_form, read_body
 from webhooks.hub import HUB, Hub, Outcome
 from webhooks.processor import PermanentError, received
 
@@ -58,7 +58,7 @@ def _admission(db: Database, caller: str | None) -> Admission:
 
 
 async def _verified_form(hub: Hub, request: web.Request) -> tuple[bytes, MultiDict[str]]:
-    raw = await read_body(request)
+    raw = await read_body(request, FORM_LIMIT)
     form = parse_form(request, raw)
     hub.twilio.check(request, form)
     return raw, form

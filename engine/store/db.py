@@ -194,6 +194,10 @@ def _insert_shape(sql: str) -> _InsertShape | None:
 _STOP = object()
 
 
+_STATEMENT_FAULTS = frozenset({"IntegrityError", "ProgrammingError", "DataError", "InterfaceError"})
+"""DB-API errors that blame the statement, not the store."""
+
+
 class _CommitFailed(Exception):
     """COMMIT itself failed (the cause is chained): for a remote server the outcome is unknown."""
 
@@ -213,6 +217,11 @@ class Database:
         self._checkpointer: Checkpointer | None = None
         self._readers = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="xswarm-db-read")
         self.commits = 0
+        self.write_error: str | None = None
+        """Why the last write failed for a storage reason (read-only file, full disk, I/O
+        error, server unreachable); None once a write commits again. Statement faults (a
+        constraint violated) do not count: the store is fine. ``/health`` reports it, since
+        reads may still work while every write fails."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Database:
@@ -422,6 +431,7 @@ class Database:
                 if not self.target.remote:
                     return self._replay(conn, batch, exc.__cause__)
                 log.error("COMMIT of %d writes failed, outcome unknown: %s", len(batch), exc.__cause__)
+                self.write_error = f"commit failed: {exc.__cause__}"
                 for item in batch:
                     item.future.set_exception(StoreError(f"commit outcome unknown: {exc.__cause__}"))
                 return conn
@@ -432,7 +442,8 @@ class Database:
                 if attempt + 1 == attempts:
                     return self._replay(conn, batch, exc)
                 continue
-            for item, result in zip(batch, results):
+            self.write_error = None
+            for item, result in zip(batch, results, strict=True):
                 item.future.set_result(result)
             return conn
         raise AssertionError("unreachable")
@@ -447,8 +458,11 @@ class Database:
             except Exception as item_exc:
                 conn = self._reconnect(conn)
                 cause = item_exc.__cause__ if isinstance(item_exc, _CommitFailed) else item_exc
+                if type(cause).__name__ not in _STATEMENT_FAULTS:
+                    self.write_error = str(cause)
                 item.future.set_exception(StoreError(str(cause)))
             else:
+                self.write_error = None
                 item.future.set_result(result)
         return conn
 

@@ -105,6 +105,22 @@ def release_statement(provider: str, event_id: str) -> tuple[str, tuple[Any, ...
     )
 
 
+PRUNE_BATCH = 5000
+
+
+def prune_statement(older_than_ms: int) -> tuple[str, tuple[Any, ...]]:
+    """Delete up to ``PRUNE_BATCH`` processed rows received before ``older_than_ms``.
+
+    Only ``done`` rows: dead letters wait for the operator, and pending or failed rows still
+    have work to do. A pruned event is no longer deduplicated, which is why the retention
+    (``server.inbox_retention_days``) must outlast every provider's retries."""
+    return (
+        "DELETE FROM webhook_inbox WHERE rowid IN (SELECT rowid FROM webhook_inbox"
+        " WHERE status = 'done' AND received_at < ? ORDER BY rowid LIMIT ?)",
+        (older_than_ms, PRUNE_BATCH),
+    )
+
+
 def backoff_ms(attempts: int, *, base_ms: int = 2000, cap_ms: int = 3_600_000) -> int:
     """Exponential backoff with full jitter: 2 s, 4 s, 8 s … capped at an hour."""
     ceiling = min(cap_ms, base_ms * (2 ** max(0, attempts - 1)))

@@ -22,7 +22,11 @@ def serve(
     host: str = typer.Option(None, "--host", help="Address to bind (default: server.host, 127.0.0.1)."),
     port: int = typer.Option(None, "--port", help="Port (default: server.webhooks_port, 8787; 0 picks a free one)."),
     rate_limit: float = typer.Option(
-        500.0, "--rate-limit", help="Requests per second per source and route group (0: off)."
+        20.0,
+        "--rate-limit",
+        help="Refused requests (bad signature, malformed body) per second per source and route group before "
+        "a source is answered 429; signed deliveries are never limited (0: off). The source is the client "
+        "address, or X-Forwarded-For from a server.trusted_proxies address.",
     ),
     workers: int = typer.Option(
         1, "--workers", min=1, max=64, help="Server processes sharing the port (Linux; one core each at full load)."
@@ -44,7 +48,7 @@ def serve(
     log_file = configure()
     bind_host = host or settings.server.host
     bind_port = settings.server.webhooks_port if port is None else port
-    limit = RateLimit(rate_limit, rate_limit * 2) if rate_limit else None
+    limit = RateLimit(rate_limit, rate_limit * 5) if rate_limit else None
     if not settings.server.public_url:
         typer.echo(
             "warning: XSWARM_PUBLIC_URL is not set; Twilio signatures are checked against the Host header", err=True
@@ -145,8 +149,8 @@ def inbox(
     typer.echo(f"{'ID':<52} {'TYPE':<32} {'STATUS':<8} {'TRIES':>5}  {'RECEIVED (UTC)':<19}  LAST ERROR")
     for r in rows:
         typer.echo(
-            f"{r.key[:52]:<52} {(r.event_type or '')[:32]:<32} {r.status:<8} {r.attempts:>5}  {_when(r.received_at):<19}  "
-            f"{(r.last_error or '')[:60]}"
+            f"{r.key[:52]:<52} {(r.event_type or '')[:32]:<32} {r.status:<8} {r.attempts:>5}  "
+            f"{_when(r.received_at):<19}  {(r.last_error or '')[:60]}"
         )
 
 
