@@ -160,6 +160,12 @@ class S3Settings(_Section):
     region: str = "auto"
     prefix: str = ""
     """Key prefix inside the bucket, so several deployments can share one."""
+    connect_timeout_s: float = Field(5.0, gt=0, le=120)
+    read_timeout_s: float = Field(10.0, gt=0, le=600)
+    """Longest wait for any answer from the endpoint. An endpoint that accepts connections and
+    never answers held a thread per call for minutes; this, times ``max_attempts``, bounds it."""
+    max_attempts: int = Field(3, ge=1, le=10)
+    """Attempts per request (connection errors, throttling, 5xx, timeouts)."""
 
 
 class LlmSettings(_Section):

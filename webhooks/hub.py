@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypedDict, TypeVar
 
@@ -18,6 +20,7 @@ from aiohttp import web
 
 from engine.config import Settings, secret
 from engine.events import Event, EventBus
+from engine.storage.base import ObjectStore, StorageError
 from engine.store import feed, inbox
 from engine.store.db import Database, StoreError
 from webhooks.limits import DEFAULT_RATE_LIMIT, RateLimit, RateLimiter, networks
@@ -27,6 +30,8 @@ from webhooks.replies import Replier
 from webhooks.verify import SendGridVerifier, StripeVerifier, TwilioVerifier
 
 log = logging.getLogger("xswarm.webhooks")
+STORAGE_THREADS = 4
+STORAGE_WAIT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,9 @@ class Hub:
         """Set by the processor: called after a new row is stored."""
         self.state: dict[str, Any] = {}
         """Per-module runtime state (e.g. SMS replies still being composed)."""
+        self._storage_pool = ThreadPoolExecutor(STORAGE_THREADS, thread_name_prefix="xswarm-webhooks-storage")
+        self._object_store: ObjectStore | None = None
+        self._object_store_lock = threading.Lock()
 
     async def open(self) -> None:
         """Create the outbound HTTP session (needs the running loop)."""
@@ -105,6 +113,30 @@ class Hub:
         if self.session is not None:
             await self.session.close()
             self.session = None
+        self._storage_pool.shutdown(wait=False, cancel_futures=True)
+
+    # ----------------------------------------------------------------------------- storage
+
+    async def in_storage(self, fn: Callable[[ObjectStore], T]) -> T:
+        """Run a blocking object-store call on the hub's own pool of ``STORAGE_THREADS``;
+        ``StorageError`` when it has not finished within ``STORAGE_WAIT_S`` (queueing
+        included). Why a pool of its own: against an endpoint that accepts connections and
+        never answers, eight mails with attachments filled the loop's default pool, which
+        also parses every mail, so mail without attachments went unanswered too."""
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(self._storage_pool, lambda: fn(self._store()))
+        try:
+            return await asyncio.wait_for(work, STORAGE_WAIT_S)
+        except TimeoutError:
+            raise StorageError(f"object storage did not answer within {STORAGE_WAIT_S:.0f} s") from None
+
+    def _store(self) -> ObjectStore:
+        with self._object_store_lock:  # one client for the hub (building one costs ~50 ms)
+            if self._object_store is None:
+                from engine.storage import open_store
+
+                self._object_store = open_store(self.settings)
+            return self._object_store
 
     # ------------------------------------------------------------------------------- reads
 

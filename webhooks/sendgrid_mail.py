@@ -23,6 +23,7 @@ from aiohttp import web
 
 from engine.events import MessageReceived
 from engine.logging_setup import mask_email
+from engine.storage.base import ObjectStore
 from engine.store import messages, usage
 from engine.store.inbox import InboxRow
 from engine.store.messages import Statement
@@ -100,11 +101,8 @@ def message_id(fields: dict[str, str], raw: bytes) -> str:
     return str(found).strip() if found else "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
-def _store_files(hub: Hub, files: list[tuple[str, str, bytes]]) -> list[dict[str, Any]]:
-    """Attachments into object storage (blocking; runs in a worker thread)."""
-    from engine.storage import open_store
-
-    store = open_store(hub.settings)
+def _store_files(store: ObjectStore, files: list[tuple[str, str, bytes]]) -> list[dict[str, Any]]:
+    """Attachments into object storage (blocking; runs on the hub's storage pool)."""
     out = []
     for filename, ctype, data in files:
         digest = hashlib.sha256(data).hexdigest()
@@ -124,7 +122,7 @@ async def inbound(request: web.Request) -> web.Response:
     except MailFormatError as exc:
         raise web.HTTPBadRequest(text=str(exc)) from None
     try:
-        attachments = await asyncio.to_thread(_store_files, hub, files) if files else []
+        attachments = await hub.in_storage(lambda store: _store_files(store, files)) if files else []
     except Exception as exc:  # storage down or misconfigured: 5xx so SendGrid retries
         log.error("inbound mail: attachments not stored (answering 503): %s", exc)
         raise web.HTTPServiceUnavailable(text="attachment storage unavailable") from None

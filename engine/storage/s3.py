@@ -68,11 +68,13 @@ class S3Store(ObjectStore):
         part_size: int = 8 * MiB,
         multipart_threshold: int = 16 * MiB,
         concurrency: int = 4,
-        max_attempts: int = 5,
+        max_attempts: int = 3,
         part_attempts: int = 5,
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float = 10.0,
     ) -> None:
         """``max_attempts``: botocore's per-request attempts; ``part_attempts``: ours, per part,
-        completion and whole download."""
+        completion and whole download. The timeouts bound every request (see ``S3Settings``)."""
         if part_size < 5 * MiB:
             raise ValueError("S3 parts must be at least 5 MiB")
         self.bucket = bucket
@@ -82,26 +84,34 @@ class S3Store(ObjectStore):
         self.multipart_threshold = max(multipart_threshold, part_size)
         self.concurrency = concurrency
         self.part_attempts = part_attempts
-        config = Config(
-            region_name=region,
-            signature_version="s3v4",
-            s3={"addressing_style": "path"} if endpoint_url else {},
-            retries={"mode": "standard", "total_max_attempts": max_attempts},
-            connect_timeout=10,
-            read_timeout=60,
-            max_pool_connections=concurrency + 4,
-            # R2 and other S3-compatibles reject the CRC trailers botocore now adds by default;
-            # our sha256 metadata and Content-MD5 per part do that job everywhere.
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        )
-        self._client = boto3.session.Session().client(
-            "s3",
-            endpoint_url=endpoint_url,
-            aws_access_key_id=access_key_id,
-            aws_secret_access_key=secret_access_key,
-            config=config,
-        )
+        session = boto3.session.Session()
+
+        def client(attempts: int) -> Any:
+            config = Config(
+                region_name=region,
+                signature_version="s3v4",
+                s3={"addressing_style": "path"} if endpoint_url else {},
+                retries={"mode": "standard", "total_max_attempts": attempts},
+                connect_timeout=connect_timeout_s,
+                read_timeout=read_timeout_s,
+                max_pool_connections=concurrency + 4,
+                # R2 and other S3-compatibles reject the CRC trailers botocore now adds by default;
+                # our sha256 metadata and Content-MD5 per part do that job everywhere.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            )
+            return session.client(
+                "s3",
+                endpoint_url=endpoint_url,
+                aws_access_key_id=access_key_id,
+                aws_secret_access_key=secret_access_key,
+                config=config,
+            )
+
+        self._client = client(max_attempts)
+        self._probe = client(1)
+        """For ``check``: one attempt, so an endpoint that never answers is reported after one
+        read timeout rather than after every retry."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> S3Store:
@@ -115,6 +125,9 @@ class S3Store(ObjectStore):
             secret_access_key=secret(s3.secret_access_key),
             region=s3.region,
             prefix=s3.prefix,
+            max_attempts=s3.max_attempts,
+            connect_timeout_s=s3.connect_timeout_s,
+            read_timeout_s=s3.read_timeout_s,
         )
 
     def describe(self) -> str:
@@ -174,9 +187,10 @@ class S3Store(ObjectStore):
         raise AssertionError("unreachable")
 
     def check(self) -> None:
-        """HEAD the bucket: tells a missing bucket from rejected credentials before any upload."""
+        """HEAD the bucket, once: tells a missing bucket from rejected credentials, and an
+        endpoint that does not answer, before any upload."""
         try:
-            self._client.head_bucket(Bucket=self.bucket)
+            self._probe.head_bucket(Bucket=self.bucket)
         except bex.ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code in ("404", "NoSuchBucket", "NotFound"):

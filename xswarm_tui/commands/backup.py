@@ -53,6 +53,7 @@ def create(
         fail(f"no database at {db.target.location} (nothing to back up yet)")
     store = _store(settings)
     try:
+        store.check()  # an endpoint that does not answer fails here, after one read timeout
         backup = create_backup(db, store, method=method)  # type: ignore[arg-type]
     except (BackupError, StorageError) as exc:
         fail(str(exc))
@@ -81,9 +82,8 @@ def list_(as_json: bool = typer.Option(False, "--json", help="A JSON array inste
     typer.echo(f"{'ID':<24} {'CREATED (UTC)':<20} {'SIZE':>10} {'FORMAT':<7} {'SCHEMA':>6} {'ROWS':>10}")
     for b in backups:
         created = datetime.fromtimestamp(b.created_at, UTC).strftime("%Y-%m-%d %H:%M:%S")
-        typer.echo(
-            f"{b.id:<24} {created:<20} {_size(b.size):>10} {b.format:<7} {b.schema_version:>6} {sum(b.row_counts.values()):>10}"
-        )
+        rows = sum(b.row_counts.values())
+        typer.echo(f"{b.id:<24} {created:<20} {_size(b.size):>10} {b.format:<7} {b.schema_version:>6} {rows:>10}")
 
 
 @app.command()
