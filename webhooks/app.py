@@ -11,10 +11,11 @@ from aiohttp import web
 from webhooks import identity, sendgrid_mail, stripe_billing, twilio_sms, twilio_voice
 from webhooks.body import BODY_TIMEOUT_S
 from webhooks.hub import HUB, Effect, Hub
-from webhooks.limits import client_address
+from webhooks.limits import LogThrottle, client_address, refusal_cost
 from webhooks.verify import SENDGRID_SIGNATURE, SENDGRID_TIMESTAMP, forbidden
 
 log = logging.getLogger("xswarm.webhooks")
+_quiet_429 = LogThrottle()
 
 EFFECTS: dict[str, Effect] = {
     twilio_sms.PROVIDER: twilio_sms.effect,
@@ -55,7 +56,9 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     limiter = hub.limiter if group is not None else None
     source = client_address(request, hub.trusted_proxies)
     if limiter is not None and limiter.exhausted(group, source):  # type: ignore[arg-type]
-        log.warning("rate limit: %s from %s", group, source)
+        held = _quiet_429.allow()
+        if held is not None:
+            log.warning("rate limit: %s from %s (%d more 429s not logged)", group, source, held)
         return web.Response(
             status=429, text="too many refused requests", headers={"Retry-After": str(limiter.retry_after())}
         )
@@ -66,7 +69,7 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except web.HTTPException as exc:
         if limiter is not None and 400 <= exc.status < 500:
-            limiter.charge(group, source)  # type: ignore[arg-type]
+            limiter.charge(group, source, refusal_cost(request))  # type: ignore[arg-type]
         return _answer(exc)
 
 

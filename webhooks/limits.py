@@ -52,8 +52,9 @@ class RateLimiter:
         moment = time.monotonic() if now is None else now
         return self._refill(bucket, moment) < 1.0
 
-    def charge(self, group: str, source: str, now: float | None = None) -> None:
-        """Count one refusal against ``source``."""
+    def charge(self, group: str, source: str, cost: float = 1.0, now: float | None = None) -> None:
+        """Count a refusal against ``source``: ``cost`` is 1 plus the MiB it made us read
+        (``refusal_cost``), so a refused 29 MiB body weighs as much as 30 refused forms."""
         moment = time.monotonic() if now is None else now
         key = (group, source)
         bucket = self._buckets.get(key)
@@ -61,7 +62,7 @@ class RateLimiter:
             if len(self._buckets) >= self.max_sources:
                 self._forget_idle(moment)
             bucket = self._buckets[key] = [self.limit.burst, moment]
-        bucket[0] = max(0.0, self._refill(bucket, moment) - 1.0)
+        bucket[0] = max(0.0, self._refill(bucket, moment) - cost)
         bucket[1] = moment
 
     def _refill(self, bucket: list[float], moment: float) -> float:
@@ -76,6 +77,34 @@ class RateLimiter:
             del self._buckets[key]
         if len(self._buckets) >= self.max_sources:  # still full: a flood of distinct sources
             self._buckets.clear()
+
+
+def refusal_cost(request: web.Request) -> float:
+    """1 per refused request, plus 1 per MiB of body it declared (what reading it cost)."""
+    return 1.0 + (request.content_length or 0) / (1024 * 1024)
+
+
+class LogThrottle:
+    """At most ``per_s`` lines a second from one noisy place (e.g. each refused request), so
+    a flood cannot turn into a flood of log lines; says how many it held back."""
+
+    def __init__(self, per_s: float = 5.0) -> None:
+        self.per_s = per_s
+        self._allowance = per_s
+        self._last = time.monotonic()
+        self.held_back = 0
+
+    def allow(self) -> int | None:
+        """None: stay quiet; else log now, mentioning the returned number of lines held back."""
+        now = time.monotonic()
+        self._allowance = min(self.per_s, self._allowance + (now - self._last) * self.per_s)
+        self._last = now
+        if self._allowance < 1.0:
+            self.held_back += 1
+            return None
+        self._allowance -= 1.0
+        held, self.held_back = self.held_back, 0
+        return held
 
 
 def networks(items: Iterable[str]) -> tuple[Network, ...]:

@@ -24,16 +24,22 @@ from multidict import MultiDict
 from sendgrid.helpers.eventwebhook import EventWebhook
 from twilio.request_validator import RequestValidator, add_port, remove_port
 
+from webhooks.limits import LogThrottle
+
 log = logging.getLogger("xswarm.webhooks")
 
 SENDGRID_SIGNATURE = "X-Twilio-Email-Event-Webhook-Signature"
 SENDGRID_TIMESTAMP = "X-Twilio-Email-Event-Webhook-Timestamp"
 SENDGRID_MAX_AGE_S = 300
 STRIPE_TOLERANCE_S = 300
+_quiet = LogThrottle()
+"""Refused requests are logged at most 5 a second: a flood must not become a log flood."""
 
 
 def forbidden(provider: str, why: str) -> web.HTTPForbidden:
-    log.warning("%s: refused unverified request: %s", provider, why)
+    held = _quiet.allow()
+    if held is not None:
+        log.warning("%s: refused unverified request: %s%s", provider, why, f" ({held} more not logged)" if held else "")
     return web.HTTPForbidden(text="signature verification failed")
 
 
