@@ -47,6 +47,8 @@ log = logging.getLogger("xswarm.runtime")
 RECENT_EVENTS = 50
 SWITCH_INTERVAL_S = 0.001
 CLOSE_CALLS_S = 5.0
+WEBHOOKS_NICE = 10
+"""The webhook child processes' niceness over ours: under CPU contention, calls come first."""
 """How long shutdown waits for all live calls' streams to close, together."""
 _QUIET_EVENTS = (events.LatencySampled, events.TickSampled, events.SystemSampled)
 """High-rate samples are not kept in the snapshot's recent-events list."""
@@ -197,7 +199,12 @@ class Runtime:
 
         server = self.settings.server
         plan = WorkerPlan(
-            server.host, self._want["webhooks"], server.webhooks_workers, DEFAULT_RATE_LIMIT, settings=self.settings
+            server.host,
+            self._want["webhooks"],
+            server.webhooks_workers,
+            DEFAULT_RATE_LIMIT,
+            settings=self.settings,
+            nice=WEBHOOKS_NICE,
         )
         self.webhooks = WebhookProcesses(plan, bus=self.bus)
         self.webhooks_port = self.webhooks.start()

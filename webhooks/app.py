@@ -12,7 +12,7 @@ from webhooks import identity, sendgrid_mail, stripe_billing, twilio_sms, twilio
 from webhooks.body import BODY_TIMEOUT_S
 from webhooks.hub import HUB, Effect, Hub
 from webhooks.limits import LogThrottle, client_address, refusal_cost
-from webhooks.verify import SENDGRID_SIGNATURE, SENDGRID_TIMESTAMP, forbidden
+from webhooks.verify import SENDGRID_SIGNATURE, SENDGRID_TIMESTAMP, forbidden, not_configured
 
 log = logging.getLogger("xswarm.webhooks")
 _quiet_429 = LogThrottle()
@@ -63,6 +63,9 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
             status=429, text="too many refused requests", headers={"Retry-After": str(limiter.retry_after())}
         )
     try:
+        verifier = {"twilio": hub.twilio, "sendgrid": hub.sendgrid, "stripe": hub.stripe}.get(group or "")
+        if verifier is not None and not verifier.configured:  # say so before reading any body
+            raise _unconfigured(group or "")
         missing = [name for name in SIGNATURE_HEADERS.get(group or "", ()) if name not in request.headers]
         if missing:
             raise forbidden(group or "", f"no {missing[0]} header")
@@ -71,6 +74,11 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         if limiter is not None and 400 <= exc.status < 500:
             limiter.charge(group, source, refusal_cost(request))  # type: ignore[arg-type]
         return _answer(exc)
+
+
+def _unconfigured(group: str) -> web.HTTPServiceUnavailable:
+    what = {"twilio": "TWILIO_AUTH_TOKEN", "sendgrid": "SENDGRID_WEBHOOK_PUBLIC_KEY", "stripe": "STRIPE_WEBHOOK_SECRET"}
+    return not_configured(what[group])
 
 
 def _answer(exc: web.HTTPException) -> web.Response:

@@ -44,7 +44,9 @@ def forbidden(provider: str, why: str) -> web.HTTPForbidden:
 
 
 def not_configured(what: str) -> web.HTTPServiceUnavailable:
-    log.error("webhook refused: %s is not configured", what)
+    held = _quiet.allow()
+    if held is not None:
+        log.error("webhook refused: %s is not configured%s", what, f" ({held} more not logged)" if held else "")
     return web.HTTPServiceUnavailable(text=f"{what} is not configured on this server")
 
 
@@ -57,6 +59,10 @@ class TwilioVerifier:
     def __init__(self, auth_token: str | None, public_url: str | None) -> None:
         self._validator = RequestValidator(auth_token) if auth_token else None
         self._base = public_url.rstrip("/") if public_url else None
+
+    @property
+    def configured(self) -> bool:
+        return self._validator is not None
 
     def url_for(self, request: web.Request) -> str:
         base = self._base or f"{request.scheme}://{request.host}"
@@ -86,6 +92,10 @@ class StripeVerifier:
 
     def __init__(self, secret: str | None) -> None:
         self._secret = secret
+
+    @property
+    def configured(self) -> bool:
+        return bool(self._secret)
 
     def check(self, raw: bytes, header: str | None) -> dict[str, Any]:
         """The verified event as a dict."""
@@ -119,6 +129,10 @@ class SendGridVerifier:
                 self._key = self._helper.convert_public_key_to_ecdsa(public_key_b64)
             except Exception as exc:  # the SDK raises ValueError, binascii.Error or cryptography's own
                 log.error("SENDGRID_WEBHOOK_PUBLIC_KEY is not a base64 DER public key: %s", exc)
+
+    @property
+    def configured(self) -> bool:
+        return self._key is not None
 
     def check(self, request: web.Request, raw: bytes, now: float | None = None) -> None:
         if self._key is None:
