@@ -79,15 +79,22 @@ async def test_a_form_with_too_many_fields_is_refused_before_any_hmac(
     assert status == 403 and len(hmacs) == 2
 
 
+async def _answer_without_body(port: int, path: str) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 30000000\r\n\r\n".encode())
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readline(), 5)  # answered without sending a byte of body
+    writer.close()
+    return head
+
+
 async def test_unsigned_requests_are_refused_before_the_body_is_read(db: Database, make: Any) -> None:
-    h = await make(server_kw={"rate_limit": None})
+    h = await make(sendgrid={"webhook_public_key": SendGridKey().public_b64}, server_kw={"rate_limit": None})
     for path in ("/twilio/sms", "/twilio/voice", "/sendgrid/inbound", "/sendgrid/events", "/stripe/webhook"):
-        reader, writer = await asyncio.open_connection("127.0.0.1", h.server.port)
-        writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 30000000\r\n\r\n".encode())
-        await writer.drain()
-        head = await asyncio.wait_for(reader.readline(), 5)  # answered without sending a byte of body
+        head = await _answer_without_body(h.server.port, path)
         assert head.startswith(b"HTTP/1.1 403"), (path, head)
-        writer.close()
+    unconfigured = await make(server_kw={"rate_limit": None})  # no SendGrid key: 503, also before the body
+    assert (await _answer_without_body(unconfigured.server.port, "/sendgrid/inbound")).startswith(b"HTTP/1.1 503")
 
 
 async def test_behind_a_trusted_proxy_the_limit_keys_on_the_forwarded_client(
