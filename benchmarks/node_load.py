@@ -143,7 +143,7 @@ class Node:
     @staticmethod
     def http(port: int, path: str) -> dict[str, Any]:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
-            return json.loads(resp.read())  # type: ignore[no-any-return]
+            return json.loads(resp.read())
 
     def health(self) -> dict[str, Any]:
         return self.http(self.supervisor_port, "/health")
@@ -234,11 +234,13 @@ class Calls:
                     )
                 except Exception as exc:  # a call that could not run is counted, not fatal
                     self.failed.append(f"{sid}: {exc}")
+                    await asyncio.sleep(2.0)  # as a caller would, before calling again
                     continue
                 finally:
                     self.live.discard(sid)
                 if report.close_code not in (None, 1000):
                     self.failed.append(f"{sid}: closed {report.close_code} {report.close_reason}")
+                    await asyncio.sleep(2.0)
                 self.reports.append({"gap_ms_p99": report.gap_ms.get("p99"), "chunks": report.chunks_received})
 
         await asyncio.gather(*(lane(k) for k in range(self.concurrent)))
@@ -349,7 +351,7 @@ async def listeners(node: Node, count: int, until: float) -> dict[str, int]:
                     if choices:
                         listening = choices[(i * 7) % len(choices)]
                         try:
-                            await client.command(Listen(listening))
+                            await client.command(Listen(listening))  # type: ignore[call-arg]
                             frames["relistens"] += 1
                         except Exception:  # the call ended between the choice and the command
                             listening = None
