@@ -54,7 +54,8 @@ def register(app: typer.Typer) -> None:
         read_only: bool = typer.Option(False, "--read-only", help="Hide every key that acts on a call."),
         theme: str | None = typer.Option(None, "--theme", help="Theme name from themes/ (default: settings ui.theme)."),
     ) -> None:
-        """Operator console for a voice AI that answers phone calls (runs the runtime in this process)."""
+        """Operator console for a voice AI that answers phone calls (runs the runtime in this process;
+        with server.webhooks_enabled its webhooks run in watched child processes, never in this one)."""
         from engine.logging_setup import configure
 
         configure()  # the console owns the terminal: every record goes to the log file
