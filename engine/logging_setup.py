@@ -9,6 +9,7 @@ are logged or shown.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import logging.handlers
 import os
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from multiprocessing.queues import Queue as MPQueue
 from pathlib import Path
 from queue import Queue
+from typing import TextIO
 
 from engine.paths import Paths, resolve_paths
 
@@ -28,6 +30,7 @@ FORMAT = "%(asctime)s %(levelname)-7s %(name)s [%(threadName)s] %(message)s"
 
 _lock = threading.Lock()
 _file_handler: logging.Handler | None = None
+_fault_file: TextIO | None = None
 
 
 def _level() -> int:
@@ -64,7 +67,19 @@ def configure(paths: Paths | None = None) -> Path:
         logger.propagate = False
         logging.getLogger().addHandler(handler)
         _file_handler = handler
+        _dump_faults_to(path)
     return path
+
+
+def _dump_faults_to(path: Path) -> None:
+    """A fatal signal (SIGBUS from a storage fault, SIGSEGV) writes "Fatal Python error" and
+    every thread's traceback to the log, where the process would otherwise end without a
+    line. Its own handle, opened for appending: the rotating handler's stream changes."""
+    global _fault_file
+    if _fault_file is not None:
+        _fault_file.close()
+    _fault_file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the process's life
+    faulthandler.enable(file=_fault_file, all_threads=True)
 
 
 def forward_to(records: Queue[logging.LogRecord] | MPQueue[logging.LogRecord]) -> None:

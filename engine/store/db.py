@@ -51,6 +51,7 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
+import os
 import queue
 import re
 import sqlite3
@@ -120,6 +121,8 @@ class Target:
         """The writer's connection: the file's automatic checkpoints are off on it, because a
         ``Checkpointer`` thread does them off the commit path (see ``engine.store.checkpoint``),
         and so is SQLite's busy handler (see ``Database._begin``)."""
+        if not self.remote:
+            _check_writable(self.location)
         conn = self.connect()
         if not self.remote:
             conn.execute("PRAGMA wal_autocheckpoint=0")
@@ -192,6 +195,26 @@ def _insert_shape(sql: str) -> _InsertShape | None:
 
 
 _STOP = object()
+
+
+def _check_writable(location: str) -> None:
+    """Refuse, in one line, a database file or ``-wal``/``-shm`` file this process cannot open
+    for writing. Why here, before SQLite: it maps the ``-shm`` file, and a mapping it cannot
+    keep ends the process with SIGBUS, without a word; unopened it says only "attempt to
+    write a readonly database"."""
+    if location.startswith("file:") or location == ":memory:":
+        return
+    for path in (location, location + "-wal", location + "-shm"):
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise OSError(
+                f"{path} cannot be opened read-write ({exc.strerror}); xswarm needs read-write access to the"
+                " database file and its -wal and -shm files"
+            ) from None
+        os.close(fd)
 
 
 _STATEMENT_FAULTS = frozenset({"IntegrityError", "ProgrammingError", "DataError", "InterfaceError"})
