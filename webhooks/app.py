@@ -12,7 +12,15 @@ from webhooks import identity, sendgrid_mail, stripe_billing, twilio_sms, twilio
 from webhooks.body import BODY_TIMEOUT_S
 from webhooks.hub import HUB, Effect, Hub
 from webhooks.limits import LogThrottle, client_address, refusal_cost
-from webhooks.verify import SENDGRID_SIGNATURE, SENDGRID_TIMESTAMP, forbidden, not_configured
+from webhooks.verify import (
+    SENDGRID_SIGNATURE,
+    SENDGRID_TIMESTAMP,
+    SendGridVerifier,
+    StripeVerifier,
+    TwilioVerifier,
+    forbidden,
+    not_configured,
+)
 
 log = logging.getLogger("xswarm.webhooks")
 _quiet_429 = LogThrottle()
@@ -63,7 +71,12 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
             status=429, text="too many refused requests", headers={"Retry-After": str(limiter.retry_after())}
         )
     try:
-        verifier = {"twilio": hub.twilio, "sendgrid": hub.sendgrid, "stripe": hub.stripe}.get(group or "")
+        verifiers: dict[str, TwilioVerifier | SendGridVerifier | StripeVerifier] = {
+            "twilio": hub.twilio,
+            "sendgrid": hub.sendgrid,
+            "stripe": hub.stripe,
+        }
+        verifier = verifiers.get(group or "")
         if verifier is not None and not verifier.configured:  # say so before reading any body
             raise _unconfigured(group or "")
         missing = [name for name in SIGNATURE_HEADERS.get(group or "", ()) if name not in request.headers]
