@@ -11,7 +11,6 @@ import asyncio
 import logging
 import threading
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypedDict, TypeVar
 
@@ -20,7 +19,7 @@ from aiohttp import web
 
 from engine.config import Settings, secret
 from engine.events import Event, EventBus
-from engine.storage.base import ObjectStore, StorageError
+from engine.storage.base import ObjectStore, StorageError, off_loop
 from engine.store import feed, inbox
 from engine.store.db import Database, StoreError
 from webhooks.limits import DEFAULT_RATE_LIMIT, RateLimit, RateLimiter, networks
@@ -30,7 +29,6 @@ from webhooks.replies import Replier
 from webhooks.verify import SendGridVerifier, StripeVerifier, TwilioVerifier
 
 log = logging.getLogger("xswarm.webhooks")
-STORAGE_THREADS = 4
 STORAGE_WAIT_S = 60.0
 
 
@@ -98,7 +96,6 @@ class Hub:
         """Set by the processor: called after a new row is stored."""
         self.state: dict[str, Any] = {}
         """Per-module runtime state (e.g. SMS replies still being composed)."""
-        self._storage_pool = ThreadPoolExecutor(STORAGE_THREADS, thread_name_prefix="xswarm-webhooks-storage")
         self._object_store: ObjectStore | None = None
         self._object_store_lock = threading.Lock()
 
@@ -113,18 +110,14 @@ class Hub:
         if self.session is not None:
             await self.session.close()
             self.session = None
-        self._storage_pool.shutdown(wait=False, cancel_futures=True)
 
     # ----------------------------------------------------------------------------- storage
 
     async def in_storage(self, fn: Callable[[ObjectStore], T]) -> T:
-        """Run a blocking object-store call on the hub's own pool of ``STORAGE_THREADS``;
-        ``StorageError`` when it has not finished within ``STORAGE_WAIT_S`` (queueing
-        included). Why a pool of its own: against an endpoint that accepts connections and
-        never answers, eight mails with attachments filled the loop's default pool, which
-        also parses every mail, so mail without attachments went unanswered too."""
-        loop = asyncio.get_running_loop()
-        work = loop.run_in_executor(self._storage_pool, lambda: fn(self._store()))
+        """Run blocking object-store work on storage's own bounded pool (``off_loop``: never
+        the pool that parses mail); ``StorageError`` when it has not finished within
+        ``STORAGE_WAIT_S``, queueing included, so the provider is told 503 and retries."""
+        work = off_loop(lambda: fn(self._store()))
         try:
             return await asyncio.wait_for(work, STORAGE_WAIT_S)
         except TimeoutError:

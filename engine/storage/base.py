@@ -11,6 +11,7 @@ object never looks like a good file.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import io
 import os
@@ -18,12 +19,14 @@ import re
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 CHUNK = 1024 * 1024
+T = TypeVar("T")
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-=+/]*$")
 _META_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 
@@ -144,7 +147,7 @@ class ObjectStore(ABC):
     def delete(self, key: str) -> None:
         """Remove the object; deleting an absent key is not an error."""
 
-    def check(self) -> None:
+    def check(self) -> None:  # noqa: B027 - optional: a store with nothing to check keeps this
         """Raise ``StorageConfigError`` if the store cannot be used (called at service start)."""
 
     # ------------------------------------------------------------------------ shared parts
@@ -208,16 +211,30 @@ class ObjectStore(ABC):
     # ---------------------------------------------------------------- async (off the loop)
 
     async def aput_file(self, key: str, path: Path | str, metadata: Mapping[str, str] | None = None) -> ObjectInfo:
-        return await asyncio.to_thread(self.put_file, key, path, metadata)
+        return await off_loop(self.put_file, key, path, metadata)
 
     async def aput_bytes(self, key: str, data: bytes, metadata: Mapping[str, str] | None = None) -> ObjectInfo:
-        return await asyncio.to_thread(self.put_bytes, key, data, metadata)
+        return await off_loop(self.put_bytes, key, data, metadata)
 
     async def ahead(self, key: str) -> ObjectInfo:
-        return await asyncio.to_thread(self.head, key)
+        return await off_loop(self.head, key)
 
     async def alist(self, prefix: str = "") -> list[ObjectInfo]:
-        return await asyncio.to_thread(self.list, prefix)
+        return await off_loop(self.list, prefix)
 
     async def adelete(self, key: str) -> None:
-        await asyncio.to_thread(self.delete, key)
+        await off_loop(self.delete, key)
+
+
+STORAGE_THREADS = 4
+_pool = ThreadPoolExecutor(STORAGE_THREADS, thread_name_prefix="xswarm-storage")
+
+
+async def off_loop(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run blocking object-store work on storage's own pool of ``STORAGE_THREADS`` threads,
+    never on the loop's default executor. Why: against an endpoint that accepts connections
+    and never answers, each call holds its thread for up to the read timeout times the
+    attempts; eight mails with attachments once filled the shared default pool, which also
+    parses every mail, so mail without attachments went unanswered too. Here a hanging store
+    queues only storage work."""
+    return await asyncio.get_running_loop().run_in_executor(_pool, functools.partial(fn, *args, **kwargs))

@@ -23,6 +23,7 @@ from engine.storage.backup import (
     latest_backup_time,
     prune_backups,
 )
+from engine.storage.base import off_loop
 from engine.storage.logarchive import archive_logs, prune_log_archives
 from engine.storage.recordings import CallRecordings, prune_recordings
 from engine.tasks import cancel_and_wait
@@ -49,7 +50,7 @@ class StorageService:
 
     async def start(self) -> None:
         try:
-            self.store = await asyncio.to_thread(self._open)
+            self.store = await off_loop(self._open)
         except (StorageError, ValueError) as exc:
             self._report(f"object storage unavailable: {exc}")
             return
@@ -102,22 +103,16 @@ class StorageService:
             and (self.last_backup_at is None or now - self.last_backup_at >= DAY_S)
         ):
             try:
-                self.last_backup = await asyncio.to_thread(create_backup, db, store)
+                self.last_backup = await off_loop(create_backup, db, store)
             except (BackupError, StorageError) as exc:
                 self._report(f"daily backup failed: {exc}")
             else:
                 self.last_backup_at = self.last_backup.created_at
                 done["backup"] = self.last_backup.id
-        done["backups_pruned"] = await asyncio.to_thread(prune_backups, store, settings.backup.retention_days, now=now)
-        done["logs_archived"] = await asyncio.to_thread(
-            archive_logs, store, resolve_paths().logs, node_id=self.runtime.node_id
-        )
-        done["logs_pruned"] = await asyncio.to_thread(
-            prune_log_archives, store, settings.backup.retention_days, now=now
-        )
-        done["recordings_pruned"] = await asyncio.to_thread(
-            prune_recordings, store, settings.recording.retention_days, now=now
-        )
+        done["backups_pruned"] = await off_loop(prune_backups, store, settings.backup.retention_days, now=now)
+        done["logs_archived"] = await off_loop(archive_logs, store, resolve_paths().logs, node_id=self.runtime.node_id)
+        done["logs_pruned"] = await off_loop(prune_log_archives, store, settings.backup.retention_days, now=now)
+        done["recordings_pruned"] = await off_loop(prune_recordings, store, settings.recording.retention_days, now=now)
         if self.recordings is not None:
             done["recordings_uploaded"] = await self.recordings.upload_spooled()
         self.rounds += 1
