@@ -11,6 +11,7 @@ object never looks like a good file.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import functools
 import hashlib
 import io
@@ -219,7 +220,7 @@ class ObjectStore(ABC):
     async def ahead(self, key: str) -> ObjectInfo:
         return await off_loop(self.head, key)
 
-    async def alist(self, prefix: str = "") -> list[ObjectInfo]:
+    async def alist(self, prefix: str = "") -> builtins.list[ObjectInfo]:
         return await off_loop(self.list, prefix)
 
     async def adelete(self, key: str) -> None:
