@@ -16,20 +16,22 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar, dataclass_transform
 
 PROTOCOL_VERSION = 1
 _log = logging.getLogger("xswarm.bus")
 
 _REGISTRY: dict[str, type[Wire]] = {}
-W = TypeVar("W", bound="type[Wire]")
+W = TypeVar("W", bound="Wire")
 
 
-def message(cls: W) -> W:
-    """Register a dataclass under its class name so ``from_wire`` can rebuild it."""
-    cls = dataclass(frozen=True, slots=True)(cls)
-    _REGISTRY[cls.__name__] = cls
-    return cls
+@dataclass_transform(frozen_default=True, field_specifiers=(field,))
+def message(cls: type[W]) -> type[W]:
+    """Make ``cls`` a frozen, slotted dataclass and register it under its class name so
+    ``from_wire`` can rebuild it. ``dataclass_transform`` tells type checkers what it does."""
+    made = dataclass(frozen=True, slots=True)(cls)  # slots=True returns a new class
+    _REGISTRY[made.__name__] = made
+    return made
 
 
 class Wire:

@@ -326,7 +326,10 @@ class AttachedLink(Link):
         return await asyncio.wrap_future(self._run(send()))
 
     def _microphone_sink(self, call_id: str) -> Callable[[Any], None]:
-        return lambda pcm: self._run(self._client.send_audio(call_id, pcm))
+        def sink(pcm: Any) -> None:
+            self._run(self._client.send_audio(call_id, pcm))
+
+        return sink
 
     def users(self) -> list[UserRow] | None:
         return None
