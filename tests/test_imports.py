@@ -87,7 +87,8 @@ def test_cli_help_imports_no_heavy_packages() -> None:
         """
         import json, sys
         from xswarm_tui.cli import app, main
-        helps = [["--help"]] + [[name, "--help"] for name in sorted(c.name or c.callback.__name__ for c in app.registered_commands)]
+        names = sorted(c.name or c.callback.__name__ for c in app.registered_commands)
+        helps = [["--help"]] + [[name, "--help"] for name in names]
         helps += [[g.name, "--help"] for g in app.registered_groups]
         for argv in helps:
             sys.argv = ["xswarm", *argv]

@@ -193,7 +193,7 @@ class InboxProcessor:
                 return
             # One row's statements may be at fault: commit each alone so only it fails.
             singles = [self.hub.db.submit_script(self._script([(row, outcome)])) for row, outcome, _ in group]
-            for (_, _, future), single in zip(group, singles):
+            for (_, _, future), single in zip(group, singles, strict=True):
                 try:
                     await asyncio.wrap_future(single)
                 except StoreError as single_exc:

@@ -157,13 +157,14 @@ class Workers:
             except queue.Empty:
                 dead = [i for i in waiting if not self._procs[i].is_alive()]
                 if dead:
+                    code = self._procs[dead[0]].exitcode
                     raise WorkersError(
-                        f"worker {dead[0] + 1} exited during start-up (code {self._procs[dead[0]].exitcode}); see the log"
-                    )
+                        f"worker {dead[0] + 1} exited during start-up (code {code}); see the log"
+                    ) from None
                 if time.monotonic() > deadline:
                     raise WorkersError(
                         f"workers {sorted(i + 1 for i in waiting)} did not start within {START_TIMEOUT_S:.0f} s"
-                    )
+                    ) from None
                 continue
             if index not in waiting:
                 continue  # not one we are waiting for (cannot happen: a worker reports once)

@@ -432,7 +432,7 @@ class Database:
                 if attempt + 1 == attempts:
                     return self._replay(conn, batch, exc)
                 continue
-            for item, result in zip(batch, results):
+            for item, result in zip(batch, results, strict=True):
                 item.future.set_result(result)
             return conn
         raise AssertionError("unreachable")
