@@ -1,8 +1,7 @@
 """``xswarm webhooks serve --workers N``: N server processes sharing one port.
 
-Why: one server process is one event loop and one GIL, so it tops out near one core; on the
-2-core box signed SMS went from ~2,700/s with one worker to ~3,700/s with two
-(benchmarks/webhooks.py --workers 2, benchmarks/results/webhooks_2core_quiet.json).
+Why: one server process is one event loop and one GIL, so it tops out near one core
+(figures: docs/performance.md, "Webhooks").
 
 How: the parent binds the port once with ``SO_REUSEPORT`` (resolving port 0) without
 listening on it, then spawns the workers; each binds its own ``SO_REUSEPORT`` socket on that

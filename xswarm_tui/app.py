@@ -52,9 +52,8 @@ RENDER_INTERVAL_S = 0.25
 BUSY_RENDER_INTERVAL_S = 0.5
 BUSY_CALLS = 16
 """Above this many live calls, redraw at 2 Hz. Why: every redraw of the calls table renders all
-its visible cells, and the UI thread shares the GIL with the bridge; on a 2-core machine with
-50 calls benchmarks/tui.py saw late bridge frames in most 4 Hz runs, halved the UI's CPU at
-2 Hz, and late frames in only an occasional run (one burst, one frame per call)."""
+its visible cells, and the UI thread shares the GIL with the bridge (docs/performance.md,
+"Runtime and console")."""
 DEBOUNCE_S = 0.3
 """A second press of a destructive key within this is ignored (key repeat, double taps)."""
 
