@@ -1,9 +1,10 @@
-"""Dependency rules, checked in fresh interpreters (DESIGN.md "Layout"):
+"""Dependency rules, checked in fresh interpreters (docs/architecture.md, "Import rules"):
 
-- ``engine`` and ``webhooks`` never import ``textual`` or ``xswarm_tui``, nor torch/moshi
+- ``engine`` and ``webhooks`` never import ``textual`` or ``xswarm_tui``, nor torch/moshi/mlx
   (those live behind ``engine/models``, imported lazily);
 - ``webhooks`` never imports ``engine.models``;
-- ``xswarm --help`` imports none of torch, moshi, textual.
+- ``engine.models.registry`` and ``engine.models.base`` load no weights code;
+- ``xswarm --help`` (and every sub-command's) imports none of torch, moshi, mlx, textual.
 """
 
 from __future__ import annotations
