@@ -110,9 +110,15 @@ class BatchedMoshi(VoiceModel):
         greedy: bool = False,
         seed: int | None = None,
         warmup_steps: int = 12,
+        kv_cache: str = "bf16",
     ) -> None:
         super().__init__(slots)
         self.device_request = device
+        from engine.models.kv_cache import check_kind
+
+        self.kv_cache = check_kind(kv_cache)
+        """KV cache storage of the temporal transformer: bf16 (moshi's own), int8 or fp8
+        (``engine.models.kv_cache``); installed when streaming starts."""
         self.greedy = greedy
         self.seed = seed
         self.warmup_steps = warmup_steps
@@ -146,8 +152,11 @@ class BatchedMoshi(VoiceModel):
         """Set up streaming for ``slots`` slots on already-built parts."""
         from moshi.models import LMGen
 
+        from engine.models import kv_cache
+
         self._parts = parts
         lm = parts.lm
+        kv_cache.install(lm, self.kv_cache)
         self.mimi = parts.mimi
         self.op_mimi = _shared_copy(parts.mimi)
         kwargs = dict(parts.gen_kwargs)
@@ -394,6 +403,7 @@ class BatchedMoshi(VoiceModel):
             facts["device"] = str(self.device)
             facts["dtype"] = str(self._parts.lm.dtype).removeprefix("torch.")
             facts["context"] = self._parts.lm.context
+            facts["kv_cache"] = self.kv_cache
         facts["last_step_ms"] = self.last_step_ms
         facts["step_ms_p50"] = self.step_ms_p50()
         if self.warning:
