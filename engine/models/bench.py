@@ -56,7 +56,23 @@ def _driver() -> str | None:
         return None
 
 
-def _percentiles(values: list[float]) -> dict[str, float]:
+def machine_facts(dev: Any) -> dict[str, Any]:
+    """Device, driver and library versions, for every benchmark report."""
+    import moshi
+    import torch
+
+    cuda = dev.type == "cuda"
+    return {
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if cuda else _cpu_name(),
+        "driver": _driver() if cuda else None,
+        "cuda": torch.version.cuda if cuda else None,
+        "torch": torch.__version__,
+        "moshi": moshi.__version__,
+    }
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
     arr = np.asarray(values, dtype=float)
     return {
         "p50": round(float(np.percentile(arr, 50)), 3),
@@ -80,7 +96,7 @@ def _rss() -> int:
     return int(psutil.Process(os.getpid()).memory_info().rss)
 
 
-def _kv_bytes(model: Any) -> int:
+def kv_bytes(model: Any) -> int:
     """Bytes of the temporal transformer's KV caches as allocated (any kind)."""
     total = 0
     for module in model.parts.lm.transformer.modules():
@@ -95,7 +111,7 @@ def _kv_bytes(model: Any) -> int:
     return total
 
 
-def _time_steps(model: Any, steps: int, controls: bool, rng: np.random.Generator) -> list[float]:
+def time_steps(model: Any, steps: int, controls: bool, rng: np.random.Generator) -> list[float]:
     B = model.slots
     frames = (rng.standard_normal((steps, B, FRAME_SIZE)) * 0.05).astype(np.float32)
     active = np.ones(B, bool)
@@ -136,7 +152,8 @@ def run_engine_bench(
     """Measure ``spec`` (``synthetic:<size>``) at each batch size; return one JSON-able dict."""
     import torch
 
-    from engine.models import fidelity, kv_cache as kv
+    from engine.models import fidelity
+    from engine.models import kv_cache as kv
     from engine.models.moshi_torch import pick_device
     from engine.models.quantize import check_kind as check_weights
     from engine.models.quantize import config_for, quantize_lm, tensor_bytes
@@ -208,9 +225,9 @@ def run_engine_bench(
                 torch.set_num_threads(threads)
             model.warmup()
             say(f"batch {b}: {steps} steps")
-            times = _time_steps(model, steps, False, rng)
+            times = time_steps(model, steps, False, rng)
             row: dict[str, Any] = {"batch": b}
-            p = _percentiles(times)
+            p = percentiles(times)
             row.update(
                 step_ms_p50=p["p50"],
                 step_ms_p99=p["p99"],
@@ -220,8 +237,8 @@ def run_engine_bench(
                 realtime_factor=round(p["p50"] / FRAME_MS, 3),
             )
             if controls:
-                ctimes = _time_steps(model, steps, True, rng)
-                c = _percentiles(ctimes)
+                ctimes = time_steps(model, steps, True, rng)
+                c = percentiles(ctimes)
                 row.update(
                     controls_step_ms_p50=c["p50"],
                     controls_step_ms_p99=c["p99"],
@@ -230,7 +247,7 @@ def run_engine_bench(
             used = (torch.cuda.max_memory_allocated(dev) if cuda else _rss()) - base
             row.update(
                 mem_per_call_mib=round(used / b / 2**20, 1),
-                kv_cache_mib_per_call=round(_kv_bytes(model) / b / 2**20, 2),
+                kv_cache_mib_per_call=round(kv_bytes(model) / b / 2**20, 2),
                 weights_gib=round(model_bytes / 2**30, 3),
                 **agreement,
             )
@@ -260,18 +277,11 @@ def run_engine_bench(
     speedup = None
     if 1 in by_batch and 16 in by_batch:
         speedup = round(by_batch[1]["per_call_ms"] / by_batch[16]["per_call_ms"], 2)
-    import moshi
-
     facts = parts.facts
     report: dict[str, Any] = {
         "benchmark": "engine",
         "model": spec,
-        "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if cuda else _cpu_name(),
-        "driver": _driver() if cuda else None,
-        "cuda": torch.version.cuda if cuda else None,
-        "torch": torch.__version__,
-        "moshi": moshi.__version__,
+        **machine_facts(dev),
         "dtype": str(parts.lm.dtype).removeprefix("torch."),
         "weights": weights,
         "kv_cache": kv_cache,

@@ -24,6 +24,8 @@ no fp8 tensor cores are needed. The depformer's tiny per-step caches and Mimi's 
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 from moshi.modules.transformer import (
     KVCacheResult,
@@ -129,7 +131,7 @@ class CompactKVAttention(StreamingMultiheadAttention):
     kv_kind: str = "int8"
 
     def _init_streaming_state(self, batch_size: int) -> _MHAState:
-        weight = self.in_projs[0].weight
+        weight = cast(torch.nn.Linear, self.in_projs[0]).weight
         device, dtype = weight.device, weight.dtype
         assert self.context is not None
         cache = CompactRingKVCache(
@@ -150,7 +152,7 @@ class CompactKVAttention(StreamingMultiheadAttention):
         )
 
 
-def install(lm: torch.nn.Module, kind: str) -> int:
+def install(lm: Any, kind: str) -> int:
     """Give the LM's temporal-transformer attention a ``kind`` KV cache; return how many layers.
 
     Call before entering streaming mode (the cache is allocated then). ``bf16`` restores
@@ -158,7 +160,7 @@ def install(lm: torch.nn.Module, kind: str) -> int:
     """
     check_kind(kind)
     count = 0
-    for module in lm.transformer.modules():  # type: ignore[operator]
+    for module in lm.transformer.modules():
         if not isinstance(module, StreamingMultiheadAttention):
             continue
         if module.cross_attention or module.weights_per_step or module.context is None:
@@ -167,15 +169,15 @@ def install(lm: torch.nn.Module, kind: str) -> int:
             module.__class__ = StreamingMultiheadAttention
         else:
             module.__class__ = CompactKVAttention
-            module.kv_kind = kind  # type: ignore[attr-defined]
+            cast(CompactKVAttention, module).kv_kind = kind
         count += 1
     return count
 
 
-def kv_bytes_per_call(lm: torch.nn.Module, kind: str, context: int) -> int:
+def kv_bytes_per_call(lm: Any, kind: str, context: int) -> int:
     """Bytes of temporal-transformer KV cache one call holds at ``context`` steps."""
     total = 0.0
-    for module in lm.transformer.modules():  # type: ignore[operator]
+    for module in lm.transformer.modules():
         if isinstance(module, StreamingMultiheadAttention) and not (
             module.cross_attention or module.weights_per_step or module.context is None
         ):

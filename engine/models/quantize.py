@@ -55,7 +55,7 @@ def _quiet_import() -> Any:
     level = ao_log.level
     ao_log.setLevel(logging.ERROR)
     try:
-        import torchao.quantization as q
+        import torchao.quantization as q  # type: ignore[import-untyped]
     except ImportError:
         raise RuntimeError(
             "quantized MOSHI weights need torchao: pip install torchao (it is in xswarm's moshi extra)"
@@ -117,7 +117,9 @@ def int8_from_q8(codes: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype) 
     """A torchao Int8Tensor from bitsandbytes row-wise codes and per-row absmax (``weight_scb``)."""
     q = _quiet_import()
     if codes.dtype != torch.int8 or codes.dim() != 2 or absmax.shape != codes.shape[:1]:
-        raise ValueError(f"not a row-wise int8 weight: codes {tuple(codes.shape)} {codes.dtype}, scb {tuple(absmax.shape)}")
+        raise ValueError(
+            f"not a row-wise int8 weight: codes {tuple(codes.shape)} {codes.dtype}, scb {tuple(absmax.shape)}"
+        )
     scale = (absmax.float() / 127.0).reshape(-1, 1)
     return q.Int8Tensor(codes, scale, [1, codes.shape[1]], dtype)
 

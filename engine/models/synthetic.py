@@ -128,9 +128,7 @@ class SyntheticMoshi(BatchedMoshi):
         weights: str = "bf16",
         kv_cache: str = "bf16",
     ) -> None:
-        super().__init__(
-            slots, device=device, greedy=greedy, seed=seed, warmup_steps=warmup_steps, kv_cache=kv_cache
-        )
+        super().__init__(slots, device=device, greedy=greedy, seed=seed, warmup_steps=warmup_steps, kv_cache=kv_cache)
         self.size = check_size(size)
         self.name = f"synthetic:{size}"
         self.dtype_name = dtype
