@@ -100,6 +100,15 @@ class Sweep:
         self._free()
         return parts, reference
 
+    def outside_allocator_gib(self) -> float:
+        """GPU memory in use that PyTorch's allocator does not hold (CUDA context, cuBLAS
+        workspaces, loaded kernels); on a dedicated GPU, what a card loses before any tensor."""
+        import torch
+
+        self._free()
+        free, total = torch.cuda.mem_get_info(self.dev)
+        return round((total - free - torch.cuda.memory_reserved(self.dev)) / GIB, 3)
+
     def _free(self) -> None:
         import torch
 
@@ -335,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
             sweep._free()
             continue
         build_s = round(time.monotonic() - t0, 1)
+        if sweep.cuda and "outside_allocator_gib" not in report:
+            report["outside_allocator_gib"] = sweep.outside_allocator_gib()
         for kv in [k for k in args.kv_cache.split(",") if k]:
             if sweep.time_left() < 30:
                 report["choices"].append({"weights": weights, "kv_cache": kv, "skipped": "time budget"})
