@@ -27,6 +27,7 @@ quantized one layer at a time while it loads, so the float model never sits whol
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ WEIGHT_KINDS = ("bf16", "int8", "int4")
 INT4_GROUP_SIZE = 128
 Q8_SCALE_SUFFIX = "_scb"
 """Suffix of the per-row absmax that bitsandbytes (and Kyutai's q8 checkpoints) store."""
+_PER_STEP_PROJ = re.compile(r"(.+\.self_attn)\.(in|out)_projs\.(\d+)\.weight(_scb)?")
 
 
 def check_kind(kind: str) -> str:
@@ -127,19 +129,34 @@ def int8_from_q8(codes: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype) 
 def q8_state_dict(lm: torch.nn.Module) -> dict[str, torch.Tensor]:
     """``lm``'s state dict in Kyutai's q8 layout: every Linear weight as int8 codes + ``weight_scb``.
 
-    The same row-wise absmax rounding as bitsandbytes' ``int8_vectorwise_quant``. Used to write
-    int8 checkpoints (tests write a tiny one in the Hugging Face cache layout).
+    The same row-wise absmax rounding as bitsandbytes' ``int8_vectorwise_quant``, and the
+    attention projections under their published names (``in_proj_weight``, ``out_proj.weight``,
+    the per-step copies stacked), as in Kyutai's files. Used to write int8 checkpoints (tests
+    write a tiny one in the Hugging Face cache layout).
     """
     linears = {f"{name}.weight" for name, m in lm.named_modules() if isinstance(m, torch.nn.Linear)}
-    out: dict[str, torch.Tensor] = {}
+    flat: dict[str, torch.Tensor] = {}
     for key, value in lm.state_dict().items():
         if key in linears:
             w = value.float()
             absmax = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
-            out[key] = torch.round(w * (127.0 / absmax[:, None])).clamp(-127, 127).to(torch.int8).contiguous()
-            out[key + Q8_SCALE_SUFFIX] = absmax.contiguous()
+            flat[key] = torch.round(w * (127.0 / absmax[:, None])).clamp(-127, 127).to(torch.int8)
+            flat[key + Q8_SCALE_SUFFIX] = absmax
         else:
+            flat[key] = value
+    out: dict[str, torch.Tensor] = {}
+    stacks: dict[str, list[torch.Tensor]] = {}
+    for key, value in flat.items():
+        match = _PER_STEP_PROJ.fullmatch(key)
+        if match is None:
             out[key] = value.contiguous()
+            continue
+        prefix, kind, _, scb = match.groups()
+        suffix = scb or ""
+        published = f"{prefix}.in_proj_weight{suffix}" if kind == "in" else f"{prefix}.out_proj.weight{suffix}"
+        stacks.setdefault(published, []).append(value)  # state_dict order: step 0, 1, …
+    for key, parts in stacks.items():
+        out[key] = torch.cat(parts, dim=0).contiguous()
     return out
 
 
