@@ -172,16 +172,3 @@ def install(lm: Any, kind: str) -> int:
             cast(CompactKVAttention, module).kv_kind = kind
         count += 1
     return count
-
-
-def kv_bytes_per_call(lm: Any, kind: str, context: int) -> int:
-    """Bytes of temporal-transformer KV cache one call holds at ``context`` steps."""
-    total = 0.0
-    for module in lm.transformer.modules():
-        if isinstance(module, StreamingMultiheadAttention) and not (
-            module.cross_attention or module.weights_per_step or module.context is None
-        ):
-            head_dim = module.embed_dim // module.num_heads
-            heads = module.num_heads // module.kv_repeat
-            total += 2 * heads * head_dim * context * bytes_per_element(kind, head_dim)
-    return int(total)

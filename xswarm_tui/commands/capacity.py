@@ -77,4 +77,6 @@ def capacity(
         "/ 1.008 TB/s. Fidelity figures, where shown in --json, come from random weights: a numerical proxy."
     )
     if not outside_measured:
-        typer.echo(f"(the CUDA context is assumed to take {cap.ASSUMED_OUTSIDE_ALLOCATOR_GIB} GiB until a sweep measures it)")
+        typer.echo(
+            f"(the CUDA context is assumed to take {cap.ASSUMED_OUTSIDE_ALLOCATOR_GIB} GiB until a sweep measures it)"
+        )
