@@ -42,9 +42,8 @@ def kv_mib_per_call(kind: str, context: int) -> float:
 
     from engine.models.kv_cache import bytes_per_element
 
-    cfg = loaders._lm_kwargs
-    head_dim = cfg["dim"] // cfg["num_heads"]
-    return 2 * cfg["num_layers"] * cfg["dim"] * context * bytes_per_element(kind, head_dim) / MIB
+    dim, heads, layers = (int(loaders._lm_kwargs[k]) for k in ("dim", "num_heads", "num_layers"))  # type: ignore[call-overload]
+    return 2 * layers * dim * context * bytes_per_element(kind, dim // heads) / MIB
 
 
 def fit(points: list[tuple[int, float]]) -> tuple[float, float]:
@@ -152,7 +151,7 @@ def main(argv: list[str]) -> int:
         "choices": sorted(table.values(), key=lambda r: (r["weights"], r["kv_cache"])),
     }
     DEST.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    print(f"wrote {DEST.relative_to(ROOT)}: {len(table)} choices")
+    print(f"wrote {DEST}: {len(table)} choices")
     return 0
 
 

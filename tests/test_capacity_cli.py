@@ -64,3 +64,50 @@ def test_text_table_says_what_the_context_means() -> None:
 def test_bad_input_is_one_clear_line(args: list[str], words: str) -> None:
     result = invoke("capacity", *args)
     assert result.exit_code == 2 and words in result.output
+
+
+def test_capacity_table_fits_the_sweep_runs(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/capacity_table.py on a sweep report shaped as benchmarks/capacity.py writes it."""
+    import benchmarks.capacity_table as table
+
+    def run(batch: int, per_call: float, p99: float) -> dict:
+        return {"batch": batch, "ok": True, "mem_per_call_mib": per_call, "step_ms_p99": p99}
+
+    fixed, slope = 200.0, 800.0  # MiB: peak above the weights = 200 + B x 800
+    report = {
+        "benchmark": "capacity",
+        "device": "cuda",
+        "device_name": "NVIDIA H200",
+        "torch": "2.11",
+        "context": 3000,
+        "outside_allocator_gib": 0.6,
+        "choices": [
+            {
+                "weights": "int8",
+                "kv_cache": "int8",
+                "weights_allocated_gib": 7.9,
+                "kv_cache_mib_per_call": 761.7,
+                "logits_rel_err": 0.01,
+                "top1_agree": 0.9,
+                "calibration": run(32, (fixed + 32 * slope) / 32, 30.0),
+                "cards": {
+                    "24gb": {"calls": 18, "tries": [run(18, (fixed + 18 * slope) / 18, 20.0)]},
+                    "whole_gpu": {
+                        "calls": 150,
+                        "tries": [{"batch": 170, "ok": False}, run(150, (fixed + 150 * slope) / 150, 59.0)],
+                    },
+                },
+            },
+            {"weights": "int4", "error": "RuntimeError: no"},
+        ],
+    }
+    src = tmp_path / "sweep.json"
+    src.write_text(json.dumps(report))
+    dest = tmp_path / "capacity_measured.json"
+    monkeypatch.setattr(table, "DEST", dest)
+    assert table.main([str(src)]) == 0
+    data = json.loads(dest.read_text())
+    (row,) = data["choices"]
+    assert row["fixed_mib"] == pytest.approx(fixed, abs=0.5) and row["per_call_mib"] == pytest.approx(slope, abs=0.1)
+    assert row["step_ms_p99"] == [[18, 20.0], [32, 30.0], [150, 59.0]]
+    assert row["cards"] == {"24gb": 18, "whole_gpu": 150} and data["outside_allocator_gib"] == 0.6
