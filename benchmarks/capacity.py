@@ -9,8 +9,10 @@ RTX 4090 (bytes read per step / 1.008 TB/s) says what the card's bandwidth allow
 
 * ``roofline_4090_ms``: model bytes + every call's KV cache in its stored format, read once;
   what a fused attention kernel would move;
-* ``roofline_4090_eager_ms``: plus, for int8/fp8 KV, the bf16 copy this implementation writes
-  and reads back per step when it dequantizes (``engine.models.kv_cache``).
+* ``roofline_4090_eager_ms``: plus, for int8/fp8 KV, the bf16 copy written and read back per
+  step when attention runs on the dequantized ring (``engine.models.kv_cache``: the fallback
+  path; the engine's CUDA path reads the codes directly). Each compact choice also times its
+  calibration batch on that fallback path, for comparison.
 
 The search per (choice, card): one calibration run at full memory (``--calibrate-batch``)
 gives the peak memory per call and the step time; a byte-proportional model predicts the
@@ -256,6 +258,19 @@ class Sweep:
         calib = self.trial(parts, args.calibrate_batch, kv)
         self.roofline(calib, model_bytes, kv)
         rec["calibration"] = calib
+        if kv != "bf16" and calib["ok"]:
+            # The same batch with attention on the dequantized ring, for comparison.
+            from engine.models.kv_cache import CompactKVAttention, compile_disabled
+
+            rec["attention"] = "fused" if self.cuda and not compile_disabled() else "dequantize"
+            if rec["attention"] == "fused":
+                CompactKVAttention.fused = False
+                try:
+                    plain = self.trial(parts, args.calibrate_batch, kv)
+                finally:
+                    CompactKVAttention.fused = None
+                self.roofline(plain, model_bytes, kv)
+                rec["calibration_dequantized_attention"] = plain
         if not calib["ok"]:
             rec["error"] = "calibration batch did not run"
             return rec

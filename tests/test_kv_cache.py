@@ -110,8 +110,39 @@ def _run(parts, kind: str, calls: list[tuple[int, int, int, int]], steps: int) -
         model.close()
 
 
+@pytest.fixture(params=["dequantize", "fused"])
+def path(request, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both attention paths: moshi's attention on the dequantized ring, and attend_compact
+    (run eagerly here: compiling it on this CPU would take a minute per shape)."""
+    from moshi.utils.compile import no_compile
+
+    monkeypatch.setattr(kv_cache.CompactKVAttention, "fused", request.param == "fused")
+    with no_compile():
+        yield request.param
+
+
+def test_fused_attention_equals_attention_on_the_dequantized_ring() -> None:
+    from moshi.models import loaders
+    from moshi.utils.compile import no_compile
+
+    from engine.models import fidelity
+    from engine.models.synthetic import lm_config
+
+    torch.manual_seed(0)
+    lm = loaders.get_moshi_lm(None, lm_kwargs=lm_config("tiny", 16), dtype=torch.float32)
+    ref = fidelity.logits(lm, 24, 2)  # 24 steps: the 16-step window wraps
+    with no_compile():
+        for kind in ("int8", "fp8"):
+            kv_cache.install(lm, kind, fused=False)
+            plain = fidelity.logits(lm, 24, 2, forced=ref)
+            kv_cache.install(lm, kind, fused=True)
+            fused = fidelity.logits(lm, 24, 2, forced=ref)
+            assert fidelity.compare(plain, fused)["logits_rel_err"] < 1e-5
+            assert fidelity.compare(ref, fused)["logits_rel_err"] < (0.02 if kind == "int8" else 0.08)
+
+
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
-def test_a_reused_slot_starts_like_a_fresh_call(parts, kind: str) -> None:
+def test_a_reused_slot_starts_like_a_fresh_call(parts, kind: str, path: str) -> None:
     """Per-slot reset still works: a call admitted into a slot that held a 30-step call
     (its ring wrapped) produces exactly what the same call produces in a fresh slot."""
     fresh = _run(parts, kind, [(1, 0, 12, 5)], 12)
@@ -121,7 +152,7 @@ def test_a_reused_slot_starts_like_a_fresh_call(parts, kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
-def test_other_calls_joining_and_leaving_do_not_disturb_a_slot(parts, kind: str) -> None:
+def test_other_calls_joining_and_leaving_do_not_disturb_a_slot(parts, kind: str, path: str) -> None:
     alone = _run(parts, kind, [(0, 0, 24, 10)], 24)
     busy = _run(parts, kind, [(0, 0, 24, 10), (1, 5, 13, 11), (2, 9, 24, 12)], 24)
     assert [row[0] for row in alone] == [row[0] for row in busy]

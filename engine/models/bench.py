@@ -285,6 +285,9 @@ def run_engine_bench(
         "dtype": str(parts.lm.dtype).removeprefix("torch."),
         "weights": weights,
         "kv_cache": kv_cache,
+        "kv_attention": None
+        if kv_cache == "bf16"
+        else ("fused" if cuda and not kv.compile_disabled() else "dequantize"),
         "context": parts.lm.context,
         "threads": torch.get_num_threads(),
         "lm_params": facts.get("lm_params"),

@@ -13,10 +13,12 @@ How: ``install(lm, kind)`` turns the temporal transformer's self-attention modul
 * each new K or V vector (one head, one token) is scaled by its own absolute maximum, so an
   outlier token costs precision only to itself: int8 stores ``round(x / (amax / 127))``,
   fp8 stores ``x / (amax / 448)`` as ``float8_e4m3fn`` (448 is e4m3's largest value);
-* reading dequantizes the whole ring of one layer to the model's dtype for
-  ``scaled_dot_product_attention`` (moshi's attention code is unchanged). That is a transient
-  buffer of one layer's bf16 cache, freed after the layer, and extra memory traffic per step:
-  memory per call halves, the step itself gets no faster (see docs/performance.md).
+* reading, in the engine's case (one step at a time, CUDA, torch.compile on), goes through
+  ``attend_compact``: the two attention reductions read the codes and scales directly, so a
+  step reads one byte per cached value instead of two. Otherwise (CPU, compile off, several
+  steps at once) the ring of one layer is dequantized to the model's dtype and moshi's own
+  attention runs on it: a transient bf16 buffer of one layer, and more memory traffic than
+  bf16 (measured by ``benchmarks/gpu_capacity.sh``, which times both paths).
 
 fp8 is a storage format here: the cast to and from e4m3 runs on any CUDA GPU and on the CPU,
 no fp8 tensor cores are needed. The depformer's tiny per-step caches and Mimi's are untouched.
@@ -24,15 +26,26 @@ no fp8 tensor cores are needed. The depformer's tiny per-step caches and Mimi's 
 
 from __future__ import annotations
 
+import os
 from typing import Any, cast
 
 import torch
+from einops import rearrange
 from moshi.modules.transformer import (
     KVCacheResult,
     RingKVCache,
     StreamingMultiheadAttention,
     _MHAState,
+    apply_weights_per_step,
 )
+from moshi.utils import compile as moshi_compile
+from moshi.utils.compile import torch_compile_lazy
+
+
+def compile_disabled() -> bool:
+    """moshi's switches: ``NO_TORCH_COMPILE=1`` or inside ``no_compile()``."""
+    return bool(os.environ.get("NO_TORCH_COMPILE")) or moshi_compile._compile_disabled
+
 
 KV_KINDS = ("bf16", "int8", "fp8")
 _QMAX = {"int8": 127.0, "fp8": 448.0}
@@ -95,7 +108,9 @@ class CompactRingKVCache(RingKVCache):
             codes = codes.view(torch.float8_e4m3fn)
         return codes.to(self.dtype) * self.scales[i][..., None]
 
-    def complete(self, k: torch.Tensor, v: torch.Tensor, exec_mask: torch.Tensor) -> KVCacheResult:
+    def store(self, k: torch.Tensor, v: torch.Tensor, exec_mask: torch.Tensor) -> torch.Tensor:
+        """Write the new K and V, advance the slots that execute; return the ring's positions
+        ([B, capacity], -1 where nothing valid is stored), exactly as ``RingKVCache.complete``."""
         assert k.shape[:-1] == v.shape[:-1], (k.shape, v.shape)
         B, H, T, D = k.shape
         assert T > 0
@@ -109,9 +124,6 @@ class CompactRingKVCache(RingKVCache):
             else:
                 self.data[i].index_copy_(2, write[0], codes)
                 self.scales[i].index_copy_(2, write[0], scale)
-        keys, values = self._dequantize(0), self._dequantize(1)
-
-        # Positions exactly as RingKVCache.complete computes them.
         indexes = torch.arange(self.capacity, device=self.end_offset.device, dtype=torch.long)
         last_offset = self.end_offset.view(-1, 1) + T - 1
         delta = indexes - last_offset % self.capacity
@@ -121,14 +133,85 @@ class CompactRingKVCache(RingKVCache):
         else:
             self.end_offset.add_(T)
         invalid = indexes >= self.end_offset.view(-1, 1)
-        positions = torch.where(invalid, torch.full_like(positions, -1), positions)
-        return KVCacheResult(keys, values, positions)
+        return torch.where(invalid, torch.full_like(positions, -1), positions)
+
+    def complete(self, k: torch.Tensor, v: torch.Tensor, exec_mask: torch.Tensor) -> KVCacheResult:
+        """``RingKVCache.complete``: store, then the whole ring dequantized for attention."""
+        positions = self.store(k, v, exec_mask)
+        return KVCacheResult(self._dequantize(0), self._dequantize(1), positions)
+
+
+@torch_compile_lazy
+def attend_compact(
+    q: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_scales: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_scales: torch.Tensor,
+    allowed: torch.Tensor,
+    fp8: bool,
+) -> torch.Tensor:
+    """Attention of one query step over the compact ring, reading the codes directly.
+
+    q [B, H, 1, D]; codes [B, H, T, D]; scales [B, H, T]; allowed [B, T]. Per-token scales
+    factor out of both products: ``q·k_t = s_t (q·codes_t)`` and ``Σ p_t v_t = Σ (p_t s_t)
+    codes_t``. Compiled (moshi's lazy ``torch.compile``), the casts fuse into the two
+    reductions, so each code byte is read once and no dequantized copy is written.
+    """
+    if fp8:
+        k_codes = k_codes.view(torch.float8_e4m3fn)
+        v_codes = v_codes.view(torch.float8_e4m3fn)
+    scale = q.shape[-1] ** -0.5
+    scores = (q.float() * k_codes.float()).sum(-1) * (k_scales.float() * scale)  # [B, H, T]
+    scores = scores.masked_fill(~allowed[:, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0) * v_scales.float()  # no valid step: zeros
+    out = (probs[..., None] * v_codes.float()).sum(dim=2, keepdim=True)  # [B, H, 1, D]
+    return out.to(q.dtype)
 
 
 class CompactKVAttention(StreamingMultiheadAttention):
-    """moshi's streaming attention whose KV ring is a ``CompactRingKVCache``."""
+    """moshi's streaming attention whose KV ring is a ``CompactRingKVCache``.
+
+    One streaming step at a time on CUDA with torch.compile available (the engine's case),
+    attention reads the codes directly (``attend_compact``); otherwise it runs moshi's own
+    forward on the dequantized ring. ``fused`` forces either path (tests, benchmarks).
+    """
 
     kv_kind: str = "int8"
+    fused: bool | None = None
+
+    def _use_fused(self, query: torch.Tensor) -> bool:
+        state = self._streaming_state
+        if state is None or query.shape[1] != 1 or self.kv_repeat != 1 or self.context is None:
+            return False
+        if self.fused is not None:
+            return self.fused
+        return query.is_cuda and not compile_disabled()
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        if not self._use_fused(query):
+            return super().forward(query, key, value)
+        # moshi's forward for a causal self-attention step, the attention itself replaced.
+        state = self._streaming_state
+        assert state is not None and isinstance(state.kv_cache, CompactRingKVCache)
+        projected = apply_weights_per_step(self.in_projs, self.weights_per_step_schedule, query, state.offset_cpu)
+        q, k, v = rearrange(projected, "b t (p h d) -> p b h t d", p=3, h=self.num_heads)
+        if self.rope:
+            q, k = self.rope(q, k, state.offset, time_before_heads=False)
+        cache = state.kv_cache
+        pos_k = cache.store(k, v, state.exec_mask)
+        context = self.context
+        assert context is not None
+        delta = state.offset.view(-1, 1) - pos_k
+        allowed = (pos_k >= 0) & (delta >= 0) & (delta < context)
+        x = attend_compact(
+            q, cache.data[0], cache.scales[0], cache.data[1], cache.scales[1], allowed, cache.kind == "fp8"
+        )
+        x = rearrange(x, "b h t d -> b t (h d)")
+        x = apply_weights_per_step(self.out_projs, self.weights_per_step_schedule, x, state.offset_cpu)
+        state.offset[:] = torch.where(state.exec_mask, state.offset + 1, state.offset)
+        state.offset_cpu += 1
+        return x
 
     def _init_streaming_state(self, batch_size: int) -> _MHAState:
         weight = cast(torch.nn.Linear, self.in_projs[0]).weight
@@ -152,7 +235,7 @@ class CompactKVAttention(StreamingMultiheadAttention):
         )
 
 
-def install(lm: Any, kind: str) -> int:
+def install(lm: Any, kind: str, *, fused: bool | None = None) -> int:
     """Give the LM's temporal-transformer attention a ``kind`` KV cache; return how many layers.
 
     Call before entering streaming mode (the cache is allocated then). ``bf16`` restores
@@ -169,6 +252,11 @@ def install(lm: Any, kind: str) -> int:
             module.__class__ = StreamingMultiheadAttention
         else:
             module.__class__ = CompactKVAttention
-            cast(CompactKVAttention, module).kv_kind = kind
+            compact = cast(CompactKVAttention, module)
+            compact.kv_kind = kind
+            if fused is not None:
+                compact.fused = fused
+            else:
+                compact.__dict__.pop("fused", None)  # the class default: automatic
         count += 1
     return count
