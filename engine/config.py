@@ -18,7 +18,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -67,10 +67,17 @@ class ModelSettings(_Section):
     variant: Literal["moshiko", "moshika"] = "moshiko"
     """Which released voice: Moshiko (male) or Moshika (female)."""
     dtype: Literal["bf16", "int8"] = "bf16"
+    """Older name for the LM's weights: int8 here means weights = "int8"."""
+    weights: Literal["bf16", "int8", "int4"] = "bf16"
+    """LM weights: bf16, int8 (Kyutai's q8 checkpoint, or bf16 quantized on load) or int4
+    (CUDA only). Mimi stays bf16. See `xswarm capacity` for calls per GPU."""
+    kv_cache: Literal["bf16", "int8", "fp8"] = "bf16"
+    """KV cache storage per call: bf16, or int8 / fp8 (half the memory per call)."""
     device: str = "auto"
     """auto (CUDA, else CPU with a warning), cuda, cuda:N or cpu."""
     context: int = Field(3000, ge=50, le=3000)
-    """Attention window in 80 ms steps: memory per call against conversation memory."""
+    """Attention window in 80 ms steps (3000 = 240 s, what MOSHI was trained with): a call
+    remembers this much of the conversation; memory per call grows in proportion."""
     slots: int = Field(0, ge=0, le=256)
     """Concurrent calls (batch size). 0 picks a size from the model and the hardware."""
     weights_path: Path | None = None
@@ -79,6 +86,12 @@ class ModelSettings(_Section):
     """Override the Hugging Face repository to load from."""
     seed: int | None = None
     """Fix the sampling seed (tests and benchmarks)."""
+
+    @model_validator(mode="after")
+    def _dtype_means_weights(self) -> ModelSettings:
+        if self.dtype == "int8" and self.weights == "bf16":
+            self.weights = "int8"
+        return self
 
 
 class TwilioSettings(_Section):

@@ -33,6 +33,7 @@ _GROUPS: list[tuple[str, str]] = [
     ("db", "db"),
     ("users", "users"),
     ("doctor", "commands"),
+    ("capacity", "commands"),
     ("backup", "backup"),
     ("supervisor", "supervisor"),
     ("models", "models"),

@@ -51,6 +51,8 @@ def run(settings: Settings, probes: Probes | None = None) -> Report:
         vram_free=chosen.memory_free if chosen else None,
         ram_available=probes.memory().available,
         context_steps=settings.model.context,
+        weights=settings.model.weights,
+        kv_cache=settings.model.kv_cache,
     )
     estimate["gpu"] = f"{chosen.index}: {chosen.name}" if chosen else None
     return Report(checks, estimate)

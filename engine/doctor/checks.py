@@ -272,7 +272,7 @@ def check_weights(p: Probes, s: Settings) -> Check:
     return Check(
         "model-weights",
         "warn",
-        f"no MOSHI {s.model.variant} {s.model.dtype} weights found; `auto` falls back to the echo model",
+        f"no MOSHI {s.model.variant} weights found ({s.model.weights} asked for); `auto` falls back to the echo model",
         "download them: xswarm models pull (or set model.weights_path)",
     )
 
