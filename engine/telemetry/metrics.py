@@ -70,7 +70,7 @@ class Metrics:
         self.clients = Gauge("xswarm_supervisor_clients", "Connected supervisors.", registry=self.registry)
         if supervisor is not None:
             self.clients.set_function(lambda: supervisor.client_count)
-        ProcessCollector(namespace="", registry=self.registry)
+        ProcessCollector(namespace="xswarm", registry=self.registry)  # xswarm_process_*: RSS, CPU, fds
         self.collector = _RuntimeCollector(runtime)
         self.registry.register(self.collector)
         self._unsubscribe: Callable[[], None] | None = runtime.bus.subscribe(self._on_event)
