@@ -26,7 +26,15 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess, values
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+    values,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -36,6 +44,8 @@ from engine.store import inbox
 if TYPE_CHECKING:
     from engine.store.db import Database
     from webhooks.hub import Hub
+
+disable_created_metrics()  # no `_created` series beside every counter: Prometheus ignores them in this format
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 DURATION_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0)
@@ -85,11 +95,12 @@ class WebhookMetrics:
     async def render(self, hub: Hub) -> tuple[bytes, str]:
         """The text exposition: this process's (or every worker's) counters and the inbox."""
         backlog = await hub.read(_inbox_figures)
-        registry = CollectorRegistry(auto_describe=False)
+        registry = self.registry
         if self.multiprocess_dir:
-            multiprocess.MultiProcessCollector(registry, self.multiprocess_dir)
-        else:
-            registry = self.registry
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(
+                _Documented(multiprocess.MultiProcessCollector(None, self.multiprocess_dir), self.registry)
+            )
         return generate_latest(registry) + generate_latest(_InboxCollector(backlog)), CONTENT_TYPE_LATEST
 
 
@@ -98,6 +109,19 @@ def _inbox_figures(db: Database) -> tuple[dict[str, int], int | None]:
     counts = {status: 0 for status in BACKLOG}
     counts.update(inbox.open_counts(db))
     return counts, inbox.oldest_open_received_ms(db)
+
+
+class _Documented(Collector):
+    """The workers' merged metrics with their own help text (the files keep only values)."""
+
+    def __init__(self, merged: Collector, own: CollectorRegistry) -> None:
+        self.merged = merged
+        self.help = {metric.name: metric.documentation for metric in own.collect()}
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.merged.collect():
+            metric.documentation = self.help.get(metric.name, metric.documentation)
+            yield metric
 
 
 class _InboxCollector(Collector):

@@ -20,13 +20,22 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from engine.events import Event, SystemSampled, WebhookFailed, WebhookReceived
 from engine.paths import resolve_paths
+
+disable_created_metrics()  # no `_created` series beside every counter: Prometheus ignores them in this format
 
 if TYPE_CHECKING:
     from engine.runtime import Runtime
