@@ -235,3 +235,13 @@ def test_prometheus_scrapes_node_and_workers_and_fires_missed_ticks(
     assert alerts[0]["labels"]["instance"] == f"127.0.0.1:{supervisor}" and alerts[0]["labels"]["severity"] == "page"
     after = server.value("xswarm_missed_ticks_total") or 0.0
     assert after - before >= 10  # 1.5 s frozen is ~18 ticks of 80 ms
+
+    # Every rule evaluates without error on real series, and so does every dashboard query.
+    rules_health = [r for g in server.api("rules")["groups"] for r in g["rules"]]
+    assert len(rules_health) == sum(len(g["rules"]) for g in rules["groups"])
+    assert all(r["health"] == "ok" for r in rules_health), [(r["name"], r.get("lastError")) for r in rules_health]
+    board = json.loads((ROOT / "deploy" / "grafana" / "xswarm.json").read_text())
+    for panel in board["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"].replace("$__rate_interval", "1m").replace("$node", ".*").replace("$webhooks", ".*")
+            server.api("query", query=expr)  # raises on an execution error
