@@ -22,6 +22,7 @@ from engine.store import feed, inbox
 from engine.store.db import Database, StoreError
 from webhooks.limits import DEFAULT_RATE_LIMIT, RateLimit, RateLimiter
 from webhooks.llm import provider_from_settings
+from webhooks.metrics import WebhookMetrics
 from webhooks.outbound import SendGridMail, TwilioRest
 from webhooks.replies import Replier
 from webhooks.verify import SendGridVerifier, StripeVerifier, TwilioVerifier
@@ -92,6 +93,7 @@ class Hub:
         """Set by the processor: called after a new row is stored."""
         self.state: dict[str, Any] = {}
         """Per-module runtime state (e.g. SMS replies still being composed)."""
+        self.metrics = WebhookMetrics()
 
     async def open(self) -> None:
         """Create the outbound HTTP session (needs the running loop)."""
