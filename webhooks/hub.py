@@ -18,11 +18,12 @@ from aiohttp import web
 
 from engine.config import Settings, secret
 from engine.events import Event, EventBus
+from engine.notify.sendgrid_client import SendGridClient
 from engine.store import feed, inbox
 from engine.store.db import Database, StoreError
+from engine.telephony.twilio_rest import TwilioClient
 from webhooks.limits import DEFAULT_RATE_LIMIT, RateLimit, RateLimiter
 from webhooks.llm import provider_from_settings
-from webhooks.outbound import SendGridMail, TwilioRest
 from webhooks.replies import Replier
 from webhooks.verify import SendGridVerifier, StripeVerifier, TwilioVerifier
 
@@ -86,8 +87,8 @@ class Hub:
         self._inline_reads = inline_reads and not db.target.remote
         self.replier = Replier(settings, self.read, None)
         """Its LLM provider is set by ``open`` (the provider needs the HTTP session)."""
-        self.twilio_rest: TwilioRest | None = None
-        self.mail: SendGridMail | None = None
+        self.twilio_rest: TwilioClient | None = None
+        self.mail: SendGridClient | None = None
         self.wake: Callable[[], None] = lambda: None
         """Set by the processor: called after a new row is stored."""
         self.state: dict[str, Any] = {}
@@ -97,8 +98,8 @@ class Hub:
         """Create the outbound HTTP session (needs the running loop)."""
         self.session = aiohttp.ClientSession()
         self.replier.llm = provider_from_settings(self.settings, self.session)
-        self.twilio_rest = TwilioRest.from_settings(self.settings, self.session)
-        self.mail = SendGridMail.from_settings(self.settings, self.session)
+        self.twilio_rest = TwilioClient(self.settings.twilio, self.session)
+        self.mail = SendGridClient(self.settings.sendgrid, self.session)
 
     async def close(self) -> None:
         if self.session is not None:

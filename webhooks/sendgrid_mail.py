@@ -23,6 +23,7 @@ from aiohttp import web
 
 from engine.events import MessageReceived
 from engine.logging_setup import mask_email
+from engine.notify.sendgrid_client import Email
 from engine.store import messages, usage
 from engine.store.inbox import InboxRow
 from engine.store.messages import Statement
@@ -198,7 +199,8 @@ async def _reply(hub: Hub, user: User, sender: str, subject: str, text: str, mid
     body = await hub.replier.email(user, subject, text)
     reply_subject = subject if subject.lower().startswith("re:") else f"Re: {subject}"
     threading = None if mid.startswith("sha256:") else mid
-    sent_id = await hub.mail.send(to=sender, subject=reply_subject, text=body, in_reply_to=threading)
+    headers = {"In-Reply-To": threading, "References": threading} if threading else {}
+    sent_id = await hub.mail.send(Email(to=sender, subject=reply_subject, text=body, headers=headers))
     return [
         messages.insert_statement(
             channel="email",
