@@ -124,6 +124,10 @@ class SendGridSettings(_Section):
 class NotifySettings(_Section):
     operator_email: str | None = None
     """Where voicemails from callers who are not users (or have no email) are sent."""
+    link_secret: SecretStr | None = None
+    """HMAC key of the links in our messages (one-click unsubscribe, listen to a voicemail);
+    without it (or without server.public_url) emails offer a mailto unsubscribe and voicemail
+    notices link to Twilio's recording URL."""
     lease_s: float = Field(60.0, gt=0)
     """How long a send may take before another sender treats it as in doubt and checks with
     the provider before sending again."""
