@@ -16,8 +16,10 @@ from typing import Any, TypedDict, TypeVar
 import aiohttp
 from aiohttp import web
 
+from engine.checkout import StripeCheckout
 from engine.config import Settings, secret
 from engine.events import Event, EventBus
+from engine.notify.sender import OutboxSender
 from engine.notify.sendgrid_client import SendGridClient
 from engine.store import feed, inbox
 from engine.store.db import Database, StoreError
@@ -42,6 +44,8 @@ class Outcome:
     statements: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     inserts: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
+    notify: bool = False
+    """The statements may queue outbox rows: wake the sender once they are committed."""
 
 
 Effect = Callable[["Hub", inbox.InboxRow], Awaitable[Outcome]]
@@ -89,6 +93,8 @@ class Hub:
         """Its LLM provider is set by ``open`` (the provider needs the HTTP session)."""
         self.twilio_rest: TwilioClient | None = None
         self.mail: SendGridClient | None = None
+        self.outbox: OutboxSender | None = None
+        """Sends the outbox; built by ``open``, run by ``WebhooksServer`` when it processes."""
         self.wake: Callable[[], None] = lambda: None
         """Set by the processor: called after a new row is stored."""
         self.state: dict[str, Any] = {}
@@ -100,6 +106,14 @@ class Hub:
         self.replier.llm = provider_from_settings(self.settings, self.session)
         self.twilio_rest = TwilioClient(self.settings.twilio, self.session)
         self.mail = SendGridClient(self.settings.sendgrid, self.session)
+        self.replier.checkout = StripeCheckout(self.settings, self.session)
+        self.replier.write = self.db.aread
+        self.outbox = OutboxSender(self.settings, self.db, self.twilio_rest, self.mail)
+
+    def wake_outbox(self) -> None:
+        """Outbox rows were just committed: send them now rather than at the next poll."""
+        if self.outbox is not None:
+            self.outbox.wake()
 
     async def close(self) -> None:
         if self.session is not None:

@@ -35,7 +35,7 @@ from engine.notify.sendgrid_client import Email, SendGridClient, SendGridError, 
 from engine.store import optouts
 from engine.store import outbox as store
 from engine.store.db import Database, StoreError
-from engine.store.outbox import OutboxRow, Statement
+from engine.store.outbox import Draft, OutboxRow, Statement
 from engine.telephony.twilio_rest import UNSUBSCRIBED, TwilioClient, TwilioError, TwilioUnreachable
 
 log = logging.getLogger("xswarm.notify")
@@ -224,3 +224,17 @@ async def open_sender(settings: Settings, db: Database) -> AsyncIterator[OutboxS
         yield OutboxSender(
             settings, db, TwilioClient(settings.twilio, session), SendGridClient(settings.sendgrid, session)
         )
+
+
+async def send_now(settings: Settings, db: Database, drafts: list[Draft]) -> list[OutboxRow]:
+    """Queue ``drafts`` and try them at once (the CLI's path); returns their rows as they
+    stand afterwards. A draft whose id is already queued is not queued twice; whatever did
+    not go out stays queued for the webhooks server or ``xswarm notify drain``."""
+    if not drafts:
+        return []
+    await asyncio.wrap_future(db.submit_script([store.enqueue_statement(d) for d in drafts]))
+    ids = [d.id for d in drafts]
+    async with open_sender(settings, db) as sender:
+        await sender.drain(ids)
+    found = await db.aread(lambda d: [store.get(d, i) for i in ids])
+    return [row for row in found if row is not None]
