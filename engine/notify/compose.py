@@ -134,23 +134,30 @@ def voicemail(
     to: Recipient,
     *,
     recording_sid: str,
-    caller: str,
+    caller: str | None,
     seconds: float | None,
     transcript: str | None,
     listen: str | None,
 ) -> list[Draft]:
-    """A voicemail left when no line was free: its transcript, or a notice that it has none."""
+    """A voicemail left when no line was free, with its transcript or a notice that it has
+    none. ``caller`` None: the recipient left it themself (a receipt); else who left it."""
     length = f"{seconds:.0f} s" if seconds else "length unknown"
     heard = f'"{clip(transcript, 160)}"' if transcript else "(no transcript)"
     link = f" Listen: {listen}" if listen else ""
-    sms = f"xswarm voicemail from {caller} ({length}): {heard}.{link}"
+    if caller is None:
+        sms = f"xswarm saved your voicemail ({length}): {heard}.{link} We'll get back to you."
+        opening = f"every line was busy when you called, so your voicemail ({length}) was saved."
+        subject = "Your voicemail to xswarm"
+    else:
+        sms = f"xswarm voicemail from {caller} ({length}): {heard}.{link}"
+        opening = f"{caller} left a voicemail ({length}) while every line was busy."
+        subject = f"Voicemail from {caller}"
     text = (
-        f"Hello {to.name},\n\n{caller} left a voicemail ({length}) while every line was busy.\n\n"
+        f"Hello {to.name},\n\n{opening}\n\n"
         + (f"Transcript:\n{transcript.strip()}" if transcript else "There is no transcript of this message.")
         + (f"\n\nListen: {listen}" if listen else "")
         + "\n\nYour xswarm assistant"
     )
-    subject = f"Voicemail from {caller}"
     return drafts(
         settings, to, "voicemail", f"voicemail:{recording_sid}", sms=sms + STOP_HINT, subject=subject, text=text
     )

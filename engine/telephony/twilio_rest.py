@@ -1,4 +1,5 @@
-"""The one Twilio REST client: SMS out, recent SMS (to settle a send in doubt), live-call updates.
+"""The one Twilio REST client: SMS out, recent SMS (to settle a send in doubt), live-call
+updates, voicemail audio.
 
 Everything in xswarm that talks to Twilio's REST API goes through ``TwilioClient``: the
 outbox's SMS, replies sent after the webhook answered, the bridge's hang-up and the
@@ -32,6 +33,8 @@ NOT_FOUND = 20404
 """Twilio's error code for a resource that does not exist (e.g. a call that already ended)."""
 UNSUBSCRIBED = 21610
 """Twilio's error code for a message to a number that texted STOP to ours."""
+RECORDING_LIMIT = 32 * 1024 * 1024
+"""Largest recording we relay (a 2-minute voicemail as MP3 is about 1 MB)."""
 
 
 class TwilioError(Exception):
@@ -99,6 +102,27 @@ class TwilioClient:
         Queued messages have no ``date_sent`` yet, so this filters by the numbers only."""
         found = await _call(self._client().messages.list_async(to=to, from_=from_, limit=limit))
         return [SentSms(str(m.sid), str(m.to), str(m.from_), m.body or "", m.date_created) for m in found]
+
+    async def recording_mp3(self, recording_sid: str, *, limit: int = RECORDING_LIMIT) -> bytes:
+        """A recording's audio as MP3. The SDK fetches a recording's metadata only, so this is
+        a plain authenticated GET of its media URL, on the same session and ``api_base``."""
+        creds = credentials(self.settings)
+        if creds is None:
+            raise TwilioError("TWILIO_ACCOUNT_SID / TWILIO_AUTH_TOKEN not configured")
+        url = f"{self.settings.api_base.rstrip('/')}/2010-04-01/Accounts/{creds[0]}/Recordings/{recording_sid}.mp3"
+        headers = {"Authorization": aiohttp.encode_basic_auth(*creds)}
+        try:
+            async with self._session.get(
+                url, headers=headers, timeout=aiohttp.ClientTimeout(total=self._timeout_s)
+            ) as resp:
+                if resp.status != 200:
+                    raise TwilioError(f"Twilio answered {resp.status} for recording {recording_sid}", resp.status)
+                data = await resp.content.read(limit + 1)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise TwilioUnreachable(f"Twilio unreachable: {exc!r}") from None
+        if len(data) > limit:
+            raise TwilioError(f"recording {recording_sid} is over {limit} bytes")
+        return data
 
     async def update_call(self, call_sid: str, **params: str) -> None:
         """Change a live call (``status="completed"``, ``twiml=…``)."""
