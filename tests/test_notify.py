@@ -5,6 +5,7 @@ SMS keywords, opt-outs by kind and by STOP, and retries."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
+from typer.testing import CliRunner
 
 from engine.config import Settings
 from engine.events import EventBus
@@ -28,6 +30,7 @@ from tests.provider_fakes import FakeSendGrid, FakeStripe, FakeTwilio, wait_unti
 from tests.webhooks_support import PUBLIC_URL, SendGridKey, make_settings, post, stripe_event, stripe_post, twilio_post
 from webhooks import replies
 from webhooks.server import WebhooksServer
+from xswarm_tui.cli import app
 
 ALICE = "+14155550101"
 OUR_NUMBER = "+14155550199"
@@ -352,3 +355,33 @@ async def test_the_server_sends_what_the_cli_left_queued(world: World) -> None:
     world.server.hub.wake_outbox()
     (row,) = await world.settled(1)
     assert row.status == "sent" and len(world.sendgrid.mails) == 1
+
+
+async def test_users_add_welcome_sends_through_the_outbox(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI path: ``users add --welcome`` queues the welcome and sends it at once."""
+    twilio, sendgrid = await FakeTwilio().start(), await FakeSendGrid().start()
+    try:
+        for name, value in {
+            "TWILIO_ACCOUNT_SID": "AC0123",
+            "TWILIO_AUTH_TOKEN": "token",
+            "TWILIO_FROM_NUMBER": OUR_NUMBER,
+            "XSWARM_TWILIO__API_BASE": twilio.url,
+            "SENDGRID_API_KEY": "SG.test",
+            "SENDGRID_FROM_EMAIL": "assistant@xswarm.example",
+            "XSWARM_SENDGRID__API_BASE": sendgrid.url,
+        }.items():
+            monkeypatch.setenv(name, value)
+        args = ["users", "add", "--name", "Ada", "--phone", ALICE, "--email", "ada@example.com", "--welcome"]
+        result = await asyncio.to_thread(CliRunner().invoke, app, args, catch_exceptions=False)
+        assert result.exit_code == 0 and result.stdout.startswith("created user ")
+        assert "welcome sms: sent" in result.stderr and "welcome email: sent" in result.stderr
+        assert len(twilio.to(ALICE)) == 1 and len(sendgrid.to("ada@example.com")) == 1
+        # No provider configured: the user is still created, and the operator is told.
+        monkeypatch.delenv("SENDGRID_API_KEY")
+        monkeypatch.delenv("TWILIO_AUTH_TOKEN")
+        args = ["users", "add", "--name", "Bo", "--phone", "+14155550102", "--email", "bo@example.com", "--welcome"]
+        result = await asyncio.to_thread(CliRunner().invoke, app, args, catch_exceptions=False)
+        assert result.exit_code == 0 and "welcome: not sent (neither Twilio nor SendGrid" in result.stderr
+    finally:
+        await twilio.stop()
+        await sendgrid.stop()
