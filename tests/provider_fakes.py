@@ -33,7 +33,9 @@ class _Server:
     url: str = ""
     runner: web.AppRunner | None = None
     kill_pid: int | None = None
-    """SIGKILL this process after accepting the next message, before answering."""
+    """SIGKILL this process after accepting the next message: before answering, or, with
+    ``kill_after_answer``, right after the whole 2xx answer was written."""
+    kill_after_answer: bool = False
 
     async def serve(self, routes: list[web.RouteDef]) -> None:
         app = web.Application()
@@ -47,10 +49,16 @@ class _Server:
         if self.runner is not None:
             await self.runner.cleanup()
 
-    def _maybe_kill(self) -> None:
-        if self.kill_pid is not None:
-            pid, self.kill_pid = self.kill_pid, None
-            os.kill(pid, signal.SIGKILL)
+    async def _answer(self, request: web.Request, response: web.Response) -> web.Response:
+        """Answer an accepted message, killing ``kill_pid`` before or after the answer."""
+        if self.kill_pid is None:
+            return response
+        pid, self.kill_pid = self.kill_pid, None
+        if self.kill_after_answer:
+            await response.prepare(request)
+            await response.write_eof()
+        os.kill(pid, signal.SIGKILL)
+        return response
 
 
 @dataclass
@@ -97,8 +105,7 @@ class FakeTwilio(_Server):
             "auth": request.headers.get("Authorization"),
         }
         self.messages.append(message)
-        self._maybe_kill()
-        return web.json_response(message, status=201)
+        return await self._answer(request, web.json_response(message, status=201))
 
     async def _list(self, request: web.Request) -> web.Response:
         self.list_queries += 1
@@ -133,8 +140,7 @@ class FakeSendGrid(_Server):
         body["_headers"] = dict(request.headers)
         body["_id"] = f"sgmsg{len(self.mails) + 1}"
         self.mails.append(body)
-        self._maybe_kill()
-        return web.Response(status=202, headers={"X-Message-Id": body["_id"]})
+        return await self._answer(request, web.Response(status=202, headers={"X-Message-Id": body["_id"]}))
 
     def to(self, address: str) -> list[dict[str, Any]]:
         return [m for m in self.mails if m["personalizations"][0]["to"][0]["email"] == address]

@@ -1,6 +1,6 @@
 """Exactly-once across a crash: a real ``xswarm notify drain`` process is SIGKILLed after the
-provider accepted its message and before it could commit; the next run must not send the
-message again, and must record the provider's id for it.
+provider accepted its message (before or right after the provider's 2xx) and before it could
+commit; the next run must not send the message again, and must record the provider's id.
 
 SMS: Twilio has no idempotency key, so the next run lists the recent messages to that number
 and finds ours. Email: SendGrid has none either; the mail carries its outbox id, SendGrid's
@@ -106,6 +106,28 @@ async def test_sms_killed_after_twilio_accepted_is_not_sent_twice(fakes: Any, xs
         assert row is not None and row.status == "sent" and row.provider_id == twilio.messages[0]["sid"]
         assert row.last_error == "settled: Twilio had it"
         assert db.query("SELECT COUNT(*) FROM messages WHERE direction = 'out'") == [(1,)]
+    finally:
+        db.close()
+
+
+async def test_sms_killed_right_after_twilios_2xx_is_sent_once(fakes: Any, xswarm_home: Path) -> None:
+    """Killed just after the 2xx was written: usually before our commit (the row is then
+    settled by the next run), rarely after it (then it is already sent). Exactly one message
+    either way, recorded under Twilio's sid."""
+    twilio, _, _ = fakes
+    twilio.kill_after_answer = True
+    db = open_database(load_settings())
+    try:
+        row_id = _queue(db, create_user(db, name="Alice", phone=ALICE, email="alice@example.com"), "sms")
+        assert await drain(kill_on=twilio) == -signal.SIGKILL
+        row = outbox.get(db, row_id)
+        assert row is not None and row.status in ("sending", "sent")
+        settled_later = row.status == "sending"
+        await asyncio.sleep(0.6)
+        assert await drain() == 0
+        assert len(twilio.messages) == 1 and twilio.list_queries == int(settled_later)
+        row = outbox.get(db, row_id)
+        assert row is not None and row.status == "sent" and row.provider_id == twilio.messages[0]["sid"]
     finally:
         db.close()
 

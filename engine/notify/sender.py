@@ -7,8 +7,8 @@ is between the provider's answer and our commit (or a timeout); a row left there
 back ``in_doubt`` after its lease, and is settled before anything is sent again:
 
 - SMS (Twilio has no idempotency key): the recent messages from our number to theirs are
-  listed; one with the same body, created since the first attempt and not already recorded
-  for another row, IS our message: it is recorded, not resent.
+  listed; one with our text, created since the first attempt and not already recorded for
+  another row, IS our message: it is recorded, not resent.
 - Email (SendGrid has neither an idempotency key nor a free lookup): every mail carries its
   outbox id in ``custom_args``; SendGrid's signed ``processed`` event brings it back through
   the Event Webhook and marks the row sent (``webhooks.sendgrid_mail``). A row in doubt waits
@@ -120,6 +120,9 @@ class OutboxSender:
         except StoreError as exc:  # the lease runs out and the row comes back
             log.warning("outbox %s: not attempted: %s", row.id, exc)
             return
+        except Exception as exc:  # a bug must not stop the sender; where it struck is unknown
+            log.exception("outbox %s: attempt %d failed unexpectedly", row.id, row.attempts)
+            status, statements = self._failed(row, f"{type(exc).__name__}: {exc}", in_doubt=True)
         try:
             await asyncio.wrap_future(self.db.submit_script(statements))
         except StoreError as exc:
@@ -167,7 +170,8 @@ class OutboxSender:
             since = (row.first_attempt_at or row.created_at) - CLOCK_SLACK_MS
             for message in await self.twilio.recent_sms(to=row.to_addr, from_=row.from_addr or ""):
                 created_ms = message.created.timestamp() * 1000 if message.created else since
-                if message.body.strip() != row.body.strip() or created_ms < since:
+                # endswith: a trial account's messages start with Twilio's own prefix.
+                if not message.body.strip().endswith(row.body.strip()) or created_ms < since:
                     continue
                 if await self.db.aread(functools.partial(store.provider_id_taken, provider_id=message.sid)):
                     continue

@@ -166,8 +166,9 @@ def failed_statement(
     row: OutboxRow, error: str, *, in_doubt: bool, max_attempts: int, retry_at: int | None = None
 ) -> tuple[bool, Statement]:
     """Record a failed attempt (``dead`` after ``max_attempts``). ``in_doubt``: the provider
-    may have taken it (a timeout), so the next attempt checks first. Returns (dead, statement)."""
-    dead = row.attempts >= max_attempts and not in_doubt
+    may have taken it (a timeout), so the next attempt checks first; a dead row keeps the
+    flag, for the operator. Returns (dead, statement)."""
+    dead = row.attempts >= max_attempts
     status = "dead" if dead else "failed"
     next_at = None if dead else retry_at if retry_at is not None else now_ms() + backoff_ms(row.attempts)
     return dead, (
