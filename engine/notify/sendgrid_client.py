@@ -62,7 +62,7 @@ class SendGridClient:
         ``sg_message_id`` its events carry)."""
         if not self.configured:
             raise SendGridError("SENDGRID_API_KEY / SENDGRID_FROM_EMAIL not configured")
-        from sendgrid.helpers.mail import CustomArg, Header, Mail  # type: ignore[import-untyped]
+        from sendgrid.helpers.mail import CustomArg, Header, Mail
 
         mail = Mail(
             from_email=self.settings.from_email,

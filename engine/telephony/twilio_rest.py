@@ -85,7 +85,7 @@ class TwilioClient:
             creds = credentials(self.settings)
             if creds is None:
                 raise TwilioError("TWILIO_ACCOUNT_SID / TWILIO_AUTH_TOKEN not configured")
-            from twilio.rest import Client  # type: ignore[import-untyped]
+            from twilio.rest import Client
 
             client = Client(creds[0], creds[1], http_client=_http_client(self._session, self._timeout_s))
             client.api.base_url = self.settings.api_base.rstrip("/")
@@ -138,7 +138,7 @@ async def open_client(twilio: TwilioSettings, *, timeout_s: float = 15.0) -> Asy
 
 async def _call(awaitable: Any) -> Any:
     """Await an SDK call, turning its failures into ``TwilioError`` / ``TwilioUnreachable``."""
-    from twilio.base.exceptions import TwilioRestException  # type: ignore[import-untyped]
+    from twilio.base.exceptions import TwilioRestException
 
     try:
         return await awaitable
@@ -153,7 +153,7 @@ async def _call(awaitable: Any) -> Any:
 
 
 def _http_client(session: aiohttp.ClientSession, timeout_s: float) -> Any:
-    from twilio.http.async_http_client import AsyncTwilioHttpClient  # type: ignore[import-untyped]
+    from twilio.http.async_http_client import AsyncTwilioHttpClient
 
     class _SessionHttpClient(AsyncTwilioHttpClient):
         """The SDK's async client on our session, with a default timeout (see the module doc)."""
