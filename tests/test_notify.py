@@ -27,7 +27,18 @@ from engine.store.migrations import migrate
 from engine.store.users import User, create_user, set_stripe_customer
 from engine.telephony.twilio_rest import TwilioClient
 from tests.provider_fakes import FakeSendGrid, FakeStripe, FakeTwilio, wait_until
-from tests.webhooks_support import PUBLIC_URL, SendGridKey, make_settings, post, stripe_event, stripe_post, twilio_post
+from tests.webhooks_support import (
+    PUBLIC_URL,
+    FakeApi,
+    SendGridKey,
+    llm_routes,
+    make_settings,
+    post,
+    stripe_event,
+    stripe_post,
+    twilio_post,
+    wait_processed,
+)
 from webhooks import replies
 from webhooks.server import WebhooksServer
 from xswarm_tui.cli import app
@@ -385,3 +396,29 @@ async def test_users_add_welcome_sends_through_the_outbox(monkeypatch: pytest.Mo
     finally:
         await twilio.stop()
         await sendgrid.stop()
+
+
+async def test_a_late_reply_is_not_sent_after_the_number_texted_stop(db: Database) -> None:
+    """STOP arrives while the LLM is still composing the reply to an earlier text."""
+    llm = await FakeApi(behaviour={"delay": 1.0, "text": "Here is your plan."}).start(llm_routes)
+    twilio = await FakeTwilio().start()
+    settings = make_settings(
+        twilio={"api_base": twilio.url, "from_number": OUR_NUMBER},
+        llm={"provider": "anthropic", "anthropic_api_key": "k", "anthropic_base_url": llm.url, "sms_budget_s": 0.2},
+    )
+    alice(db)
+    server = WebhooksServer(settings, db, EventBus())
+    await server.start("127.0.0.1", 0)
+    try:
+        async with aiohttp.ClientSession() as session:
+            for sid, body in (("SM100", "plan my day"), ("SM101", "STOP")):
+                params = {"MessageSid": sid, "From": ALICE, "To": OUR_NUMBER, "Body": body}
+                data, headers = twilio_post(params, "/twilio/sms")
+                status, _ = await post(session, f"http://127.0.0.1:{server.port}/twilio/sms", data, headers)
+                assert status == 200
+        await wait_processed(db, 2)
+        assert len(llm.requests) == 1 and twilio.messages == []
+    finally:
+        await server.stop()
+        await llm.stop()
+        await twilio.stop()

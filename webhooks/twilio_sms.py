@@ -234,8 +234,9 @@ async def _deferred_reply(
         if await hub.read(lambda d: messages.get_by_provider_id(d, f"reply:{sid}")) is not None:
             return []
         text = await hub.replier.sms(user, body, sender, sid)
-    if not text:
-        return []  # the number texted STOP: nothing goes back
+    if not text or await hub.read(lambda d: optouts.sms_opted_out(d, sender)):
+        _pending(hub).pop(sid, None)
+        return []  # the number texted STOP (perhaps while this reply was composed): nothing goes back
     if not ours:
         raise PermanentError("SMS has no To to reply from")
     assert hub.twilio_rest is not None
