@@ -287,7 +287,11 @@ async def test_stop_is_honoured_for_every_later_message_until_start(world: World
     rows = await send_now(world.settings, world.db, compose.welcome(world.settings, user))
     assert {r.channel: r.status for r in rows} == {"sms": "suppressed", "email": "sent"}
     assert world.twilio.messages == []  # TwiML answers are not REST sends; nothing went out by REST
-    assert replies.START_REPLY in await world.sms("Start", "SM013")
+    assert replies.START_REPLY in await world.sms("yes", "SM013")  # YES opts back in only after a STOP
+    assert not optouts.sms_opted_out(world.db, ALICE)
+    assert replies.START_REPLY not in await world.sms("Yes!", "SM014")  # now it is just an answer
+    assert replies.STOP_REPLY in await world.sms("cancel", "SM015")
+    assert replies.START_REPLY in await world.sms("Start", "SM016")
     assert not optouts.sms_opted_out(world.db, ALICE)
     world.db.write("DELETE FROM outbox")
     rows = await send_now(world.settings, world.db, compose.welcome(world.settings, user))
@@ -422,3 +426,17 @@ async def test_a_late_reply_is_not_sent_after_the_number_texted_stop(db: Databas
         await server.stop()
         await llm.stop()
         await twilio.stop()
+
+
+def test_the_newest_keyword_wins_so_a_replayed_stop_does_not_undo_a_start(db: Database) -> None:
+    stop, start = optouts.sms_statement(ALICE, "STOP", 1_000), optouts.sms_statement(ALICE, "START", 2_000)
+    assert stop is not None and start is not None
+    db.write(*stop)
+    db.write(*start)
+    db.write(*stop)  # replayed late
+    assert not optouts.sms_opted_out(db, ALICE)
+    assert optouts.sms_statement(ALICE, "hello there", 3_000) is None
+    yes = optouts.sms_statement("+14155550102", "YES", 3_000)
+    assert yes is not None
+    db.write(*yes)  # YES from a number that never opted out changes nothing
+    assert db.query("SELECT COUNT(*) FROM sms_optout WHERE phone = '+14155550102'") == [(0,)]

@@ -155,11 +155,12 @@ class Replier:
         word = optouts.keyword(body)
         if word in optouts.STOP_WORDS:
             return STOP_REPLY
-        if word in optouts.START_WORDS:
+        opted_out = optouts.sms_opted_out(db, phone)
+        if word in optouts.START_WORDS and (opted_out or word not in optouts.ONLY_WHEN_OPTED_OUT):
             return START_REPLY
         if word in optouts.HELP_WORDS or word in ("COMMANDS", "?", ""):
             return HELP_TEXT
-        if optouts.sms_opted_out(db, phone):
+        if opted_out:
             return ""
         if user is None:
             return UNKNOWN_SENDER

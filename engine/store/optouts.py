@@ -2,7 +2,8 @@
 
 SMS opt-out follows the carriers' keywords (CTIA; what Twilio's default handling uses):
 STOP, STOPALL, UNSUBSCRIBE, CANCEL, END, QUIT, OPTOUT, REVOKE opt out; START, YES, UNSTOP, OPTIN
-opt back in; HELP and INFO always get an answer. It is kept per phone number, not per user:
+opt back in (YES only from a number that is opted out: to an assistant, "yes" is mostly an
+answer); HELP and INFO always get an answer. It is kept per phone number, not per user:
 a carrier's STOP covers every message to that number, whoever it belongs to. The newest
 keyword wins, so a replayed old STOP never undoes a later START.
 """
@@ -18,6 +19,7 @@ Statement = tuple[str, tuple[Any, ...]]
 
 STOP_WORDS = frozenset({"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "OPTOUT", "REVOKE"})
 START_WORDS = frozenset({"START", "YES", "UNSTOP", "OPTIN"})
+ONLY_WHEN_OPTED_OUT = frozenset({"YES"})
 HELP_WORDS = frozenset({"HELP", "INFO"})
 
 
@@ -30,6 +32,11 @@ def sms_statement(phone: str, word: str, at_ms: int) -> Statement | None:
     """The opt-out change a keyword makes (None for any other text)."""
     if word not in STOP_WORDS and word not in START_WORDS:
         return None
+    if word in ONLY_WHEN_OPTED_OUT:
+        return (
+            "UPDATE sms_optout SET opted_out = 0, keyword = ?, at = ? WHERE phone = ? AND opted_out = 1 AND at <= ?",
+            (word, at_ms, phone, at_ms),
+        )
     return (
         "INSERT INTO sms_optout (phone, opted_out, keyword, at) VALUES (?, ?, ?, ?)"
         " ON CONFLICT(phone) DO UPDATE SET opted_out = excluded.opted_out, keyword = excluded.keyword,"
