@@ -25,6 +25,7 @@ import aiohttp
 import stripe
 from aiohttp import web
 
+from tests.local_http import start_local_app
 from tests.webhooks_support import STRIPE_SECRET, SendGridKey
 
 
@@ -38,12 +39,8 @@ class _Server:
     kill_after_answer: bool = False
 
     async def serve(self, routes: list[web.RouteDef]) -> None:
-        app = web.Application()
-        app.add_routes(routes)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+        self.runner, port = await start_local_app(*routes)
+        self.url = f"http://127.0.0.1:{port}"
 
     async def stop(self) -> None:
         if self.runner is not None:
