@@ -18,7 +18,16 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -101,8 +110,8 @@ class TwilioSettings(_Section):
     """Our Twilio number, used when a reply has to go out through the REST API."""
     transfer_number: str | None = None
     """E.164 number a supervisor's `transfer` dials."""
-    api_base_url: str = "https://api.twilio.com"
-    """Twilio's REST base URL (tests point it at a local fake)."""
+    api_base: str = Field("https://api.twilio.com", validation_alias=AliasChoices("api_base", "api_base_url"))
+    """Twilio's REST base URL (tests point it at a local fake; `api_base_url` is read too)."""
 
     @field_validator("from_number", "transfer_number")
     @classmethod
@@ -117,7 +126,12 @@ class StripeSettings(_Section):
     api_key: SecretStr | None = None
     webhook_secret: SecretStr | None = None
     price_tiers: dict[str, str] = Field(default_factory=dict)
-    """Stripe price id -> xswarm tier, e.g. {"price_123" = "personal"}."""
+    """Stripe price id -> xswarm tier, e.g. {"price_123" = "personal"}. `xswarm billing link` sells
+    a tier at the first price mapped to it."""
+    api_base: str = "https://api.stripe.com"
+    """Stripe's API base URL (tests point it at a local fake)."""
+    return_url: str | None = None
+    """Where Checkout and the Customer Portal send the customer back (default: server.public_url)."""
 
 
 class SendGridSettings(_Section):
@@ -125,7 +139,25 @@ class SendGridSettings(_Section):
     webhook_public_key: str | None = None
     """Base64 DER public key from SendGrid's signed Event Webhook settings."""
     from_email: str | None = None
-    api_base_url: str = "https://api.sendgrid.com"
+    api_base: str = Field("https://api.sendgrid.com", validation_alias=AliasChoices("api_base", "api_base_url"))
+    """SendGrid's API base URL (tests point it at a local fake; `api_base_url` is read too)."""
+
+
+class NotifySettings(_Section):
+    operator_email: str | None = None
+    """Where voicemails from callers who are not users (or have no email) are sent."""
+    link_secret: SecretStr | None = None
+    """HMAC key of the links in our messages (one-click unsubscribe, listen to a voicemail);
+    without it (or without server.public_url) emails offer a mailto unsubscribe and voicemail
+    notices link to Twilio's recording URL."""
+    lease_s: float = Field(60.0, gt=0)
+    """How long a send may take before another sender treats it as in doubt and checks with
+    the provider before sending again."""
+    email_confirm_wait_s: float = Field(600.0, ge=0)
+    """SendGrid has no idempotency key: an email whose send is in doubt waits this long for
+    SendGrid's signed `processed` event before it is sent again."""
+    max_attempts: int = Field(8, ge=1)
+    """Attempts before a message is dead (kept, listed by `xswarm notify list --status dead`)."""
 
 
 class DatabaseSettings(_Section):
@@ -219,6 +251,7 @@ class Settings(BaseSettings):
     twilio: TwilioSettings = Field(default_factory=TwilioSettings)
     stripe: StripeSettings = Field(default_factory=StripeSettings)
     sendgrid: SendGridSettings = Field(default_factory=SendGridSettings)
+    notify: NotifySettings = Field(default_factory=NotifySettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     s3: S3Settings = Field(default_factory=S3Settings)
     llm: LlmSettings = Field(default_factory=LlmSettings)

@@ -7,7 +7,8 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from webhooks import identity, metrics, sendgrid_mail, stripe_billing, twilio_sms, twilio_voice
+from engine.notify import links
+from webhooks import identity, metrics, notify_links, sendgrid_mail, stripe_billing, twilio_sms, twilio_voice
 from webhooks.hub import HUB, Effect, Hub
 
 log = logging.getLogger("xswarm.webhooks")
@@ -62,6 +63,9 @@ def create_app(hub: Hub) -> web.Application:
     app.router.add_post("/sendgrid/inbound", sendgrid_mail.inbound)
     app.router.add_post("/sendgrid/events", sendgrid_mail.events)
     app.router.add_post("/stripe/webhook", stripe_billing.route)
+    app.router.add_get(links.UNSUBSCRIBE_PATH, notify_links.unsubscribe)
+    app.router.add_post(links.UNSUBSCRIBE_PATH, notify_links.unsubscribe)
+    app.router.add_get(links.VOICEMAIL_PATH + "/{sid}", notify_links.voicemail)
     app.router.add_get("/api/identity", identity.identity)
     app.router.add_get("/health", identity.health)
     app.router.add_get("/metrics", _metrics)

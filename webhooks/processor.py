@@ -156,6 +156,8 @@ class InboxProcessor:
             await self._fail(row, exc)
             return
         self.hub.metrics.processed.labels(row.provider, "done").inc()
+        if outcome.notify:
+            self.hub.wake_outbox()
         for event in outcome.events:
             self.hub.publish(event, to_feed=False)  # its feed row was committed with the effects
 

@@ -41,6 +41,8 @@ _GROUPS: list[tuple[str, str]] = [
     ("serve", "commands"),
     ("call", "commands"),
     ("webhooks", "webhooks"),
+    ("billing", "billing"),
+    ("notify", "notify"),
     ("tui", "callback"),
 ]
 
