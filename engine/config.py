@@ -161,6 +161,16 @@ class SupervisorSettings(_Section):
     """Operator token (may act). Generated at first start when unset."""
     monitor_token: SecretStr | None = None
     """Read-only token. Generated at first start when unset."""
+    allowed_origins: list[str] = Field(default_factory=list)
+    """Web origins besides the dashboard's own that may open the socket, e.g.
+    ["https://sup.example.com"] behind a proxy that rewrites Host."""
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        from engine.supervisor.origin import normalize
+
+        return [normalize(o) for o in value]
 
 
 class TelephonySettings(_Section):
