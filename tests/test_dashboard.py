@@ -25,12 +25,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-import soxr
 from browser_support import MIC_RATE, best_match, chromium_path, launch_args, mic_signal, write_wav
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
+from websockets.typing import Origin
 
 from engine.audio import mulaw
+from engine.audio.resample import resample_to
 from engine.bridge.simulator import StreamTarget, stream_call
 from engine.config import load_settings
 from engine.runtime import Runtime
@@ -104,7 +105,7 @@ async def open_page(browser: Any, rt: Runtime) -> Any:
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
     page.on("console", lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" else None)
-    page.errors = errors  # type: ignore[attr-defined]
+    page.errors = errors
     await page.goto(page_url(rt))
     return page
 
@@ -207,16 +208,18 @@ async def test_the_page_is_served_with_a_strict_policy_and_only_its_own_files(ru
 
 
 async def test_the_socket_refuses_pages_from_other_origins(runtime: Runtime) -> None:
-    url = f"ws://127.0.0.1:{runtime.supervisor_port}/"
-    for origin in ("http://evil.example", "null", f"http://127.0.0.1:{runtime.supervisor_port + 1}"):
+    port = runtime.supervisor_port
+    assert port is not None
+    url = f"ws://127.0.0.1:{port}/"
+    for origin in ("http://evil.example", "null", f"http://127.0.0.1:{port + 1}"):
         with pytest.raises(InvalidStatus) as refused:
-            await connect(url, origin=origin)  # type: ignore[arg-type]
+            await connect(url, origin=Origin(origin))
         assert refused.value.response.status_code == 403, origin
-    own = f"http://127.0.0.1:{runtime.supervisor_port}"
-    for origin in (own, PROXY_ORIGIN, None):  # the page's own, the configured proxy, a program
-        async with connect(url, origin=origin) as ws:  # type: ignore[arg-type]
+    own = f"http://127.0.0.1:{port}"
+    for allowed in (Origin(own), Origin(PROXY_ORIGIN), None):  # the page's own, the configured proxy, a program
+        async with connect(url, origin=allowed) as ws:
             await ws.send(json.dumps({"v": 1, "type": "auth", "token": MONITOR}))
-            assert json.loads(await ws.recv())["type"] == "snapshot", origin
+            assert json.loads(await ws.recv())["type"] == "snapshot", allowed
 
 
 # ------------------------------------------------------------------------------ in a browser
@@ -282,7 +285,7 @@ async def test_operator_listens_takes_over_with_the_microphone_hands_back_and_ha
         await page.wait_for_timeout(1200)
         always = call.audio_between(always_from, time.time())
 
-        reference = soxr.resample(mic_signal(), MIC_RATE, 8000).astype(np.float32)
+        reference = resample_to(mic_signal(), MIC_RATE, 8000)
         assert len(pushed) > 8000 and len(always) > 6000
         match_pushed, match_always = best_match(pushed, reference), best_match(always, reference)
         print(
@@ -348,7 +351,8 @@ async def test_a_monitor_gets_a_read_only_page_and_its_forged_actions_are_refuse
                     const msg = JSON.parse(ev.data);
                     if (msg.type === "snapshot") {
                         for (const type of ["TakeOver", "HangUp", "Whisper"]) {
-                            ws.send(JSON.stringify({v: 1, type, id: type, call_id: callSid, text: "x"}));
+                            const extra = type === "Whisper" ? {text: "say yes"} : {};
+                            ws.send(JSON.stringify({v: 1, type, id: type, call_id: callSid, ...extra}));
                         }
                     } else if (msg.id === "TakeOver" || msg.id === "HangUp" || msg.id === "Whisper") {
                         answers.push(msg);

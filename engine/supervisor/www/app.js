@@ -29,6 +29,7 @@ let conn = null;
 let selected = null; // the call in the detail panel
 let listening = null; // the call this page listens to
 let held = null; // the call this page has taken over
+let handingBack = null; // the call this page is handing back (its CallUpdated comes before the answer)
 let micSeq = 0;
 let pttDown = false;
 let renderTimer = null;
@@ -130,7 +131,9 @@ function onEvent(msg) {
     if (msg.call_id === listening) stopListening();
     if (msg.call_id === held) dropTakeover("");
   } else if (msg.type === "CallUpdated" && msg.call_id === held) {
-    if (msg.mode !== "operator" || msg.operator !== state.you.actor) dropTakeover("the call is no longer yours");
+    if (msg.mode !== "operator" || msg.operator !== state.you.actor) {
+      dropTakeover(handingBack === held ? "" : "the call went back to the AI");
+    }
   } else if (msg.type === "SystemSampled" || msg.type === "TickSampled") {
     urgent = false;
   }
@@ -289,8 +292,15 @@ const ACTIONS = {
     renderDetail();
   },
   async handback(id) {
-    await act("HandBack", id).catch(() => {});
-    dropTakeover("");
+    handingBack = id;
+    try {
+      await act("HandBack", id);
+      dropTakeover("");
+    } catch {
+      // refused (e.g. the call had ended): the events say what the call's state is now
+    } finally {
+      handingBack = null;
+    }
   },
   async hangup(id) {
     if (await confirmAction(`Hang up call ${id}? The caller is disconnected.`)) await act("HangUp", id).catch(() => {});
@@ -373,7 +383,7 @@ document.addEventListener("xswarm-audio", (ev) => {
   if (t - lastDelayShown > 500) {
     lastDelayShown = t;
     const behind = (d.playedAt + (state.serverSkew || 0) - d.capturedAt) * 1000;
-    $("listen-delay").textContent = `${Math.max(0, Math.round(behind))} ms behind live`;
+    $("listen-delay").textContent = `${Math.max(0, Math.round(behind))} ms behind the node`;
   }
 });
 

@@ -14,6 +14,11 @@ export function maskCaller(number) {
   return number.slice(0, head) + "•".repeat(number.length - head - 3) + number.slice(-3);
 }
 
+// "CA0123…cdef": Twilio's 34-character CallSids, short enough for a table cell or a feed line.
+export function shortSid(id) {
+  return id && id.length > 16 ? `${id.slice(0, 6)}…${id.slice(-6)}` : id || "";
+}
+
 function median(values) {
   if (!values.length) return null;
   const sorted = [...values].sort((a, b) => a - b);
@@ -136,7 +141,7 @@ const HANDLERS = {
     if (!s.calls.has(e.call_id)) s._newCall(e.call_id, e.source, e.caller, e.user_id, e.theme, e.at);
     s._touch(e.call_id);
     const who = e.source === "local" ? "local microphone" : maskCaller(e.caller);
-    s._feed(e.at, "call", `call ${e.call_id} started (${who}, slot ${e.slot})`);
+    s._feed(e.at, "call", `call ${shortSid(e.call_id)} started (${who}, slot ${e.slot})`);
   },
   CallUpdated(s, e) {
     const call = s.calls.get(e.call_id);
@@ -148,7 +153,7 @@ const HANDLERS = {
   },
   CallEnded(s, e) {
     if (s.calls.delete(e.call_id)) s._touch(e.call_id);
-    s._feed(e.at, "call", `call ${e.call_id} ended: ${e.reason} after ${Math.round(e.duration_s)} s`);
+    s._feed(e.at, "call", `call ${shortSid(e.call_id)} ended: ${e.reason} after ${Math.round(e.duration_s)} s`);
   },
   LatencySampled(s, e) {
     const call = s.calls.get(e.call_id);
@@ -183,10 +188,10 @@ const HANDLERS = {
       push(call.actions, line, 20);
       s._touch(call.id);
     }
-    s._feed(e.at, "supervisor", line + (e.call_id ? ` (${e.call_id})` : ""));
+    s._feed(e.at, "supervisor", line + (e.call_id ? ` (${shortSid(e.call_id)})` : ""));
   },
   DtmfReceived(s, e) {
-    s._feed(e.at, "call", `DTMF ${e.digit} on ${e.call_id}`);
+    s._feed(e.at, "call", `DTMF ${e.digit} on ${shortSid(e.call_id)}`);
   },
   CallRefused(s, e) {
     s._feed(e.at, "call", `call refused: ${e.reason} ${e.detail}`.trim());

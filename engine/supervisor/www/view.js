@@ -3,7 +3,7 @@
 // id and only the cells that changed are touched, so 50 calls at 4 samples a second each stay
 // cheap. Widths are set through the CSSOM (element.style), which the page's CSP allows.
 
-import { maskCaller } from "./state.js";
+import { maskCaller, shortSid } from "./state.js";
 
 export function duration(seconds) {
   const total = Math.max(0, Math.floor(seconds));
@@ -103,6 +103,7 @@ export class CallsTable {
   _add(call) {
     const tr = el("tr");
     tr.dataset.callSid = call.id;
+    tr.title = call.id;
     const cells = {};
     for (const [key, label] of Object.entries(COLUMNS)) {
       const td = el("td", `c-${key}`);
@@ -126,7 +127,7 @@ export class CallsTable {
     const caller = call.source === "local" ? "local mic" : this.reveal ? call.caller || "—" : maskCaller(call.caller);
     const bal = state.balP50(call);
     const lag = state.lagP50(call);
-    this._set(row, "call", call.id);
+    this._set(row, "call", shortSid(call.id));
     this._set(row, "caller", caller);
     this._set(row, "user", call.userId || "—");
     this._set(row, "persona", call.theme || "—");
