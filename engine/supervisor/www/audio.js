@@ -64,7 +64,10 @@ export class Listener {
   }
 
   _played(msg) {
-    if (msg.direction === undefined) return; // a dropped-frame notice
+    if (msg.dropped !== undefined) {
+      this.meta.delete(`${msg.dropped}:${msg.seq}`); // skipped to stay close to live: never played
+      return;
+    }
     const key = `${msg.direction}:${msg.seq}`;
     const meta = this.meta.get(key);
     if (!meta) return;
