@@ -81,6 +81,7 @@ def best_match(received: np.ndarray, reference: np.ndarray) -> float:
     y = received - received.mean()
     size = 1 << int(np.ceil(np.log2(len(tiled) + n)))
     corr = np.fft.irfft(np.fft.rfft(tiled, size) * np.conj(np.fft.rfft(y, size)), size)[: period + 1]
-    energy = np.convolve(tiled**2, np.ones(n), mode="valid")[: period + 1]
+    sums = np.concatenate(([0.0], np.cumsum(tiled.astype(np.float64) ** 2)))
+    energy = (sums[n:] - sums[:-n])[: period + 1]  # sliding sum of squares, O(len) not O(len * n)
     norm = np.sqrt(energy) * np.linalg.norm(y) + 1e-12
     return float(np.max(corr / norm))

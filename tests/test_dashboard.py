@@ -33,8 +33,9 @@ from websockets.typing import Origin
 from engine.audio import mulaw
 from engine.audio.resample import resample_to
 from engine.bridge.simulator import StreamTarget, stream_call
-from engine.config import load_settings
+from engine.config import ConfigError, load_settings
 from engine.runtime import Runtime
+from engine.supervisor import origin
 
 OPERATOR = "operator-token-0123456789abcdef"
 MONITOR = "monitor-token-0123456789abcdef"
@@ -211,15 +212,39 @@ async def test_the_socket_refuses_pages_from_other_origins(runtime: Runtime) -> 
     port = runtime.supervisor_port
     assert port is not None
     url = f"ws://127.0.0.1:{port}/"
-    for origin in ("http://evil.example", "null", f"http://127.0.0.1:{port + 1}"):
+    for foreign in ("http://evil.example", "null", f"http://127.0.0.1:{port + 1}"):
         with pytest.raises(InvalidStatus) as refused:
-            await connect(url, origin=Origin(origin))
-        assert refused.value.response.status_code == 403, origin
+            await connect(url, origin=Origin(foreign))
+        assert refused.value.response.status_code == 403, foreign
     own = f"http://127.0.0.1:{port}"
     for allowed in (Origin(own), Origin(PROXY_ORIGIN), None):  # the page's own, the configured proxy, a program
         async with connect(url, origin=allowed) as ws:
             await ws.send(json.dumps({"v": 1, "type": "auth", "token": MONITOR}))
             assert json.loads(await ws.recv())["type"] == "snapshot", allowed
+
+
+def test_origin_rules() -> None:
+    assert origin.normalize("HTTPS://Sup.Example.com:443/") == "https://sup.example.com"
+    assert origin.normalize("http://[::1]:9999") == "http://[::1]:9999"
+    for bad in ("https://x.example/path", "ftp://x.example", "null", "https://user@x.example", "x.example"):
+        with pytest.raises(origin.OriginError):
+            origin.normalize(bad)
+    assert origin.allowed("http://127.0.0.1:9999", "127.0.0.1:9999")
+    assert origin.allowed("https://sup.example.com", "sup.example.com")  # a proxy that keeps Host
+    assert origin.allowed("http://localhost", "localhost:80")
+    assert not origin.allowed("http://127.0.0.1:9998", "127.0.0.1:9999")
+    assert not origin.allowed("https://sup.example.com", "sup.example.com:8443")  # 443 is not 8443
+    assert not origin.allowed("http://evil.example", "127.0.0.1:9999")
+    assert not origin.allowed("http://evil.example", None)
+    assert origin.allowed("https://sup.example.com", "127.0.0.1:9999", frozenset({"https://sup.example.com"}))
+    assert origin.allowed(None, "127.0.0.1:9999")  # a program, not a page
+
+
+def test_allowed_origins_setting_is_checked_at_load() -> None:
+    settings = load_settings(supervisor={"allowed_origins": ["HTTPS://Sup.Example.com"]})
+    assert settings.supervisor.allowed_origins == ["https://sup.example.com"]
+    with pytest.raises(ConfigError, match="allowed_origins"):
+        load_settings(supervisor={"allowed_origins": ["https://sup.example.com/dashboard"]})
 
 
 # ------------------------------------------------------------------------------ in a browser
@@ -301,9 +326,23 @@ async def test_operator_listens_takes_over_with_the_microphone_hands_back_and_ha
         back_from = time.time()
         await page.wait_for_timeout(1200)
         back = call.audio_between(back_from, time.time())
+        assert len(back) > 4000, "the caller heard nothing after the hand-back"
         assert best_match(back, reference) < 0.3
         assert await page.locator("#talk").is_hidden()
         await shoot(page, "05-handed-back")
+
+        # mute and unmute the AI, whisper to it; transfer is refused here (no transfer number)
+        await page.click("[data-action=mute]")
+        await page.wait_for_selector(f"tr[data-call-sid='{call.call_sid}'][data-mode=muted]")
+        await page.click("[data-action=unmute]")
+        await page.wait_for_selector(f"tr[data-call-sid='{call.call_sid}'][data-mode=ai]")
+        await page.fill("#whisper input", "offer the refund")
+        await page.click("#whisper button")
+        await page.wait_for_selector("#feed li:has-text('whisper → ok')")
+        assert await page.input_value("#whisper input") == ""
+        await page.click("[data-action=transfer]")
+        await page.click("#confirm-ok")
+        await page.wait_for_selector("#detail-error:has-text('unavailable')")
 
         # hang up, after a confirmation
         await page.click("[data-action=hangup]")
