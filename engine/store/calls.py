@@ -90,4 +90,4 @@ def get(db: Database, call_id: str) -> dict[str, Any] | None:
         "late_frames",
     )
     rows = db.query(f"SELECT {', '.join(cols)} FROM calls WHERE id = ?", (call_id,))
-    return dict(zip(cols, rows[0])) if rows else None
+    return dict(zip(cols, rows[0], strict=True)) if rows else None
