@@ -7,7 +7,9 @@ upgrade that carries an ``Origin`` is accepted only when that origin is the one 
 itself is served from (the same host and port the request was addressed to, by ``Host``), or one
 listed in ``supervisor.allowed_origins`` (for a reverse proxy that rewrites ``Host``). An upgrade
 without ``Origin`` comes from a program, not a web page (``xswarm attach``, scripts): browsers
-always send one, so leaving it out is no way around the check.
+always send one, so leaving it out is no way around the check. (A page whose own host name an
+attacker points at this node, DNS rebinding, passes as the page's own; it still needs a token,
+which it does not have, and the failed-login limit applies to it as to anyone.)
 """
 
 from __future__ import annotations
