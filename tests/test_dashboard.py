@@ -420,13 +420,25 @@ async def test_wrong_token_logout_and_reconnect(runtime: Runtime, browser: Any) 
     assert page.url == page_url(runtime)  # the token never went into the URL
 
     await log_in(page, OPERATOR)
-    # the node goes away: the page says so and keeps trying; it comes back on the same port
-    runtime.call_soon(runtime.supervisor.stop()).result(10)
-    await page.wait_for_selector("#link:has-text('disconnected, retrying')")
-    await shoot(page, "09-disconnected")
-    runtime.call_soon(runtime.supervisor.start("127.0.0.1", runtime.supervisor_port)).result(10)
-    await page.wait_for_selector("#link", state="hidden", timeout=15000)
-    assert await page.is_visible("#calls")
+    call = PhoneCall(runtime, "CA0000000000000000000000000000web3")
+    try:
+        await wait_for_call(runtime, call.call_sid)
+        await page.click(f"tr[data-call-sid='{call.call_sid}']")
+        await page.click("[data-action=listen]")
+        await page.wait_for_function("() => window.__played.length > 0", timeout=10000)
+        # the node goes away: the page says so and keeps trying; it comes back on the same port
+        runtime.call_soon(runtime.supervisor.stop()).result(10)
+        await page.wait_for_selector("#link:has-text('disconnected, retrying')")
+        await shoot(page, "09-disconnected")
+        played_before = await page.evaluate("() => window.__played.length")
+        runtime.call_soon(runtime.supervisor.start("127.0.0.1", runtime.supervisor_port)).result(10)
+        await page.wait_for_selector("#link", state="hidden", timeout=15000)
+        await page.wait_for_selector(f"tr[data-call-sid='{call.call_sid}']")
+        # it listens again by itself: audio of the call flows into the page once more
+        await page.wait_for_function(f"() => window.__played.length > {played_before} + 5", timeout=10000)
+        assert await page.is_visible("[data-action=unlisten]")
+    finally:
+        await call.stop()
 
     await page.click("#logout")
     await page.wait_for_selector("#login-view:not([hidden])")

@@ -67,6 +67,10 @@ export class CallsTable {
       const tr = ev.target.closest("tr[data-call-sid]");
       if (tr) onSelect(tr.dataset.callSid);
     });
+    tbody.addEventListener("keydown", (ev) => {
+      const tr = ev.target.closest("tr[data-call-sid]");
+      if (tr && ev.key === "Enter") onSelect(tr.dataset.callSid);
+    });
   }
 
   select(id) {
@@ -104,6 +108,7 @@ export class CallsTable {
     const tr = el("tr");
     tr.dataset.callSid = call.id;
     tr.title = call.id;
+    tr.tabIndex = 0; // rows are reachable with Tab; Enter opens the call
     const cells = {};
     for (const [key, label] of Object.entries(COLUMNS)) {
       const td = el("td", `c-${key}`);
