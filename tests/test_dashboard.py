@@ -107,6 +107,9 @@ async def open_page(browser: Any, rt: Runtime) -> Any:
     page.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
     page.on("console", lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" else None)
     page.errors = errors
+    requests: list[str] = []
+    page.on("request", lambda request: requests.append(request.url))
+    page.requests = requests
     await page.goto(page_url(rt))
     return page
 
@@ -357,6 +360,10 @@ async def test_operator_listens_takes_over_with_the_microphone_hands_back_and_ha
     finally:
         await call.stop()
     assert_no_page_errors(page)
+    own = page_url(runtime).rstrip("/")
+    assert page.requests and all(
+        url.startswith((own + "/", f"ws://127.0.0.1:{runtime.supervisor_port}/")) for url in page.requests
+    ), page.requests
 
 
 async def test_a_monitor_gets_a_read_only_page_and_its_forged_actions_are_refused(
