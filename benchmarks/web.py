@@ -98,13 +98,17 @@ def late_frames(port: int) -> float:
 
 
 async def window(seconds: float, node: Node, cpu: CpuMeter) -> dict[str, float]:
-    """Node CPU and late frames over one measuring window."""
+    """Node CPU and late frames over one measuring window, and how many calls were still live
+    at its end (a starved load process loses calls, which makes a window look cheap)."""
     late0 = await asyncio.to_thread(late_frames, node.sup_port)
     cpu.start()
     await asyncio.sleep(seconds)
+    node_cpu = cpu.stop()
+    health = json.loads(await asyncio.to_thread(http_get, node.sup_port, "/health"))
     return {
-        "node_cpu_percent_of_one_core": cpu.stop(),
+        "node_cpu_percent_of_one_core": node_cpu,
         "late_frames": await asyncio.to_thread(late_frames, node.sup_port) - late0,
+        "calls_live_at_end": health["calls"],
     }
 
 
