@@ -373,6 +373,7 @@ window.addEventListener("blur", () => (pttDown = false));
 const ptt = $("ptt");
 ptt.addEventListener("pointerdown", () => (pttDown = true));
 for (const kind of ["pointerup", "pointerleave", "pointercancel"]) ptt.addEventListener(kind, () => (pttDown = false));
+ptt.addEventListener("contextmenu", (ev) => ev.preventDefault()); // a long press on a phone is talking, not a menu
 
 // ------------------------------------------------------------------------------ listening
 
