@@ -343,6 +343,7 @@ async def test_operator_listens_takes_over_with_the_microphone_hands_back_and_ha
         await page.click("#whisper button")
         await page.wait_for_selector("#feed li:has-text('whisper → ok')")
         assert await page.input_value("#whisper input") == ""
+        await page.wait_for_selector("#detail-transcript:has-text('offer the refund')")  # the echo model says it
         await page.click("[data-action=transfer]")
         await page.click("#confirm-ok")
         await page.wait_for_selector("#detail-error:has-text('unavailable')")

@@ -17,6 +17,7 @@ import { Listener, Microphone } from "./audio.js";
 const TOKEN_KEY = "xswarm.token";
 const NAME_KEY = "xswarm.name";
 const RENDER_INTERVAL_MS = 250; // samples arrive at most 4 times a second per call
+const SAMPLED = new Set(["LatencySampled", "TickSampled", "SystemSampled", "TranscriptAppended"]); // drawn at that pace
 
 const $ = (id) => document.getElementById(id);
 const state = new State();
@@ -126,7 +127,7 @@ function onSnapshot(snap) {
 
 function onEvent(msg) {
   state.apply(msg);
-  let urgent = msg.type !== "LatencySampled" && msg.type !== "TickSampled" && msg.type !== "SystemSampled";
+  const urgent = !SAMPLED.has(msg.type);
   if (msg.type === "CallEnded") {
     if (msg.call_id === listening) stopListening();
     if (msg.call_id === held) dropTakeover("");
@@ -134,8 +135,6 @@ function onEvent(msg) {
     if (msg.mode !== "operator" || msg.operator !== state.you.actor) {
       dropTakeover(handingBack === held ? "" : "the call went back to the AI");
     }
-  } else if (msg.type === "SystemSampled" || msg.type === "TickSampled") {
-    urgent = false;
   }
   scheduleRender(urgent);
 }
@@ -159,8 +158,8 @@ function render(all) {
   if (all || state.dirty.has("calls")) {
     table.render(state, all ? null : new Set(state.changed), now());
     state.changed.clear();
-    renderDetail();
   }
+  if (all || state.dirty.has("calls") || state.dirty.has("detail")) renderDetail();
   if (all || state.dirty.has("feed")) feed.render(state);
   if (all || state.dirty.has("system")) {
     renderSystem($("system"), state);
@@ -197,8 +196,12 @@ function renderDetail() {
   const who = call.source === "local" ? "local microphone" : table.reveal ? call.caller || "—" : maskCaller(call.caller);
   const info = [who, call.userId ? `user ${call.userId}` : "unknown user", call.theme ? `persona ${call.theme}` : null];
   if (call.mode === "operator" && !mine) info.push(`taken over by ${call.operator}`);
+  if (call.dtmf) info.push(`DTMF ${call.dtmf}`);
   if (call.actions.length) info.push(`last action: ${call.actions[call.actions.length - 1]}`);
   $("detail-info").textContent = info.filter(Boolean).join(" · ");
+  const transcript = $("detail-transcript");
+  transcript.hidden = !call.transcript;
+  if (transcript.textContent !== call.transcript) transcript.textContent = call.transcript;
   show("listen", listening !== call.id);
   show("unlisten", listening === call.id);
   show("mute", call.mode === "ai");

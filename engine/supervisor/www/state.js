@@ -6,6 +6,7 @@
 export const FEED_SIZE = 200;
 export const HISTORY = 120; // TickSampled arrive once a second: two minutes of step time
 const SAMPLES = 20; // latency samples kept per call for the p50 columns
+const TRANSCRIPT_CHARS = 600; // the tail of the AI's words shown in a call's panel
 
 export function maskCaller(number) {
   if (!number) return "—";
@@ -43,7 +44,7 @@ export class State {
     this.node = null;
     this.you = null;
     this.changed = new Set(); // call ids whose rows need drawing
-    this.dirty = new Set(); // "calls", "feed", "system"
+    this.dirty = new Set(); // "calls", "feed", "system", "detail"
   }
 
   get role() {
@@ -111,6 +112,8 @@ export class State {
       inLevel: 0,
       outLevel: 0,
       actions: [],
+      transcript: "", // the AI's words so far (the tail of it)
+      dtmf: "",
     };
     this.calls.set(id, call);
     return call;
@@ -191,7 +194,18 @@ const HANDLERS = {
     s._feed(e.at, "supervisor", line + (e.call_id ? ` (${shortSid(e.call_id)})` : ""));
   },
   DtmfReceived(s, e) {
+    const call = s.calls.get(e.call_id);
+    if (call) {
+      call.dtmf = (call.dtmf + e.digit).slice(-32);
+      s._touch(e.call_id);
+    }
     s._feed(e.at, "call", `DTMF ${e.digit} on ${shortSid(e.call_id)}`);
+  },
+  TranscriptAppended(s, e) {
+    const call = s.calls.get(e.call_id);
+    if (!call) return;
+    call.transcript = (call.transcript + e.text).slice(-TRANSCRIPT_CHARS);
+    s.dirty.add("detail"); // only the call's panel shows it: the table need not redraw
   },
   CallRefused(s, e) {
     s._feed(e.at, "call", `call refused: ${e.reason} ${e.detail}`.trim());
