@@ -419,6 +419,47 @@ async def test_a_monitor_gets_a_read_only_page_and_its_forged_actions_are_refuse
     assert_no_page_errors(page)
 
 
+RESAMPLE_IN_PAGE = """async ([rate, hz]) => {
+    const ctx = new OfflineAudioContext(1, rate, rate);  // one second at the device's rate
+    await ctx.audioWorklet.addModule("/static/mic-worklet.js");
+    const osc = ctx.createOscillator();
+    osc.frequency.value = hz;
+    const gain = ctx.createGain();
+    gain.gain.value = 0.5;
+    const node = new AudioWorkletNode(ctx, "xswarm-mic", {numberOfOutputs: 1, outputChannelCount: [1]});
+    const frames = [];
+    node.port.onmessage = (e) => frames.push(Array.from(e.data.pcm));
+    osc.connect(gain).connect(node).connect(ctx.destination);
+    osc.start();
+    await ctx.startRendering();
+    await new Promise((r) => setTimeout(r, 300));
+    return frames;
+}"""
+
+
+async def test_the_microphone_is_resampled_to_24khz_pcm16_frames(runtime: Runtime, browser: Any) -> None:
+    """The page's capture worklet turns any device rate into the protocol's 80 ms frames of
+    24 kHz PCM16: a tone keeps its pitch and level, and one above 12 kHz does not fold back."""
+    page = await open_page(browser, runtime)
+
+    async def through_worklet(rate: int, hz: int) -> np.ndarray:
+        frames = await page.evaluate(RESAMPLE_IN_PAGE, [rate, hz])
+        assert frames and all(len(f) == 1920 for f in frames), rate
+        return np.concatenate([np.asarray(f, np.float64) for f in frames])[2400:] / 32768  # past the start
+
+    for rate in (48000, 44100, 16000):
+        pcm = await through_worklet(rate, 1000)
+        assert len(pcm) > 12000
+        spectrum = np.abs(np.fft.rfft(pcm * np.hanning(len(pcm))))
+        peak_hz = np.argmax(spectrum) * 24000 / len(pcm)
+        assert abs(peak_hz - 1000) < 5, (rate, peak_hz)
+        assert 0.3 < float(np.sqrt(np.mean(pcm**2))) * np.sqrt(2) < 0.6, rate  # amplitude 0.5, kept
+        if rate > 24000:
+            folded = await through_worklet(rate, 15000)  # above the 12 kHz Nyquist
+            assert float(np.sqrt(np.mean(folded**2))) < 0.01, rate  # filtered out, not aliased to 9 kHz
+    assert_no_page_errors(page)
+
+
 async def test_wrong_token_logout_and_reconnect(runtime: Runtime, browser: Any) -> None:
     page = await open_page(browser, runtime)
     await page.fill("input[name=token]", "not-the-token-0123456789")
