@@ -15,7 +15,9 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import socket
+import subprocess
 import tempfile
 import time
 import urllib.error
@@ -458,6 +460,79 @@ async def test_the_microphone_is_resampled_to_24khz_pcm16_frames(runtime: Runtim
             folded = await through_worklet(rate, 15000)  # above the 12 kHz Nyquist
             assert float(np.sqrt(np.mean(folded**2))) < 0.01, rate  # filtered out, not aliased to 9 kHz
     assert_no_page_errors(page)
+
+
+CADDYFILE = """{{
+	admin off
+	auto_https disable_redirects
+	skip_install_trust
+	http_port {http_port}
+	https_port {https_port}
+	storage file_system {storage}
+}}
+
+https://127.0.0.1:{https_port} {{
+	tls internal
+	reverse_proxy 127.0.0.1:{upstream}
+}}
+"""
+"""The README's TLS proxy (Caddy, which keeps Host as is) on free ports, with its own local CA."""
+
+
+@pytest.fixture
+def caddy(runtime: Runtime, tmp_path: Path):
+    executable = shutil.which("caddy")
+    if executable is None:
+        pytest.fail("no caddy: run `bash .ci/setup --dev` (apt-get install caddy)")
+    https_port = free_port()
+    config = tmp_path / "Caddyfile"
+    config.write_text(
+        CADDYFILE.format(
+            http_port=free_port(), https_port=https_port, storage=tmp_path / "caddy", upstream=runtime.supervisor_port
+        )
+    )
+    log = (tmp_path / "caddy.log").open("wb")
+    proc = subprocess.Popen(
+        [executable, "run", "--adapter", "caddyfile", "--config", str(config)],
+        env={**os.environ, "HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert proc.poll() is None, (tmp_path / "caddy.log").read_text()[-2000:]
+            try:
+                socket.create_connection(("127.0.0.1", https_port), timeout=0.2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "caddy did not start"
+                time.sleep(0.1)
+        yield f"https://127.0.0.1:{https_port}/"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+async def test_the_page_works_through_the_tls_proxy_over_wss(runtime: Runtime, browser: Any, caddy: str) -> None:
+    context = await browser.new_context(viewport={"width": 1280, "height": 800}, ignore_https_errors=True)
+    page = await context.new_page()
+    await page.add_init_script(COLLECT_PLAYED)
+    sockets: list[str] = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
+    await page.goto(caddy)
+    call = PhoneCall(runtime, "CA0000000000000000000000000000web4")
+    try:
+        await log_in(page, OPERATOR)
+        await wait_for_call(runtime, call.call_sid)
+        await page.click(f"tr[data-call-sid='{call.call_sid}']")
+        await page.click("[data-action=listen]")
+        await page.wait_for_function("() => window.__played.some(p => p.rms > 0.05)", timeout=10000)
+    finally:
+        await call.stop()
+    assert sockets == [caddy.replace("https://", "wss://")]  # the page chose wss by itself
+    assert await page.evaluate("() => window.isSecureContext")  # so the microphone may be used
 
 
 async def test_wrong_token_logout_and_reconnect(runtime: Runtime, browser: Any) -> None:
