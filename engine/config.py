@@ -162,7 +162,7 @@ class SupervisorSettings(_Section):
     """Read-only token. Generated at first start when unset."""
     allowed_origins: list[str] = Field(default_factory=list)
     """Web origins besides the dashboard's own that may open the socket, e.g.
-    ["https://sup.example.com"] behind a proxy that rewrites Host."""
+    ["https://console.example.com"] behind a proxy that rewrites Host."""
 
     @field_validator("allowed_origins")
     @classmethod

@@ -41,7 +41,7 @@ from engine.supervisor import origin
 
 OPERATOR = "operator-token-0123456789abcdef"
 MONITOR = "monitor-token-0123456789abcdef"
-PROXY_ORIGIN = "https://sup.example.com"
+PROXY_ORIGIN = "https://console.example.com"
 ARTEFACTS = (
     Path(os.environ.get("XSWARM_TEST_ARTEFACTS") or Path(tempfile.gettempdir()) / "xswarm-artefacts") / "dashboard"
 )
@@ -229,27 +229,27 @@ async def test_the_socket_refuses_pages_from_other_origins(runtime: Runtime) -> 
 
 
 def test_origin_rules() -> None:
-    assert origin.normalize("HTTPS://Sup.Example.com:443/") == "https://sup.example.com"
+    assert origin.normalize("HTTPS://Console.Example.com:443/") == "https://console.example.com"
     assert origin.normalize("http://[::1]:9999") == "http://[::1]:9999"
     for bad in ("https://x.example/path", "ftp://x.example", "null", "https://user@x.example", "x.example"):
         with pytest.raises(origin.OriginError):
             origin.normalize(bad)
     assert origin.allowed("http://127.0.0.1:9999", "127.0.0.1:9999")
-    assert origin.allowed("https://sup.example.com", "sup.example.com")  # a proxy that keeps Host
+    assert origin.allowed("https://console.example.com", "console.example.com")  # a proxy that keeps Host
     assert origin.allowed("http://localhost", "localhost:80")
     assert not origin.allowed("http://127.0.0.1:9998", "127.0.0.1:9999")
-    assert not origin.allowed("https://sup.example.com", "sup.example.com:8443")  # 443 is not 8443
+    assert not origin.allowed("https://console.example.com", "console.example.com:8443")  # 443 is not 8443
     assert not origin.allowed("http://evil.example", "127.0.0.1:9999")
     assert not origin.allowed("http://evil.example", None)
-    assert origin.allowed("https://sup.example.com", "127.0.0.1:9999", frozenset({"https://sup.example.com"}))
+    assert origin.allowed("https://console.example.com", "127.0.0.1:9999", frozenset({"https://console.example.com"}))
     assert origin.allowed(None, "127.0.0.1:9999")  # a program, not a page
 
 
 def test_allowed_origins_setting_is_checked_at_load() -> None:
-    settings = load_settings(supervisor={"allowed_origins": ["HTTPS://Sup.Example.com"]})
-    assert settings.supervisor.allowed_origins == ["https://sup.example.com"]
+    settings = load_settings(supervisor={"allowed_origins": ["HTTPS://Console.Example.com"]})
+    assert settings.supervisor.allowed_origins == ["https://console.example.com"]
     with pytest.raises(ConfigError, match="allowed_origins"):
-        load_settings(supervisor={"allowed_origins": ["https://sup.example.com/dashboard"]})
+        load_settings(supervisor={"allowed_origins": ["https://console.example.com/dashboard"]})
 
 
 # ------------------------------------------------------------------------------ in a browser

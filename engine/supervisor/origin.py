@@ -24,7 +24,7 @@ class OriginError(ValueError):
 
 
 def normalize(origin: str) -> str:
-    """``HTTPS://Sup.Example.com:443`` -> ``https://sup.example.com``: the form origins compare in.
+    """``HTTPS://Console.Example.com:443`` -> ``https://console.example.com``: the form origins compare in.
 
     Raises OriginError for anything that is not an http(s) origin (a path, a query, a user)."""
     try:
