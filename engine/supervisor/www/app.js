@@ -11,7 +11,7 @@
 
 import { CommandError, Connection, packAudio, socketUrl } from "./connection.js";
 import { State, maskCaller } from "./state.js";
-import { CallsTable, Feed, levelFraction, modeText, renderSpark, renderSystem, setWidth } from "./view.js";
+import { CallsTable, Feed, levelFraction, modeText, renderSpark, renderSystem, setLevel } from "./view.js";
 import { Listener, Microphone } from "./audio.js";
 
 const TOKEN_KEY = "xswarm.token";
@@ -345,7 +345,7 @@ function talking() {
 }
 
 function onMicFrame(pcm, rms) {
-  setWidth($("mic-level"), levelFraction(rms));
+  setLevel($("mic-level"), levelFraction(rms));
   const live = talking();
   const label = $("mic-state");
   const text = live ? "ON AIR" : "mic ready: hold Space or the button to talk";
@@ -382,7 +382,7 @@ ptt.addEventListener("contextmenu", (ev) => ev.preventDefault()); // a long pres
 
 document.addEventListener("xswarm-audio", (ev) => {
   const d = ev.detail;
-  setWidth($(d.direction === "caller" ? "listen-caller" : "listen-ai"), levelFraction(d.rms));
+  setLevel($(d.direction === "caller" ? "listen-caller" : "listen-ai"), levelFraction(d.rms));
   const t = Date.now();
   if (t - lastDelayShown > 500) {
     lastDelayShown = t;

@@ -1,7 +1,7 @@
 // Drawing the state into the page. Everything from the node goes in as text (textContent), never
 // as markup: callers' numbers, names and SMS summaries are outside input. Rows are keyed by call
 // id and only the cells that changed are touched, so 50 calls at 4 samples a second each stay
-// cheap. Widths are set through the CSSOM (element.style), which the page's CSP allows.
+// cheap. Meter levels are set through the CSSOM (element.style), which the page's CSP allows.
 
 import { maskCaller, shortSid } from "./state.js";
 
@@ -143,8 +143,8 @@ export class CallsTable {
     this._set(row, "late", String(call.lateFrames), call.lateFrames ? "c-late bad" : "c-late");
     row.tr.dataset.mode = call.mode;
     const fills = row.cells.levels.querySelectorAll(".fill");
-    setWidth(fills[0], levelFraction(call.inLevel));
-    setWidth(fills[1], levelFraction(call.outLevel));
+    setLevel(fills[0], levelFraction(call.inLevel));
+    setLevel(fills[1], levelFraction(call.outLevel));
   }
 
   _set(row, key, text, cls) {
@@ -159,9 +159,10 @@ export class CallsTable {
   }
 }
 
-export function setWidth(node, fraction) {
-  const pct = `${Math.round(fraction * 100)}%`;
-  if (node.style.width !== pct) node.style.width = pct;
+// A meter's fill is scaled, not resized: a transform needs no layout of the table around it.
+export function setLevel(node, fraction) {
+  const scale = `scaleX(${(Math.round(fraction * 50) / 50).toFixed(2)})`;
+  if (node.style.transform !== scale) node.style.transform = scale;
 }
 
 export class Feed {
