@@ -569,3 +569,25 @@ async def test_wrong_token_logout_and_reconnect(runtime: Runtime, browser: Any) 
     assert await page.evaluate("sessionStorage.length") == 0
     # the refused login and the dropped socket are expected console errors; nothing else is
     assert_no_page_errors(page, allowed=r"WebSocket|ERR_CONNECTION_REFUSED|status of 4\d\d")
+
+
+async def test_a_token_refused_mid_session_returns_to_login_and_the_new_role_gets_its_page(
+    runtime: Runtime, browser: Any
+) -> None:
+    """The node restarts with new tokens (rotated): the open monitor page is refused on its next
+    connect and asks for a token again; the operator token then gets the full page back."""
+    page = await open_page(browser, runtime)
+    await log_in(page, MONITOR)
+    assert await page.locator("[data-operator]").count() == 0
+    runtime.call_soon(runtime.supervisor.stop()).result(10)
+    new_operator, new_monitor = "rotated-operator-token-0123456789", "rotated-monitor-token-0123456789"
+    runtime.settings = load_settings(
+        supervisor={"token": new_operator, "monitor_token": new_monitor}, model={"name": "echo", "slots": 4}
+    )
+    runtime.call_soon(runtime.supervisor.start("127.0.0.1", runtime.supervisor_port)).result(10)
+    await page.wait_for_selector("#login-error:has-text('refused')", timeout=15000)
+    assert await page.evaluate("() => sessionStorage.getItem('xswarm.token')") is None
+    await log_in(page, new_operator)
+    await page.wait_for_selector("#who:has-text('operator')")
+    assert await page.locator("#detail [data-action=takeover]").count() == 1
+    assert_no_page_errors(page, allowed=r"WebSocket|ERR_CONNECTION_REFUSED")

@@ -109,8 +109,12 @@ function onRefused(reason) {
 }
 
 function onSnapshot(snap) {
+  const monitor = snap.you.role !== "operator";
+  if (!monitor && document.body.classList.contains("monitor")) {
+    window.location.reload(); // a monitor's page lost the operator's controls: start afresh (the token is kept)
+    return;
+  }
   state.loadSnapshot(snap);
-  const monitor = state.role !== "operator";
   document.body.classList.toggle("monitor", monitor);
   if (monitor) document.querySelectorAll("[data-operator]").forEach((node) => node.remove());
   $("who").textContent = `${snap.you.actor} · ${state.role}`;
