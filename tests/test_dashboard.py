@@ -20,6 +20,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -35,7 +36,7 @@ from websockets.typing import Origin
 from engine.audio import mulaw
 from engine.audio.resample import resample_to
 from engine.bridge.simulator import StreamTarget, stream_call
-from engine.config import ConfigError, load_settings
+from engine.config import ConfigError, default_toml, load_settings
 from engine.runtime import Runtime
 from engine.supervisor import origin
 
@@ -250,6 +251,9 @@ def test_allowed_origins_setting_is_checked_at_load() -> None:
     assert settings.supervisor.allowed_origins == ["https://console.example.com"]
     with pytest.raises(ConfigError, match="allowed_origins"):
         load_settings(supervisor={"allowed_origins": ["https://console.example.com/dashboard"]})
+    # `xswarm config init` writes it as a TOML list, so uncommenting the line keeps it valid
+    line = next(x for x in default_toml().splitlines() if x.startswith("# allowed_origins"))
+    assert tomllib.loads(line.removeprefix("# ")) == {"allowed_origins": []}
 
 
 # ------------------------------------------------------------------------------ in a browser
