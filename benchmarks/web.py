@@ -14,7 +14,11 @@ supervisor watching a call would. Three windows of equal length, figures from ea
   listen delay: a 20 ms burst sent by a probe caller -> its first loud sample leaving the page's
   audio graph (goal p50 <= 250 ms), with the node -> graph part alone.
 
-    .venv/bin/python benchmarks/web.py [--calls 50 --dashboards 5 --seconds 8]
+``--pin`` puts the node on CPU 0 and the load calls and Chromium on the other CPUs, as when
+browsers run on the supervisors' machines; it needs enough CPUs for the load calls and the
+browser (on a 2-core box they starve each other on the one CPU left, and the figures say so).
+
+    .venv/bin/python benchmarks/web.py [--calls 50 --dashboards 5 --seconds 8] [--pin]
 
 Prints ONE JSON object on stdout (progress on stderr); ``--out FILE`` also writes it there.
 """
@@ -216,6 +220,7 @@ async def measure(args: argparse.Namespace, node: Node) -> dict[str, Any]:
         "model": "echo",
         "window_s": args.seconds,
         "machine": machine(),
+        "cpu_pinning": args.pinned,
         "calls_only": calls_only,
         "with_consoles": with_consoles,
         "with_dashboards": with_dashboards,
@@ -234,18 +239,35 @@ async def measure(args: argparse.Namespace, node: Node) -> dict[str, Any]:
     }
 
 
+def pin(node: Node) -> dict[str, list[int]] | None:
+    """Put the node on CPU 0 and everything else this benchmark starts (load calls, Chromium)
+    on the other CPUs, as if the dashboards ran on the supervisors' own machines, which is where
+    browsers are; on a 2-core box the browser otherwise takes its CPU from the calls."""
+    import psutil
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    for thread in psutil.Process(node.server.pid).threads():
+        os.sched_setaffinity(thread.id, {cpus[0]})
+    os.sched_setaffinity(0, set(cpus[1:]))  # inherited by the load process and Chromium
+    return {"node": cpus[:1], "load_and_browser": cpus[1:]}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=50, help="live calls in all, one of them the listen probe")
     ap.add_argument("--dashboards", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=8.0, help="length of each measuring window")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--pin", action="store_true", help="the node on CPU 0, the load and Chromium on the others")
     args = ap.parse_args(argv)
     if args.calls < args.dashboards + 1:
         ap.error("--calls must be at least --dashboards + 1")
     node = Node.start(slots=args.calls + 4)
     load = None
     try:
+        args.pinned = pin(node) if args.pin else None
         log(f"node ready (pid {node.server.pid}); starting {args.calls - 1} load calls")
         load = node.start_load(args.calls - 1, 3 * args.seconds + 150)
         report = asyncio.run(measure(args, node))
