@@ -130,6 +130,10 @@ function onSnapshot(snap) {
 }
 
 function onEvent(msg) {
+  if (msg.type === "error") {
+    showError(`node: ${msg.error}${msg.code ? ` (${msg.code})` : ""}`); // e.g. bad_audio, which answers no command
+    return;
+  }
   state.apply(msg);
   const urgent = !SAMPLED.has(msg.type);
   if (msg.type === "CallEnded") {
