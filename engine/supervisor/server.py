@@ -166,7 +166,7 @@ class SupervisorServer:
         self._server: Server | None = None
         self._auth: Authenticator | None = None
         self._static: StaticFiles | None = None
-        self._origins = frozenset(runtime.settings.supervisor.allowed_origins)
+        self._origins: frozenset[str] = frozenset()
         self._clients: set[_Client] = set()
         self._header_roles: weakref.WeakKeyDictionary[ServerConnection, tuple[Role, str]] = weakref.WeakKeyDictionary()
         self._numbers = itertools.count(1)
@@ -188,6 +188,7 @@ class SupervisorServer:
 
         self._auth = Authenticator(load_tokens(self.runtime.settings))
         self._static = StaticFiles.load()
+        self._origins = frozenset(self.runtime.settings.supervisor.allowed_origins)
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self.metrics = Metrics(self.runtime, supervisor=self)
