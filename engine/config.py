@@ -205,6 +205,16 @@ class SupervisorSettings(_Section):
     """Operator token (may act). Generated at first start when unset."""
     monitor_token: SecretStr | None = None
     """Read-only token. Generated at first start when unset."""
+    allowed_origins: list[str] = Field(default_factory=list)
+    """Web origins besides the dashboard's own that may open the socket, e.g.
+    ["https://console.example.com"] behind a proxy that rewrites Host."""
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        from engine.supervisor.origin import normalize
+
+        return [normalize(o) for o in value]
 
 
 class TelephonySettings(_Section):
@@ -480,4 +490,6 @@ def toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, dict):
         return "{ " + ", ".join(f"{toml_value(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -54,9 +54,9 @@ def targets(settings: Settings) -> list[Target]:
     if database and database.startswith(("libsql://", "wss://")):
         database = "https://" + database.split("://", 1)[1]
     return [
-        Target("twilio", s.twilio.api_base_url if s.twilio.account_sid or s.twilio.auth_token else None),
-        Target("sendgrid", s.sendgrid.api_base_url if s.sendgrid.api_key else None),
-        Target("stripe", "https://api.stripe.com" if s.stripe.api_key else None),
+        Target("twilio", s.twilio.api_base if s.twilio.account_sid or s.twilio.auth_token else None),
+        Target("sendgrid", s.sendgrid.api_base if s.sendgrid.api_key else None),
+        Target("stripe", s.stripe.api_base if s.stripe.api_key else None),
         Target("anthropic", s.llm.anthropic_base_url if s.llm.anthropic_api_key else None),
         Target("openai", s.llm.openai_base_url if s.llm.openai_api_key else None),
         Target("turso", database),

@@ -1,8 +1,11 @@
 """Supervisor server (:9999): the authenticated live feed, listen, whisper, takeover, metrics.
 
-One ``websockets`` server on the runtime loop serves three things on one port:
-``GET /health`` and ``GET /metrics`` (answered in ``process_request`` before any upgrade) and the
-WebSocket on ``/`` (protocol v1, engine/supervisor/protocol.py, docs/supervisor-protocol.md).
+One ``websockets`` server on the runtime loop serves four things on one port:
+``GET /health`` and ``GET /metrics`` (answered in ``process_request`` before any upgrade), the
+browser dashboard (``GET /`` without an upgrade, and ``/static/…``: engine/supervisor/dashboard.py)
+and the WebSocket on ``/`` (protocol v1, engine/supervisor/protocol.py,
+docs/supervisor-protocol.md), whose upgrade must come from an allowed ``Origin``
+(engine/supervisor/origin.py).
 
 Why the fan-out looks the way it does: the scheduler publishes on the bus every 80 ms, and a
 supervisor on a slow link must never make a call late. So the bus subscriber only hands the
@@ -49,8 +52,10 @@ from engine.events import (
     Unlisten,
 )
 from engine.store import feed
+from engine.supervisor import origin
 from engine.supervisor import protocol as p
 from engine.supervisor.auth import AuthConfigError, Authenticator, Role, bearer, fingerprint, load_tokens, token_file
+from engine.supervisor.dashboard import StaticFiles, is_upgrade
 from engine.supervisor.tokens import TokenWatch
 from engine.tasks import cancel_and_wait
 
@@ -166,6 +171,8 @@ class SupervisorServer:
         self.metrics: Metrics | None = None
         self._server: Server | None = None
         self._auth: Authenticator | None = None
+        self._static: StaticFiles | None = None
+        self._origins: frozenset[str] = frozenset()
         self._clients: set[_Client] = set()
         self._header_roles: weakref.WeakKeyDictionary[ServerConnection, tuple[Role, str, str]] = (
             weakref.WeakKeyDictionary()
@@ -190,6 +197,8 @@ class SupervisorServer:
 
         self._auth = Authenticator(load_tokens(self.runtime.settings))
         self._token_watch = TokenWatch(token_file())
+        self._static = StaticFiles.load()
+        self._origins = frozenset(self.runtime.settings.supervisor.allowed_origins)
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self.metrics = Metrics(self.runtime, supervisor=self)
@@ -246,8 +255,16 @@ class SupervisorServer:
             body, content_type = self.metrics.render()
             response = conn.respond(200, "")
             return _with_body(response, body, content_type)
+        if not is_upgrade(request):
+            assert self._static is not None
+            page = self._static.response(request)
+            if page is not None:
+                return page
         if path != "/":
-            return conn.respond(404, "not found: the supervisor socket is at /, plus /health and /metrics\n")
+            return conn.respond(404, "not found: the dashboard and the socket are at /, plus /health and /metrics\n")
+        if not origin.allowed(request.headers.get("Origin"), request.headers.get("Host"), self._origins):
+            log.warning("supervisor upgrade from origin %r refused", request.headers.get("Origin"))
+            return conn.respond(403, "this page's origin may not open the supervisor socket\n")
         if len(self._clients) >= MAX_CLIENTS:
             return conn.respond(503, "too many supervisors connected\n")
         address = _address(conn)
