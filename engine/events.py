@@ -234,6 +234,17 @@ class ModelStatusChanged(Event):
 
 
 @message
+class NodeStateChanged(Event):
+    """A node of the fleet took up a state: ``draining`` (``xswarm nodes drain``: no new
+    calls, live calls finish), ``ready`` again, or ``down`` (seen by a console that lost it)."""
+
+    node_id: str
+    state: Literal["ready", "draining", "down"]
+    detail: str = ""
+    at: float = field(default_factory=now)
+
+
+@message
 class SystemSampled(Event):
     cpu_percent: float
     ram_used_bytes: int

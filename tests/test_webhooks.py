@@ -343,7 +343,7 @@ async def test_voice_connects_to_a_node_with_a_one_time_token(db: Database, alic
     h = await make()
     status, text = await h.twilio("/twilio/voice", call())
     assert status == 200
-    assert '<Connect><Stream url="wss://a.example.com:9998/twilio">' in text
+    assert '<Connect action="/twilio/voice/reroute?leg=1"><Stream url="wss://a.example.com:9998/twilio">' in text
     token = text.split('name="token" value="')[1].split('"')[0]
     verify_call_token(CALL_SECRET, token, "CA0001")
     assert int(token.split(".")[1]) <= time.time() + 60
@@ -382,10 +382,10 @@ async def test_voice_unknown_caller_refused_or_guest(db: Database, make: Any) ->
     ).result()
     refuse = await make()
     _, text = await refuse.twilio("/twilio/voice", call(caller="+15005550006"))
-    assert "registered users" in text and "<Hangup" in text and "<Connect>" not in text
+    assert "registered users" in text and "<Hangup" in text and "<Connect" not in text
     guest = await make(telephony={"unknown_callers": "guest"})
     _, text = await guest.twilio("/twilio/voice", call(sid="CA0002", caller="+15005550006"))
-    assert "<Connect>" in text and 'name="user_id" value="guest"' in text
+    assert "<Connect " in text and 'name="user_id" value="guest"' in text
 
 
 async def test_voice_quota_used_up_is_refused_politely(db: Database, make: Any) -> None:
@@ -396,7 +396,7 @@ async def test_voice_quota_used_up_is_refused_politely(db: Database, make: Any) 
     ).result()
     h = await make()
     _, text = await h.twilio("/twilio/voice", call(caller=bob.phone))
-    assert "used all 10 voice minutes" in text and "<Connect>" not in text
+    assert "used all 10 voice minutes" in text and "<Connect" not in text
 
 
 async def test_status_callback_ends_call_and_counts_minutes_once(db: Database, alice: Any, make: Any) -> None:
