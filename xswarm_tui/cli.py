@@ -40,6 +40,7 @@ _GROUPS: list[tuple[str, str]] = [
     ("serve", "commands"),
     ("call", "commands"),
     ("webhooks", "webhooks"),
+    ("nodes", "nodes"),
     ("tui", "callback"),
 ]
 
