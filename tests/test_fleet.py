@@ -264,3 +264,44 @@ def test_webhook_events_apply_exactly_once_across_two_servers(fleet_db: Fleet) -
     assert db.query("SELECT COUNT(*) FROM usage_ledger") == [(count,)]
     assert db.query("SELECT COUNT(*) FROM events WHERE type = 'WebhookReceived'") == [(count,)]
     assert db.query("SELECT COUNT(*) FROM calls WHERE status = 'ended' AND duration_s = 60") == [(count,)]
+
+
+async def test_a_processor_whose_lease_expired_cannot_commit_over_the_next_one(sqld: SqldServer) -> None:
+    """Two webhook boxes on one sqld: box A claims a row and is slow past its lease; box B
+    claims it again and applies it. A's late result must not be applied a second time."""
+    from engine.events import EventBus, WebhookReceived
+    from engine.store import inbox
+    from tests.webhooks_support import make_settings
+    from webhooks.hub import Hub, Outcome
+    from webhooks.processor import InboxProcessor
+
+    box_a, box_b = Database(sqld.target()).start(), Database(sqld.target()).start()
+    migrate(box_a)
+    claimed = asyncio.Event()
+
+    def effect_of(name: str, delay_s: float) -> Any:
+        async def effect(hub: Any, row: inbox.InboxRow) -> Outcome:
+            claimed.set()
+            await asyncio.sleep(delay_s)
+            note = ("INSERT INTO events (at, type, summary) VALUES (?, ?, ?)", (1, "Note", name))
+            return Outcome([note], [WebhookReceived("test", "t", name)])
+
+        return effect
+
+    inbox.put(box_a, "test", "e1", "t", "{}").result()
+    slow = InboxProcessor(Hub(make_settings(), box_a, EventBus()), {"test": effect_of("A", 1.5)}, lease_ms=300)
+    quick = InboxProcessor(Hub(make_settings(), box_b, EventBus()), {"test": effect_of("B", 0.0)}, poll_s=0.1)
+    slow.start()
+    try:
+        await asyncio.wait_for(claimed.wait(), 10)
+        quick.start()
+        await asyncio.sleep(2.5)  # B claims after A's lease, commits; then A's effect finishes
+    finally:
+        await slow.stop()
+        await quick.stop()
+    try:
+        assert box_a.query("SELECT summary FROM events WHERE type = 'Note'") == [("B",)]
+        assert box_a.query("SELECT status, attempts, last_error FROM webhook_inbox") == [("done", 2, None)]
+    finally:
+        box_a.close()
+        box_b.close()

@@ -25,3 +25,16 @@ CREATE INDEX route_reservations_node ON route_reservations(node_id, expires_at);
 
 -- A call re-routed after its node died keeps its row; each new stream is one more leg.
 ALTER TABLE calls ADD COLUMN legs INTEGER NOT NULL DEFAULT 1;
+
+-- Exactly once across webhook boxes: a processor commits a row's effects only while it still
+-- holds the row's lease (same attempt number, not done). One lost its lease when it was
+-- slower than the lease and another box claimed the row again; its commit then fails whole.
+CREATE VIEW inbox_lease AS SELECT 0 AS inbox_rowid, 0 AS attempts;
+CREATE TRIGGER inbox_lease_check INSTEAD OF INSERT ON inbox_lease
+BEGIN
+  SELECT RAISE(ABORT, 'inbox lease lost')
+  WHERE NOT EXISTS (
+    SELECT 1 FROM webhook_inbox
+    WHERE rowid = NEW.inbox_rowid AND attempts = NEW.attempts AND status IN ('pending', 'failed')
+  );
+END;
