@@ -22,10 +22,12 @@ from xml.sax.saxutils import escape
 from engine.calls import CallControlError
 from engine.events import (
     Command,
+    DrainNode,
     HandBack,
     HangUp,
     Listen,
     Mute,
+    ResumeNode,
     StartLocalCall,
     SupervisorActed,
     TakeOver,
@@ -55,6 +57,8 @@ ACTIONS: dict[type[Command], str] = {
     HangUp: "hangup",
     Transfer: "transfer",
     StartLocalCall: "start_local_call",
+    DrainNode: "drain",
+    ResumeNode: "resume",
 }
 """Command class -> the action name used in audit_log, SupervisorActed and docs."""
 
@@ -150,6 +154,8 @@ class CallControl:
     ) -> dict[str, Any]:
         if action == "start_local_call":
             return await self._start_local_call()
+        if action in ("drain", "resume"):
+            return await self._set_node_state("draining" if action == "drain" else "ready")
         call_id: str = command.call_id  # type: ignore[attr-defined]
         call = self.runtime.calls.get(call_id)
         if action == "unlisten":
@@ -209,6 +215,14 @@ class CallControl:
         if status >= 300:
             raise ControlError("failed", f"Twilio refused the transfer ({status}): {body[:300]}")
         return number
+
+    async def _set_node_state(self, state: str) -> dict[str, Any]:
+        """Drain or resume this node (a fleet console's action on the node a call is on)."""
+        apply = getattr(self.runtime, "set_node_state", None)
+        if apply is None:
+            raise ControlError("unavailable", "this runtime is not a fleet node")
+        await apply(state)
+        return {"node_id": self.runtime.node_id, "state": state}
 
     async def _start_local_call(self) -> dict[str, Any]:
         start = getattr(self.runtime, "start_local_call", None)

@@ -321,6 +321,16 @@ class StartLocalCall(Command):
     """Talk to the AI through this machine's microphone and speakers (one more slot)."""
 
 
+@message
+class DrainNode(Command):
+    """Take the node this command is sent to out of rotation (as ``xswarm nodes drain``)."""
+
+
+@message
+class ResumeNode(Command):
+    """Put the node this command is sent to back into rotation."""
+
+
 # ------------------------------------------------------------------------------------- bus
 
 Subscriber = Callable[[Event], None]

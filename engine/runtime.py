@@ -365,6 +365,15 @@ class Runtime:
         log.info("node %s %s", self.node_id, detail)
         self.bus.publish(events.NodeStateChanged(node_id=self.node_id, state=state, detail=detail))
 
+    async def set_node_state(self, state: str) -> None:
+        """Drain (``"draining"``) or resume (``"ready"``) this node from its own supervisor
+        socket: the same row ``xswarm nodes drain|resume`` writes, then a heartbeat at once so
+        the change shows now (``NodeStateChanged``) rather than at the next beat."""
+        if self.db is None:
+            raise StoreError("no database is open in this runtime")
+        await asyncio.wrap_future(self.db.submit("UPDATE nodes SET state = ? WHERE id = ?", (state, self.node_id)))
+        self._beat()
+
     async def _heartbeat_loop(self) -> None:
         while True:
             self._beat()

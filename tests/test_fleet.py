@@ -15,12 +15,10 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 from fixtures import fleet
+from fixtures.fleet import Fleet, wait_until
 from fixtures.sqld import SqldServer
 
 from engine.audio.testsignal import speech_band_ulaw
@@ -28,56 +26,6 @@ from engine.bridge.simulator import PlacedCall, parse_twiml, place_call, sign
 from engine.store import nodes
 from engine.store.db import Database
 from engine.store.migrations import migrate
-
-
-class Fleet:
-    def __init__(self, server: SqldServer, root: Path) -> None:
-        self.sqld = server
-        self.root = root
-        self.procs: list[fleet.FleetProcess] = []
-        self.db = Database(server.target()).start()
-        migrate(self.db)
-
-    def nodes(self, *names: str, slots: int = 4) -> list[fleet.FleetProcess]:
-        started = [fleet.node(self.sqld.url, self.root, name, slots=slots).start() for name in names]
-        self.procs += started
-        for proc in started:
-            proc.wait_ready()
-        wait_until(lambda: {n.node_id for n in nodes.live_nodes(self.db) if n.free_slots} >= set(names))
-        return started
-
-    def webhooks(self, name: str = "hooks") -> fleet.FleetProcess:
-        proc = fleet.webhooks(self.sqld.url, self.root, name).start()
-        self.procs.append(proc)
-        proc.wait_ready()
-        return proc
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        env = fleet.fleet_env(self.sqld.url, self.root / "cli")
-        return subprocess.run(
-            [sys.executable, "-m", "xswarm_tui.cli", *args], env=env, capture_output=True, text=True, timeout=60
-        )
-
-    def close(self) -> None:
-        for proc in self.procs:
-            proc.stop()
-        self.db.close()
-
-
-@pytest.fixture
-def fleet_db(sqld: SqldServer, tmp_path: Path) -> Iterator[Fleet]:
-    f = Fleet(sqld, tmp_path / "fleet")
-    try:
-        yield f
-    finally:
-        f.close()
-
-
-def wait_until(predicate: Any, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 async def ring(hooks_url: str, call_sid: str, caller: str = "+15005550100") -> str:
