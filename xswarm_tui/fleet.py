@@ -405,6 +405,10 @@ class FleetLink(Link):
             await asyncio.gather(
                 *(n.client.close() for n in self._nodes.values() if n.client is not None), return_exceptions=True
             )
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in rest:  # websockets' keepalives of connections that died with their node
+                task.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
 
         try:
             self._run(shutdown()).result(timeout=5)
