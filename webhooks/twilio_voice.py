@@ -16,7 +16,6 @@ operator hung up) is not re-routed.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode
@@ -137,9 +136,7 @@ async def connect(
         hub.bus.publish(CallRefused("no call token secret", "XSWARM_CALL_TOKEN_SECRET unset"))
         return twiml.voicemail(NOT_READY, VOICEMAIL_PATH)
     try:
-        route = await asyncio.wrap_future(
-            routing.reserve(hub.db, call_sid, ttl_s=telephony.call_token_ttl_s, exclude=exclude)
-        )
+        route = await routing.reserve(hub.db, call_sid, ttl_s=telephony.call_token_ttl_s, exclude=exclude)
     except StoreError as exc:
         log.error("routing %s failed (taking voicemail): %s", call_sid, exc)
         route = None

@@ -368,6 +368,8 @@ class PlacedCall:
     """The bridge URL of each leg."""
     reroute_s: list[float] = field(default_factory=list)
     """Per re-route: action callback sent -> first audio from the new node."""
+    webhook_ms: list[float] = field(default_factory=list)
+    """How long each webhook (the voice webhook, then each action callback) took to answer."""
     outcome: str = "completed"
     """completed (the caller finished talking), hung up (the line ended the call), or not
     connected (no stream in an answer: busy, voicemail, refusal; ``said`` says what)."""
@@ -409,10 +411,12 @@ async def place_call(
             url = base + path
             data = {**form, "CallStatus": status}
             headers = {"X-Twilio-Signature": sign(auth_token, url, data)}
+            sent = loop.time()
             async with session.post(url, data=data, headers=headers) as resp:
                 body = await resp.text()
                 if resp.status != 200:
                     raise SimulationError(f"{path} answered {resp.status}: {body[:200]}")
+            placed.webhook_ms.append(round((loop.time() - sent) * 1000, 3))
             return body
 
         body = await post("/twilio/voice", "ringing")

@@ -50,12 +50,13 @@ def _reserve_sql(excluded: int) -> str:
     )
 
 
-def reserve(
+async def reserve(
     db: Database, call_sid: str, *, ttl_s: float, exclude: Sequence[str] = (), now: int | None = None
-) -> concurrent.futures.Future[Any]:
-    """Choose a node for ``call_sid`` and hold one of its slots for ``ttl_s``; resolves to a
-    ``Route`` or None when no node has room. A repeated call for the same CallSid (a retried
-    webhook, a re-route) moves its one reservation rather than adding another."""
+) -> Route | None:
+    """Choose a node for ``call_sid`` and hold one of its slots for ``ttl_s``; None when no
+    node has room. A repeated call for the same CallSid (a retried webhook, a re-route)
+    moves its one reservation rather than adding another, so the statement is safe to repeat
+    and runs as one request of its own (``Database.awrite_alone``)."""
     moment = now if now is not None else now_ms()
     params = (
         call_sid,
@@ -66,19 +67,8 @@ def reserve(
         moment - int(STALE_AFTER_S * 1000),
         *exclude,
     )
-    future = db.submit(_reserve_sql(len(exclude)), params, returning=True)
-    out: concurrent.futures.Future[Any] = concurrent.futures.Future()
-
-    def convert(done: concurrent.futures.Future[Any]) -> None:
-        exc = done.exception()
-        if exc is not None:
-            out.set_exception(exc)
-            return
-        rows = done.result()
-        out.set_result(Route(rows[0][0], rows[0][1]) if rows else None)
-
-    future.add_done_callback(convert)
-    return out
+    rows = await db.awrite_alone(_reserve_sql(len(exclude)), params)
+    return Route(rows[0][0], rows[0][1]) if rows else None
 
 
 def connected_statement(call_sid: str) -> tuple[str, tuple[Any, ...]]:
