@@ -109,18 +109,21 @@ def _live(f: fleet.Fleet, node_id: str) -> int:
 
 async def routing_decisions(f: fleet.Fleet, rounds: int, size: int) -> list[float]:
     """``routing.reserve`` alone against sqld, ``size`` at a time (reservations removed after)."""
+    import aiohttp
+
     loop = asyncio.get_running_loop()
     times: list[float] = []
+    async with aiohttp.ClientSession() as session:
 
-    async def one(sid: str) -> None:
-        started = loop.time()
-        await routing.reserve(f.db, sid, ttl_s=60)
-        times.append((loop.time() - started) * 1000)
+        async def one(sid: str) -> None:
+            started = loop.time()
+            await routing.reserve(f.db, sid, ttl_s=60, session=session)
+            times.append((loop.time() - started) * 1000)
 
-    for r in range(rounds):
-        sids = [f"CAR{r:03d}{i:03d}" for i in range(size)]
-        await asyncio.gather(*(one(sid) for sid in sids))
-        f.db.write(f"DELETE FROM route_reservations WHERE call_sid IN ({','.join('?' * len(sids))})", sids)
+        for r in range(rounds):
+            sids = [f"CAR{size:02d}{r:03d}{i:03d}" for i in range(size)]
+            await asyncio.gather(*(one(sid) for sid in sids))
+            f.db.write(f"DELETE FROM route_reservations WHERE call_sid IN ({','.join('?' * len(sids))})", sids)
     return times
 
 

@@ -253,3 +253,46 @@ async def test_a_processor_whose_lease_expired_cannot_commit_over_the_next_one(s
     finally:
         box_a.close()
         box_b.close()
+
+
+async def test_routing_spreads_and_excludes_on_every_store(store_target: Any) -> None:
+    """The choose-and-reserve statement on the embedded file, sqld, and sqld with JWT auth
+    (the remote ones through one HTTP request of its own)."""
+    import aiohttp
+
+    from engine.store import routing
+
+    db = Database(store_target).start()
+    migrate(db)
+    try:
+        for name in ("a", "b"):
+            nodes.heartbeat(
+                db,
+                name,
+                bridge_url=f"wss://{name}.example.com",
+                model="echo",
+                slots_total=2,
+                slots_free=2,
+                step_ms_p99=None,
+                started_at=0,
+            ).result()
+        async with aiohttp.ClientSession() as session:
+            routes = await asyncio.gather(*(routing.reserve(db, f"CA{i}", ttl_s=60, session=session) for i in range(4)))
+            assert Counter(r.node_id for r in routes if r) == {"a": 2, "b": 2}
+            assert await routing.reserve(db, "CA9", ttl_s=60, session=session) is None  # every slot reserved
+            nodes.heartbeat(
+                db,
+                "b",
+                bridge_url="wss://b.example.com",
+                model="echo",
+                slots_total=3,
+                slots_free=3,
+                step_ms_p99=None,
+                started_at=0,
+            ).result()
+            moved = await routing.reserve(db, "CA0", ttl_s=60, session=session, exclude=("a",))
+            assert moved is not None and moved.node_id == "b"  # a re-route never goes back where it was
+            expired = await routing.reserve(db, "CA8", ttl_s=60, session=session, now=nodes.now_ms() + 120_000)
+            assert expired is None  # a minute later the heartbeats are stale: every node is down
+    finally:
+        db.close()

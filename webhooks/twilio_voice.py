@@ -136,7 +136,10 @@ async def connect(
         hub.bus.publish(CallRefused("no call token secret", "XSWARM_CALL_TOKEN_SECRET unset"))
         return twiml.voicemail(NOT_READY, VOICEMAIL_PATH)
     try:
-        route = await routing.reserve(hub.db, call_sid, ttl_s=telephony.call_token_ttl_s, exclude=exclude)
+        assert hub.session is not None  # opened with the server
+        route = await routing.reserve(
+            hub.db, call_sid, ttl_s=telephony.call_token_ttl_s, session=hub.session, exclude=exclude
+        )
     except StoreError as exc:
         log.error("routing %s failed (taking voicemail): %s", call_sid, exc)
         route = None

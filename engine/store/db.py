@@ -100,7 +100,7 @@ class Target:
         module docstring). Either way in autocommit mode: transactions are explicit ``BEGIN``
         … ``commit()``, so nothing is opened implicitly."""
         if self.remote:
-            return libsql.connect(self.location, auth_token=self.auth_token or "", isolation_level=None)
+            return libsql.connect(self.location, auth_token=self.auth_token or "")
         # check_same_thread=False: each connection is used by one thread at a time, but close()
         # runs on whichever thread shuts the Database down.
         conn = sqlite3.connect(
@@ -309,36 +309,6 @@ class Database:
             return item.future
         self._queue.put(item)
         return item.future
-
-    async def awrite_alone(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
-        """One write statement that commits by itself; resolves to its rows (``RETURNING``).
-
-        Remote database: run on the reader pool, on that thread's autocommit connection, as ONE
-        request, outside the writer's queue. Why: a write through the writer is BEGIN, the
-        statement and COMMIT, three round trips, and it waits behind every write queued before
-        it; against sqld on the 2-core box that made 10 routing decisions arriving together
-        take 52 ms at the median (benchmarks/fleet.py), where one request takes about 3.5 ms.
-        The statement is atomic on its own and must be safe to repeat: a failed request is
-        retried once on a new connection, and the first may have committed. Embedded file: the
-        writer's queue as usual (a second writer on the file would wait on SQLite's busy
-        handler, which sleeps in steps of milliseconds)."""
-        if not self.target.remote:
-            return await asyncio.wrap_future(self.submit(sql, params, returning=True))
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._readers, self._execute_alone, sql, tuple(params))
-
-    def _execute_alone(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        for attempt in range(2):
-            try:
-                return self._reader().execute(sql, params).fetchall()
-            except StoreError:
-                raise
-            except Exception as exc:
-                self._drop_reader()
-                if attempt == 1:
-                    raise StoreError(f"write failed: {exc}") from exc
-                log.info("remote write failed (%s); retrying on a new connection", exc)
-        raise AssertionError("unreachable")
 
     # ---------------------------------------------------------------------------- reads
 

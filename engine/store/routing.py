@@ -16,13 +16,17 @@ whose bridge URL is not a clean ws:// or wss:// URL.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.store.db import Database
 from engine.store.nodes import BRIDGE_URL_SQL, STALE_AFTER_S, now_ms
+
+if TYPE_CHECKING:
+    import aiohttp
 
 
 @dataclass(frozen=True)
@@ -51,12 +55,21 @@ def _reserve_sql(excluded: int) -> str:
 
 
 async def reserve(
-    db: Database, call_sid: str, *, ttl_s: float, exclude: Sequence[str] = (), now: int | None = None
+    db: Database,
+    call_sid: str,
+    *,
+    ttl_s: float,
+    session: aiohttp.ClientSession,
+    exclude: Sequence[str] = (),
+    now: int | None = None,
 ) -> Route | None:
     """Choose a node for ``call_sid`` and hold one of its slots for ``ttl_s``; None when no
     node has room. A repeated call for the same CallSid (a retried webhook, a re-route)
-    moves its one reservation rather than adding another, so the statement is safe to repeat
-    and runs as one request of its own (``Database.awrite_alone``)."""
+    moves its one reservation rather than adding another: the statement is safe to repeat.
+
+    Remote database: one HTTP request of its own on ``session`` (``engine.store.hrana``: the
+    decision is on the caller's answer path). Embedded file: the writer's queue, where it
+    takes well under a millisecond."""
     moment = now if now is not None else now_ms()
     params = (
         call_sid,
@@ -67,7 +80,13 @@ async def reserve(
         moment - int(STALE_AFTER_S * 1000),
         *exclude,
     )
-    rows = await db.awrite_alone(_reserve_sql(len(exclude)), params)
+    sql = _reserve_sql(len(exclude))
+    if db.target.remote:
+        from engine.store import hrana  # the runtime imports this module; only webhooks route
+
+        rows = await hrana.execute(session, db.target, sql, params)
+    else:
+        rows = await asyncio.wrap_future(db.submit(sql, params, returning=True))
     return Route(rows[0][0], rows[0][1]) if rows else None
 
 
