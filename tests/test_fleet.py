@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from fixtures import fleet
@@ -296,3 +297,16 @@ async def test_routing_spreads_and_excludes_on_every_store(store_target: Any) ->
             assert expired is None  # a minute later the heartbeats are stale: every node is down
     finally:
         db.close()
+
+
+def test_a_node_with_a_bad_public_bridge_url_refuses_to_start(tmp_path: Path) -> None:
+    env = fleet.fleet_env("http://127.0.0.1:9", tmp_path, XSWARM_BRIDGE_PUBLIC_URL="wss://gpu1 example.com")
+    run = subprocess.run(
+        [sys.executable, "-m", "xswarm_tui.cli", "serve", "--model", "echo"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2 and run.stderr.count("\n") == 1
+    assert "XSWARM_BRIDGE_PUBLIC_URL" in run.stderr and "must be a ws:// or wss:// URL" in run.stderr
