@@ -233,7 +233,7 @@ async def measure(args: argparse.Namespace, server_pid: int, bridge_port: int, s
 
     # every supervisor listens to a call; the first monitor listens to the burst probe
     live_ids = ["CAPROBELISTEN"] + [f"CALOAD{i:04d}" for i in range(args.supervisors)]
-    for w, call_id in zip(watchers[1:], live_ids):
+    for w, call_id in zip(watchers[1:], live_ids, strict=False):
         await w.client.command(Listen(call_id))
     await watchers[0].client.command(Listen(live_ids[-1]))
     for w in watchers:

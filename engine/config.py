@@ -138,8 +138,7 @@ class DatabaseSettings(_Section):
     batch_max_wait_ms: float = Field(1.0, ge=0)
     """How long the writer waits to fill a batch before committing what it has. Every
     acknowledged write waits this long, and batches also grow by themselves while a commit
-    runs, so it stays short: 5 → 1 ms took signed webhooks from ~2,930 to ~3,070 requests/s
-    at p99 ~19 → ~16 ms (benchmarks/webhooks.py, back to back, 2-core box)."""
+    runs, so it stays short."""
 
 
 class S3Settings(_Section):
@@ -245,7 +244,7 @@ class Settings(BaseSettings):
         )
 
 
-# Flat environment names (the providers' and the issues' contract) -> nested field.
+# Flat environment names (the names the providers' own tools use) -> nested field.
 ALIASES: dict[str, tuple[str, str]] = {
     "TWILIO_ACCOUNT_SID": ("twilio", "account_sid"),
     "TWILIO_AUTH_TOKEN": ("twilio", "auth_token"),

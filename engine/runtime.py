@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from engine import events
@@ -188,6 +188,7 @@ class Runtime:
         if self._want["webhooks"]:
             from webhooks.server import WebhooksServer
 
+            assert self.db is not None, "start() opens the database before the servers"
             self.webhooks = WebhooksServer(
                 self.settings, self.db, self.bus, record_feed=False
             )  # our recorder writes them
@@ -229,7 +230,7 @@ class Runtime:
         except TimeoutError:
             log.warning("closing %d live calls took over %.0f s; the rest were left open", len(sessions), CLOSE_CALLS_S)
             results = [None] * len(sessions)
-        for session, result in zip(sessions, results):
+        for session, result in zip(sessions, results, strict=True):
             if isinstance(result, BaseException):
                 log.error("could not close %s: %s", session.call_id, result)
             self.calls.finish(session, reason)
@@ -491,7 +492,7 @@ class Runtime:
         }
 
 
-def _log_failure(what: str):  # type: ignore[no-untyped-def]
+def _log_failure(what: str) -> Callable[[concurrent.futures.Future[Any]], None]:
     def check(future: concurrent.futures.Future[Any]) -> None:
         exc = future.exception()
         if exc is not None:

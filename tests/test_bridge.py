@@ -488,7 +488,7 @@ async def test_every_refusal_closes_only_its_own_stream(bridge: tuple[Runtime, l
         got_code, got_reason = await refused(runtime, script)
         assert got_code == code, (script.__name__, got_code, got_reason)
         assert reason in got_reason, (script.__name__, got_reason)
-        await wait_for(lambda: runtime.bridge.refusals[key] >= 1)  # type: ignore[union-attr]
+        await wait_for(lambda: runtime.bridge.refusals[key] >= 1)  # type: ignore[union-attr]  # noqa: B023 - awaited here
 
     # a reused token: the first use works, the second is refused
     once = Twilio(runtime.bridge_port, call_sid="CA" + "7" * 32)  # type: ignore[arg-type]

@@ -111,14 +111,11 @@ class Hub:
         """Run a read-only repository function (never one that waits on a write).
 
         Reader pool by default. Embedded file with ``inline_reads``: right here on the loop,
-        for a loop that serves nothing else. An indexed read of the local file takes tens
-        of microseconds; a hop to a pool thread and back costs more than that under load. (The
-        file is read through stdlib sqlite3, which releases the GIL, so pool reads would now run
-        in parallel; the hand-off still costs more than it saves.) Measured on the signed-SMS benchmark with sqlite3, back to back on the 2-core
-        box: 2,423 requests/s inline vs 1,915/s through the pool, p99 30 vs 34 ms, CPU per
-        request 0.39 vs 0.52 ms. Never inline inside the runtime: a slow read (usage totals, node
-        choice) there would delay every call's audio. Remote database: always the pool, since
-        the wait is a network round trip the loop must not sit through."""
+        because an indexed read of the local file costs less than the hop to a pool thread and
+        back (figures: docs/performance.md, "Webhooks"). That is only for a loop that serves
+        nothing else: never inline inside the runtime, where a slow read would delay every
+        call's audio. A remote database always uses the pool, since the wait is a network
+        round trip the loop must not sit through."""
         if self._inline_reads:
             return fn(self.db)
         return await self.db.aread(fn)

@@ -85,10 +85,9 @@ class InboxProcessor:
         lease_ms: int = 120_000,
         poll_s: float = 1.0,
     ) -> None:
-        """``concurrency``: rows in flight at once. At 64 the processor fell behind a
-        3,000 SMS/s ingest on the 2-core box; SMS replies then outgrew ``twilio_sms.MAX_PENDING``
-        and every dropped entry cost a form parse and two reads again (benchmarks/webhooks.py:
-        2,198 → 2,645 requests/s, CPU 0.44 → 0.35 ms per request at 256)."""
+        """``concurrency``: rows in flight at once. Too few and the processor falls behind a
+        full ingest, SMS replies outgrow ``twilio_sms.MAX_PENDING`` and every dropped entry
+        costs a form parse and two reads again (docs/performance.md, "Webhooks")."""
         self.hub = hub
         self.effects = dict(effects)
         self.concurrency = concurrency

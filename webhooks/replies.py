@@ -190,4 +190,7 @@ class Replier:
             return clean(await self.llm.complete(system, prompt, max_tokens=self.settings.llm.max_tokens_email), 8000)
         except LlmError as exc:
             log.warning("email reply fell back to canned text: %s", exc)
-            return f"Hello {user.name},\n\nYour message arrived. I couldn't compose a reply just now; I'll be glad to help if you write again later.\n"
+            return (
+                f"Hello {user.name},\n\nYour message arrived. I couldn't compose a reply just now;"
+                " I'll be glad to help if you write again later.\n"
+            )

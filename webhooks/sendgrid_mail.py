@@ -15,6 +15,7 @@ import json
 import logging
 import re
 from email import policy
+from email.message import Message
 from email.parser import BytesParser, HeaderParser
 from email.utils import parseaddr
 from typing import Any
@@ -65,7 +66,7 @@ def parse_inbound(content_type: str, raw: bytes) -> tuple[dict[str, str], list[t
     fields: dict[str, str] = {}
     files: list[tuple[str, str, bytes]] = []
     for part in message.iter_parts():
-        data = part.get_payload(decode=True) or b""
+        data = _decoded(part)
         filename = part.get_filename()
         if filename:
             files.append((filename, part.get_content_type(), data))
@@ -90,8 +91,13 @@ def _expand_raw(fields: dict[str, str], files: list[tuple[str, str, bytes]]) -> 
         if body is not None:
             fields.setdefault("text" if kind == "plain" else "html", str(body.get_content()))
     for attachment in mime.iter_attachments():
-        data = attachment.get_payload(decode=True) or b""
-        files.append((attachment.get_filename() or "attachment", attachment.get_content_type(), data))
+        files.append((attachment.get_filename() or "attachment", attachment.get_content_type(), _decoded(attachment)))
+
+
+def _decoded(part: Message) -> bytes:
+    """A leaf part's body with its transfer encoding undone (a multipart part has none)."""
+    data = part.get_payload(decode=True)
+    return data if isinstance(data, bytes) else b""
 
 
 def message_id(fields: dict[str, str], raw: bytes) -> str:
@@ -129,7 +135,7 @@ async def inbound(request: web.Request) -> web.Response:
         log.error("inbound mail: attachments not stored (answering 503): %s", exc)
         raise web.HTTPServiceUnavailable(text="attachment storage unavailable") from None
     mid = message_id(fields, raw)
-    payload = {name: fields[name] for name in _TEXT_FIELDS if name in fields}
+    payload: dict[str, Any] = {name: fields[name] for name in _TEXT_FIELDS if name in fields}
     payload["message_id"] = mid
     payload["attachments"] = attachments
     await hub.ingest(PARSE, mid, "inbound", json.dumps(payload, separators=(",", ":")))
@@ -229,7 +235,7 @@ async def events(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(text="body is not JSON") from None
     if not isinstance(items, list):
         raise web.HTTPBadRequest(text="expected a JSON array of events")
-    rows = []
+    rows: list[tuple[str, str | None, str]] = []
     for item in items:
         if isinstance(item, dict) and isinstance(item.get("sg_event_id"), str) and item["sg_event_id"]:
             rows.append((item["sg_event_id"], str(item.get("event", "")), json.dumps(item, separators=(",", ":"))))

@@ -36,9 +36,8 @@ def run(main: Coroutine[Any, Any, T], *, fast_loop: bool = True) -> T:
     """Run ``main`` on uvloop where it is installed (not on Windows), else on asyncio's loop.
 
     Why: a standalone webhook server spends most of its CPU in the event loop's socket and
-    callback machinery, which uvloop's C loop cuts (benchmarks/webhooks.py, back to back:
-    2,379 → 2,705 requests/s, CPU 0.42 → 0.35 ms per request). Only for a process whose
-    loop is the server's own; the runtime creates its loop itself."""
+    callback machinery, which uvloop's C loop cuts (docs/performance.md, "Webhooks"). Only
+    for a process whose loop is the server's own; the runtime creates its loop itself."""
     if fast_loop:
         try:
             import uvloop
@@ -54,8 +53,7 @@ def quiet_gc() -> None:
     everything alive (modules, the app, settings) out of the collector's sight and collect
     the young generation less often. Why: each request allocates thousands of short-lived
     objects, and every full pass re-walked the long-lived heap for nothing; reference
-    counting frees nearly all request garbage anyway (benchmarks/webhooks.py on uvloop:
-    CPU 0.354 → 0.341 ms per request). Process-wide, so not for the runtime."""
+    counting frees nearly all request garbage anyway. Process-wide, so not for the runtime."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)

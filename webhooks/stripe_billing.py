@@ -92,8 +92,9 @@ async def _subscription(hub: Hub, row: InboxRow, sub: dict[str, Any], created: i
     user = await hub.read(lambda d: _customer_user(d, sub.get("customer"), meta.get("user_id")))
     if user is None:
         stored = await hub.read(lambda d: billing.get_subscription(d, sub["id"]))
-        if stored is not None and stored.user_id:
-            user = await hub.read(lambda d: get_user(d, stored.user_id))
+        owner = stored.user_id if stored is not None else None
+        if owner:
+            user = await hub.read(lambda d: get_user(d, owner))
     items = (sub.get("items") or {}).get("data") or [{}]
     price_id = ((items[0] or {}).get("price") or {}).get("id")
     tier = hub.settings.stripe.price_tiers.get(price_id) if price_id else None

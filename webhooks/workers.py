@@ -1,8 +1,7 @@
 """``xswarm webhooks serve --workers N``: N server processes sharing one port.
 
-Why: one server process is one event loop and one GIL, so it tops out near one core; on the
-2-core box signed SMS went from ~2,700/s with one worker to ~3,700/s with two
-(benchmarks/webhooks.py --workers 2, benchmarks/results/webhooks_2core_quiet.json).
+Why: one server process is one event loop and one GIL, so it tops out near one core
+(figures: docs/performance.md, "Webhooks").
 
 How: the parent binds the port once with ``SO_REUSEPORT`` (resolving port 0) without
 listening on it, then spawns the workers; each binds its own ``SO_REUSEPORT`` socket on that
@@ -157,13 +156,14 @@ class Workers:
             except queue.Empty:
                 dead = [i for i in waiting if not self._procs[i].is_alive()]
                 if dead:
+                    code = self._procs[dead[0]].exitcode
                     raise WorkersError(
-                        f"worker {dead[0] + 1} exited during start-up (code {self._procs[dead[0]].exitcode}); see the log"
-                    )
+                        f"worker {dead[0] + 1} exited during start-up (code {code}); see the log"
+                    ) from None
                 if time.monotonic() > deadline:
                     raise WorkersError(
                         f"workers {sorted(i + 1 for i in waiting)} did not start within {START_TIMEOUT_S:.0f} s"
-                    )
+                    ) from None
                 continue
             if index not in waiting:
                 continue  # not one we are waiting for (cannot happen: a worker reports once)

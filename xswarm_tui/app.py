@@ -19,13 +19,15 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.theme import Theme as TextualTheme
+from textual.timer import Timer
 from textual.widgets import DataTable, Footer, Header, Input
 from textual.worker import Worker, WorkerState
 
@@ -50,9 +52,8 @@ RENDER_INTERVAL_S = 0.25
 BUSY_RENDER_INTERVAL_S = 0.5
 BUSY_CALLS = 16
 """Above this many live calls, redraw at 2 Hz. Why: every redraw of the calls table renders all
-its visible cells, and the UI thread shares the GIL with the bridge; on a 2-core machine with
-50 calls benchmarks/tui.py saw late bridge frames in most 4 Hz runs, halved the UI's CPU at
-2 Hz, and late frames in only an occasional run (one burst, one frame per call)."""
+its visible cells, and the UI thread shares the GIL with the bridge (docs/performance.md,
+"Runtime and console")."""
 DEBOUNCE_S = 0.3
 """A second press of a destructive key within this is ignored (key repeat, double taps)."""
 
@@ -73,7 +74,7 @@ def _binding(
     return Binding(key, action, description, show=show, priority=priority, id=f"{group}.{action}", tooltip=tooltip)
 
 
-BINDINGS: list[Binding] = [
+BINDINGS: list[BindingType] = [
     _binding("t", "take_over", "Take over", "Your microphone replaces the AI on the selected call"),
     _binding("b", "hand_back", "Hand back", "Give the selected call back to the AI"),
     _binding("l", "listen", "Listen", "Hear the selected call on this machine (press again to stop)"),
@@ -98,7 +99,8 @@ BINDINGS: list[Binding] = [
 def textual_theme(name: str) -> TextualTheme:
     """A ``themes/`` file as a Textual theme: palette plus the domain colours as variables."""
     t = load_theme(name)
-    return TextualTheme(name=t.name, dark=t.dark, variables=dict(t.variables), **t.palette)
+    colours: dict[str, Any] = dict(t.palette)  # themes.PALETTE_KEYS: all of them Theme's colour parameters
+    return TextualTheme(name=t.name, dark=t.dark, variables=dict(t.variables), **colours)
 
 
 class XswarmApp(App[None]):
@@ -132,7 +134,7 @@ class XswarmApp(App[None]):
         self._wake_posted = False
         self._last_render = 0.0
         self._last_durations = 0.0
-        self._render_timer = None
+        self._render_timer: Timer | None = None
         self._last_press: dict[str, float] = {}
         self._reveal = reveal_callers
         self.log_mirror = LogMirror(lambda: self.post_message(LogsArrived()))

@@ -29,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 from engine import events as ev
 from xswarm_tui.link import AudioFactory, EventSink, Link, LinkError, SnapshotSink, UserRow, _default_audio
@@ -38,6 +38,7 @@ POLL_S = 2.0
 """How often ``--fleet`` reads the nodes table (the nodes themselves heartbeat every 5 s)."""
 WATCH_S = 0.1
 """How often each connection is checked; a dead node shows as down within this."""
+NodeState = Literal["ready", "draining", "down"]
 STEP_WINDOWS = 30
 """Recent tick windows (``TickSampled``) the step-time figure of a socket-only node covers."""
 
@@ -49,7 +50,7 @@ class NodeStatus:
     name: str
     """The node id once its snapshot named it; its URL until then."""
     url: str
-    state: str = "down"
+    state: NodeState = "down"
     connected: bool = False
     live: int = 0
     total: int = 0
@@ -220,7 +221,7 @@ class FleetLink(Link):
         with self._lock:
             status = node.status
             status.name = str(info.get("id") or status.name)
-            status.state = str(info.get("state") or "ready")
+            status.state = "draining" if info.get("state") == "draining" else "ready"
             status.version = info.get("version")
             status.model = model.get("name") or model.get("spec")
             status.total = int(slots.get("total") or 0)
@@ -325,7 +326,7 @@ class FleetLink(Link):
                 seen = time.time() - float(row.get("last_seen_s") or 0)
                 status.last_seen = max(status.last_seen or 0.0, seen)
                 if status.connected and row.get("state") in ("ready", "draining"):
-                    status.state = row["state"]
+                    status.state = "draining" if row["state"] == "draining" else "ready"
         if fresh and self._tasks:
             await asyncio.gather(*(self._connect(url) for url in fresh), return_exceptions=True)
 

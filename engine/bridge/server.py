@@ -302,11 +302,10 @@ class TwilioStream:
 
     def _on_media(self, msg: dict[str, Any], now: float) -> None:
         media = msg.get("media")
-        payload = media.get("payload") if isinstance(media, dict) else None
-        if not isinstance(payload, str):
+        if not isinstance(media, dict) or not isinstance(media.get("payload"), str):
             raise Refusal("malformed_media", MALFORMED, "media without a payload")
         try:
-            audio = base64.b64decode(payload, validate=True)
+            audio = base64.b64decode(media["payload"], validate=True)
         except (binascii.Error, ValueError):
             raise Refusal("malformed_base64", MALFORMED, "media payload is not base64") from None
         if self.session is None or media.get("track", "inbound") not in ("inbound", "inbound_track"):

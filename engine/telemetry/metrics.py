@@ -112,7 +112,8 @@ class _RuntimeCollector(Collector):
         )
         yield from _histogram(
             "xswarm_tick_work_duration_ms",
-            "Work per 80 ms tick from its start to the batch's results: gathering frames, the hand-off to the inference thread, resampling and the model step (admission judges this).",
+            "Work per 80 ms tick from its start to the batch's results: gathering frames, the hand-off to the"
+            " inference thread, resampling and the model step (admission judges this).",
             scheduler,
             "tick_work_ms",
         )

@@ -8,6 +8,8 @@ or, when unset, from ``<config>/supervisor-tokens.json`` (0600), created here or
 
 from __future__ import annotations
 
+from typing import Literal
+
 import typer
 
 from xswarm_tui.commands._common import fail, load
@@ -27,7 +29,7 @@ def token(
         tokens = load_tokens(load())
     except AuthConfigError as exc:
         fail(str(exc))
-    role = "monitor" if monitor else "operator"
+    role: Literal["operator", "monitor"] = "monitor" if monitor else "operator"
     if where:
         source = tokens.source[role]
         typer.echo(

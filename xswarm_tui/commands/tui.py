@@ -8,7 +8,8 @@ light, and the console paints before the runtime (and torch) is even imported.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -16,12 +17,13 @@ from xswarm_tui.commands._common import EXIT_BAD_INPUT, fail, load
 
 if TYPE_CHECKING:
     from engine.config import Settings
+    from xswarm_tui.link import Link
 
 _STARTED = time.perf_counter()
 """When the CLI imported this module: the origin of the time-to-first-paint figure in the log."""
 
 
-def _run_console(link: object, *, read_only: bool, theme: str | None, settings: Settings | None = None) -> None:
+def _run_console(link: Link, *, read_only: bool, theme: str | None, settings: Settings | None = None) -> None:
     """Run the app on ``link``. A ``--theme`` typed on the command line must exist (exit 2 naming
     the available ones); an unknown ``ui.theme`` in the settings only falls back with a notice."""
     if theme is not None:
@@ -35,7 +37,7 @@ def _run_console(link: object, *, read_only: bool, theme: str | None, settings: 
     app = XswarmApp(
         link,
         read_only=read_only,
-        theme=theme or settings.ui.theme,  # type: ignore[arg-type]
+        theme=theme or settings.ui.theme,
         poll_interval_s=settings.ui.poll_interval_s,
         reveal_callers=settings.ui.reveal_callers,
         started_at=_STARTED,
@@ -43,7 +45,7 @@ def _run_console(link: object, *, read_only: bool, theme: str | None, settings: 
     try:
         app.run()
     finally:
-        link.close()  # type: ignore[attr-defined]  # embedded: ends calls, stops servers, flushes the DB
+        link.close()  # embedded: ends calls, stops servers, flushes the DB
 
 
 def register(app: typer.Typer) -> None:
@@ -114,7 +116,7 @@ def register(app: typer.Typer) -> None:
         _run_console(link, read_only=read_only, theme=theme)
 
 
-def _fleet_discovery():  # type: ignore[no-untyped-def]
+def _fleet_discovery() -> Callable[[], list[dict[str, Any]]]:
     """The nodes table of the shared database, read on the fleet link's thread (exit 1 now
     when the database cannot be opened at all)."""
     from engine.store import nodes
