@@ -81,6 +81,7 @@ class Runtime:
         """This process's hold on ``node_id`` in the shared ``nodes`` table."""
         self.node_state = "ready"
         self._id_taken = False
+        self._leaving = False
         """What the operator last asked of this node (``xswarm nodes drain|resume``), as read
         back with the last heartbeat."""
         self.started_at = time.time()
@@ -204,6 +205,14 @@ class Runtime:
     async def _astop(self) -> None:
         await cancel_and_wait(self._heartbeat)
         self._heartbeat = None
+        self._leaving = True  # no heartbeat may write the row back from here on
+        if self.db is not None:
+            # Out of rotation first, so no new call is routed here while the live ones close
+            # (their callers are re-routed to other nodes by the voice webhook).
+            try:
+                await asyncio.wrap_future(nodes.remove(self.db, self.node_id, self.node_instance))
+            except StoreError:
+                log.warning("could not remove node row %s", self.node_id)
         await self._close_calls("node shutting down")
         for server in (self.bridge, self.supervisor, self.webhooks, self.storage):
             if server is not None:
@@ -212,11 +221,6 @@ class Runtime:
                 except Exception:
                     log.exception("stopping %s failed", type(server).__name__)
         await self.scheduler.stop()
-        if self.db is not None:
-            try:
-                await asyncio.wrap_future(nodes.remove(self.db, self.node_id, self.node_instance))
-            except StoreError:
-                log.warning("could not remove node row %s", self.node_id)
 
     async def _close_calls(self, reason: str) -> None:
         """Close every live call's stream at once (Twilio's fallback TwiML takes over), all
@@ -332,7 +336,7 @@ class Runtime:
     def _beat(self, connected: str | None = None) -> None:
         """Write this node's row now (runtime loop). ``connected``: a call that just went live
         here; its routing reservation ends in the same queue order as the row that counts it."""
-        if self.db is None:
+        if self.db is None or self._leaving:
             return
         try:
             future = self._heartbeat_future()
@@ -343,7 +347,14 @@ class Runtime:
         except StoreError as exc:  # the database is closing
             log.warning("heartbeat not written: %s", exc)
             return
-        future.add_done_callback(lambda f: self.loop.call_soon_threadsafe(self._beaten, f))
+        future.add_done_callback(self._beaten_threadsafe)
+
+    def _beaten_threadsafe(self, future: concurrent.futures.Future[Any]) -> None:
+        """Writer thread: hand the outcome to the loop (unless the runtime has stopped)."""
+        try:
+            self.loop.call_soon_threadsafe(self._beaten, future)
+        except RuntimeError:  # the loop has closed: nobody is left to tell
+            pass
 
     def _beaten(self, future: concurrent.futures.Future[Any]) -> None:
         """The operator's state came back with the heartbeat: apply a change and say so."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from aiohttp import web
@@ -198,7 +199,7 @@ async def reroute(request: web.Request) -> web.Response:
     if last.node_id is not None and last.status != "ended":
         # The node never wrote the end of this leg: it is probably dead. Route nothing more
         # there until a heartbeat newer than this says otherwise.
-        routing.mark_suspect(hub.db, last.node_id)
+        routing.mark_suspect(hub.db, last.node_id).add_done_callback(_log_write_failure)
     extra = urlencode({"XswarmLeg": leg + 1, "XswarmFromNode": last.node_id or ""})
     await hub.ingest(PROVIDER, f"{call_sid}:leg:{leg + 1}", "reroute", f"{raw.decode('utf-8')}&{extra}")
     if leg >= MAX_LEGS:
@@ -326,6 +327,11 @@ async def _voicemail_effect(hub: Hub, row: InboxRow, form: dict[str, str]) -> Ou
             received(row, summary, user.id if user else None),
         ],
     )
+
+
+def _log_write_failure(future: Any) -> None:
+    if future.exception() is not None:
+        log.warning("could not mark a node suspect: %s", future.exception())
 
 
 def _float(value: str | None) -> float | None:

@@ -123,7 +123,8 @@ class FleetLink(Link):
         self._tasks: list[asyncio.Task[None]] = []
         self._on_event: EventSink = lambda event: None
         self._on_snapshot: SnapshotSink = lambda snapshot: None
-        self._opened_at = 0.0
+        self._opened = False
+        """Set once ``open`` has answered: from then on a node (re)connecting is news."""
 
     @property
     def target(self) -> str:  # type: ignore[override]
@@ -157,7 +158,6 @@ class FleetLink(Link):
 
     def open(self, on_event: EventSink, on_snapshot: SnapshotSink) -> dict[str, Any]:
         self._on_event, self._on_snapshot = on_event, on_snapshot
-        self._opened_at = time.time()
         self._thread.start()
         try:
             return self._run(self._open()).result(timeout=self._open_timeout_s + 5)
@@ -177,6 +177,7 @@ class FleetLink(Link):
         self._tasks.append(loop.create_task(self._watch()))
         if self._discover is not None:
             self._tasks.append(loop.create_task(self._poll()))
+        self._opened = True
         return self._merged()
 
     async def _connect(self, url: str) -> None:
@@ -195,6 +196,9 @@ class FleetLink(Link):
             return
         except (SupervisorError, OSError) as exc:
             node.status.detail = str(exc)  # keeps trying in the background; shown as down meanwhile
+        else:
+            assert client.snapshot is not None
+            self._snapshot(url, client.snapshot)  # in the first merged snapshot (the pump sees it again)
         if client.role is not None and client.role != "operator":
             self.can_act = False
         self._tasks.append(asyncio.get_running_loop().create_task(self._pump(url)))
@@ -239,7 +243,7 @@ class FleetLink(Link):
                 sample = None
             if isinstance(sample, ev.SystemSampled):
                 status.gpu = gpu_line(sample)
-        if self._tasks and not was_connected:  # a node came back after open: say so, show its calls
+        if self._opened and not was_connected:  # a node came back after open: say so, show its calls
             self._on_event(ev.NodeStateChanged(node_id=status.name, state=status.state, detail="reconnected"))
             self._on_snapshot(self._merged())
 
@@ -289,7 +293,7 @@ class FleetLink(Link):
                 with self._lock:
                     node.status.connected = False
                     node.status.state = "down"
-                    orphans = [cid for cid, u in self._call_node.items() if u == url]
+                    orphans = {cid: node.calls.get(cid, {}) for cid, u in self._call_node.items() if u == url}
                     for call_id in orphans:
                         del self._call_node[call_id]
                     node.calls.clear()
@@ -297,10 +301,11 @@ class FleetLink(Link):
                 self._on_event(
                     ev.NodeStateChanged(node_id=node.status.name, state="down", detail="supervisor connection lost")
                 )
-                for call_id in orphans:
-                    self._on_event(
-                        ev.CallEnded(call_id=call_id, reason=f"node {node.status.name} down", duration_s=0.0)
-                    )
+                now = time.time()
+                for call_id, call in orphans.items():
+                    lasted = max(0.0, now - float(call.get("started_at") or now))
+                    reason = f"node {node.status.name} down"
+                    self._on_event(ev.CallEnded(call_id=call_id, reason=reason, duration_s=round(lasted, 3)))
 
     async def _rediscover(self) -> None:
         """``--fleet``: nodes from the shared database; new ones are connected."""
