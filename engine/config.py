@@ -66,8 +66,20 @@ class ServerSettings(_Section):
     """Public https base URL Twilio calls for webhooks; signatures are checked against it."""
     bridge_public_url: str | None = None
     """Public wss base URL of this node's bridge (TwiML uses `<base>/twilio`)."""
+    supervisor_public_url: str | None = None
+    """ws(s) URL other machines reach this node's supervisor at (`xswarm attach --fleet`)."""
     node_id: str | None = None
     """Name of this node in the `nodes` table (default: the host name)."""
+
+    @field_validator("bridge_public_url", "supervisor_public_url")
+    @classmethod
+    def _ws_url(cls, value: str | None) -> str | None:
+        """Checked at load: the voice webhook puts the bridge URL into TwiML as is."""
+        if value is None or not value.strip():
+            return None
+        if not re.fullmatch(r"wss?://[A-Za-z0-9\[][^\s\"'<>\\^`{|}]*", value.strip()):
+            raise ValueError("must be a ws:// or wss:// URL with a host, e.g. wss://node1.example.com")
+        return value.strip().rstrip("/")
 
 
 class ModelSettings(_Section):
@@ -305,6 +317,7 @@ ALIASES: dict[str, tuple[str, str]] = {
     "XSWARM_PUBLIC_URL": ("server", "public_url"),
     "XSWARM_BRIDGE_PUBLIC_URL": ("server", "bridge_public_url"),
     "XSWARM_NODE_ID": ("server", "node_id"),
+    "XSWARM_SUPERVISOR_PUBLIC_URL": ("server", "supervisor_public_url"),
     "XSWARM_CALL_TOKEN_SECRET": ("telephony", "call_token_secret"),
     "XSWARM_SUPERVISOR_TOKEN": ("supervisor", "token"),
     "XSWARM_SUPERVISOR_MONITOR_TOKEN": ("supervisor", "monitor_token"),

@@ -43,6 +43,7 @@ _GROUPS: list[tuple[str, str]] = [
     ("webhooks", "webhooks"),
     ("billing", "billing"),
     ("notify", "notify"),
+    ("nodes", "nodes"),
     ("tui", "callback"),
 ]
 

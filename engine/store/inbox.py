@@ -115,13 +115,15 @@ def mark_failed(
     db: Database, row: InboxRow, error: str, *, max_attempts: int, now: int | None = None
 ) -> tuple[bool, concurrent.futures.Future[Any]]:
     """Record a failed attempt: retry later, or ``dead`` once ``max_attempts`` is reached.
-    Returns (dead, write future)."""
+    Only by the attempt that holds the row: a row claimed again meanwhile (or done) is left
+    alone. Returns (dead, write future)."""
     moment = now if now is not None else now_ms()
     dead = row.attempts >= max_attempts
     status, next_at = ("dead", None) if dead else ("failed", moment + backoff_ms(row.attempts))
     future = db.submit(
-        "UPDATE webhook_inbox SET status = ?, next_attempt_at = ?, last_error = ? WHERE provider = ? AND event_id = ?",
-        (status, next_at, error[:2000], row.provider, row.event_id),
+        "UPDATE webhook_inbox SET status = ?, next_attempt_at = ?, last_error = ?"
+        " WHERE provider = ? AND event_id = ? AND attempts = ? AND status != 'done'",
+        (status, next_at, error[:2000], row.provider, row.event_id, row.attempts),
     )
     return dead, future
 
