@@ -8,9 +8,8 @@ alone. The child sends every event it publishes to the node's bus (so the consol
 supervisors, the metrics and the feed see them as before), and its log records to the node's
 log.
 
-Why several: one server process is one event loop and one GIL, so it tops out near one core; on the
-2-core box signed SMS went from ~2,700/s with one worker to ~3,700/s with two
-(benchmarks/webhooks.py --workers 2, benchmarks/results/webhooks_2core_quiet.json).
+Why several: one server process is one event loop and one GIL, so it tops out near one core
+(figures: docs/performance.md, "Webhooks").
 
 How: the parent binds the port once with ``SO_REUSEPORT`` (resolving port 0) without
 listening on it, then spawns the workers; each binds its own ``SO_REUSEPORT`` socket on that
@@ -31,8 +30,10 @@ import logging
 import multiprocessing
 import os
 import queue
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -67,6 +68,8 @@ class WorkerPlan:
     port: int
     count: int
     rate_limit: RateLimit | None
+    metrics_dir: str | None = None
+    """Where the workers' metrics files go (``webhooks.metrics``: one merged /metrics)."""
     settings: Settings | None = None
     """The parent's settings; None: each worker loads them (env and config file), as the CLI does."""
     nice: int = 0
@@ -207,6 +210,10 @@ def _worker_main(
     if plan.nice:
         os.nice(plan.nice)
     _return_large_buffers()
+    if plan.metrics_dir:
+        from webhooks.metrics import use_multiprocess
+
+        use_multiprocess(plan.metrics_dir)  # before the server creates its metrics
     import asyncio
 
     from engine.config import load_settings
@@ -280,6 +287,7 @@ class WebhookProcesses:
         self.bus = bus
         self.workers: Workers | None = None
         self._reservation: socket.socket | None = None
+        self._metrics_dir: str | None = None
         self._listener: Any = None
         self._forwarder: threading.Thread | None = None
         self._watcher: threading.Thread | None = None
@@ -297,7 +305,10 @@ class WebhookProcesses:
         if not supported():
             raise WorkersError("webhook worker processes need SO_REUSEPORT (Linux, macOS)")
         self._reservation = reserve(self.plan.host, self.plan.port)
-        self.plan = replace(self.plan, port=self._reservation.getsockname()[1])
+        # A fresh metrics folder per run: prometheus_client sums every file in it. Under
+        # systemd it goes in the unit's RuntimeDirectory (/run/xswarm), else in the temporary folder.
+        self._metrics_dir = tempfile.mkdtemp(prefix="xswarm-webhooks-metrics-", dir=os.environ.get("RUNTIME_DIRECTORY"))
+        self.plan = replace(self.plan, port=self._reservation.getsockname()[1], metrics_dir=self._metrics_dir)
         self.workers = Workers(self.plan)
         self._listener = listen(self.workers.records)
         if self.bus is not None:
@@ -349,6 +360,9 @@ class WebhookProcesses:
         if self._reservation is not None:
             self._reservation.close()
             self._reservation = None
+        if self._metrics_dir is not None:
+            shutil.rmtree(self._metrics_dir, ignore_errors=True)
+            self._metrics_dir = None
 
     def _forward(self) -> None:
         assert self.workers is not None and self.bus is not None

@@ -11,7 +11,6 @@ object never looks like a good file.
 from __future__ import annotations
 
 import asyncio
-import builtins
 import functools
 import hashlib
 import io
@@ -148,7 +147,7 @@ class ObjectStore(ABC):
     def delete(self, key: str) -> None:
         """Remove the object; deleting an absent key is not an error."""
 
-    def check(self) -> None:  # noqa: B027 - optional: a store with nothing to check keeps this
+    def check(self) -> None:  # noqa: B027 - an optional hook
         """Raise ``StorageConfigError`` if the store cannot be used (called at service start)."""
 
     # ------------------------------------------------------------------------ shared parts
@@ -213,18 +212,6 @@ class ObjectStore(ABC):
 
     async def aput_file(self, key: str, path: Path | str, metadata: Mapping[str, str] | None = None) -> ObjectInfo:
         return await off_loop(self.put_file, key, path, metadata)
-
-    async def aput_bytes(self, key: str, data: bytes, metadata: Mapping[str, str] | None = None) -> ObjectInfo:
-        return await off_loop(self.put_bytes, key, data, metadata)
-
-    async def ahead(self, key: str) -> ObjectInfo:
-        return await off_loop(self.head, key)
-
-    async def alist(self, prefix: str = "") -> builtins.list[ObjectInfo]:
-        return await off_loop(self.list, prefix)
-
-    async def adelete(self, key: str) -> None:
-        await off_loop(self.delete, key)
 
 
 STORAGE_THREADS = 4

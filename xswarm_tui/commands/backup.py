@@ -82,8 +82,10 @@ def list_(as_json: bool = typer.Option(False, "--json", help="A JSON array inste
     typer.echo(f"{'ID':<24} {'CREATED (UTC)':<20} {'SIZE':>10} {'FORMAT':<7} {'SCHEMA':>6} {'ROWS':>10}")
     for b in backups:
         created = datetime.fromtimestamp(b.created_at, UTC).strftime("%Y-%m-%d %H:%M:%S")
-        rows = sum(b.row_counts.values())
-        typer.echo(f"{b.id:<24} {created:<20} {_size(b.size):>10} {b.format:<7} {b.schema_version:>6} {rows:>10}")
+        typer.echo(
+            f"{b.id:<24} {created:<20} {_size(b.size):>10} {b.format:<7} {b.schema_version:>6}"
+            f" {sum(b.row_counts.values()):>10}"
+        )
 
 
 @app.command()

@@ -93,7 +93,7 @@ def call(
     async def one(k: int) -> simulator.CallReport:
         await asyncio.sleep(k * stagger)
         call_sid = simulator.new_sid("CA")
-        if webhooks:
+        if webhooks and token:  # a missing token was refused above
             target = await simulator.voice_webhook(
                 webhooks,
                 token or "",  # checked above: --webhooks needs it
