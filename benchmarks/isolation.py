@@ -139,6 +139,9 @@ async def measure(node: Node, seconds: float) -> dict[str, Any]:
             "sms_p50_ms": percentile(quiet_sms.latencies_ms, 50),
             "sms_p99_ms": percentile(quiet_sms.latencies_ms, 99),
         },
+        "late_frames_note": "a late frame is caller audio not all there at its tick: on one box it also counts "
+        "the simulated callers' own CPU waits (their process runs at nice -5 when allowed); missed ticks are the "
+        "node's own overruns",
         "late_frames_during_attack": late,
         "missed_ticks_during_attack": missed,
         "dropped_frames_during_attack": int(after["bridge"]["dropped_frames"] - before["bridge"]["dropped_frames"]),
