@@ -183,3 +183,25 @@ async def test_processed_events_are_pruned_after_the_retention(db: Database, mak
     assert await h.server.prune_inbox() == 1
     left = {r[0] for r in db.query("SELECT event_id FROM webhook_inbox WHERE provider = 'test'")}
     assert left == {"old-dead", "recent-done"}  # dead letters wait for the operator
+
+
+@pytest.mark.parametrize(
+    ("forwarded", "expected"),
+    [
+        (None, "127.0.0.1"),
+        ("203.0.113.9", "203.0.113.9"),
+        ("198.51.100.1, 203.0.113.9, 10.0.0.5", "203.0.113.9"),  # the rightmost hop no proxy of ours added
+        ("not-an-address", "127.0.0.1"),
+        ("10.0.0.5", "127.0.0.1"),  # only trusted hops: the connecting proxy itself
+    ],
+)
+def test_the_source_behind_trusted_proxies(forwarded: str | None, expected: str) -> None:
+    from aiohttp.test_utils import make_mocked_request
+
+    from webhooks.limits import client_address, networks
+
+    headers = {"X-Forwarded-For": forwarded} if forwarded else {}
+    transport = type("T", (), {"get_extra_info": lambda self, name, default=None: ("127.0.0.1", 5555)})()
+    request = make_mocked_request("POST", "/twilio/sms", headers=headers, transport=transport)
+    assert client_address(request, networks(["127.0.0.1", "10.0.0.0/8"])) == expected
+    assert client_address(request, ()) == "127.0.0.1"  # no trusted proxies: the header means nothing
