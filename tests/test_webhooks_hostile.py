@@ -205,3 +205,26 @@ def test_the_source_behind_trusted_proxies(forwarded: str | None, expected: str)
     request = make_mocked_request("POST", "/twilio/sms", headers=headers, transport=transport)
     assert client_address(request, networks(["127.0.0.1", "10.0.0.0/8"])) == expected
     assert client_address(request, ()) == "127.0.0.1"  # no trusted proxies: the header means nothing
+
+
+async def test_a_replayed_voice_webhook_mints_no_more_tokens(db: Database, alice: Any, make: Any) -> None:
+    """Issue 13, item 7: each replay of a captured signed ``/twilio/voice`` POST minted a new
+    valid token. A retry while the first answer's token may still be in use (Twilio falling
+    back to the same URL) is answered again; a replay after that is hung up."""
+    from test_webhooks import call
+
+    from engine.store import nodes
+
+    nodes.heartbeat(
+        db, "node-a", bridge_url="wss://a.example.com", model="echo", slots_total=4, slots_free=4,
+        step_ms_p99=None, started_at=0,
+    ).result()  # fmt: skip
+    h = await make()
+    first = await h.twilio("/twilio/voice", call())
+    retry = await h.twilio("/twilio/voice", call())
+    assert first[0] == retry[0] == 200 and "<Stream" in first[1] and "<Stream" in retry[1]
+    await asyncio.wrap_future(
+        db.submit("UPDATE webhook_inbox SET received_at = received_at - 120000 WHERE event_id = 'CA0001'")
+    )
+    status, text = await h.twilio("/twilio/voice", call())
+    assert status == 200 and "<Hangup" in text and "<Stream" not in text and "token" not in text

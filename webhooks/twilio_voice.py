@@ -28,7 +28,7 @@ from engine.config import secret
 from engine.events import CallRefused, MessageReceived
 from engine.logging_setup import mask_phone
 from engine.notify import compose, links
-from engine.store import messages, routing, usage
+from engine.store import inbox, messages, routing, usage
 from engine.store.db import Database, StoreError
 from engine.store.inbox import InboxRow
 from engine.store.outbox import Draft, enqueue_statement
@@ -91,7 +91,9 @@ async def voice(request: web.Request) -> web.Response:
     hub: Hub = request.app[HUB]
     raw, form = await _verified_form(hub, request)
     call_sid = _call_sid(form)
-    await hub.ingest(PROVIDER, call_sid, "call", raw.decode("utf-8"))
+    if not await hub.ingest(PROVIDER, call_sid, "call", raw.decode("utf-8")) and await _replayed(hub, call_sid):
+        hub.bus.publish(CallRefused("replayed call webhook", call_sid))
+        return twiml.response(twiml.hang_up())
     # A retried webhook for the same call is answered the same way (fresh token, same rules).
     caller = form.get("From")
     admission = await hub.read(lambda d: _admission(d, caller))
@@ -99,6 +101,15 @@ async def voice(request: web.Request) -> web.Response:
     if refusal is not None:
         return twiml.response(refusal)
     return twiml.response(await connect(hub, call_sid, caller, admission.user, leg=1))
+
+
+async def _replayed(hub: Hub, call_sid: str) -> bool:
+    """A second POST for a call first seen longer ago than a call token lives. Twilio retries
+    (its fallback to this URL) within seconds and get a stream again; a captured signed
+    request replayed later must not mint one valid token after another."""
+    first = await hub.read(lambda d: inbox.get(d, f"{PROVIDER}:{call_sid}"))
+    ttl_ms = hub.settings.telephony.call_token_ttl_s * 1000
+    return first is not None and inbox.now_ms() - first.received_at > ttl_ms
 
 
 def refuse(hub: Hub, caller: str | None, admission: Admission) -> str | None:
