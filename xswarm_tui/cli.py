@@ -39,6 +39,7 @@ _GROUPS: list[tuple[str, str]] = [
     ("bench", "bench"),
     ("serve", "commands"),
     ("call", "commands"),
+    ("records", "commands"),
     ("webhooks", "webhooks"),
     ("tui", "callback"),
 ]

@@ -56,7 +56,10 @@ class Message:
     updated_at: int
 
 
-_COLUMNS = "id, user_id, channel, direction, provider_id, from_addr, to_addr, subject, body, status, meta, created_at, updated_at"
+_COLUMNS = (
+    "id, user_id, channel, direction, provider_id, from_addr, to_addr, subject, body, status, meta,"
+    " created_at, updated_at"
+)
 
 
 def insert_statement(
@@ -118,11 +121,24 @@ def get_by_provider_id(db: Database, provider_id: str) -> Message | None:
     return _row(rows[0]) if rows else None
 
 
-def recent(db: Database, *, user_id: str | None = None, limit: int = 50) -> list[Message]:
-    if user_id is None:
-        rows = db.query(f"SELECT {_COLUMNS} FROM messages ORDER BY created_at DESC LIMIT ?", (limit,))
-    else:
-        rows = db.query(
-            f"SELECT {_COLUMNS} FROM messages WHERE user_id = ? ORDER BY created_at DESC LIMIT ?", (user_id, limit)
-        )
-    return [_row(r) for r in rows]
+def recent(db: Database, *, user_id: str | None = None, channel: str | None = None, limit: int = 50) -> list[Message]:
+    """Newest first, optionally for one user or one channel (sms, email, voicemail)."""
+    where: list[str] = []
+    params: list[object] = []
+    if user_id is not None:
+        where.append("user_id = ?")
+        params.append(user_id)
+    if channel is not None:
+        where.append("channel = ?")
+        params.append(channel)
+    sql = f"SELECT {_COLUMNS} FROM messages"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY created_at DESC LIMIT ?"
+    return [_row(r) for r in db.query(sql, (*params, int(limit)))]
+
+
+def get(db: Database, message_id: str) -> Message | None:
+    """One message by our id or the provider's (a voicemail's RecordingSid)."""
+    rows = db.query(f"SELECT {_COLUMNS} FROM messages WHERE id = ? OR provider_id = ?", (message_id, message_id))
+    return _row(rows[0]) if rows else None

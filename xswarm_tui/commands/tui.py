@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from xswarm_tui.commands._common import EXIT_BAD_INPUT, fail, load
+from xswarm_tui.commands._common import EXIT_BAD_INPUT, VERSION_OPTION, fail, load
 
 if TYPE_CHECKING:
     from engine.config import Settings
@@ -53,6 +53,7 @@ def register(app: typer.Typer) -> None:
         model: str | None = typer.Option(None, "--model", help="Voice model: auto, moshi, synthetic:tiny, echo, …"),
         read_only: bool = typer.Option(False, "--read-only", help="Hide every key that acts on a call."),
         theme: str | None = typer.Option(None, "--theme", help="Theme name from themes/ (default: settings ui.theme)."),
+        _version: bool = VERSION_OPTION,
     ) -> None:
         """Operator console for a voice AI that answers phone calls (runs the runtime in this process)."""
         from engine.logging_setup import configure
