@@ -156,11 +156,23 @@ class LlmSettings(_Section):
     max_tokens_email: int = 1500
 
 
+MIN_SUPERVISOR_TOKEN = 16
+"""Shorter supervisor tokens are refused: they could be guessed despite the rate limit."""
+
+
 class SupervisorSettings(_Section):
     token: SecretStr | None = None
     """Operator token (may act). Generated at first start when unset."""
     monitor_token: SecretStr | None = None
     """Read-only token. Generated at first start when unset."""
+
+    @field_validator("token", "monitor_token")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        """Checked at load (one line, exit 2), not as a traceback when the server starts."""
+        if value is not None and value.get_secret_value() and len(value.get_secret_value()) < MIN_SUPERVISOR_TOKEN:
+            raise ValueError(f"must be at least {MIN_SUPERVISOR_TOKEN} characters (a shorter one could be guessed)")
+        return value
 
 
 class TelephonySettings(_Section):

@@ -228,3 +228,14 @@ def _recordings() -> list[Any]:
     from engine.storage.recordings import list_recordings
 
     return list_recordings(open_store(load_settings()))
+
+
+def test_a_short_supervisor_token_is_one_line_and_exit_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`config show` and `serve` refuse it at load, as every other bad setting (no traceback)."""
+    monkeypatch.setenv("XSWARM_SUPERVISOR_TOKEN", "1234567890123")
+    for args in (("config", "show"), ("serve", "--model", "echo")):
+        result = xswarm(*args)
+        assert result.exit_code == 2, result.output
+        assert (
+            result.stderr.count("\n") == 1 and "supervisor.token" in result.stderr and "16 characters" in result.stderr
+        )
