@@ -185,16 +185,20 @@ class CallControl:
         elif action == "hangup":
             await call.hang_up(f"hung up by {actor}")
         elif action == "transfer":
-            detail["to"] = await self._transfer(call)
+            detail["to"] = await self._transfer(call, command.to)  # type: ignore[attr-defined]
         return {"call_id": call_id, "mode": call.mode, "operator": call.operator}
 
-    async def _transfer(self, call: Any) -> str:
-        """Redirect the live Twilio call to ``<Dial>`` the transfer number (Twilio then ends the
-        media stream, and the bridge ends the call here)."""
+    async def _transfer(self, call: Any, to: str | None) -> str:
+        """Redirect the live Twilio call to ``<Dial>`` ``to`` (default: the configured transfer
+        number); Twilio then ends the media stream, and the bridge ends the call here."""
         tw = self.runtime.settings.twilio
-        number = tw.transfer_number
+        if to is not None and not _E164.match(to):
+            raise ControlError("invalid", f"{to!r} is not an E.164 number (e.g. +14155550123)")
+        number = to or tw.transfer_number
         if not number or not _E164.match(number):
-            raise ControlError("unavailable", "no valid twilio.transfer_number (E.164) is configured")
+            raise ControlError(
+                "unavailable", "no number given and no valid twilio.transfer_number (E.164) is configured"
+            )
         if call.source != "twilio":
             raise ControlError("unavailable", f"a {call.source} call cannot be transferred")
         if twilio_rest.credentials(tw) is None:

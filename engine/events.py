@@ -303,6 +303,8 @@ class HangUp(Command):
 @message
 class Transfer(Command):
     call_id: str
+    to: str | None = None
+    """E.164 number to dial; None dials the node's ``twilio.transfer_number``."""
 
 
 @message

@@ -134,6 +134,10 @@ class Link(abc.ABC):
         """None while connected; otherwise what is wrong and when the next attempt is."""
         return None
 
+    def object_store(self) -> Any:
+        """Where recordings are uploaded (``ObjectStore``), or None when this link cannot reach it."""
+        return None
+
     def local_audio(self) -> Any:
         """The sound device (opened once), or the reason there is none."""
         if self._audio is None:
@@ -246,6 +250,13 @@ class EmbeddedLink(Link):
             self.records_unavailable = "no database is open in this runtime"
         return db
 
+    def object_store(self) -> Any:
+        if self.runtime is None:
+            return None
+        from engine.storage import open_store
+
+        return open_store(self.runtime.settings)
+
     def users(self) -> list[UserRow] | None:
         db = getattr(self.runtime, "db", None)
         if db is None:
@@ -312,9 +323,11 @@ class AttachedLink(Link):
         and the app calls ``open`` again after a backoff."""
         if not self._thread.is_alive():
             self._thread.start()
+        attempt = self._run(self._connect(on_event, on_snapshot))
         try:
-            return self._run(self._connect(on_event, on_snapshot)).result(timeout=self._open_timeout_s)
+            return attempt.result(timeout=self._open_timeout_s)
         except concurrent.futures.TimeoutError:
+            attempt.cancel()  # the next attempt starts clean; this one closes its client
             raise LinkError(f"no answer from {self.target} within {self._open_timeout_s:.0f} s", retry=True) from None
 
     def health(self) -> str | None:
@@ -327,14 +340,15 @@ class AttachedLink(Link):
         return f"disconnected{why}, retrying in {max(0, client.retry_at - time.monotonic()):.0f} s"
 
     async def _connect(self, on_event: EventSink, on_snapshot: SnapshotSink) -> dict[str, Any]:
-        from engine.supervisor.client import SupervisorClient, SupervisorError
-
-        from engine.supervisor.client import AuthError
+        from engine.supervisor.client import AuthError, SupervisorClient, SupervisorError
 
         client = SupervisorClient(self.target, self._token, name=self.actor, open_timeout=self._open_timeout_s / 3)
         self._client = client  # health() reports the first attempts too
         try:
             await client.start()
+        except asyncio.CancelledError:
+            await client.close()
+            raise
         except AuthError as exc:
             await client.close()
             raise LinkError(f"{self.target}: {exc}") from None

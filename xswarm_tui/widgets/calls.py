@@ -184,7 +184,7 @@ class CallBoard(DataTable):
             # The selected call is going: the cursor moves to its neighbour, not to whatever row
             # happens to slide under it later.
             index = self.get_row_index(self._selected)
-            rows = [str(r.value) for r in self.ordered_rows()]
+            rows = [str(r.key.value) for r in self.ordered_rows]
             survivors = [r for r in rows[index + 1 :] + rows[:index][::-1] if r not in removed]
             self._selected = survivors[0] if survivors else None
         for cid in removed:
@@ -210,10 +210,6 @@ class CallBoard(DataTable):
             self._selected = str(self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value)
         self._restore_cursor()
         self._title()
-
-    def ordered_rows(self) -> list[object]:
-        """Row keys in display order."""
-        return [self.coordinate_to_cell_key((i, 0)).row_key for i in range(self.row_count)]
 
     def tick_durations(self) -> None:
         """Once a second: only the duration column moves by itself."""
