@@ -6,9 +6,7 @@ path, and the test checks what changed on the call, not just that a message was 
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from tui_support import (
@@ -20,6 +18,15 @@ from tui_support import (
     start_call,
     telephony_env,
     wait_until,
+)
+from tui_support import (
+    cell as _cell,
+)
+from tui_support import (
+    toasts as _toasts,
+)
+from tui_support import (
+    until as _until,
 )
 
 from engine import events as ev
@@ -78,37 +85,12 @@ def test_state_folds_events_and_snapshots_idempotently() -> None:
 # ----------------------------------------------------------------------- real runtime
 
 
-@pytest.fixture
-def runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[Runtime]:
-    """An echo runtime with its real Twilio bridge on a free port (started by the console)."""
-    telephony_env(monkeypatch)
-    rt = Runtime(load_settings(), model_spec="echo", bridge_port=free_port(), supervisor_port=0, webhooks_port=0)
-    yield rt
-    rt.stop()
-
-
 def _board(app: XswarmApp) -> CallBoard:
     return app.query_one(CallBoard)
 
 
-async def _until(pilot: Any, predicate: Any, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met in time")
-        await pilot.pause(0.05)
-
-
-def _cell(app: XswarmApp, call_id: str, column: str) -> str:
-    return str(_board(app).get_cell(call_id, column))
-
-
-def _toasts(app: XswarmApp) -> str:
-    return " | ".join(str(n.message) for n in app._notifications)
-
-
-async def test_every_key_acts_on_a_real_call(runtime: Runtime) -> None:
+async def test_every_key_acts_on_a_real_call(echo_runtime: Runtime) -> None:
+    runtime = echo_runtime
     audio = RecordingAudio()
     link = EmbeddedLink(lambda: runtime, audio=lambda: audio)
     app = XswarmApp(link)
@@ -186,7 +168,8 @@ async def test_every_key_acts_on_a_real_call(runtime: Runtime) -> None:
     assert actions[:8] == ["takeover", "handback", "listen", "unlisten", "mute", "unmute", "whisper", "hangup"]
 
 
-async def test_no_audio_device_is_said_and_the_console_carries_on(runtime: Runtime) -> None:
+async def test_no_audio_device_is_said_and_the_console_carries_on(echo_runtime: Runtime) -> None:
+    runtime = echo_runtime
     link = EmbeddedLink(lambda: runtime, audio=lambda: "no audio: PortAudio library not found")
     app = XswarmApp(link)
     async with app.run_test(size=(120, 40)) as pilot:
@@ -201,7 +184,8 @@ async def test_no_audio_device_is_said_and_the_console_carries_on(runtime: Runti
     link.close()
 
 
-async def test_users_and_logs_screens(runtime: Runtime) -> None:
+async def test_users_and_logs_screens(echo_runtime: Runtime) -> None:
+    runtime = echo_runtime
     link = EmbeddedLink(lambda: runtime, audio=lambda: "no audio")
     app = XswarmApp(link)
     async with app.run_test(size=(120, 40)) as pilot:

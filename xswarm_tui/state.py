@@ -243,7 +243,7 @@ class ConsoleState:
         if call is not None:
             self.removed_calls.add(e.call_id)
             self.changed_calls.discard(e.call_id)
-            self.dirty.add("calls")
+            self.dirty.update(("calls", "system"))  # the batch figure counts live calls
         self.ended += 1
         self._feed(e.at, "call", f"call {e.call_id} ended: {e.reason} after {e.duration_s:.0f} s")
 
@@ -303,7 +303,8 @@ class ConsoleState:
             and e.result == "ok"
             and e.action in ("hangup", "transfer", "mute")
         ):
-            self.notices.append(f"{e.actor} did {e.action} on {e.call_id}, which you hold")
+            did = {"hangup": "hung up", "transfer": "transferred", "mute": "muted the AI on"}[e.action]
+            self.notices.append(f"{e.actor} {did} call {e.call_id}, which you held")
         if call is not None:
             call.actions.append(line)
             self._touch(call.call_id)

@@ -29,16 +29,22 @@ def _run_console(link: object, *, read_only: bool, theme: str | None, settings: 
 
         if theme not in list_themes():
             fail(f"unknown theme {theme!r}; available: {', '.join(list_themes())}", EXIT_BAD_INPUT)
+    from engine.paths import resolve_paths
+    from themes import list_themes
     from xswarm_tui.app import XswarmApp
+    from xswarm_tui.preferences import choose_theme, remember_theme
 
     settings = settings or load()
+    state = resolve_paths().state
     app = XswarmApp(
-        link,
+        link,  # type: ignore[arg-type]
         read_only=read_only,
-        theme=theme or settings.ui.theme,  # type: ignore[arg-type]
+        theme=choose_theme(theme, settings, state, list_themes()),
         poll_interval_s=settings.ui.poll_interval_s,
         reveal_callers=settings.ui.reveal_callers,
         started_at=_STARTED,
+        transfer_number=settings.twilio.transfer_number,
+        save_theme=lambda name: remember_theme(state, name),
     )
     try:
         app.run()

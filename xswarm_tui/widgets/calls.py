@@ -46,7 +46,7 @@ COLUMNS = (
     Column("duration", "Duration", 8, 6),
     Column("mode", "Mode", 16, 2),
     Column("bal", "BAL p50", 9, 3),
-    Column("lag", "Playout lag", 11, 4),
+    Column("lag", "Playout", 9, 4),
     Column("late", "Late", 7, 5),
     Column("levels", "Caller │ AI", 13, 8),
 )
@@ -73,7 +73,7 @@ class CallCell(Text):
 
 
 def short_id(call_id: str, width: int = SHORT_ID) -> str:
-    """``CA0123…cdef`` → ``…89abcdef``: the tail tells Twilio SIDs apart."""
+    """``…`` and the id's last ``width - 1`` characters: the tail tells Twilio SIDs apart."""
     return call_id if len(call_id) <= width else "…" + call_id[-(width - 1) :]
 
 
