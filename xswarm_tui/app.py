@@ -109,6 +109,8 @@ BINDINGS: list[Binding] = [
 ]
 
 
+DASHBOARD_ACTIONS = frozenset(b.action for b in BINDINGS if b.action not in CALL_ACTIONS | {"help", "quit"})
+"""The dashboard's own keys (sort, filter, screens …): offered on the board and the call detail only."""
 ACTING_KEYS = {
     key: binding.description for binding in BINDINGS if binding.action in ACTING for key in binding.key.split(",")
 }
@@ -138,6 +140,9 @@ class XswarmApp(App[None]):
     CSS_PATH = Path(__file__).with_name("xswarm.tcss")  # absolute: subclasses elsewhere still find it
     TITLE = "xswarm"
     BINDINGS = BINDINGS
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (110, "-wide")]
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (34, "-tall")]
+    """Screen classes the stylesheet uses to fit 80x24: a narrower system panel, a shorter bottom row."""
 
     def __init__(
         self,
@@ -473,6 +478,8 @@ class XswarmApp(App[None]):
         """Whether ``action`` is offered on ``screen`` (footer, help, palette and the key itself)."""
         if action in CALL_ACTIONS and not (self.link_open and self._shows_calls(screen)):
             return False  # no call to act on here: the Users, Logs, records screens, a failed start
+        if action in DASHBOARD_ACTIONS and not self._shows_calls(screen):
+            return False  # on Help, Users, Logs and the records screens: their own keys, then escape
         return not (self.read_only and action in ACTING)  # hidden, and the key only says why
 
     def _shows_calls(self, screen: Screen) -> bool:
@@ -620,7 +627,7 @@ class XswarmApp(App[None]):
         question = f"Hang up call {call_id}?"
         if call is not None and call.operator and call.operator != self.link.actor:
             # Another operator is talking to this caller: say who, and they get a notice if it happens.
-            question = f"{call.operator} holds call {call_id} and is talking to the caller.\nHang it up anyway?"
+            question = f"{call.operator} holds call {call_id} and is talking to the caller.\n\nHang it up anyway?"
         self.push_screen(ConfirmScreen(question), answer)
 
     def action_transfer(self) -> None:
@@ -746,9 +753,9 @@ class XswarmApp(App[None]):
             return  # a second `q` while the question is up is not an answer
         calls = f"{live} live call{'s' if live != 1 else ''}"
         if self.link.kind == "embedded":
-            question = f"{calls} will be ended: quitting stops this node and the callers are cut off.\nQuit anyway?"
+            question = f"{calls} will be ended: quitting stops this node and cuts the callers off.\n\nQuit anyway?"
         else:
-            question = f"{calls} go on at {self.link.target} (calls you hold go back to the AI).\nQuit this console?"
+            question = f"{calls} go on at {self.link.target} (calls you hold go back to the AI).\n\nQuit this console?"
 
         def answer(yes: bool | None) -> None:
             if yes:

@@ -238,8 +238,8 @@ class CallBoard(DataTable):
         return SORTS[self.sort_name][0] + (", reversed" if self.sort_reverse else "")
 
     def _resorted(self) -> None:
-        self._apply_sort()
         self._label_columns()
+        self._apply_sort()  # after the labels: sorting is what makes the table draw its header anew
         self._restore_cursor()
         self._title()
 
@@ -271,17 +271,20 @@ class CallBoard(DataTable):
         self.clear(columns=True)
         self._shown.clear()
         for column in columns:
-            self.add_column(column.label, key=column.key)
-        self._label_columns()
+            self.add_column(self._label(column), key=column.key)
         self.refresh_rows()
 
-    def _label_columns(self) -> None:
-        marked = SORTS[self.sort_name][1]
+    def _label(self, column: Column) -> Text:
+        """The header: ▲/▼ on the sort column; every label keeps room for the mark, so moving
+        it never changes a column's width."""
+        if column.key != SORTS[self.sort_name][1]:
+            return Text(f"{column.label}  ")
         descending = SORTS[self.sort_name][3] != self.sort_reverse
+        return Text(f"{column.label} {'▼' if descending else '▲'}")
+
+    def _label_columns(self) -> None:
         for column in self._columns:
-            label = column.label + ((" ▼" if descending else " ▲") if column.key == marked else "")
-            self.columns[column.key].label = Text(label)  # type: ignore[index]
-        self.refresh()
+            self.columns[column.key].label = self._label(column)  # type: ignore[index]
 
     def _apply_sort(self) -> None:
         _, _, key, reverse = SORTS[self.sort_name]
