@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Coroutine
 from typing import Any
 
-from engine import events
+from engine import events, persona
 from engine.calls import CallRegistry, CallSession
 from engine.config import Settings
 from engine.events import EventBus
@@ -315,6 +315,7 @@ class Runtime:
     # ------------------------------------------------------------------ call rows
 
     def _call_live(self, session: CallSession) -> None:
+        persona.greet(session, self.settings.ui.theme)
         if self.db is None:
             return
         call_rows.record_live(

@@ -458,3 +458,22 @@ async def test_history_inbox_and_audit_read_the_real_database(echo_runtime: Runt
         await until(pilot, lambda: isinstance(app.screen, InboxScreen))
         await until(pilot, lambda: "nothing yet" in str(app.screen.query_one("#records-status").render()))
     link.close()
+
+
+# ------------------------------------------------------------------------------- personas
+async def test_the_personas_greeting_is_the_first_thing_the_ai_says(echo_runtime: Runtime) -> None:
+    """The call's theme (kitt, from the signed stream parameters) chooses the greeting."""
+    from themes import load_theme
+
+    runtime = echo_runtime
+    said: list[ev.TranscriptAppended] = []
+    runtime.bus.subscribe(lambda e: said.append(e) if isinstance(e, ev.TranscriptAppended) else None)
+    link = EmbeddedLink(lambda: runtime, audio=lambda: "no audio")
+    app = XswarmApp(link)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, lambda: runtime.model is not None and app.link_open)
+        session = start_call(runtime)
+        await until(pilot, lambda: any(e.call_id == session.call_id for e in said))
+        first = next(e for e in said if e.call_id == session.call_id)
+        assert first.speaker == "ai" and first.text == load_theme("kitt").persona.greeting
+    link.close()

@@ -239,3 +239,13 @@ def test_a_short_supervisor_token_is_one_line_and_exit_2(monkeypatch: pytest.Mon
         assert (
             result.stderr.count("\n") == 1 and "supervisor.token" in result.stderr and "16 characters" in result.stderr
         )
+
+
+def test_users_set_theme_chooses_the_persona() -> None:
+    added = as_json("users", "add", "--name", "Ada", "--phone", "+15550100123", "--email", "ada@example.com", "--json")
+    result = xswarm("users", "set-theme", "+15550100123", "kitt")
+    assert result.exit_code == 0 and result.stdout.strip() == f"{added['id']}: theme xswarm -> kitt"
+    assert as_json("users", "show", added["id"], "--json")["theme"] == "kitt"
+    bad = xswarm("users", "set-theme", added["id"], "nope")
+    assert bad.exit_code == 2 and "unknown theme 'nope'" in bad.stderr and "kitt" in bad.stderr
+    assert xswarm("users", "set-theme", "u-missing", "kitt").exit_code == 1
