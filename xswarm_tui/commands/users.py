@@ -80,7 +80,7 @@ def list_(
         rows.append((u.id, u.name, phone or "—", email or "—", u.tier, _when(u.created_at)))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        typer.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+        typer.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
 @app.command()
