@@ -249,3 +249,36 @@ def test_users_set_theme_chooses_the_persona() -> None:
     bad = xswarm("users", "set-theme", added["id"], "nope")
     assert bad.exit_code == 2 and "unknown theme 'nope'" in bad.stderr and "kitt" in bad.stderr
     assert xswarm("users", "set-theme", "u-missing", "kitt").exit_code == 1
+
+
+def test_xswarm_call_says_what_it_is_doing_before_the_call_ends() -> None:
+    """It used to print nothing until the call was over; now one line on stderr first."""
+    from tui_support import free_port
+
+    result = xswarm("call", "--bridge", f"ws://127.0.0.1:{free_port()}/twilio", "--tail", "0")
+    assert result.exit_code == 1  # nothing listens there
+    assert result.stderr.startswith("calling ws://127.0.0.1:") and "1 call(s), 3.0 s of audio each" in result.stderr
+
+
+def test_doctor_sees_a_port_in_time_wait_as_free() -> None:
+    """After xswarm stops, its ports linger in TIME_WAIT; servers bind them (SO_REUSEADDR), so
+    the doctor must not call them busy for a minute."""
+    import socket
+
+    from engine.doctor.probes import port_free
+
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's servers (the bridge) do
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = server.accept()
+    accepted.close()  # the server side closes first: its end goes to TIME_WAIT
+    client.close()
+    server.close()
+    assert port_free("127.0.0.1", port)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert not port_free("127.0.0.1", busy.getsockname()[1])

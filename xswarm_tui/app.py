@@ -162,6 +162,8 @@ class XswarmApp(App[None]):
         """perf_counter() at the process's start, for the time-to-first-paint log line."""
         self.link = link
         self.read_only = read_only or not link.can_act
+        self._read_only_flag = read_only
+        """Read-only because the operator asked (else because the token only permits watching)."""
         self.clock = clock
         self.poll_interval_s = poll_interval_s
         self.state = ConsoleState()
@@ -731,7 +733,7 @@ class XswarmApp(App[None]):
         elif event.key == "escape" and focused in (self.board, self.feed_panel) and focused.filter_text:
             self._clear_filter(self.query_one("#calls-filter" if focused is self.board else "#events-filter", Input))
         elif self.read_only and event.key in ACTING_KEYS and self.link_open and self._shows_calls(self.screen):
-            why = "--read-only" if not self.link.can_act or self.link.kind == "embedded" else "a monitor token"
+            why = "--read-only" if self._read_only_flag else "a monitor token"
             self.notify(
                 f"{ACTING_KEYS[event.key]} is not available: this console is read-only ({why})",
                 severity="warning",

@@ -89,7 +89,9 @@ class EventsFeed(DataTable):
             self.remove_row(key)
             self._items.pop(key, None)
         if at_end:  # follow the tail unless the operator scrolled up to read
-            self.scroll_end(animate=False)
+            # After the refresh: only then does the table know its new height, so the tail is
+            # followed from the very first batch of rows (not from the second, or never).
+            self.call_after_refresh(self.scroll_end, animate=False)
         self._title()
 
     def set_filter(self, text: str) -> None:
