@@ -450,6 +450,15 @@ async def test_history_inbox_and_audit_read_the_real_database(echo_runtime: Runt
         assert f"listened    {link.actor}" in text and "took over   nobody" in text and "recording   none" in text
         await pilot.press("p")  # no recording: said, nothing else happens
         await until(pilot, lambda: "no recording" in toasts(app))
+        # Its recording is uploaded (as the recorder does at call end): now it shows and plays.
+        store = link.object_store()
+        store.put_bytes(f"recordings/2026-12-04/{session.call_id}.wav", _stereo_wav(seconds=2))
+        await pilot.press("escape", "enter")
+        await until(pilot, lambda: isinstance(app.screen, EndedCallScreen) and app.screen.details is not None)
+        assert "recording   recordings/2026-12-04/" in str(app.screen.query_one("#record-text").render())
+        await pilot.press("p")
+        await until(pilot, lambda: bool(audio.clips))
+        assert audio.clips == [(48_000, 24_000)]  # both channels mixed to one, at the file's rate
         await pilot.press("escape", "escape", "a")
         await until(pilot, lambda: isinstance(app.screen, AuditScreen) and len(app.screen.records) >= 2)
         actions = [r["action"] for r in app.screen.records.values()]
@@ -458,6 +467,22 @@ async def test_history_inbox_and_audit_read_the_real_database(echo_runtime: Runt
         await until(pilot, lambda: isinstance(app.screen, InboxScreen))
         await until(pilot, lambda: "nothing yet" in str(app.screen.query_one("#records-status").render()))
     link.close()
+
+
+def _stereo_wav(seconds: float) -> bytes:
+    import io
+    import wave
+
+    import numpy as np
+
+    frames = (np.zeros((int(24_000 * seconds), 2)) + [1000, -1000]).astype("<i2")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as wav:
+        wav.setnchannels(2)
+        wav.setsampwidth(2)
+        wav.setframerate(24_000)
+        wav.writeframes(frames.tobytes())
+    return buf.getvalue()
 
 
 # ------------------------------------------------------------------------------- personas

@@ -30,6 +30,8 @@ class RecordingAudio:
         self.played: list[tuple[str, int]] = []
         self.speakers = False
         self.mic_sink: Callable[[np.ndarray], None] | None = None
+        self.clips: list[tuple[int, int]] = []
+        """(samples, rate) of each stored recording played."""
 
     def play(self, direction: str, frame: np.ndarray) -> None:
         self.played.append((direction, len(frame)))
@@ -45,6 +47,12 @@ class RecordingAudio:
 
     def stop_microphone(self) -> None:
         self.mic_sink = None
+
+    def play_clip(self, samples: np.ndarray, rate: int) -> None:
+        self.clips.append((len(samples), rate))
+
+    def stop_clip(self) -> None:
+        self.clips.clear()
 
     def close(self) -> None:
         self.stop_microphone()
