@@ -128,7 +128,7 @@ def test_voicemail_audio_is_fetched_only_from_the_twilio_host(tmp_path: Path, mo
     ).result(10)
     try:
         base = f"http://127.0.0.1:{port}"
-        monkeypatch.setenv("XSWARM_TWILIO__API_BASE_URL", base)
+        monkeypatch.setenv("XSWARM_TWILIO__API_BASE", base)
         monkeypatch.setenv("XSWARM_TWILIO__ACCOUNT_SID", "AC1")
         monkeypatch.setenv("TWILIO_AUTH_TOKEN", "voicemail-test-token")
         db = open_database(load_settings())

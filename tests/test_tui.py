@@ -332,7 +332,7 @@ async def test_a_dead_node_says_disconnected_at_once_and_is_retried(monkeypatch:
     app = XswarmApp(link)
     async with app.run_test(size=(120, 40)) as pilot:
         await _until(pilot, lambda: "disconnected" in app.sub_title or "retrying in" in app.sub_title, timeout=3)
-        assert "live" not in app.sub_title and app.board.has_class("disconnected")
+        assert "0 live" not in app.sub_title and app.board.has_class("disconnected")
         monkeypatch.setenv("XSWARM_SUPERVISOR_TOKEN", OPERATOR_TOKEN)
         telephony_env(monkeypatch)
         rt = Runtime(load_settings(), model_spec="echo", bridge_port=free_port(), supervisor_port=port, webhooks_port=0)
@@ -342,7 +342,8 @@ async def test_a_dead_node_says_disconnected_at_once_and_is_retried(monkeypatch:
             assert not app.board.has_class("disconnected")
             rt.stop()  # the node goes away: said at once, not 15 s later
             await _until(pilot, lambda: "disconnected" in app.sub_title, timeout=5)
-            assert "live" not in app.sub_title and app.system_panel.has_class("disconnected")
+            await _until(pilot, lambda: app.system_panel.has_class("disconnected"), timeout=2)
+            assert "0 live" not in app.sub_title and "figures are stale" in app.sub_title
         finally:
             rt.stop()
     link.close()

@@ -19,14 +19,16 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.events import Key
 from textual.screen import ModalScreen, Screen
 from textual.theme import Theme as TextualTheme
+from textual.timer import Timer
 from textual.widgets import DataTable, Footer, Header, Input
 from textual.worker import Worker, WorkerState
 
@@ -54,9 +56,8 @@ RENDER_INTERVAL_S = 0.25
 BUSY_RENDER_INTERVAL_S = 0.5
 BUSY_CALLS = 16
 """Above this many live calls, redraw at 2 Hz. Why: every redraw of the calls table renders all
-its visible cells, and the UI thread shares the GIL with the bridge; on a 2-core machine with
-50 calls benchmarks/tui.py saw late bridge frames in most 4 Hz runs, halved the UI's CPU at
-2 Hz, and late frames in only an occasional run (one burst, one frame per call)."""
+its visible cells, and the UI thread shares the GIL with the bridge (docs/performance.md,
+"Runtime and console")."""
 DEBOUNCE_S = 0.3
 """A second press of a destructive key within this is ignored (key repeat, double taps)."""
 
@@ -82,7 +83,7 @@ def _binding(
     return Binding(key, action, description, show=show, priority=priority, id=f"{group}.{action}", tooltip=tooltip)
 
 
-BINDINGS: list[Binding] = [
+KEYS: list[Binding] = [
     # Help and quit first: the footer cuts from the right on a narrow terminal.
     _binding("question_mark,f1", "help", "Help", "Keys and how to read the panels", group="view"),
     _binding("q", "quit", "Quit", "Leave the console (asks first while calls are live)", group="app"),
@@ -104,15 +105,18 @@ BINDINGS: list[Binding] = [
     _binding("h", "history", "History", "Ended calls: times, end reason, latency, recording", group="view"),
     _binding("i", "inbox", "Inbox", "Voicemail, SMS and email", group="view"),
     _binding("a", "audit", "Audit", "Every supervisor action and failed login", group="view"),
+    _binding("n", "focus_nodes", "Nodes", "Focus the nodes panel (fleet console; d drains)", group="view"),
     _binding("u", "users", "Users", "Users with tier and this month's usage", group="view"),
     _binding("L", "logs", "Logs", "The log records of this session", group="view"),
 ]
+"""Every key of the console, as data: the footer, help and palette are built from these."""
+BINDINGS: list[BindingType] = list(KEYS)
 
 
-DASHBOARD_ACTIONS = frozenset(b.action for b in BINDINGS if b.action not in CALL_ACTIONS | {"help", "quit"})
+DASHBOARD_ACTIONS = frozenset(b.action for b in KEYS if b.action not in CALL_ACTIONS | {"help", "quit"})
 """The dashboard's own keys (sort, filter, screens …): offered on the board and the call detail only."""
 ACTING_KEYS = {
-    key: binding.description for binding in BINDINGS if binding.action in ACTING for key in binding.key.split(",")
+    key: binding.description for binding in KEYS if binding.action in ACTING for key in binding.key.split(",")
 }
 """Keys of the acting bindings, for the read-only notice."""
 COMMAND_WORDS: dict[type, str] = {
@@ -133,7 +137,8 @@ COMMAND_WORDS: dict[type, str] = {
 def textual_theme(name: str) -> TextualTheme:
     """A ``themes/`` file as a Textual theme: palette plus the domain colours as variables."""
     t = load_theme(name)
-    return TextualTheme(name=t.name, dark=t.dark, variables=dict(t.variables), **t.palette)
+    colours: dict[str, Any] = dict(t.palette)  # themes.PALETTE_KEYS: all of them Theme's colour parameters
+    return TextualTheme(name=t.name, dark=t.dark, variables=dict(t.variables), **colours)
 
 
 class XswarmApp(App[None]):
@@ -174,7 +179,7 @@ class XswarmApp(App[None]):
         self._wake_posted = False
         self._last_render = 0.0
         self._last_durations = 0.0
-        self._render_timer = None
+        self._render_timer: Timer | None = None
         self._last_press: dict[str, float] = {}
         self._reveal = reveal_callers
         self.log_mirror = LogMirror(lambda: self.post_message(LogsArrived()))
@@ -193,8 +198,14 @@ class XswarmApp(App[None]):
         self._failed = False
         """True while the failure screen waits for the operator (retry or quit)."""
         self.animation_level = "none"  # suits SSH; nothing here needs motion
-        self.board = CallBoard(self.state, self.clock, id="calls")
+        self.board = CallBoard(self.state, self.clock, id="calls", node_of=getattr(link, "node_of", None))
         self.system_panel = SystemPanel(self.state, self.clock, self.poll_interval_s, id="system")
+        self.nodes_panel = None
+        if hasattr(link, "node_command"):  # a fleet: the nodes panel takes the one-node system panel's place
+            from xswarm_tui.widgets.nodes import NodesPanel
+
+            self.nodes_panel = NodesPanel(link, self.clock, read_only=self.read_only, id="nodes")
+            self.system_panel.display = False
         self.feed_panel = EventsFeed(self.state, id="events")
         """The dashboard's panels, kept by reference: they stay put while other screens are on top."""
 
@@ -207,6 +218,8 @@ class XswarmApp(App[None]):
             yield EmptyBoard(id="calls-empty")
         with Horizontal(id="bottom"):
             yield self.system_panel
+            if self.nodes_panel is not None:
+                yield self.nodes_panel
             with Vertical(id="events-area"):
                 yield Input(
                     placeholder="filter events: sms, payment, error, any word", id="events-filter", classes="filter"
@@ -482,6 +495,8 @@ class XswarmApp(App[None]):
             return False  # no call to act on here: the Users, Logs, records screens, a failed start
         if action in DASHBOARD_ACTIONS and not self._shows_calls(screen):
             return False  # on Help, Users, Logs and the records screens: their own keys, then escape
+        if action == "focus_nodes" and self.nodes_panel is None:
+            return False
         return not (self.read_only and action in ACTING)  # hidden, and the key only says why
 
     def _shows_calls(self, screen: Screen) -> bool:
@@ -676,6 +691,10 @@ class XswarmApp(App[None]):
 
     def action_focus_events(self) -> None:
         self.feed_panel.focus()
+
+    def action_focus_nodes(self) -> None:
+        if self.nodes_panel is not None:
+            self.nodes_panel.focus()
 
     def action_users(self) -> None:
         self.push_screen(UsersScreen(self.link))

@@ -41,6 +41,7 @@ def call_record(row: dict[str, Any], reveal: bool) -> dict[str, Any]:
         "step_p50_ms": row["step_p50_ms"],
         "playout_lag_p50_ms": row["playout_lag_p50_ms"],
         "late_frames": row["late_frames"],
+        "legs": row["legs"],
     }
 
 

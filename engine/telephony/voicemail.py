@@ -2,7 +2,7 @@
 
 Twilio keeps voicemail audio; the voicemail webhook stores only its ``RecordingUrl``. That URL
 came in over the internet, so the account's credentials are sent only when it points at the
-configured Twilio API host (``twilio.api_base_url``) over the same scheme: a forged URL in a
+configured Twilio API host (``twilio.api_base``) over the same scheme: a forged URL in a
 webhook must never collect our auth token. The download lands in a temp file beside the
 destination and is renamed into place only when complete.
 """
@@ -31,11 +31,9 @@ def audio_url(twilio: Any, recording_url: str) -> str:
     """The WAV URL for a stored ``RecordingUrl``, refused unless it is on the Twilio API host."""
     if not recording_url:
         raise VoicemailError("this voicemail has no recording URL")
-    api, given = urlsplit(twilio.api_base_url), urlsplit(recording_url)
+    api, given = urlsplit(twilio.api_base), urlsplit(recording_url)
     if (given.scheme, given.netloc) != (api.scheme, api.netloc):
-        raise VoicemailError(
-            f"recording URL {recording_url!r} is not on {twilio.api_base_url}; not sending credentials"
-        )
+        raise VoicemailError(f"recording URL {recording_url!r} is not on {twilio.api_base}; not sending credentials")
     return recording_url if recording_url.endswith(".wav") else f"{recording_url}.wav"
 
 

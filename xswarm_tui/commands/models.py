@@ -50,7 +50,7 @@ def list_() -> None:
         typer.echo(f"  {entry.repo:<36} {(entry.revision or '-')[:12]:<13} {_gib(entry.size):>11}  {state}")
     if settings.model.weights_path:
         folder = Path(settings.model.weights_path)
-        ok = checkpoints.is_complete(folder, int8=settings.model.dtype == "int8")
+        ok = checkpoints.is_complete(folder, int8=settings.model.weights == "int8")
         typer.echo(f"model.weights_path: {folder} ({'complete' if ok else 'incomplete or missing'})")
     choice = registry.resolve("auto", settings)
     typer.echo(f"auto -> {choice.spec}: {choice.reason}")
@@ -121,7 +121,8 @@ def verify(
         with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), transient=True) as bar:
             task = bar.add_task(f"hashing {label}", total=None)
             results = checkpoints.verify(
-                folder, progress=lambda done, total, file: bar.update(task, completed=done, total=total)
+                folder,
+                progress=lambda done, total, file: bar.update(task, completed=done, total=total),  # noqa: B023 - used in-loop
             )
         typer.echo(label)
         for r in results:

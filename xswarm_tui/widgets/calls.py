@@ -38,6 +38,8 @@ class Column:
     """Lower stays longer when the board is too narrow for every column."""
 
 
+NODE = Column("node", "Node", 10, 2)
+"""A fleet console's column (after the call id): which node carries the call."""
 COLUMNS = (
     Column("call", "Call", 34, 0),
     Column("caller", "Caller", 12, 1),
@@ -77,20 +79,22 @@ def short_id(call_id: str, width: int = SHORT_ID) -> str:
     return call_id if len(call_id) <= width else "…" + call_id[-(width - 1) :]
 
 
-def fit_columns(available: int) -> tuple[tuple[Column, ...], bool]:
+def fit_columns(available: int, *, fleet: bool = False) -> tuple[tuple[Column, ...], bool]:
     """Which columns fit in ``available`` cells (in display order), and whether ids are short.
 
-    The call id is shortened before any column is dropped; then columns go by priority."""
+    The call id is shortened before any column is dropped; then columns go by priority. A
+    fleet console has the Node column too."""
+    every = (COLUMNS[0], NODE, *COLUMNS[1:]) if fleet else COLUMNS
     chosen: list[Column] = []
-    short = sum(c.width + 2 for c in COLUMNS) > available
+    short = sum(c.width + 2 for c in every) > available
     used = 0
-    for column in sorted(COLUMNS, key=lambda c: c.priority):
+    for column in sorted(every, key=lambda c: c.priority):
         width = (SHORT_ID if short and column.key == "call" else column.width) + 2
         if chosen and used + width > available:
             continue
         chosen.append(column)
         used += width
-    return tuple(c for c in COLUMNS if c in chosen), short
+    return tuple(c for c in every if c in chosen), short
 
 
 class CallBoard(DataTable):
@@ -103,10 +107,19 @@ class CallBoard(DataTable):
         Binding("G,end", "scroll_bottom", "Bottom", show=False, id="board.bottom"),
     ]
 
-    def __init__(self, state: ConsoleState, clock: Callable[[], float], **kwargs: object) -> None:
+    def __init__(
+        self,
+        state: ConsoleState,
+        clock: Callable[[], float],
+        *,
+        node_of: Callable[[str], str | None] | None = None,
+        **kwargs: object,
+    ) -> None:
+        """``node_of``: the node a call is on (a fleet console adds a Node column)."""
         super().__init__(cursor_type="row", zebra_stripes=False, **kwargs)  # type: ignore[arg-type]
         self.state = state
         self.clock = clock
+        self.node_of = node_of
         self.reveal = False
         """Show callers' full numbers (masked by default: the screen may be shared or recorded)."""
         self.filter_text = ""
@@ -144,9 +157,9 @@ class CallBoard(DataTable):
         if not self.filter_text:
             return True
         caller = call.caller if self.reveal else mask_caller(call.caller)
-        hay = " ".join(
-            str(x) for x in (call.call_id, caller, call.user_id, call.theme, call.mode, call.source, call.operator)
-        )
+        node = self.node_of(call.call_id) if self.node_of is not None else None
+        fields = (call.call_id, node, caller, call.user_id, call.theme, call.mode, call.source, call.operator)
+        hay = " ".join(str(x) for x in fields)
         return self.filter_text.lower() in hay.lower()
 
     # ---------------------------------------------------------------------- selection
@@ -264,7 +277,7 @@ class CallBoard(DataTable):
 
     def _layout(self, width: int) -> None:
         """Choose the columns that fit; rebuild the (few) rows only when that choice changes."""
-        columns, short = fit_columns(max(20, width - 2))  # minus the scrollbar's gutter
+        columns, short = fit_columns(max(20, width - 2), fleet=self.node_of is not None)  # minus the scrollbar
         if (columns, short) == (self._columns, self._short):
             return
         self._columns, self._short = columns, short
@@ -326,6 +339,7 @@ class CallBoard(DataTable):
         # and caller-supplied values (caller, user, theme come from the call) must never be markup.
         cells: dict[str, object] = {
             "call": label,
+            "node": Text((self.node_of(call.call_id) if self.node_of is not None else None) or "—"),
             "caller": Text(caller),
             "user": Text(call.user_id or "—"),
             "theme": Text(call.theme or "—"),
