@@ -248,6 +248,8 @@ class TelephonySettings(_Section):
     unknown_callers: Literal["refuse", "guest"] = "refuse"
     start_timeout_s: float = Field(5.0, gt=0)
     """Close a stream whose `start` has not arrived by then."""
+    greet: bool = True
+    """Speak the persona's greeting (the call's theme) as a call starts; off, the AI waits for the caller."""
 
 
 class RecordingSettings(_Section):

@@ -398,7 +398,8 @@ class Runtime:
     # ------------------------------------------------------------------ call rows
 
     def _call_live(self, session: CallSession) -> None:
-        persona.greet(session, self.settings.ui.theme)
+        if self.settings.telephony.greet:
+            persona.greet(session, self.settings.ui.theme)
         if self.db is None:
             return
         self._beat(connected=session.call_id)  # routing sees the taken slot now, not in 5 s
