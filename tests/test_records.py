@@ -282,3 +282,39 @@ def test_doctor_sees_a_port_in_time_wait_as_free() -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         assert not port_free("127.0.0.1", busy.getsockname()[1])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the caller's number travels in the signed call token: issue 13 (remove this mark when it lands)",
+)
+def test_the_contract_a_call_through_the_signed_voice_webhook_lists_its_caller(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The issue's contract, end to end: `xswarm call --webhooks … --from +15551230001` (a signed
+    voice webhook, its TwiML, the bridge), then `xswarm calls list --json --reveal`."""
+    from tui_support import free_port
+
+    from engine.runtime import Runtime
+
+    bridge_port, webhooks_port = free_port(), free_port()
+    monkeypatch.setenv("TWILIO_AUTH_TOKEN", "auth-token-for-records-test")
+    monkeypatch.setenv("TWILIO_ACCOUNT_SID", "AC" + "3" * 32)
+    monkeypatch.setenv("XSWARM_CALL_TOKEN_SECRET", "call-token-secret-for-records-test")
+    monkeypatch.setenv("XSWARM_BRIDGE_PUBLIC_URL", f"ws://127.0.0.1:{bridge_port}")
+    monkeypatch.setenv("XSWARM_TELEPHONY__UNKNOWN_CALLERS", "guest")
+    runtime = Runtime(
+        load_settings(), model_spec="echo", bridge_port=bridge_port, supervisor_port=0, webhooks_port=webhooks_port
+    )
+    runtime.start()
+    try:
+        deadline = time.monotonic() + 10
+        while runtime.calls.capacity == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)  # the node row's first heartbeat lands
+        placed = xswarm("call", "--webhooks", f"http://127.0.0.1:{webhooks_port}", "--from", CALLER, "--tail", "0")
+        assert placed.exit_code == 0, placed.output
+    finally:
+        runtime.stop()
+    (call,) = as_json("calls", "list", "--json", "--reveal")
+    assert call["caller"] == CALLER and call["ended_at"] is not None
