@@ -381,7 +381,7 @@ class XswarmApp(App[None]):
                 empty_board_text(
                     self.state.node,
                     f"{model.model} {model.state}" if model else None,
-                    attached=self.link.kind == "attached",
+                    attached=self.link.kind != "embedded",
                     can_act=not self.read_only,
                 )
             )
@@ -454,7 +454,7 @@ class XswarmApp(App[None]):
         if self._failed:
             return  # "not running" stays until the operator chooses retry
         if not self.link_open:  # until the runtime answers: never a made-up "0 live"
-            waiting = "connecting" if self.link.kind == "attached" else "starting"
+            waiting = "starting" if self.link.kind == "embedded" else "connecting"
             self.sub_title = f"{self.link.kind}: {self.link.target} · {waiting}…"
             return
         parts = [f"{self.link.kind}: {self.link.target}", f"{len(self.state.calls)} live"]
