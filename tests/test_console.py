@@ -185,7 +185,9 @@ async def test_5_the_filter_never_steals_keys_and_escape_clears_it() -> None:
 # ----------------------------------------------------------------------------- 6. empty state
 async def test_6_an_empty_board_says_how_to_place_a_test_call_on_this_nodes_ports() -> None:
     node = {"id": "n1", "bridge_port": 9998, "supervisor_port": 9999, "webhooks_port": 8787}
-    app, _ = _app(0, snapshot={"node": node})
+    app, link = _app(0, snapshot={"node": node})
+    fallback = "no CUDA GPU and MLX is unavailable: using the echo model instead of moshi (set model.name to choose)"
+    link.events.append(ev.ModelStatusChanged(model="echo", state="fallback", detail=fallback, at=FIXED_NOW))
     async with app.run_test(size=(120, 40)) as pilot:
         await until(pilot, lambda: app.link_open)
         await pilot.pause(0.3)
@@ -195,6 +197,7 @@ async def test_6_an_empty_board_says_how_to_place_a_test_call_on_this_nodes_port
         assert "xswarm call --bridge ws://127.0.0.1:9998/twilio" in text
         assert "xswarm call --webhooks http://127.0.0.1:8787" in text
         assert "bridge :9998 · supervisor :9999 · webhooks :8787" in text
+        assert f"Model: echo fallback: {fallback}" in text  # the whole reason, not a cut-off feed line
         app._queue(ev.CallStarted("CA9", 0, "twilio", "+15550100123", at=FIXED_NOW))
         await until(pilot, lambda: "CA9" in app.board.rows)
         await pilot.pause(0.1)

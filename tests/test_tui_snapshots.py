@@ -30,7 +30,7 @@ def _app(theme: str = "xswarm", read_only: bool = False) -> XswarmApp:
 
 async def _settle(pilot: Any) -> None:
     app = pilot.app
-    while len(app.board.rows) < 3 or app.state.dirty:
+    while not app.link_open or len(app.board.rows) < 3 or app.state.dirty:  # the footer waits for the link
         await pilot.pause(0.05)
     await pilot.pause(0.3)
 

@@ -380,7 +380,7 @@ class XswarmApp(App[None]):
             self.query_one(EmptyBoard).update(
                 empty_board_text(
                     self.state.node,
-                    f"{model.model} {model.state}" if model else None,
+                    f"{model.model} {model.state}" + (f": {model.detail}" if model.detail else "") if model else None,
                     attached=self.link.kind != "embedded",
                     can_act=not self.read_only,
                 )

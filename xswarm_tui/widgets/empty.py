@@ -16,8 +16,8 @@ def empty_board_text(node: dict[str, Any], model: str | None, *, attached: bool,
     """The empty-board guide for this node (``node``: the snapshot's id and ports)."""
     out = Text()
     out.append("No live calls.", style="bold")
-    if model:
-        out.append(f"  Model: {model}")
+    if model:  # in full: why `auto` fell back to echo is the first thing a newcomer needs
+        out.append(f"\nModel: {model}")
     out.append("\n\n")
     bridge, supervisor, webhooks = (node.get(k) for k in ("bridge_port", "supervisor_port", "webhooks_port"))
     host = "127.0.0.1"
