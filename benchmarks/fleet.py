@@ -85,6 +85,8 @@ async def run(f: fleet.Fleet, procs: dict[str, fleet.FleetProcess], hooks_url: s
         if index in (2, 3):
             step["ready"] = [n for n in NODES if n != DRAINED]
             step["draining"] = DRAINED
+        # every burst starts from idle nodes: the last burst's ends have reached their rows
+        await asyncio.to_thread(fleet.wait_until, lambda: all(n.live_calls == 0 for n in nodes.live_nodes(f.db)))
         tasks = await burst(hooks_url, index, args.burst, audio)
         if index == 4:  # once this burst is streaming, node-b dies without a word
             await asyncio.to_thread(fleet.wait_until, lambda: _live(f, KILLED) > 0)
