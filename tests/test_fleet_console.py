@@ -121,3 +121,19 @@ def test_attach_needs_a_ws_url_or_fleet(fleet_db: Fleet) -> None:
     assert missing.returncode == 2 and "give a supervisor URL, several, or --fleet" in missing.stderr
     bad = fleet_db.cli("attach", "ws://127.0.0.1:1", "http://x", "--token", "t")
     assert bad.returncode == 2 and "must start with ws://" in bad.stderr
+
+
+async def test_fleet_console_does_not_wait_for_a_node_the_table_calls_down(fleet_db: Fleet) -> None:
+    fleet_db.nodes("node-a")
+    fleet_db.db.write(
+        "INSERT INTO nodes (id, supervisor_url, slots_total, slots_free, started_at, heartbeat_at)"
+        " VALUES ('gone', 'ws://127.0.0.1:9', 4, 4, 0, 0)"
+    )
+    link = FleetLink([], fleet.SUPERVISOR_TOKEN, audio=lambda: "no audio device in tests", discover=_discover(fleet_db))
+    app = XswarmApp(link)
+    async with app.run_test(size=(160, 45)) as pilot:
+        panel = app.query_one(NodesPanel)
+        await _until(pilot, lambda: set(panel.rows) == {"node-a", "gone"}, timeout=5.0)
+        await _until(pilot, lambda: _cell(panel, "node-a", "state") == "ready", timeout=5.0)
+        assert _cell(panel, "gone", "state") == "down" and _cell(panel, "gone", "live") == "—"
+    link.close()
