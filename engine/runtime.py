@@ -121,7 +121,13 @@ class Runtime:
         try:
             migrate(self.db)
             # Before any server starts: a second process claiming a live node id stops here.
-            self.node_state = self._heartbeat_future().result()
+            try:
+                self.node_state = self._heartbeat_future().result()
+            except nodes.NodeIdTaken:
+                if not nodes.release_if_dead(self.db, self.node_id):
+                    raise
+                log.info("node id %s was held by a process on this host that has died; taking it over", self.node_id)
+                self.node_state = self._heartbeat_future().result()
         except StoreError:
             self.db.close()
             raise
