@@ -205,13 +205,12 @@ class CallControl:
             raise ControlError("unavailable", "Twilio credentials (account_sid, auth_token) are not configured")
         twiml = f"<Response><Dial>{escape(number)}</Dial></Response>"
         try:
-            status, body = await twilio_rest.update_call(
-                tw, call.call_id, {"Twiml": twiml}, timeout_s=TRANSFER_TIMEOUT_S
-            )
+            async with twilio_rest.open_client(tw, timeout_s=TRANSFER_TIMEOUT_S) as client:
+                await client.update_call(call.call_id, twiml=twiml)
         except twilio_rest.TwilioUnreachable as exc:
             raise ControlError("failed", f"Twilio could not be reached: {exc}") from None
-        if status >= 300:
-            raise ControlError("failed", f"Twilio refused the transfer ({status}): {body[:300]}")
+        except twilio_rest.TwilioError as exc:
+            raise ControlError("failed", f"Twilio refused the transfer: {exc}") from None
         return number
 
     async def _set_node_state(self, state: str) -> dict[str, Any]:

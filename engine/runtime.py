@@ -293,7 +293,9 @@ class Runtime:
         # as the process: move it out of the collector's reach so full collections during calls
         # scan only call-time objects (a gen-2 pass over a loaded model stalls the tick).
         gc.freeze()
-        self._model_status("ready", f"{model.name}: {model.slots} slots", model=model.name, progress=1.0)
+        facts = model.describe()
+        precision = "".join(f", {k.replace('_', ' ')} {facts[k]}" for k in ("weights", "kv_cache") if facts.get(k))
+        self._model_status("ready", f"{model.name}: {model.slots} slots{precision}", model=model.name, progress=1.0)
         self._beat()
 
     def _model_status(self, state: str, detail: str, *, model: str, progress: float | None = None) -> None:

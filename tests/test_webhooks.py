@@ -96,8 +96,8 @@ async def make(db: Database, fakes: dict[str, FakeApi]) -> AsyncIterator[Any]:
 
     async def start(**sections: Any) -> Harness:
         kw = sections.pop("server_kw", {})
-        sections.setdefault("twilio", {})["api_base_url"] = fakes["twilio"].url
-        sections.setdefault("sendgrid", {}).setdefault("api_base_url", fakes["sendgrid"].url)
+        sections.setdefault("twilio", {})["api_base"] = fakes["twilio"].url
+        sections.setdefault("sendgrid", {}).setdefault("api_base", fakes["sendgrid"].url)
         settings = make_settings(**sections)
         server, bus = await _harness(db, settings, **kw)
         session = aiohttp.ClientSession()

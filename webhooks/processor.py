@@ -168,6 +168,9 @@ class InboxProcessor:
         except Exception as exc:
             await self._fail(row, exc)
             return
+        self.hub.metrics.processed.labels(row.provider, "done").inc()
+        if outcome.notify:
+            self.hub.wake_outbox()
         for event in outcome.events:
             self.hub.publish(event, to_feed=False)  # its feed row was committed with the effects
 
@@ -234,6 +237,7 @@ class InboxProcessor:
             await asyncio.wrap_future(future)
         except StoreError as store_exc:
             log.warning("could not record the failure of %s (its lease will expire): %s", row.key, store_exc)
+        self.hub.metrics.processed.labels(row.provider, "dead" if dead else "retry").inc()
         self.hub.publish(WebhookFailed(row.provider, row.event_id, error[:300], dead=dead), to_feed=dead)
 
 

@@ -27,11 +27,14 @@ from multidict import MultiDict
 from engine.config import secret
 from engine.events import CallRefused, MessageReceived
 from engine.logging_setup import mask_phone
+from engine.notify import compose, links
 from engine.store import messages, routing, usage
 from engine.store.db import Database, StoreError
 from engine.store.inbox import InboxRow
-from engine.store.users import User, find_by_phone
+from engine.store.outbox import Draft, enqueue_statement
+from engine.store.users import User, find_by_phone, get_user
 from engine.telephony.calltoken import mint
+from engine.tiers import TIERS
 from engine.tiers import tier as tier_named
 from webhooks import twiml
 from webhooks.body import parse_form, read_body
@@ -259,6 +262,7 @@ async def _status_effect(hub: Hub, row: InboxRow, form: dict[str, str]) -> Outco
         user_id = user.id if user else None
     duration = _float(form.get("CallDuration")) if terminal else None
     statements = []
+    quota = []
     if terminal:
         statements.append(
             usage.call_status_statement(
@@ -273,6 +277,11 @@ async def _status_effect(hub: Hub, row: InboxRow, form: dict[str, str]) -> Outco
         )
         if user_id and duration:
             statements += usage.count_statements("voice", f"call:{call_sid}", user_id, duration, row.received_at)
+            counted = await hub.read(lambda d: get_user(d, user_id))
+            if counted is not None and counted.tier in TIERS:
+                period = usage.period_of(row.received_at)
+                quota = compose.quota_statements(hub.settings, counted, TIERS[counted.tier], "voice", period)
+                statements += quota  # judged on the seconds just counted
     else:
         statements.append(
             (
@@ -281,7 +290,7 @@ async def _status_effect(hub: Hub, row: InboxRow, form: dict[str, str]) -> Outco
             )
         )
     summary = f"Call {mask_phone(caller)} {state}" + (f" after {duration:.0f} s" if duration else "")
-    return Outcome(statements, [received(row, summary, user_id)])
+    return Outcome(statements, [received(row, summary, user_id)], notify=bool(quota))
 
 
 def _reroute_effect(row: InboxRow, form: dict[str, str]) -> Outcome:
@@ -319,13 +328,43 @@ async def _voicemail_effect(hub: Hub, row: InboxRow, form: dict[str, str]) -> Ou
         },
         at_ms=row.received_at,
     )
+    notices = [enqueue_statement(d) for d in _voicemail_notices(hub, form, user, seconds)]
     summary = f"Voicemail from {user.name if user else 'unknown'} ({mask_phone(caller)}), {seconds or 0:.0f} s"
     return Outcome(
-        [statement],
+        [statement, *notices],
         [
             MessageReceived("voicemail", user.id if user else None, summary),
             received(row, summary, user.id if user else None),
         ],
+        notify=bool(notices),
+    )
+
+
+def _voicemail_notices(hub: Hub, form: dict[str, str], user: User | None, seconds: float | None) -> list[Draft]:
+    """Tell someone: the caller when they are a user (a receipt with the transcript or a
+    notice, and a link to listen), otherwise the operator at ``notify.operator_email``."""
+    settings = hub.settings
+    recording = form.get("RecordingSid") or f"{form.get('CallSid', '')}-recording"
+    caller: str | None = None  # the recipient left it
+    if user is not None:
+        to = compose.Recipient.of(user)
+    elif settings.notify.operator_email:
+        to = compose.Recipient(None, "operator", None, settings.notify.operator_email)
+        caller = form.get("From") or "an unknown caller"
+    else:
+        log.info("voicemail %s from an unknown caller: no notify.operator_email to tell", recording)
+        return []
+    listen = links.listen_url(settings, recording) if form.get("RecordingSid") else None
+    if listen is None and form.get("RecordingUrl"):
+        listen = form["RecordingUrl"] + ".mp3"  # Twilio's own URL (may ask for the account's credentials)
+    return compose.voicemail(
+        settings,
+        to,
+        recording_sid=recording,
+        caller=caller,
+        seconds=seconds,
+        transcript=form.get("TranscriptionText") or None,
+        listen=listen,
     )
 
 

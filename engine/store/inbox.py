@@ -178,6 +178,23 @@ def claim_one(db: Database, key: str, *, lease_ms: int, now: int | None = None) 
     return InboxRow(*rows[0]) if rows else None
 
 
+def open_counts(db: Database) -> dict[str, int]:
+    """Rows per status that is not ``done`` (the status index answers it without reading the
+    done rows, however many there are): the backlog and the dead letters, for /metrics."""
+    return {
+        status: n
+        for status, n in db.query(
+            "SELECT status, COUNT(*) FROM webhook_inbox WHERE status IN ('pending', 'failed', 'dead') GROUP BY status"
+        )
+    }
+
+
+def oldest_open_received_ms(db: Database) -> int | None:
+    """When the oldest row still to be applied (pending or failed) was received; None if none."""
+    rows = db.query("SELECT MIN(received_at) FROM webhook_inbox WHERE status IN ('pending', 'failed')")
+    return rows[0][0] if rows and rows[0][0] is not None else None
+
+
 def counts(db: Database) -> dict[str, int]:
     """Rows per status (the health page and the TUI show them)."""
     return {status: n for status, n in db.query("SELECT status, COUNT(*) FROM webhook_inbox GROUP BY status")}
