@@ -349,7 +349,7 @@ class Runtime:
         try:
             future = self._heartbeat_future()
             if connected is not None:
-                self.db.submit(*routing.connected_statement(connected)).add_done_callback(
+                self.db.submit(*routing.release_statement(connected)).add_done_callback(
                     _log_failure("routing reservation")
                 )
         except StoreError as exc:  # the database is closing
