@@ -24,9 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -42,6 +39,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from fixtures import fleet  # noqa: E402
 from fixtures.sqld import SqldServer, sqld_binary  # noqa: E402
 
+from benchmarks.report import emit, machine  # noqa: E402
 from engine.audio.testsignal import speech_band_ulaw  # noqa: E402
 from engine.bridge.simulator import PlacedCall, place_call  # noqa: E402
 from engine.store import nodes, routing  # noqa: E402
@@ -166,7 +164,7 @@ def main() -> None:
     report = {
         "benchmark": "fleet",
         "label": args.label,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "note": "shared 2-core box"},
+        "machine": machine(),
         "setup": {
             "nodes": len(NODES),
             "slots_per_node": args.slots,
@@ -199,10 +197,7 @@ def main() -> None:
         "calls_lost": sum(1 for c in calls if c.outcome != "completed"),
         "outcomes": dict(Counter(c.outcome for c in calls)),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(report, args.out, indent=2)
 
 
 if __name__ == "__main__":
