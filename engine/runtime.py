@@ -379,10 +379,10 @@ class Runtime:
             return
         self.node_state = state
         if state == "draining":
-            detail = f"draining: takes no new calls; {self.calls.used} live calls finish"
+            detail = f"takes no new calls; {self.calls.used} live calls finish"
         else:
-            detail = "ready: takes new calls again"
-        log.info("node %s %s", self.node_id, detail)
+            detail = "takes new calls again"
+        log.info("node %s %s: %s", self.node_id, state, detail)
         self.bus.publish(events.NodeStateChanged(node_id=self.node_id, state=state, detail=detail))
 
     async def set_node_state(self, state: str) -> None:
