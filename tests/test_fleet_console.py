@@ -123,7 +123,7 @@ def test_attach_needs_a_ws_url_or_fleet(fleet_db: Fleet) -> None:
     assert bad.returncode == 2 and "must start with ws://" in bad.stderr
 
 
-async def test_fleet_console_does_not_wait_for_a_node_the_table_calls_down(fleet_db: Fleet) -> None:
+async def test_fleet_console_skips_waiting_for_down_nodes_and_picks_up_new_ones(fleet_db: Fleet) -> None:
     fleet_db.nodes("node-a")
     fleet_db.db.write(
         "INSERT INTO nodes (id, supervisor_url, slots_total, slots_free, started_at, heartbeat_at)"
@@ -136,4 +136,6 @@ async def test_fleet_console_does_not_wait_for_a_node_the_table_calls_down(fleet
         await _until(pilot, lambda: set(panel.rows) == {"node-a", "gone"}, timeout=5.0)
         await _until(pilot, lambda: _cell(panel, "node-a", "state") == "ready", timeout=5.0)
         assert _cell(panel, "gone", "state") == "down" and _cell(panel, "gone", "live") == "—"
+        await asyncio.to_thread(fleet_db.nodes, "node-late")  # started after the console: joins it
+        await _until(pilot, lambda: "node-late" in panel.rows and _cell(panel, "node-late", "state") == "ready")
     link.close()
