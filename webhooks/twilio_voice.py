@@ -282,6 +282,7 @@ async def _status_effect(hub: Hub, row: InboxRow, form: dict[str, str]) -> Outco
                 period = usage.period_of(row.received_at)
                 quota = compose.quota_statements(hub.settings, counted, TIERS[counted.tier], "voice", period)
                 statements += quota  # judged on the seconds just counted
+        statements.append(routing.release_statement(call_sid))  # it may have ended before reaching a node
     else:
         statements.append(
             (
