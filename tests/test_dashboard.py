@@ -606,6 +606,7 @@ async def test_an_operator_drains_the_node_and_resumes_it(runtime: Runtime, brow
     await page.wait_for_selector("#system dd:has-text('draining: no new calls')")
     assert runtime.node_state == "draining"
     await page.wait_for_selector("#feed li:has-text('draining')")
+    await shoot(page, "11-node-draining")
     await page.click("#resume")
     await page.wait_for_selector("#system dd:has-text('ready: takes calls')")
     assert runtime.node_state == "ready"
