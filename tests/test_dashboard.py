@@ -38,7 +38,8 @@ from engine.audio.resample import resample_to
 from engine.bridge.simulator import StreamTarget, stream_call
 from engine.config import ConfigError, default_toml, load_settings
 from engine.runtime import Runtime
-from engine.supervisor import origin
+from engine.supervisor import origin, tokens
+from engine.supervisor.auth import fingerprint, load_tokens
 
 OPERATOR = "operator-token-0123456789abcdef"
 MONITOR = "monitor-token-0123456789abcdef"
@@ -62,18 +63,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def runtime(xswarm_home):
-    settings = load_settings(
-        supervisor={"token": OPERATOR, "monitor_token": MONITOR, "allowed_origins": [PROXY_ORIGIN]},
-        model={"name": "echo", "slots": 4},
-    )
+def start_runtime(supervisor: dict[str, Any]) -> Runtime:
+    settings = load_settings(supervisor=supervisor, model={"name": "echo", "slots": 4})
     rt = Runtime(settings, model_spec="echo", bridge_port=free_port(), supervisor_port=free_port(), webhooks_port=0)
     rt.start()
     deadline = time.monotonic() + 20
     while rt.model is None:
         assert time.monotonic() < deadline, "echo model did not load"
         time.sleep(0.02)
+    return rt
+
+
+@pytest.fixture
+def runtime(xswarm_home):
+    rt = start_runtime({"token": OPERATOR, "monitor_token": MONITOR, "allowed_origins": [PROXY_ORIGIN]})
+    try:
+        yield rt
+    finally:
+        rt.stop()
+
+
+@pytest.fixture
+def runtime_with_token_file(xswarm_home):
+    """Tokens from ``<config>/supervisor-tokens.json``, which ``xswarm supervisor token`` rotates."""
+    rt = start_runtime({})
     try:
         yield rt
     finally:
@@ -610,4 +623,20 @@ async def test_an_operator_drains_the_node_and_resumes_it(runtime: Runtime, brow
     await page.click("#resume")
     await page.wait_for_selector("#system dd:has-text('ready: takes calls')")
     assert runtime.node_state == "ready"
+    assert_no_page_errors(page)
+
+
+async def test_a_retired_token_sends_the_page_back_to_login(runtime_with_token_file: Runtime, browser: Any) -> None:
+    """Rotation (engine/supervisor/tokens.py): a page logged in with a token that is then
+    retired is closed (4401), says why, and the new token logs in."""
+    rt = runtime_with_token_file
+    old = load_tokens(rt.settings).operator
+    new = tokens.add(rt.settings, "operator")
+    page = await open_page(browser, rt)
+    await log_in(page, old)
+    tokens.retire(rt.settings, fingerprint(old))
+    await page.wait_for_selector("#login-error:has-text('token retired')", timeout=15000)
+    assert await page.evaluate("() => sessionStorage.getItem('xswarm.token')") is None
+    await log_in(page, new)
+    assert (await page.text_content("#who") or "").endswith("operator")
     assert_no_page_errors(page)
