@@ -166,6 +166,8 @@ function render(all) {
   if (all || state.dirty.has("calls")) {
     table.render(state, all ? null : new Set(state.changed), now());
     state.changed.clear();
+    const node = state.node && state.node.id ? ` · ${state.node.id}` : "";
+    document.title = `xswarm${node} · ${state.calls.size} call${state.calls.size === 1 ? "" : "s"}`; // tells tabs apart
   }
   if (all || state.dirty.has("calls") || state.dirty.has("detail")) renderDetail();
   if (all || state.dirty.has("feed")) feed.render(state);
