@@ -2,9 +2,9 @@
 
 The server (WebhooksServer with its inbox processor, embedded SQLite file, no LLM provider so the
 reply is the canned one) runs in its own process, as `xswarm webhooks serve` runs it (uvloop,
-quiet_gc after start; XSWARM_BENCH_ASYNCIO_LOOP=1 / XSWARM_BENCH_DEFAULT_GC=1 turn those off); the load comes from `wrk` in another
-process (or, without wrk, from an aiohttp client process). Every request carries a unique
-MessageSid signed with the twilio SDK's RequestValidator, so every request is verified,
+quiet_gc after start; XSWARM_BENCH_ASYNCIO_LOOP=1 / XSWARM_BENCH_DEFAULT_GC=1 turn those off);
+the load comes from `wrk` in another process (or, without wrk, from an aiohttp client process).
+Every request carries a unique MessageSid signed with the twilio SDK's RequestValidator, so every request is verified,
 stored in webhook_inbox through the group-commit writer and answered with TwiML.
 
 Prints one JSON object: per run requests/s, p50/p99 latency, server CPU ms per request
@@ -74,7 +74,8 @@ done = function(summary, latency, requests)
   io.write(string.format(
     '{"requests": %d, "duration_us": %d, "p50_us": %d, "p99_us": %d, "max_us": %d, "errors": %d}\n',
     summary.requests, summary.duration, latency:percentile(50), latency:percentile(99), latency.max,
-    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout + summary.errors.status))
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout
+      + summary.errors.status))
 end
 """
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -303,7 +303,7 @@ class CallRegistry:
     def get(self, call_id: str) -> CallSession | None:
         return self._by_id.get(call_id)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[CallSession]:
         return iter(list(self._by_id.values()))
 
     def __len__(self) -> int:

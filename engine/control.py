@@ -19,13 +19,15 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import escape
 
-from engine.calls import CallControlError
+from engine.calls import CallControlError, CallSession
 from engine.events import (
     Command,
+    DrainNode,
     HandBack,
     HangUp,
     Listen,
     Mute,
+    ResumeNode,
     StartLocalCall,
     SupervisorActed,
     TakeOver,
@@ -33,6 +35,7 @@ from engine.events import (
     Unlisten,
     Unmute,
     Whisper,
+    wire_types,
 )
 from engine.telephony import twilio_rest
 
@@ -44,19 +47,8 @@ log = logging.getLogger("xswarm.control")
 Tap = Callable[[str, Any], None]
 """tap(direction "caller"|"ai", float32 24 kHz frame) as in ``CallSession.add_tap``."""
 
-ACTIONS: dict[type[Command], str] = {
-    Listen: "listen",
-    Unlisten: "unlisten",
-    Whisper: "whisper",
-    Mute: "mute",
-    Unmute: "unmute",
-    TakeOver: "takeover",
-    HandBack: "handback",
-    HangUp: "hangup",
-    Transfer: "transfer",
-    StartLocalCall: "start_local_call",
-}
-"""Command class -> the action name used in audit_log, SupervisorActed and docs."""
+ACTIONS: dict[type[Command], str] = {cls: cls.action for cls in wire_types(Command)}
+"""Command class -> its action name (``Command.action``), in definition order."""
 
 MONITOR_ACTIONS = frozenset({"listen", "unlisten"})
 """What the read-only role may do: watching and listening change nothing on the call."""
@@ -90,7 +82,7 @@ class CallControl:
     async def execute(self, command: Command, actor: str, role: str, *, tap: Tap | None = None) -> dict[str, Any]:
         """Check, apply, audit and announce one command. Never raises for a bad command:
         the answer says what went wrong."""
-        action = ACTIONS.get(type(command))
+        action = command.action if isinstance(command, Command) else None
         call_id = getattr(command, "call_id", None)
         detail: dict[str, Any] = {}
         try:
@@ -103,7 +95,7 @@ class CallControl:
                     "forbidden", f"the {role} role may only watch and listen; {action} needs an operator token"
                 )
             try:
-                result = await self._apply(action, command, actor, tap, detail)
+                result = await self._apply(command, actor, tap, detail)
             except CallControlError as exc:  # the session refused: someone else holds it, it ended …
                 if call_id is None:  # start_local_call: no sound device here
                     raise ControlError("unavailable", str(exc)) from None
@@ -145,50 +137,62 @@ class CallControl:
 
     # ---------------------------------------------------------------------------- actions
 
-    async def _apply(
-        self, action: str, command: Command, actor: str, tap: Tap | None, detail: dict[str, Any]
-    ) -> dict[str, Any]:
-        if action == "start_local_call":
-            return await self._start_local_call()
-        call_id: str = command.call_id  # type: ignore[attr-defined]
-        call = self.runtime.calls.get(call_id)
-        if action == "unlisten":
-            remove = self._taps.pop((actor, call_id), None)
-            if remove is None:
-                raise ControlError("not_listening", f"not listening to {call_id}")
-            _quietly(remove)
-            return {"call_id": call_id}
-        if call is None:
-            raise ControlError("not_found", f"no live call {call_id}")
-        if action == "listen":
-            if tap is None:
-                raise ControlError("invalid", "listen needs an audio sink")
-            previous = self._taps.pop((actor, call_id), None)
-            if previous is not None:
-                _quietly(previous)
-            self._prune_taps()
-            self._taps[(actor, call_id)] = call.add_tap(tap)
-        elif action == "whisper":
-            text = command.text.strip()  # type: ignore[attr-defined]
-            if not text:
-                raise ControlError("invalid", "whisper text is empty")
-            detail["text"] = text
-            call.whisper(text)
-        elif action in ("mute", "unmute"):
-            call.mute(action == "mute")
-        elif action == "takeover":
-            call.take_over(actor)
-            self._held.setdefault(actor, set()).add(call_id)
-        elif action == "handback":
-            call.hand_back(actor)
-            self._held.get(actor, set()).discard(call_id)
-        elif action == "hangup":
-            await call.hang_up(f"hung up by {actor}")
-        elif action == "transfer":
-            detail["to"] = await self._transfer(call)
+    async def _apply(self, command: Command, actor: str, tap: Tap | None, detail: dict[str, Any]) -> dict[str, Any]:
+        match command:
+            case StartLocalCall():
+                return await self._start_local_call()
+            case DrainNode() | ResumeNode():
+                return await self._set_node_state("draining" if isinstance(command, DrainNode) else "ready")
+            case Unlisten(call_id=call_id):
+                remove = self._taps.pop((actor, call_id), None)
+                if remove is None:
+                    raise ControlError("not_listening", f"not listening to {call_id}")
+                _quietly(remove)
+                return {"call_id": call_id}
+            case Listen(call_id=call_id):
+                call = self._live(call_id)
+                if tap is None:
+                    raise ControlError("invalid", "listen needs an audio sink")
+                previous = self._taps.pop((actor, call_id), None)
+                if previous is not None:
+                    _quietly(previous)
+                self._prune_taps()
+                self._taps[(actor, call_id)] = call.add_tap(tap)
+            case Whisper(call_id=call_id, text=raw):
+                call = self._live(call_id)
+                text = raw.strip()
+                if not text:
+                    raise ControlError("invalid", "whisper text is empty")
+                detail["text"] = text
+                call.whisper(text)
+            case Mute(call_id=call_id) | Unmute(call_id=call_id):
+                call = self._live(call_id)
+                call.mute(isinstance(command, Mute))
+            case TakeOver(call_id=call_id):
+                call = self._live(call_id)
+                call.take_over(actor)
+                self._held.setdefault(actor, set()).add(call_id)
+            case HandBack(call_id=call_id):
+                call = self._live(call_id)
+                call.hand_back(actor)
+                self._held.get(actor, set()).discard(call_id)
+            case HangUp(call_id=call_id):
+                call = self._live(call_id)
+                await call.hang_up(f"hung up by {actor}")
+            case Transfer(call_id=call_id):
+                call = self._live(call_id)
+                detail["to"] = await self._transfer(call)
+            case _:
+                raise ControlError("invalid", f"{type(command).__name__} is not a supervisor command")
         return {"call_id": call_id, "mode": call.mode, "operator": call.operator}
 
-    async def _transfer(self, call: Any) -> str:
+    def _live(self, call_id: str) -> CallSession:
+        call = self.runtime.calls.get(call_id)
+        if call is None:
+            raise ControlError("not_found", f"no live call {call_id}")
+        return call
+
+    async def _transfer(self, call: CallSession) -> str:
         """Redirect the live Twilio call to ``<Dial>`` the transfer number (Twilio then ends the
         media stream, and the bridge ends the call here)."""
         tw = self.runtime.settings.twilio
@@ -201,14 +205,21 @@ class CallControl:
             raise ControlError("unavailable", "Twilio credentials (account_sid, auth_token) are not configured")
         twiml = f"<Response><Dial>{escape(number)}</Dial></Response>"
         try:
-            status, body = await twilio_rest.update_call(
-                tw, call.call_id, {"Twiml": twiml}, timeout_s=TRANSFER_TIMEOUT_S
-            )
+            async with twilio_rest.open_client(tw, timeout_s=TRANSFER_TIMEOUT_S) as client:
+                await client.update_call(call.call_id, twiml=twiml)
         except twilio_rest.TwilioUnreachable as exc:
             raise ControlError("failed", f"Twilio could not be reached: {exc}") from None
-        if status >= 300:
-            raise ControlError("failed", f"Twilio refused the transfer ({status}): {body[:300]}")
+        except twilio_rest.TwilioError as exc:
+            raise ControlError("failed", f"Twilio refused the transfer: {exc}") from None
         return number
+
+    async def _set_node_state(self, state: str) -> dict[str, Any]:
+        """Drain or resume this node (a fleet console's action on the node a call is on)."""
+        apply = getattr(self.runtime, "set_node_state", None)
+        if apply is None:
+            raise ControlError("unavailable", "this runtime is not a fleet node")
+        await apply(state)
+        return {"node_id": self.runtime.node_id, "state": state}
 
     async def _start_local_call(self) -> dict[str, Any]:
         start = getattr(self.runtime, "start_local_call", None)

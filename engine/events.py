@@ -5,7 +5,8 @@ These dataclasses are the one vocabulary of xswarm: the runtime publishes events
 protocol carries the very same types as JSON (``to_wire``/``from_wire``), so the embedded TUI
 and ``xswarm attach`` share one code path.
 
-Adding a type: subclass ``Event`` or ``Command`` with ``@message`` and plain JSON-able fields.
+Adding a type: subclass ``Event`` or ``Command`` with ``@message`` and plain JSON-able fields;
+a ``Command`` also names its ``action`` (the word audit_log and ``SupervisorActed`` use).
 """
 
 from __future__ import annotations
@@ -16,20 +17,29 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar, dataclass_transform
 
 PROTOCOL_VERSION = 1
 _log = logging.getLogger("xswarm.bus")
 
 _REGISTRY: dict[str, type[Wire]] = {}
-W = TypeVar("W", bound="type[Wire]")
+W = TypeVar("W", bound="Wire")
 
 
-def message(cls: W) -> W:
-    """Register a dataclass under its class name so ``from_wire`` can rebuild it."""
-    cls = dataclass(frozen=True, slots=True)(cls)
-    _REGISTRY[cls.__name__] = cls
-    return cls
+@dataclass_transform(frozen_default=True, field_specifiers=(field,))
+def message(cls: type[W]) -> type[W]:
+    """Make ``cls`` a frozen, slotted dataclass and register it under its class name so
+    ``from_wire`` can rebuild it. ``dataclass_transform`` tells type checkers what it does."""
+    made = dataclass(frozen=True, slots=True)(cls)  # slots=True returns a new class
+    if made.kind == "command" and not isinstance(getattr(made, "action", None), str):
+        raise TypeError(f"{made.__name__}: a Command names its action (action: ClassVar[str] = ...)")
+    _REGISTRY[made.__name__] = made
+    return made
+
+
+def wire_types(base: type[W]) -> list[type[W]]:
+    """Every registered event or command type that is a ``base``."""
+    return [cls for cls in _REGISTRY.values() if issubclass(cls, base)]
 
 
 class Wire:
@@ -234,6 +244,17 @@ class ModelStatusChanged(Event):
 
 
 @message
+class NodeStateChanged(Event):
+    """A node of the fleet took up a state: ``draining`` (``xswarm nodes drain``: no new
+    calls, live calls finish), ``ready`` again, or ``down`` (seen by a console that lost it)."""
+
+    node_id: str
+    state: Literal["ready", "draining", "down"]
+    detail: str = ""
+    at: float = field(default_factory=now)
+
+
+@message
 class SystemSampled(Event):
     cpu_percent: float
     ram_used_bytes: int
@@ -257,57 +278,84 @@ class ErrorRaised(Event):
 
 class Command(Wire):
     kind: ClassVar[str] = "command"
+    action: ClassVar[str]
+    """The action's name in audit_log, ``SupervisorActed`` and the docs."""
 
 
 @message
 class Listen(Command):
+    action: ClassVar[str] = "listen"
     call_id: str
 
 
 @message
 class Unlisten(Command):
+    action: ClassVar[str] = "unlisten"
     call_id: str
 
 
 @message
 class Whisper(Command):
+    action: ClassVar[str] = "whisper"
     call_id: str
     text: str
 
 
 @message
 class Mute(Command):
+    action: ClassVar[str] = "mute"
     call_id: str
 
 
 @message
 class Unmute(Command):
+    action: ClassVar[str] = "unmute"
     call_id: str
 
 
 @message
 class TakeOver(Command):
+    action: ClassVar[str] = "takeover"
     call_id: str
 
 
 @message
 class HandBack(Command):
+    action: ClassVar[str] = "handback"
     call_id: str
 
 
 @message
 class HangUp(Command):
+    action: ClassVar[str] = "hangup"
     call_id: str
 
 
 @message
 class Transfer(Command):
+    action: ClassVar[str] = "transfer"
     call_id: str
 
 
 @message
 class StartLocalCall(Command):
     """Talk to the AI through this machine's microphone and speakers (one more slot)."""
+
+    action: ClassVar[str] = "start_local_call"
+
+
+@message
+class DrainNode(Command):
+    """Take the node this command is sent to out of rotation (as ``xswarm nodes drain``)."""
+
+    action: ClassVar[str] = "drain"
+
+
+@message
+class ResumeNode(Command):
+    """Put the node this command is sent to back into rotation."""
+
+    action: ClassVar[str] = "resume"
 
 
 # ------------------------------------------------------------------------------------- bus

@@ -1,9 +1,9 @@
 """Full garbage collections at a harmless moment: right after a tick.
 
-Why: CPython's automatic full (generation 2) collection stops every thread of the process.
-With the console and 50 calls in one process it took 15-35 ms (measured with ``gc.callbacks``
-during ``benchmarks/tui.py``), long enough for the bridge to miss reading the audio the next
-tick needs: late frames, in bursts across every call. A tick leaves an idle stretch once its
+Why: CPython's automatic full (generation 2) collection stops every thread of the process,
+with the console and many calls in one process for long enough that the bridge misses
+reading the audio the next tick needs: late frames, in bursts across every call
+(docs/performance.md, "Runtime and console"). A tick leaves an idle stretch once its
 outputs are sent (the next tick is up to 80 ms away), so the runtime turns automatic full
 collections off and runs one there instead, at most every ``every_s``. Young collections
 (generations 0 and 1, a few ms) stay automatic.

@@ -15,8 +15,8 @@ import os
 import re
 import threading
 from collections.abc import Callable
+from multiprocessing.queues import Queue
 from pathlib import Path
-from queue import Queue
 
 from engine.paths import Paths, resolve_paths
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from engine.doctor.probes import CpuInfo, MemoryInfo, OsInfo
 from engine.telemetry.gpu import GpuInfo, GpuProbe
 
 GIB = 1024**3
-H100 = GpuInfo(0, "NVIDIA H100 80GB HBM3", 81559 * 1024**2, 500 * 1024**2, "570.86.15", 3.0, 31.0, 70.5, "12.8")
+H100 = GpuInfo(0, "NVIDIA H100 80GB HBM3", 81559 * 1024**2, 500 * 1024**2, "570.86.15", 3.0, 31.0, 70.5, "12.8", (9, 0))
 
 
 def healthy(**overrides: object) -> Probes:
@@ -262,3 +263,46 @@ def test_weights_probe_uses_the_model_codes_finder(tmp_path: Path, monkeypatch: 
         c for c in run(load_settings(), healthy(weights=real.model_weights)).checks if c.name == "model-weights"
     )
     assert (check.status, check.detail) == ("pass", described)
+
+
+def test_gpu_driver_and_cuda_minimums(all_credentials: None) -> None:
+    """Driver 535+ and CUDA 12+ (system requirements): an older one fails with the fix."""
+    old_driver = dataclasses.replace(H100, driver="525.147.05", cuda_version="12.0")
+    report = run(load_settings(), healthy(gpus=lambda: GpuProbe([old_driver])))
+    check = next(c for c in report.checks if c.name == "gpu-driver")
+    assert check.status == "fail" and "driver 525.147.05 is older than 535" in check.detail and "535" in check.fix
+    old_cuda = dataclasses.replace(H100, driver="535.54.03", cuda_version="11.8")
+    check = next(
+        c for c in run(load_settings(), healthy(gpus=lambda: GpuProbe([old_cuda]))).checks if c.name == "gpu-driver"
+    )
+    assert check.status == "fail" and "CUDA 11.8 is older than 12.0" in check.detail
+    ok = next(c for c in run(load_settings(), healthy()).checks if c.name == "gpu-driver")
+    assert ok.status == "pass" and ok.detail.startswith("driver 570.86.15, CUDA 12.8")
+
+
+def test_compute_capability_and_bf16(all_credentials: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    t4 = dataclasses.replace(H100, index=1, name="Tesla T4", compute_capability=(7, 5))
+    report = run(load_settings(), healthy(gpus=lambda: GpuProbe([H100, t4])))
+    checks = {c.name: c for c in report.checks}
+    assert checks["gpu-0-compute"].status == "pass" and "9.0, bf16 supported" in checks["gpu-0-compute"].detail
+    assert checks["gpu-1-compute"].status == "fail" and "7.5, no bf16" in checks["gpu-1-compute"].detail
+    assert report.exit_code == 2
+    monkeypatch.setenv("XSWARM_MODEL", "echo")  # a box kept for the echo model only: a warning
+    assert (
+        next(
+            c for c in run(load_settings(), healthy(gpus=lambda: GpuProbe([t4]))).checks if c.name == "gpu-1-compute"
+        ).status
+        == "warn"
+    )
+
+
+def test_no_gpu_means_no_driver_or_compute_rows() -> None:
+    names = {c.name for c in run(load_settings(), healthy(gpus=lambda: GpuProbe([], "no NVIDIA driver"))).checks}
+    assert "gpu" in names and not any(n.startswith(("gpu-driver", "gpu-0")) for n in names)
+
+
+def test_the_real_gpu_probe_reports_capability_when_a_gpu_is_there() -> None:
+    found = real.gpus()
+    if not found.gpus:
+        pytest.skip(f"no NVIDIA GPU here ({found.reason})")
+    assert all(g.compute_capability is not None and g.compute_capability >= (3, 0) for g in found.gpus)

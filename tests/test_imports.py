@@ -1,9 +1,10 @@
-"""Dependency rules, checked in fresh interpreters (DESIGN.md "Layout"):
+"""Dependency rules, checked in fresh interpreters (docs/architecture.md, "Import rules"):
 
-- ``engine`` and ``webhooks`` never import ``textual`` or ``xswarm_tui``, nor torch/moshi
+- ``engine`` and ``webhooks`` never import ``textual`` or ``xswarm_tui``, nor torch/moshi/mlx
   (those live behind ``engine/models``, imported lazily);
 - ``webhooks`` never imports ``engine.models``;
-- ``xswarm --help`` imports none of torch, moshi, textual.
+- ``engine.models.registry`` and ``engine.models.base`` load no weights code;
+- ``xswarm --help`` (and every sub-command's) imports none of torch, moshi, mlx, textual.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def test_cli_help_imports_no_heavy_packages() -> None:
         """
         import json, sys
         from xswarm_tui.cli import app, main
-        helps = [["--help"]] + [[name, "--help"] for name in sorted(c.name or c.callback.__name__ for c in app.registered_commands)]
+        names = sorted(c.name or c.callback.__name__ for c in app.registered_commands)
+        helps = [["--help"]] + [[name, "--help"] for name in names]
         helps += [[g.name, "--help"] for g in app.registered_groups]
         for argv in helps:
             sys.argv = ["xswarm", *argv]

@@ -258,7 +258,7 @@ def test_frames_that_waited_longest_for_the_tick_are_sent_first() -> None:
     for session in sessions:
         calls.admit(session)
     t = 10.0
-    for session, completed in zip(sessions, (t - 0.002, t - 0.019, t - 0.010)):
+    for session, completed in zip(sessions, (t - 0.002, t - 0.019, t - 0.010), strict=True):
         push_frame(session, 0x33, completed)
     run_tick(scheduler, t)
     assert order == ["b", "c", "a"]
@@ -334,7 +334,7 @@ async def test_latency_and_tick_events_are_published() -> None:
     calls.admit(session)
     scheduler.start()
     t0 = time.monotonic()
-    for k in range(15):
+    for _ in range(15):
         push_frame(session, 0x33, time.monotonic())
         await asyncio.sleep(0.08)
     await scheduler.stop()

@@ -273,7 +273,7 @@ def test_the_log_is_checkpointed_off_the_writer_and_emptied_on_close(tmp_path) -
     database.write("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT)")
     checkpointer = database._checkpointer
     assert checkpointer is not None
-    for round_ in range(4):
+    for _ in range(4):
         futures = [database.submit("INSERT INTO t (v) VALUES (?)", ("x" * 500,)) for _ in range(2000)]
         [f.result(timeout=30) for f in futures]
         time.sleep(0.4)  # longer than the checkpointer's interval

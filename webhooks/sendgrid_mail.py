@@ -15,6 +15,7 @@ import json
 import logging
 import re
 from email import policy
+from email.message import Message
 from email.parser import BytesParser, HeaderParser
 from email.utils import parseaddr
 from typing import Any
@@ -23,10 +24,14 @@ from aiohttp import web
 
 from engine.events import MessageReceived
 from engine.logging_setup import mask_email
-from engine.store import messages, usage
+from engine.notify import compose
+from engine.notify.sender import OUTBOX_ARG
+from engine.notify.sendgrid_client import Email
+from engine.store import messages, outbox, usage
 from engine.store.inbox import InboxRow
 from engine.store.messages import Statement
 from engine.store.users import User, find_by_email
+from engine.tiers import TIERS
 from webhooks.body import INBOUND_MAIL_LIMIT, read_body
 from webhooks.hub import HUB, Hub, Outcome
 from webhooks.processor import PermanentError, received
@@ -65,7 +70,7 @@ def parse_inbound(content_type: str, raw: bytes) -> tuple[dict[str, str], list[t
     fields: dict[str, str] = {}
     files: list[tuple[str, str, bytes]] = []
     for part in message.iter_parts():
-        data = part.get_payload(decode=True) or b""
+        data = _decoded(part)
         filename = part.get_filename()
         if filename:
             files.append((filename, part.get_content_type(), data))
@@ -90,8 +95,13 @@ def _expand_raw(fields: dict[str, str], files: list[tuple[str, str, bytes]]) -> 
         if body is not None:
             fields.setdefault("text" if kind == "plain" else "html", str(body.get_content()))
     for attachment in mime.iter_attachments():
-        data = attachment.get_payload(decode=True) or b""
-        files.append((attachment.get_filename() or "attachment", attachment.get_content_type(), data))
+        files.append((attachment.get_filename() or "attachment", attachment.get_content_type(), _decoded(attachment)))
+
+
+def _decoded(part: Message) -> bytes:
+    """A leaf part's body with its transfer encoding undone (a multipart part has none)."""
+    data = part.get_payload(decode=True)
+    return data if isinstance(data, bytes) else b""
 
 
 def message_id(fields: dict[str, str], raw: bytes) -> str:
@@ -129,7 +139,7 @@ async def inbound(request: web.Request) -> web.Response:
         log.error("inbound mail: attachments not stored (answering 503): %s", exc)
         raise web.HTTPServiceUnavailable(text="attachment storage unavailable") from None
     mid = message_id(fields, raw)
-    payload = {name: fields[name] for name in _TEXT_FIELDS if name in fields}
+    payload: dict[str, Any] = {name: fields[name] for name in _TEXT_FIELDS if name in fields}
     payload["message_id"] = mid
     payload["attachments"] = attachments
     await hub.ingest(PARSE, mid, "inbound", json.dumps(payload, separators=(",", ":")))
@@ -172,12 +182,19 @@ async def inbound_effect(hub: Hub, row: InboxRow) -> Outcome:
             at_ms=row.received_at,
         )
     ]
+    quota: list[Statement] = []
     if user is not None and sender:
         statements += usage.count_statements("email", f"email:{mid}", user.id, 1, row.received_at)
+        if user.tier in TIERS:
+            period = usage.period_of(row.received_at)
+            quota = compose.quota_statements(hub.settings, user, TIERS[user.tier], "email", period)
+        statements += quota  # judged on the count just incremented
         statements += await _reply(hub, user, sender, subject, text, mid)
     summary = f"Email from {user.name if user else 'unknown'} ({mask_email(sender)}): {subject[:80]}"
     uid = user.id if user else None
-    return Outcome(statements, [MessageReceived("email", uid, summary), received(row, summary, uid)])
+    return Outcome(
+        statements, [MessageReceived("email", uid, summary), received(row, summary, uid)], notify=bool(quota)
+    )
 
 
 async def _reply(hub: Hub, user: User, sender: str, subject: str, text: str, mid: str) -> list[Statement]:
@@ -198,7 +215,8 @@ async def _reply(hub: Hub, user: User, sender: str, subject: str, text: str, mid
     body = await hub.replier.email(user, subject, text)
     reply_subject = subject if subject.lower().startswith("re:") else f"Re: {subject}"
     threading = None if mid.startswith("sha256:") else mid
-    sent_id = await hub.mail.send(to=sender, subject=reply_subject, text=body, in_reply_to=threading)
+    headers = {"In-Reply-To": threading, "References": threading} if threading else {}
+    sent_id = await hub.mail.send(Email(to=sender, subject=reply_subject, text=body, headers=headers))
     return [
         messages.insert_statement(
             channel="email",
@@ -229,7 +247,7 @@ async def events(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(text="body is not JSON") from None
     if not isinstance(items, list):
         raise web.HTTPBadRequest(text="expected a JSON array of events")
-    rows = []
+    rows: list[tuple[str, str | None, str]] = []
     for item in items:
         if isinstance(item, dict) and isinstance(item.get("sg_event_id"), str) and item["sg_event_id"]:
             rows.append((item["sg_event_id"], str(item.get("event", "")), json.dumps(item, separators=(",", ":"))))
@@ -248,6 +266,12 @@ async def events_effect(hub: Hub, row: InboxRow) -> Outcome:
     kind = str(item.get("event", ""))
     sg_message_id = str(item.get("sg_message_id") or "")
     statements = []
+    outbox_id = item.get(OUTBOX_ARG)
+    if isinstance(outbox_id, str) and outbox_id:
+        # Any event for a mail of ours means SendGrid took it: this settles a send in doubt.
+        statements += outbox.sent_statements(
+            outbox_id, sg_message_id.split(".")[0] or None, note="settled: SendGrid event"
+        )
     if sg_message_id and kind in messages.STATUS_RANK:
         statements.append(messages.status_statement(sg_message_id.split(".")[0], kind))
     summary = f"Email {kind} for {mask_email(item.get('email'))}"

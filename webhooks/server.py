@@ -3,8 +3,8 @@
 Used by ``xswarm webhooks serve`` (``inline_reads=True``: the loop is its own) and by the
 runtime (``WebhooksServer(settings, db, bus)``: reads go through the reader pool, off the loop
 that carries the voice tick).
-The processor starts with the server, so events left pending by a previous run (or another
-node) are picked up at once.
+The processor and the outbox sender start with the server, so events left pending and
+messages left unsent by a previous run (or another node) are picked up at once.
 """
 
 from __future__ import annotations
@@ -36,9 +36,8 @@ def run(main: Coroutine[Any, Any, T], *, fast_loop: bool = True) -> T:
     """Run ``main`` on uvloop where it is installed (not on Windows), else on asyncio's loop.
 
     Why: a standalone webhook server spends most of its CPU in the event loop's socket and
-    callback machinery, which uvloop's C loop cuts (benchmarks/webhooks.py, back to back:
-    2,379 → 2,705 requests/s, CPU 0.42 → 0.35 ms per request). Only for a process whose
-    loop is the server's own; the runtime creates its loop itself."""
+    callback machinery, which uvloop's C loop cuts (docs/performance.md, "Webhooks"). Only
+    for a process whose loop is the server's own; the runtime creates its loop itself."""
     if fast_loop:
         try:
             import uvloop
@@ -54,8 +53,7 @@ def quiet_gc() -> None:
     everything alive (modules, the app, settings) out of the collector's sight and collect
     the young generation less often. Why: each request allocates thousands of short-lived
     objects, and every full pass re-walked the long-lived heap for nothing; reference
-    counting frees nearly all request garbage anyway (benchmarks/webhooks.py on uvloop:
-    CPU 0.354 → 0.341 ms per request). Process-wide, so not for the runtime."""
+    counting frees nearly all request garbage anyway. Process-wide, so not for the runtime."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
@@ -98,6 +96,8 @@ class WebhooksServer:
         self.port = int(self._runner.addresses[0][1])
         if self.processor is not None:
             self.processor.start()
+            assert self.hub.outbox is not None
+            self.hub.outbox.start()
         self._housekeeping = asyncio.create_task(self._housekeep())
         who = f"webhooks worker {self.hub.worker}" if self.hub.worker else "webhooks"
         log.info("%s listening on http://%s:%s", who, host, self.port)
@@ -109,6 +109,8 @@ class WebhooksServer:
             self._runner = None
         if self.processor is not None:
             await self.processor.stop()
+        if self.hub.outbox is not None:
+            await self.hub.outbox.stop()
         await self.hub.close()
         log.info("webhooks stopped")
 

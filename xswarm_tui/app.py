@@ -19,13 +19,15 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.theme import Theme as TextualTheme
+from textual.timer import Timer
 from textual.widgets import DataTable, Footer, Header, Input
 from textual.worker import Worker, WorkerState
 
@@ -50,9 +52,8 @@ RENDER_INTERVAL_S = 0.25
 BUSY_RENDER_INTERVAL_S = 0.5
 BUSY_CALLS = 16
 """Above this many live calls, redraw at 2 Hz. Why: every redraw of the calls table renders all
-its visible cells, and the UI thread shares the GIL with the bridge; on a 2-core machine with
-50 calls benchmarks/tui.py saw late bridge frames in most 4 Hz runs, halved the UI's CPU at
-2 Hz, and late frames in only an occasional run (one burst, one frame per call)."""
+its visible cells, and the UI thread shares the GIL with the bridge (docs/performance.md,
+"Runtime and console")."""
 DEBOUNCE_S = 0.3
 """A second press of a destructive key within this is ignored (key repeat, double taps)."""
 
@@ -73,7 +74,7 @@ def _binding(
     return Binding(key, action, description, show=show, priority=priority, id=f"{group}.{action}", tooltip=tooltip)
 
 
-BINDINGS: list[Binding] = [
+BINDINGS: list[BindingType] = [
     _binding("t", "take_over", "Take over", "Your microphone replaces the AI on the selected call"),
     _binding("b", "hand_back", "Hand back", "Give the selected call back to the AI"),
     _binding("l", "listen", "Listen", "Hear the selected call on this machine (press again to stop)"),
@@ -89,6 +90,7 @@ BINDINGS: list[Binding] = [
     _binding("slash", "filter", "Filter", "Filter the focused panel (escape clears)", show=False, group="view"),
     _binding("c", "focus_calls", "Calls", "Focus the calls board", show=False, group="view"),
     _binding("e", "focus_events", "Events", "Focus the events feed", show=False, group="view"),
+    _binding("n", "focus_nodes", "Nodes", "Focus the nodes panel (fleet console; d drains)", show=False, group="view"),
     _binding("u", "users", "Users", "Users with tier and this month's usage", show=False, group="view"),
     _binding("g", "logs", "Logs", "The log records of this session", show=False, group="view"),
 ]
@@ -97,7 +99,8 @@ BINDINGS: list[Binding] = [
 def textual_theme(name: str) -> TextualTheme:
     """A ``themes/`` file as a Textual theme: palette plus the domain colours as variables."""
     t = load_theme(name)
-    return TextualTheme(name=t.name, dark=t.dark, variables=dict(t.variables), **t.palette)
+    colours: dict[str, Any] = dict(t.palette)  # themes.PALETTE_KEYS: all of them Theme's colour parameters
+    return TextualTheme(name=t.name, dark=t.dark, variables=dict(t.variables), **colours)
 
 
 class XswarmApp(App[None]):
@@ -131,15 +134,21 @@ class XswarmApp(App[None]):
         self._wake_posted = False
         self._last_render = 0.0
         self._last_durations = 0.0
-        self._render_timer = None
+        self._render_timer: Timer | None = None
         self._last_press: dict[str, float] = {}
         self._reveal = reveal_callers
         self.log_mirror = LogMirror(lambda: self.post_message(LogsArrived()))
         self._remove_mirror: Callable[[], None] = lambda: None
         self._theme_name = theme
         self.animation_level = "none"  # suits SSH; nothing here needs motion
-        self.board = CallBoard(self.state, self.clock, id="calls")
+        self.board = CallBoard(self.state, self.clock, id="calls", node_of=getattr(link, "node_of", None))
         self.system_panel = SystemPanel(self.state, self.clock, self.poll_interval_s, id="system")
+        self.nodes_panel = None
+        if hasattr(link, "node_command"):  # a fleet: the nodes panel takes the one-node system panel's place
+            from xswarm_tui.widgets.nodes import NodesPanel
+
+            self.nodes_panel = NodesPanel(link, self.clock, read_only=self.read_only, id="nodes")
+            self.system_panel.display = False
         self.feed_panel = EventsFeed(self.state, id="events")
         """The dashboard's panels, kept by reference: they stay put while other screens are on top."""
 
@@ -151,6 +160,8 @@ class XswarmApp(App[None]):
             yield self.board
         with Horizontal(id="bottom"):
             yield self.system_panel
+            if self.nodes_panel is not None:
+                yield self.nodes_panel
             with Vertical(id="events-area"):
                 yield Input(
                     placeholder="filter events: sms, payment, error, any word", id="events-filter", classes="filter"
@@ -330,6 +341,8 @@ class XswarmApp(App[None]):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if self.read_only and action in ACTING:
             return False  # hidden from the footer, help and palette, and does nothing
+        if action == "focus_nodes" and self.nodes_panel is None:
+            return False
         return True
 
     def key_rows(self) -> list[tuple[str, str, str]]:
@@ -497,6 +510,10 @@ class XswarmApp(App[None]):
 
     def action_focus_events(self) -> None:
         self.feed_panel.focus()
+
+    def action_focus_nodes(self) -> None:
+        if self.nodes_panel is not None:
+            self.nodes_panel.focus()
 
     def action_users(self) -> None:
         self.push_screen(UsersScreen(self.link))

@@ -41,6 +41,9 @@ _GROUPS: list[tuple[str, str]] = [
     ("serve", "commands"),
     ("call", "commands"),
     ("webhooks", "webhooks"),
+    ("billing", "billing"),
+    ("notify", "notify"),
+    ("nodes", "nodes"),
     ("tui", "callback"),
 ]
 

@@ -1,7 +1,7 @@
 """The console's one connection to a runtime: events in, commands out.
 
-Why one interface: the issue asks for ONE UI code path for `xswarm` (the runtime embedded in
-this process) and `xswarm attach ws://…` (a runtime elsewhere, over the supervisor socket).
+Why one interface: `xswarm` (the runtime embedded in this process) and `xswarm attach ws://…`
+(a runtime elsewhere, over the supervisor socket) share ONE UI code path.
 The app only ever talks to a ``Link``:
 
 * ``open(on_event, on_snapshot)``: connect, deliver runtime events to ``on_event`` (called
@@ -326,7 +326,10 @@ class AttachedLink(Link):
         return await asyncio.wrap_future(self._run(send()))
 
     def _microphone_sink(self, call_id: str) -> Callable[[Any], None]:
-        return lambda pcm: self._run(self._client.send_audio(call_id, pcm))
+        def sink(pcm: Any) -> None:
+            self._run(self._client.send_audio(call_id, pcm))
+
+        return sink
 
     def users(self) -> list[UserRow] | None:
         return None

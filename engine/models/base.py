@@ -74,10 +74,10 @@ class VoiceModel(ABC):
             raise ValueError("a model needs at least one slot")
         self.slots = slots
 
-    def load(self, progress: Progress | None = None) -> None:
+    def load(self, progress: Progress | None = None) -> None:  # noqa: B027 - an optional hook
         """Build or load weights (may take minutes). Default: nothing to load."""
 
-    def warmup(self) -> None:
+    def warmup(self) -> None:  # noqa: B027 - an optional hook
         """Run throwaway steps so the first call does not pay for lazy initialisation."""
 
     @abstractmethod

@@ -265,7 +265,7 @@ class MlxMoshi(VoiceModel):
         pcm_out = np.zeros((B, FRAME_SIZE), np.float32)
         ready = np.zeros(B, bool)
         text = [""] * B
-        for slot in np.flatnonzero(active):
+        for slot in np.flatnonzero(active).tolist():
             state = self._slots[slot]
             if batch.admitted[slot] or state is None:
                 state = self._open(slot)

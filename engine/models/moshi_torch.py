@@ -32,7 +32,7 @@ from collections import deque
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -84,7 +84,10 @@ class Parts:
     """Extra facts for ``describe()`` (repo, location, parameter counts…)."""
 
 
-def _shared_copy(module: torch.nn.Module) -> torch.nn.Module:
+_M = TypeVar("_M", bound=torch.nn.Module)
+
+
+def _shared_copy(module: _M) -> _M:
     """A second module tree with its own streaming state but the SAME parameter tensors.
 
     Takeover needs a second Mimi encoder state per slot (the caller's stays in the main one);
@@ -323,8 +326,8 @@ class BatchedMoshi(VoiceModel):
             for slot in np.flatnonzero(admitted):
                 self._queues[slot].clear()
             self._tk_hist[admitted] = False
-        for slot, text in batch.forced_text.items():
-            self._queues[slot].extend(self.forced_tokens(text))
+        for forced_slot, forced in batch.forced_text.items():
+            self._queues[forced_slot].extend(self.forced_tokens(forced))
 
         act = torch.from_numpy(active).to(dev)
         self.lm_gen.set_exec_mask(act)
@@ -337,7 +340,8 @@ class BatchedMoshi(VoiceModel):
         self._prepare_takeover(takeover, batch.operator_pcm)
         self._prepare_text(active, takeover)
 
-        out = self.lm_gen.step(codes)  # [B, 1 + dep_q, 1]; support_out_of_sync: never None
+        out = self.lm_gen.step(codes)  # [B, 1 + dep_q, 1]
+        assert out is not None  # support_out_of_sync=True: a step always yields
         audio = out[:, 1:]
         valid = audio >= 0
         ready_t = act & valid.all(dim=1)[:, 0]

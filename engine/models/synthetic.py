@@ -65,7 +65,7 @@ def mimi_config(size: str) -> dict[str, Any]:
     """Mimi config for a size: moshi's default, shrunk for ``tiny``."""
     from moshi.models import loaders
 
-    cfg = copy.deepcopy(loaders._mimi_config)
+    cfg: dict[str, Any] = copy.deepcopy(loaders._mimi_config)
     if size == "tiny":
         cfg["seanet"].update(TINY_MIMI_SEANET)
         cfg["quantizer"].update(TINY_MIMI_QUANTIZER)
@@ -101,7 +101,7 @@ def build_mimi(size: str, device: Any = "cpu") -> Any:
                 module.embedding_sum.copy_(torch.randn_like(module.embedding_sum) * 1e-3)
                 module.cluster_usage.fill_(1.0)
                 module._initialized.fill_(1.0)
-                module._embedding = None  # drop the cached (zero) codebook
+                module._embedding = None  # type: ignore[assignment]  # drop the cached (zero) codebook
     return mimi
 
 

@@ -144,7 +144,7 @@ class ObjectStore(ABC):
     def delete(self, key: str) -> None:
         """Remove the object; deleting an absent key is not an error."""
 
-    def check(self) -> None:
+    def check(self) -> None:  # noqa: B027 - an optional hook
         """Raise ``StorageConfigError`` if the store cannot be used (called at service start)."""
 
     # ------------------------------------------------------------------------ shared parts
@@ -209,15 +209,3 @@ class ObjectStore(ABC):
 
     async def aput_file(self, key: str, path: Path | str, metadata: Mapping[str, str] | None = None) -> ObjectInfo:
         return await asyncio.to_thread(self.put_file, key, path, metadata)
-
-    async def aput_bytes(self, key: str, data: bytes, metadata: Mapping[str, str] | None = None) -> ObjectInfo:
-        return await asyncio.to_thread(self.put_bytes, key, data, metadata)
-
-    async def ahead(self, key: str) -> ObjectInfo:
-        return await asyncio.to_thread(self.head, key)
-
-    async def alist(self, prefix: str = "") -> list[ObjectInfo]:
-        return await asyncio.to_thread(self.list, prefix)
-
-    async def adelete(self, key: str) -> None:
-        await asyncio.to_thread(self.delete, key)

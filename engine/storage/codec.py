@@ -27,7 +27,7 @@ def _writer(codec: str, raw: BinaryIO) -> BinaryIO:
     if codec == "zstd":
         import zstandard
 
-        return zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=False)  # type: ignore[return-value]
+        return zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=False)
     if codec == "gzip":
         return gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6)  # type: ignore[return-value]
     raise ValueError(f"unknown compression {codec!r}")
@@ -40,7 +40,7 @@ def reader(codec: str, raw: BinaryIO) -> BinaryIO:
             import zstandard
         except ImportError:
             raise ValueError("this object is zstd-compressed: install the 'zstandard' package") from None
-        return zstandard.ZstdDecompressor().stream_reader(raw, closefd=False)  # type: ignore[return-value]
+        return zstandard.ZstdDecompressor().stream_reader(raw, closefd=False)
     if codec == "gzip":
         return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
     raise ValueError(f"unknown compression {codec!r}")

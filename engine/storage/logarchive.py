@@ -48,7 +48,8 @@ def archive_logs(store: ObjectStore, folder: Path, *, node_id: str) -> list[str]
                     packed = Path(tmp) / "packed.gz"
                     content_sha, size = codec.compress_stream("gzip", source, packed)
                     stamp = datetime.fromtimestamp(before.st_mtime, UTC)
-                    key = f"{PREFIX}{node}/{stamp:%Y-%m-%d}/{match['base']}-{stamp:%Y%m%dT%H%M%SZ}-{content_sha[:12]}.log.gz"
+                    name = f"{match['base']}-{stamp:%Y%m%dT%H%M%SZ}-{content_sha[:12]}.log.gz"
+                    key = f"{PREFIX}{node}/{stamp:%Y-%m-%d}/{name}"
                     if not store.exists(key):
                         store.put_file(key, packed, {"node": node, "content-sha256": content_sha, "bytes": str(size)})
                         written.append(key)

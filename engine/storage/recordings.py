@@ -64,7 +64,7 @@ class CallRecorder:
         self.transcript: list[dict[str, Any]] = []
         self.path = folder / f"{_safe(call_id)}{_PENDING}"
         self._file = open(self.path, "wb", buffering=1 << 20)
-        self._wav = wave.open(self._file, "wb")
+        self._wav: wave.Wave_write | None = wave.open(self._file, "wb")
         self._wav.setnchannels(2)
         self._wav.setsampwidth(2)
         self._wav.setframerate(SAMPLE_RATE)

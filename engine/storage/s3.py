@@ -12,6 +12,7 @@ Atomicity: a single PUT is atomic on S3; a multipart upload is invisible until
 from __future__ import annotations
 
 import base64
+import builtins
 import hashlib
 import logging
 import threading
@@ -311,7 +312,7 @@ class S3Store(ObjectStore):
     def delete(self, key: str) -> None:
         self._call(f"deletion of {key!r}", self._client.delete_object, Bucket=self.bucket, Key=self._full(key))
 
-    def pending_uploads(self) -> list[str]:
+    def pending_uploads(self) -> builtins.list[str]:  # `list` here is the method above
         """Keys of multipart uploads started and neither completed nor aborted (for checks)."""
         response = self._call(
             "listing of uploads", self._client.list_multipart_uploads, Bucket=self.bucket, Prefix=self.prefix

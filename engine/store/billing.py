@@ -65,7 +65,8 @@ def subscription_statement(
         " event_created = excluded.event_created, event_rank = excluded.event_rank,"
         " updated_at = excluded.updated_at"
         " WHERE excluded.event_created > subscriptions.event_created"
-        " OR (excluded.event_created = subscriptions.event_created AND excluded.event_rank >= subscriptions.event_rank)",
+        " OR (excluded.event_created = subscriptions.event_created"
+        " AND excluded.event_rank >= subscriptions.event_rank)",
         (
             sub_id,
             user_id,
@@ -86,7 +87,8 @@ def link_statement(sub_id: str, user_id: str, customer_id: str | None, event_cre
     """Checkout completed: remember which user a subscription belongs to without touching
     its status (rank -1: any subscription event of the same second wins over it)."""
     return (
-        f"INSERT INTO subscriptions ({_COLUMNS}, event_rank) VALUES (?, ?, ?, 'incomplete', NULL, NULL, NULL, 0, ?, ?, -1)"
+        f"INSERT INTO subscriptions ({_COLUMNS}, event_rank)"
+        " VALUES (?, ?, ?, 'incomplete', NULL, NULL, NULL, 0, ?, ?, -1)"
         " ON CONFLICT(id) DO UPDATE SET user_id = COALESCE(subscriptions.user_id, excluded.user_id),"
         " customer_id = COALESCE(subscriptions.customer_id, excluded.customer_id)",
         (sub_id, user_id, customer_id, event_created, int(time.time() * 1000)),

@@ -6,8 +6,7 @@ group commits one of them also copied megabytes back into the database file and 
 it, and every caller waiting on that batch (a webhook's 2xx, a call's end row) waited too.
 The writer turns automatic checkpoints off and this thread runs PASSIVE checkpoints
 instead: they never block the writer or readers, and they copy whatever the log holds
-while the writer goes on committing (benchmarks/webhooks.py, back to back on the 2-core
-box, one server process: 2,611 → 2,835 signed SMS/s, p99 25.5 → 20.2 ms).
+while the writer goes on committing (docs/performance.md, "Database").
 
 A remote database (sqld, Turso) manages its own log; this is for the local file only.
 """
@@ -22,9 +21,8 @@ from typing import Any
 log = logging.getLogger("xswarm.store")
 
 INTERVAL_S = 0.25
-"""How often the log is checked. During the webhook benchmark (~3,000 requests/s) the box
-wrote 60-85 MB/s to disk, log and checkpoints together (vmstat), so a pass every quarter
-second keeps what one pass copies to about 20 MB at most."""
+"""How often the log is checked: often enough that one pass copies tens of MB at most under
+a full webhook load."""
 
 
 class Checkpointer:

@@ -1,45 +1,27 @@
 """Database access: one writer thread with group commit, and per-thread read connections.
 
-Which client opens what. A remote libSQL/Turso URL (sqld) goes through the official ``libsql``
-client, as the brief chose. The EMBEDDED file goes through Python's stdlib ``sqlite3`` instead:
-a deliberate, measured departure from the brief for the local file only (same SQLite file
-format, so backups, restore and ``sqld`` can still open it). Reason: ``libsql`` 0.1.11 keeps the
-GIL while a statement runs. Measured on the 2-core box (a thread spinning a counter, and one
-sleeping 1 ms in a loop, beside the database thread): during a 0.5 s query the spinner got 6 %
-of its usual turns under ``libsql`` and ~100 % under ``sqlite3``; the sleeper stalled 604 ms
-vs 4 ms; during 40 group commits of 2,000 rows it stalled up to 27 ms vs 7 ms, and the
-commits themselves ran about 2x faster under ``sqlite3``. Every write of the process goes
-through this module's writer thread, so with ``libsql`` each statement and commit stopped
-every other Python thread for its duration: every asyncio loop in the process, the runtime's
-80 ms voice tick and the bridge included. ``sqlite3`` releases
-the GIL inside SQLite. Both connections are driven alike: autocommit mode (``sqlite3``'s
-``isolation_level=None``) with explicit ``BEGIN`` and ``commit()``, WAL, ``synchronous=NORMAL``
-(durable across a killed process), ``busy_timeout``, foreign keys on.
+Which client opens what: a remote libSQL/Turso URL (sqld) goes through the official
+``libsql`` client; the EMBEDDED file goes through stdlib ``sqlite3`` (same file format, so
+backups, restore and ``sqld`` still open it), because ``libsql`` keeps the GIL while a
+statement runs and would stop every other thread of the process, the 80 ms voice tick
+included (docs/performance.md, "Database"). Both are driven alike: autocommit mode with
+explicit ``BEGIN`` and ``commit()``, WAL, ``synchronous=NORMAL`` (durable across a killed
+process), ``busy_timeout``, foreign keys on.
 
-Why a writer thread: neither client is asynchronous, and an asyncio loop (the bridge's,
-the webhooks') must never wait on the database. Every write is queued; the writer drains the
-queue into ONE transaction (up to ``batch_max_rows`` queued writes or ``batch_max_wait_ms``),
-commits, then resolves each caller's future. A future resolves only after its row is
-committed, so "acknowledged" always means "durable": a process killed mid-batch loses only
-writes nobody was told about.
+Writes: neither client is asynchronous, and an asyncio loop must never wait on the database,
+so every write is queued and ONE writer thread drains the queue into one transaction (up to
+``batch_max_rows`` writes or ``batch_max_wait_ms``), commits, then resolves each caller's
+future. A future resolves only after its row is committed: "acknowledged" means "durable",
+and a process killed mid-batch loses only writes nobody was told about. Consecutive plain
+``INSERT INTO t (…) VALUES (?, …)`` writes of one statement are sent as one multi-row INSERT
+per chunk, with bound parameters only: against sqld each statement is one HTTP round trip.
 
-Why rows are coalesced: against a remote server (sqld, Turso) every statement inside an
-interactive transaction is one HTTP round trip (~1.6 ms on loopback), and ``executemany`` is
-one request per row. Consecutive plain ``INSERT INTO t (…) VALUES (?, …)`` writes of the same
-statement (single ``submit``s or ``submit_many`` rows) are therefore sent as one multi-row
-``INSERT … VALUES (…), (…), …`` per chunk, with bound parameters only. The embedded file takes
-the same path; it is faster there too.
-
-What the ``libsql`` client does against sqld over HTTP (measured, sqld 0.24.32): explicit
-BEGIN/COMMIT works and holds one server stream; each statement is one request; a stream idle
-for ~10 s expires (``STREAM_EXPIRED``) and a server restart drops it, so remote reads retry
-once and a remote batch that failed before COMMIT is retried once on a fresh connection;
-``rowcount`` after RETURNING is 0 remotely (callers ask for the rows instead).
-
-If a batch fails (a constraint, a dropped connection), it is rolled back and replayed one
-queued write per transaction, so a single bad write fails alone and the others still land.
-``submit_script`` queues several statements as one write: they commit together or not at all
-(migrations depend on that).
+Failures: a failed batch is rolled back and replayed one write per transaction, so a single
+bad write fails alone. Against a remote server, a batch that failed before COMMIT (an
+expired stream, a restarted server) is retried once on a fresh connection, and reads retry
+once; a COMMIT whose outcome is unknown fails its writes as "outcome unknown" rather than
+risk landing them twice. ``submit_script`` queues several statements that commit together
+or not at all (migrations depend on that).
 
 Reads use one connection per reading thread (embedded: WAL lets them run beside the writer);
 async callers go through a small reader pool.
@@ -432,7 +414,7 @@ class Database:
                 if attempt + 1 == attempts:
                     return self._replay(conn, batch, exc)
                 continue
-            for item, result in zip(batch, results):
+            for item, result in zip(batch, results, strict=True):
                 item.future.set_result(result)
             return conn
         raise AssertionError("unreachable")
@@ -495,8 +477,7 @@ class Database:
 
         Why not SQLite's own busy handler: it sleeps 1, 2, 5, 10 … 100 ms between tries, so
         when several processes write one file (webhook workers, a CLI command beside the
-        runtime) a writer often slept 25 ms or more for a lock held well under 1 ms
-        (benchmarks/webhooks.py --workers 2: p99 117 ms with it, 18 ms with this)."""
+        runtime) a writer often slept 25 ms or more for a lock held well under 1 ms."""
         if self.target.remote:
             conn.execute("BEGIN")
             return

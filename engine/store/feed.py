@@ -137,7 +137,8 @@ def recent(
     db: Database, limit: int = 100, *, type: str | None = None, call_id: str | None = None, before_id: int | None = None
 ) -> list[FeedEntry]:
     """Newest first; ``before_id`` pages further back."""
-    clauses, params = [], []
+    clauses: list[str] = []
+    params: list[object] = []
     for column, value in (("type", type), ("call_id", call_id)):
         if value is not None:
             clauses.append(f"{column} = ?")
@@ -150,7 +151,10 @@ def recent(
         f"SELECT id, at, type, call_id, user_id, summary, payload FROM events{where} ORDER BY id DESC LIMIT ?",
         (*params, max(1, min(int(limit), 10_000))),
     )
-    return [FeedEntry(*row[:6], json.loads(row[6]) if row[6] else None) for row in rows]
+    return [
+        FeedEntry(id_, at, kind, call, user, summary, json.loads(payload) if payload else None)
+        for id_, at, kind, call, user, summary, payload in rows
+    ]
 
 
 def prune(db: Database, older_than_ms: int) -> int:

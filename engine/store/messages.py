@@ -56,7 +56,10 @@ class Message:
     updated_at: int
 
 
-_COLUMNS = "id, user_id, channel, direction, provider_id, from_addr, to_addr, subject, body, status, meta, created_at, updated_at"
+_COLUMNS = (
+    "id, user_id, channel, direction, provider_id, from_addr, to_addr, subject, body, status, meta,"
+    " created_at, updated_at"
+)
 
 
 def insert_statement(

@@ -175,7 +175,8 @@ def create_api_key(db: Database, user_id: str) -> tuple[str, str]:
 
 def list_api_keys(db: Database, user_id: str) -> list[ApiKey]:
     rows = db.query(
-        "SELECT id, user_id, prefix, created_at, revoked_at, last_used_at FROM api_keys WHERE user_id = ? ORDER BY created_at",
+        "SELECT id, user_id, prefix, created_at, revoked_at, last_used_at FROM api_keys"
+        " WHERE user_id = ? ORDER BY created_at",
         (user_id,),
     )
     return [ApiKey(*r) for r in rows]

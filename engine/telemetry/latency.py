@@ -73,7 +73,7 @@ class Histogram:
         if not samples.size:
             return {f"p{q:g}": None for q in qs}
         values = np.percentile(samples, qs)
-        return {f"p{q:g}": round(float(v), 3) for q, v in zip(qs, values)}
+        return {f"p{q:g}": round(float(v), 3) for q, v in zip(qs, values, strict=True)}
 
     @property
     def mean(self) -> float | None:
@@ -83,7 +83,7 @@ class Histogram:
         """[(upper bound, samples <= bound)], ending with (inf, count): Prometheus ``_bucket``."""
         out: list[tuple[float, int]] = []
         running = 0
-        for bound, n in zip((*self.buckets, float("inf")), self._counts):
+        for bound, n in zip((*self.buckets, float("inf")), self._counts, strict=True):
             running += n
             out.append((bound, running))
         return out

@@ -56,7 +56,9 @@ def main() -> None:
     facts = {
         "ready0": [bool(o.ready[0]) for o in busy],
         "ready1": [bool(o.ready[1]) for o in busy],
-        "slot0_same": all(np.array_equal(a.pcm[0], b.pcm[0]) and a.text[0] == b.text[0] for a, b in zip(alone, busy)),
+        "slot0_same": all(
+            np.array_equal(a.pcm[0], b.pcm[0]) and a.text[0] == b.text[0] for a, b in zip(alone, busy, strict=True)
+        ),
         "text1": "".join(o.text[1] for o in busy),
         "text0": "".join(o.text[0] for o in busy),
         "operator_heard": all(np.array_equal(busy[t].pcm[1], operator[t]) for t in (6, 7)),

@@ -82,7 +82,8 @@ def list_(as_json: bool = typer.Option(False, "--json", help="A JSON array inste
     for b in backups:
         created = datetime.fromtimestamp(b.created_at, UTC).strftime("%Y-%m-%d %H:%M:%S")
         typer.echo(
-            f"{b.id:<24} {created:<20} {_size(b.size):>10} {b.format:<7} {b.schema_version:>6} {sum(b.row_counts.values()):>10}"
+            f"{b.id:<24} {created:<20} {_size(b.size):>10} {b.format:<7} {b.schema_version:>6}"
+            f" {sum(b.row_counts.values()):>10}"
         )
 
 

@@ -121,7 +121,8 @@ def verify(
         with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), transient=True) as bar:
             task = bar.add_task(f"hashing {label}", total=None)
             results = checkpoints.verify(
-                folder, progress=lambda done, total, file: bar.update(task, completed=done, total=total)
+                folder,
+                progress=lambda done, total, file: bar.update(task, completed=done, total=total),  # noqa: B023 - used in-loop
             )
         typer.echo(label)
         for r in results:

@@ -69,12 +69,12 @@ def serve(
         fail(f"cannot start: {exc}")
     host = settings.server.host
     typer.echo(f"xswarm node {runtime.node_id} (logs: {log_file})")
-    for what, port, scheme in (
+    for what, listening, scheme in (
         ("bridge", runtime.bridge_port, "ws"),
         ("supervisor", runtime.supervisor_port, "ws"),
         ("webhooks", runtime.webhooks_port, "http"),
     ):
-        typer.echo(f"  {what:<10} " + (f"{scheme}://{host}:{port}" if port else "off"))
+        typer.echo(f"  {what:<10} " + (f"{scheme}://{host}:{listening}" if listening else "off"))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

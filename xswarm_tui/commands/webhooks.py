@@ -145,8 +145,8 @@ def inbox(
     typer.echo(f"{'ID':<52} {'TYPE':<32} {'STATUS':<8} {'TRIES':>5}  {'RECEIVED (UTC)':<19}  LAST ERROR")
     for r in rows:
         typer.echo(
-            f"{r.key[:52]:<52} {(r.event_type or '')[:32]:<32} {r.status:<8} {r.attempts:>5}  {_when(r.received_at):<19}  "
-            f"{(r.last_error or '')[:60]}"
+            f"{r.key[:52]:<52} {(r.event_type or '')[:32]:<32} {r.status:<8} {r.attempts:>5}"
+            f"  {_when(r.received_at):<19}  {(r.last_error or '')[:60]}"
         )
 
 

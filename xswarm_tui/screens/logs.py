@@ -19,7 +19,7 @@ class LogMirror:
     Fed by ``engine.logging_setup.add_mirror`` from whatever thread logged: it appends and
     notifies, never blocks and never touches a widget."""
 
-    def __init__(self, notify: Callable[[], None], size: int = 2000) -> None:
+    def __init__(self, notify: Callable[[], object], size: int = 2000) -> None:
         self.lines: deque[tuple[int, str]] = deque(maxlen=size)
         self._seq = 0
         self._lock = threading.Lock()
