@@ -142,6 +142,9 @@ def main(argv: list[str]) -> int:
             row["per_call_mib"] = round(per_call, 1)
             row["kv_mib_per_call"] = round(row["kv_mib_per_call"], 2)
             table[(row["weights"], row["kv_cache"])] = row
+    if ("bf16", "bf16") not in table:
+        # xswarm doctor's RAM check and the README table start from the unquantized figures.
+        raise SystemExit("no bf16 weights x bf16 KV run among the sources: add gpu_engine_*.json")
     data = {
         "what": "measured GPU memory and step time per MOSHI 7B weights x KV cache choice (synthetic:7b)",
         "written_by": "benchmarks/capacity_table.py",
