@@ -83,7 +83,8 @@ def test_capacity_uses_the_measured_figures(monkeypatch: pytest.MonkeyPatch) -> 
     free = H100.memory_total - H100.memory_used
     cap = run(load_settings(), healthy()).capacity
     assert cap["weights"] == "bf16" and cap["kv_cache"] == "bf16" and cap["limited_by"] == "GPU memory"
-    assert cap["calls"] == _expected_calls(free, "bf16", "bf16", 3000) == 42
+    # The H100 80GB run held 32 calls and ran out of memory at 64.
+    assert cap["calls"] == _expected_calls(free, "bf16", "bf16", 3000) and 32 <= cap["calls"] < 64
     assert cap["gpu"] == "0: NVIDIA H100 80GB HBM3"
     assert len(cap["choices"]) == 9 and cap["sources"]
     bf16 = next(c for c in cap["choices"] if c["weights"] == "bf16" and c["kv_cache"] == "bf16")
@@ -95,8 +96,8 @@ def test_capacity_uses_the_measured_figures(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.delenv("XSWARM_MODEL__CONTEXT")
     small = GpuInfo(0, "RTX 4090", 24 * GIB, 0, "550", None, None, None)
     cap = run(load_settings(), healthy(gpus=lambda: GpuProbe([small]))).capacity
-    # The H100/H200 runs hold 14.7 GiB of bf16 weights and ~1.5 GiB per call at context 3000.
-    assert cap["calls"] == _expected_calls(24 * GIB, "bf16", "bf16", 3000) == 5
+    # 14.7 GiB of bf16 weights and ~1.5 GiB per call at context 3000 leave room for a handful.
+    assert cap["calls"] == _expected_calls(24 * GIB, "bf16", "bf16", 3000) and 3 <= cap["calls"] <= 6
 
 
 def test_a_choice_without_a_gpu_run_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
