@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from multiprocessing.context import SpawnProcess
 from multiprocessing.queues import Queue
 
@@ -97,17 +97,9 @@ class Workers:
         self._procs: dict[int, SpawnProcess] = {}
         self._started_at: dict[int, float] = {}
         self._failed_starts = 0
-        self._own_metrics_dir: str | None = None
-        """The metrics folder ``start`` made (and ``stop`` removes)."""
 
     def start(self) -> None:
         """Start every worker and wait until each listens (or raise ``WorkersError``)."""
-        if self.plan.metrics_dir is None:
-            # A fresh folder per run, since prometheus_client sums every file in it; under
-            # systemd in the unit's RuntimeDirectory (/run/xswarm), else the temporary folder.
-            folder = tempfile.mkdtemp(prefix="xswarm-webhooks-metrics-", dir=os.environ.get("RUNTIME_DIRECTORY"))
-            self.plan = replace(self.plan, metrics_dir=folder)
-            self._own_metrics_dir = folder
         for index in range(self.plan.count):
             self._spawn(index)
         self._await_ready(set(range(self.plan.count)))
@@ -149,9 +141,6 @@ class Workers:
                 proc.kill()
                 proc.join()
         self._procs.clear()
-        if self._own_metrics_dir is not None:
-            shutil.rmtree(self._own_metrics_dir, ignore_errors=True)
-            self._own_metrics_dir = None
 
     def _spawn(self, index: int) -> None:
         proc = self._ctx.Process(
@@ -257,7 +246,10 @@ def serve_workers(plan: WorkerPlan, on_ready: Callable[[int], None], stop: threa
     if not supported():
         raise WorkersError("--workers above 1 needs SO_REUSEPORT (Linux); run one worker per port instead")
     reservation = reserve(plan.host, plan.port)
-    plan = WorkerPlan(plan.host, reservation.getsockname()[1], plan.count, plan.rate_limit)
+    # A fresh folder per run: prometheus_client sums every file in it. Under systemd it goes
+    # in the unit's RuntimeDirectory (/run/xswarm), else in the temporary folder.
+    metrics_dir = tempfile.mkdtemp(prefix="xswarm-webhooks-metrics-", dir=os.environ.get("RUNTIME_DIRECTORY"))
+    plan = WorkerPlan(plan.host, reservation.getsockname()[1], plan.count, plan.rate_limit, metrics_dir)
     workers = Workers(plan)
     listener = listen(workers.records)
     try:
@@ -269,3 +261,4 @@ def serve_workers(plan: WorkerPlan, on_ready: Callable[[int], None], stop: threa
         workers.stop()
         listener.stop()
         reservation.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
