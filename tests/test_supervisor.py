@@ -91,6 +91,7 @@ class StandInRuntime:
         self.db = open_database(settings)
         self.model = None
         self.model_spec = "echo"
+        self.node_state = "ready"
         self.calls = CallRegistry(self.bus)
         self.calls.set_capacity(4)
         self.node_id = "test-node"
