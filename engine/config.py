@@ -129,8 +129,8 @@ class NotifySettings(_Section):
     without it (or without server.public_url) emails offer a mailto unsubscribe and voicemail
     notices link to Twilio's recording URL."""
     lease_s: float = Field(60.0, gt=0)
-    """How long a send may take before another sender treats it as in doubt and checks with
-    the provider before sending again."""
+    """How long one send attempt may take (it is cut off at 80 %); a row still being sent after
+    that is in doubt, and the next attempt checks with the provider before sending again."""
     email_confirm_wait_s: float = Field(600.0, ge=0)
     """SendGrid has no idempotency key: an email whose send is in doubt waits this long for
     SendGrid's signed `processed` event before it is sent again."""
