@@ -54,6 +54,13 @@ def email_ready(settings: Settings) -> bool:
     return bool(secret(settings.sendgrid.api_key) and settings.sendgrid.from_email)
 
 
+def reachable(settings: Settings, to: Recipient, channel: str) -> bool:
+    """Whether ``to`` can get a message on ``channel``: an address, and the provider set up."""
+    if channel == "sms":
+        return bool(to.phone) and sms_ready(settings)
+    return bool(to.email) and email_ready(settings)
+
+
 def html_of(text: str) -> str:
     """The HTML part: the plain text, escaped, one paragraph per blank-line block."""
     blocks = [b.strip() for b in text.split("\n\n") if b.strip()]
@@ -73,7 +80,7 @@ def drafts(
 ) -> list[Draft]:
     """One draft per channel that applies (see the module doc)."""
     out: list[Draft] = []
-    if "sms" in channels and sms and to.phone and sms_ready(settings):
+    if "sms" in channels and sms and to.phone and reachable(settings, to, "sms"):
         out.append(
             Draft(
                 f"{key}:sms",
@@ -85,7 +92,7 @@ def drafts(
                 from_addr=settings.twilio.from_number,
             )
         )
-    if "email" in channels and text and subject and to.email and email_ready(settings):
+    if "email" in channels and text and subject and to.email and reachable(settings, to, "email"):
         out.append(
             Draft(
                 f"{key}:email",
