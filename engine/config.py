@@ -136,6 +136,9 @@ class NotifySettings(_Section):
     SendGrid's signed `processed` event before it is sent again."""
     max_attempts: int = Field(8, ge=1)
     """Attempts before a message is dead (kept, listed by `xswarm notify list --status dead`)."""
+    voicemail_transcript_wait_s: float = Field(180.0, ge=0)
+    """Voicemails are transcribed by Twilio (English, up to 2 minutes; billed by Twilio); the
+    notice waits this long for the transcript, then goes out without it. 0: no transcription."""
 
 
 class DatabaseSettings(_Section):
