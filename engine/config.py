@@ -18,7 +18,16 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -57,8 +66,20 @@ class ServerSettings(_Section):
     """Public https base URL Twilio calls for webhooks; signatures are checked against it."""
     bridge_public_url: str | None = None
     """Public wss base URL of this node's bridge (TwiML uses `<base>/twilio`)."""
+    supervisor_public_url: str | None = None
+    """ws(s) URL other machines reach this node's supervisor at (`xswarm attach --fleet`)."""
     node_id: str | None = None
     """Name of this node in the `nodes` table (default: the host name)."""
+
+    @field_validator("bridge_public_url", "supervisor_public_url")
+    @classmethod
+    def _ws_url(cls, value: str | None) -> str | None:
+        """Checked at load: the voice webhook puts the bridge URL into TwiML as is."""
+        if value is None or not value.strip():
+            return None
+        if not re.fullmatch(r"wss?://[A-Za-z0-9\[][^\s\"'<>\\^`{|}]*", value.strip()):
+            raise ValueError("must be a ws:// or wss:// URL with a host, e.g. wss://node1.example.com")
+        return value.strip().rstrip("/")
 
 
 class ModelSettings(_Section):
@@ -67,10 +88,17 @@ class ModelSettings(_Section):
     variant: Literal["moshiko", "moshika"] = "moshiko"
     """Which released voice: Moshiko (male) or Moshika (female)."""
     dtype: Literal["bf16", "int8"] = "bf16"
+    """Older name for the LM's weights: int8 here means weights = "int8"."""
+    weights: Literal["bf16", "int8", "int4"] = "bf16"
+    """LM weights: bf16, int8 (Kyutai's q8 checkpoint, or bf16 quantized on load) or int4
+    (CUDA only). Mimi stays bf16. See `xswarm capacity` for calls per GPU."""
+    kv_cache: Literal["bf16", "int8", "fp8"] = "bf16"
+    """KV cache storage per call: bf16, or int8 / fp8 (half the memory per call)."""
     device: str = "auto"
     """auto (CUDA, else CPU with a warning), cuda, cuda:N or cpu."""
     context: int = Field(3000, ge=50, le=3000)
-    """Attention window in 80 ms steps: memory per call against conversation memory."""
+    """Attention window in 80 ms steps (3000 = 240 s, what MOSHI was trained with): a call
+    remembers this much of the conversation; memory per call grows in proportion."""
     slots: int = Field(0, ge=0, le=256)
     """Concurrent calls (batch size). 0 picks a size from the model and the hardware."""
     weights_path: Path | None = None
@@ -79,6 +107,12 @@ class ModelSettings(_Section):
     """Override the Hugging Face repository to load from."""
     seed: int | None = None
     """Fix the sampling seed (tests and benchmarks)."""
+
+    @model_validator(mode="after")
+    def _dtype_means_weights(self) -> ModelSettings:
+        if self.dtype == "int8" and self.weights == "bf16":
+            self.weights = "int8"
+        return self
 
 
 class TwilioSettings(_Section):
@@ -186,6 +220,16 @@ class SupervisorSettings(_Section):
     """Operator token (may act). Generated at first start when unset."""
     monitor_token: SecretStr | None = None
     """Read-only token. Generated at first start when unset."""
+    allowed_origins: list[str] = Field(default_factory=list)
+    """Web origins besides the dashboard's own that may open the socket, e.g.
+    ["https://console.example.com"] behind a proxy that rewrites Host."""
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        from engine.supervisor.origin import normalize
+
+        return [normalize(o) for o in value]
 
 
 class TelephonySettings(_Section):
@@ -276,6 +320,7 @@ ALIASES: dict[str, tuple[str, str]] = {
     "XSWARM_PUBLIC_URL": ("server", "public_url"),
     "XSWARM_BRIDGE_PUBLIC_URL": ("server", "bridge_public_url"),
     "XSWARM_NODE_ID": ("server", "node_id"),
+    "XSWARM_SUPERVISOR_PUBLIC_URL": ("server", "supervisor_public_url"),
     "XSWARM_CALL_TOKEN_SECRET": ("telephony", "call_token_secret"),
     "XSWARM_SUPERVISOR_TOKEN": ("supervisor", "token"),
     "XSWARM_SUPERVISOR_MONITOR_TOKEN": ("supervisor", "monitor_token"),
@@ -461,4 +506,6 @@ def toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, dict):
         return "{ " + ", ".join(f"{toml_value(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'

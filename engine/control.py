@@ -22,10 +22,12 @@ from xml.sax.saxutils import escape
 from engine.calls import CallControlError, CallSession
 from engine.events import (
     Command,
+    DrainNode,
     HandBack,
     HangUp,
     Listen,
     Mute,
+    ResumeNode,
     StartLocalCall,
     SupervisorActed,
     TakeOver,
@@ -139,6 +141,8 @@ class CallControl:
         match command:
             case StartLocalCall():
                 return await self._start_local_call()
+            case DrainNode() | ResumeNode():
+                return await self._set_node_state("draining" if isinstance(command, DrainNode) else "ready")
             case Unlisten(call_id=call_id):
                 remove = self._taps.pop((actor, call_id), None)
                 if remove is None:
@@ -208,6 +212,14 @@ class CallControl:
         except twilio_rest.TwilioError as exc:
             raise ControlError("failed", f"Twilio refused the transfer: {exc}") from None
         return number
+
+    async def _set_node_state(self, state: str) -> dict[str, Any]:
+        """Drain or resume this node (a fleet console's action on the node a call is on)."""
+        apply = getattr(self.runtime, "set_node_state", None)
+        if apply is None:
+            raise ControlError("unavailable", "this runtime is not a fleet node")
+        await apply(state)
+        return {"node_id": self.runtime.node_id, "state": state}
 
     async def _start_local_call(self) -> dict[str, Any]:
         start = getattr(self.runtime, "start_local_call", None)

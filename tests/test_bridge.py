@@ -584,7 +584,7 @@ async def test_a_model_without_headroom_refuses_with_its_own_code_and_stops_adve
         assert any(isinstance(e, events.CallRefused) and e.reason == "no_headroom" for e in seen)
         assert runtime.calls.get(first.call_sid) is not None  # the live call goes on
         assert runtime.db is not None
-        await wait_for(lambda: nodes.live_nodes(runtime.db)[0].slots_free == 0)  # type: ignore[arg-type]
+        await wait_for(lambda: nodes.live_nodes(runtime.db)[0].free_slots == 0)  # type: ignore[arg-type]
         snap = runtime.snapshot()
         assert snap["slots"]["available"] == 0 and "no headroom" in snap["slots"]["no_headroom"]
         await first.stop()

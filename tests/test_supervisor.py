@@ -90,6 +90,7 @@ class StandInRuntime:
         self.bus = EventBus()
         self.db = open_database(settings)
         self.model = None
+        self.model_spec = "echo"
         self.calls = CallRegistry(self.bus)
         self.calls.set_capacity(4)
         self.node_id = "test-node"

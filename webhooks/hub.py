@@ -26,6 +26,7 @@ from engine.store.db import Database, StoreError
 from engine.telephony.twilio_rest import TwilioClient
 from webhooks.limits import DEFAULT_RATE_LIMIT, RateLimit, RateLimiter
 from webhooks.llm import provider_from_settings
+from webhooks.metrics import WebhookMetrics
 from webhooks.replies import Replier
 from webhooks.verify import SendGridVerifier, StripeVerifier, TwilioVerifier
 
@@ -99,6 +100,7 @@ class Hub:
         """Set by the processor: called after a new row is stored."""
         self.state: dict[str, Any] = {}
         """Per-module runtime state (e.g. SMS replies still being composed)."""
+        self.metrics = WebhookMetrics()
 
     async def open(self) -> None:
         """Create the outbound HTTP session (needs the running loop)."""

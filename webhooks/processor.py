@@ -29,6 +29,7 @@ class PermanentError(Exception):
 Statement = tuple[str, tuple[Any, ...]]
 _VALUES = re.compile(r"^(.*?\bVALUES\s*)(\(\s*\?(?:\s*,\s*\?)*\s*\))(.*)$", re.IGNORECASE | re.DOTALL)
 _MAX_PARAMS = 8000
+LEASE_LOST = "inbox lease lost"
 
 
 def merge_inserts(inserts: list[Statement]) -> list[Statement]:
@@ -50,6 +51,18 @@ def merge_inserts(inserts: list[Statement]) -> list[Statement]:
             flat = tuple(value for params in chunk for value in params)
             out.append((head + ",".join([group] * len(chunk)) + tail, flat))
     return out
+
+
+def lease_statement(rows: list[inbox.InboxRow]) -> Statement:
+    """Fails the whole transaction (``inbox lease lost``) unless this processor still holds
+    every row's lease: same attempt, not done (the ``inbox_lease`` trigger, migration 0012).
+    Why: a processor slower than its lease may find the row claimed again by another box;
+    only the current holder may apply it, so an event is applied once."""
+    marks = ",".join(["(?, ?)"] * len(rows))
+    return (
+        f"INSERT INTO inbox_lease (inbox_rowid, attempts) VALUES {marks}",
+        tuple(value for row in rows for value in (row.rowid, row.attempts)),
+    )
 
 
 def done_statement(rows: list[inbox.InboxRow]) -> Statement:
@@ -155,6 +168,7 @@ class InboxProcessor:
         except Exception as exc:
             await self._fail(row, exc)
             return
+        self.hub.metrics.processed.labels(row.provider, "done").inc()
         if outcome.notify:
             self.hub.wake_outbox()
         for event in outcome.events:
@@ -182,7 +196,8 @@ class InboxProcessor:
             inserts.extend(outcome.inserts)
             if outcome.events and self.hub.record_feed:
                 inserts.append(feed.event_statement(outcome.events[0]))
-        return [*statements, *merge_inserts(inserts), done_statement([row for row, _ in items])]
+        rows = [row for row, _ in items]
+        return [lease_statement(rows), *statements, *merge_inserts(inserts), done_statement(rows)]
 
     async def _flush(self) -> None:
         group, self._group = self._group, []
@@ -206,8 +221,11 @@ class InboxProcessor:
             _settle(future, None)
 
     async def _fail(self, row: inbox.InboxRow, exc: Exception) -> None:
-        self.failed += 1
         error = f"{type(exc).__name__}: {exc}"
+        if LEASE_LOST in error:
+            log.warning("%s: lease expired before its effects were committed; another processor has it", row.key)
+            return
+        self.failed += 1
         permanent = isinstance(exc, PermanentError)
         if not isinstance(exc, (StoreError, PermanentError)) and not getattr(exc, "expected", False):
             log.exception("%s %s failed (attempt %d)", row.provider, row.event_id, row.attempts)
@@ -219,6 +237,7 @@ class InboxProcessor:
             await asyncio.wrap_future(future)
         except StoreError as store_exc:
             log.warning("could not record the failure of %s (its lease will expire): %s", row.key, store_exc)
+        self.hub.metrics.processed.labels(row.provider, "dead" if dead else "retry").inc()
         self.hub.publish(WebhookFailed(row.provider, row.event_id, error[:300], dead=dead), to_feed=dead)
 
 

@@ -33,6 +33,7 @@ _GROUPS: list[tuple[str, str]] = [
     ("db", "db"),
     ("users", "users"),
     ("doctor", "commands"),
+    ("capacity", "commands"),
     ("backup", "backup"),
     ("supervisor", "supervisor"),
     ("models", "models"),
@@ -42,6 +43,7 @@ _GROUPS: list[tuple[str, str]] = [
     ("webhooks", "webhooks"),
     ("billing", "billing"),
     ("notify", "notify"),
+    ("nodes", "nodes"),
     ("tui", "callback"),
 ]
 

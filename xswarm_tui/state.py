@@ -79,7 +79,7 @@ class FeedItem:
     seq: int
     at: float
     category: str
-    """sms, email, payment, user, webhook, call, supervisor, model or error: what `/` filters on."""
+    """sms, email, payment, user, webhook, call, supervisor, model, node or error: what `/` filters on."""
     text: str
 
 
@@ -311,6 +311,7 @@ _FEED_ONLY = (
     ev.ErrorRaised,
     ev.CallRefused,
     ev.SupervisorActed,
+    ev.NodeStateChanged,
 )
 """Recent events a snapshot may replay into the feed (call events are the snapshot's own calls)."""
 
@@ -334,4 +335,9 @@ _HANDLERS: dict[type, Any] = {
     ),
     ev.UserCreated: lambda s, e: s._feed(e.at, "user", f"new user {e.name} ({e.tier})"),
     ev.ErrorRaised: lambda s, e: s._feed(e.at, "error", f"{e.source}: {e.message}"),
+    ev.NodeStateChanged: lambda s, e: s._feed(
+        e.at,
+        "node" if e.state != "down" else "error",
+        f"node {e.node_id} {e.state}" + (f": {e.detail}" if e.detail else ""),
+    ),
 }
