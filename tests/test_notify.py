@@ -405,6 +405,12 @@ async def test_a_failed_send_is_retried_and_dead_after_max_attempts(world: World
     await send_now(settings, db, drafts)
     (row,) = outbox.list_rows(db)
     assert row.status == "dead" and row.attempts == 2
+    # The operator fixes the cause and queues it again.
+    del world.twilio.refuse[ALICE]
+    assert outbox.retry(db, row.id) == 1 and outbox.retry(db, row.id) == 0
+    await send_now(settings, db, drafts)
+    (row,) = outbox.list_rows(db)
+    assert row.status == "sent" and row.attempts == 1 and len(world.twilio.messages) == 2
 
 
 async def test_the_server_sends_what_the_cli_left_queued(world: World) -> None:

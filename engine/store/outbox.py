@@ -208,6 +208,17 @@ def suppressed_statement(outbox_id: str, reason: str) -> Statement:
     )
 
 
+def retry(db: Database, outbox_id: str | None = None) -> int:
+    """Queue dead rows again from scratch (one, or all with ``None``): after fixing what killed
+    them. A row in doubt keeps its flag, so it is still checked with the provider first."""
+    where, params = ("id = ? AND ", (outbox_id,)) if outbox_id is not None else ("", ())
+    count = db.write(
+        f"UPDATE outbox SET status = 'failed', attempts = 0, next_attempt_at = NULL WHERE {where}status = 'dead'",
+        params,
+    )
+    return int(count or 0)
+
+
 def provider_id_taken(db: Database, provider_id: str) -> bool:
     return bool(db.query("SELECT 1 FROM outbox WHERE provider_id = ? LIMIT 1", (provider_id,)))
 
