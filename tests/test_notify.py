@@ -237,6 +237,7 @@ async def test_voicemail_reaches_the_user_with_transcript_and_a_listen_link(worl
     assert "Transcript:\nCall me back about Friday." in text
     link = text.split("Listen: ")[1].split()[0]
     assert link.startswith(PUBLIC_URL + "/notify/voicemail/RE1?")
+    assert f'<a href="{link.replace("&", "&amp;")}">' in content(mail)["text/html"]
     local = world.base + urlsplit(link).path + "?" + urlsplit(link).query
     async with world.session.get(local) as resp:
         assert resp.status == 200 and resp.content_type == "audio/mpeg"

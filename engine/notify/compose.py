@@ -11,6 +11,7 @@ the SMS; links are never cut), and every SMS kind except billing links says how 
 from __future__ import annotations
 
 import html
+import re
 from dataclasses import dataclass
 
 from engine.config import Settings, secret
@@ -62,9 +63,14 @@ def reachable(settings: Settings, to: Recipient, channel: str) -> bool:
 
 
 def html_of(text: str) -> str:
-    """The HTML part: the plain text, escaped, one paragraph per blank-line block."""
+    """The HTML part: the plain text, escaped, one paragraph per blank-line block, links
+    clickable."""
     blocks = [b.strip() for b in text.split("\n\n") if b.strip()]
-    return "".join(f"<p>{html.escape(b).replace(chr(10), '<br>')}</p>" for b in blocks)
+    paragraphs = (_LINK.sub(r'<a href="\1">\1</a>', html.escape(b)).replace("\n", "<br>") for b in blocks)
+    return "".join(f"<p>{p}</p>" for p in paragraphs)
+
+
+_LINK = re.compile(r"(https?://[^\s<\"]+)")
 
 
 def drafts(
