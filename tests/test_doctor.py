@@ -51,6 +51,11 @@ def all_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
         "XSWARM_S3_BUCKET": "b",
         "XSWARM_S3_ACCESS_KEY_ID": "AKIA",
         "XSWARM_S3_SECRET_ACCESS_KEY": "s3-secret",
+        "TWILIO_FROM_NUMBER": "+14155550199",
+        "SENDGRID_FROM_EMAIL": "assistant@example.com",
+        "XSWARM_PUBLIC_URL": "https://hooks.example.com",
+        "XSWARM_NOTIFY__LINK_SECRET": "link-secret",
+        "XSWARM_NOTIFY__OPERATOR_EMAIL": "ops@example.com",
     }.items():
         monkeypatch.setenv(name, value)
 
@@ -64,7 +69,16 @@ def test_a_healthy_box_passes_everything_and_never_shows_secrets(all_credentials
     assert set(statuses(report).values()) == {"pass"}, [c for c in report.checks if c.status != "pass"]
     assert report.exit_code == 0
     text = json.dumps(report.as_dict())
-    for value in ("tw-secret", "sk_secret", "whsec_secret", "SG.secret", "sk-ant-secret", "s3-secret", "AKIA"):
+    for value in (
+        "tw-secret",
+        "sk_secret",
+        "whsec_secret",
+        "SG.secret",
+        "sk-ant-secret",
+        "s3-secret",
+        "AKIA",
+        "link-secret",
+    ):
         assert value not in text
     assert "TWILIO_AUTH_TOKEN set" in text or "TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN set" in text
 
@@ -198,6 +212,17 @@ def test_credentials_report_presence_only(monkeypatch: pytest.MonkeyPatch) -> No
     assert checks["credentials-stripe"].status == "warn" and "STRIPE_API_KEY" in checks["credentials-stripe"].fix
     assert checks["credentials-turso"].status == "pass"
     assert "AC-visible-sid" not in str(checks) and "sk-openai-secret" not in str(checks)
+
+
+def test_notify_names_what_notifications_lack(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert {c.name: c for c in run(load_settings(), healthy()).checks}["notify"].status == "pass"  # nothing set up
+    for name, value in {"TWILIO_ACCOUNT_SID": "AC1", "TWILIO_AUTH_TOKEN": "t", "SENDGRID_API_KEY": "SG.k"}.items():
+        monkeypatch.setenv(name, value)
+    check = {c.name: c for c in run(load_settings(), healthy()).checks}["notify"]
+    assert check.status == "warn" and "TWILIO_FROM_NUMBER" in check.fix and "SENDGRID_FROM_EMAIL" in check.fix
+    monkeypatch.setenv("SENDGRID_FROM_EMAIL", "a@example.com")
+    check = {c.name: c for c in run(load_settings(), healthy()).checks}["notify"]
+    assert "no one-click unsubscribe" in check.detail and "XSWARM_NOTIFY__OPERATOR_EMAIL" in check.fix
 
 
 def test_real_probes_database_storage_and_ports(tmp_path: Path) -> None:

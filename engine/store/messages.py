@@ -110,6 +110,14 @@ def status_statement(provider_id: str, status: str, at_ms: int | None = None) ->
     )
 
 
+def body_statement(provider_id: str, body: str) -> Statement:
+    """Fill in a message's text afterwards (a voicemail's transcript)."""
+    return (
+        "UPDATE messages SET body = ?, updated_at = ? WHERE provider_id = ?",
+        (body, int(time.time() * 1000), provider_id),
+    )
+
+
 def _row(row: tuple[Any, ...]) -> Message:
     values = list(row)
     values[10] = json.loads(values[10]) if values[10] else {}
