@@ -25,8 +25,8 @@ from aiohttp import web
 from engine.events import MessageReceived
 from engine.logging_setup import mask_email
 from engine.store import messages, usage
+from engine.store.db import Statement
 from engine.store.inbox import InboxRow
-from engine.store.messages import Statement
 from engine.store.users import User, find_by_email
 from webhooks.body import INBOUND_MAIL_LIMIT, read_body
 from webhooks.hub import HUB, Hub, Outcome

@@ -23,9 +23,8 @@ from multidict import MultiDict
 from engine.events import MessageReceived
 from engine.logging_setup import mask_phone
 from engine.store import messages, usage
-from engine.store.db import StoreError
+from engine.store.db import Statement, StoreError
 from engine.store.inbox import InboxRow
-from engine.store.messages import Statement
 from engine.store.users import User, find_by_phone
 from webhooks import twiml
 from webhooks.body import parse_form, read_body

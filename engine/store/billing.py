@@ -12,9 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from engine.store.db import Database
-
-Statement = tuple[str, tuple[Any, ...]]
+from engine.store.db import Database, Statement
 
 ENTITLED = frozenset({"active", "trialing", "past_due"})
 """Statuses that keep the paid tier (past_due: Stripe is still retrying the card)."""
