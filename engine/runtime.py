@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
 from engine import events
@@ -36,7 +36,7 @@ from engine.models.base import VoiceModel
 from engine.scheduler import Scheduler
 from engine.store import calls as call_rows
 from engine.store import feed, nodes
-from engine.store.db import Database, StoreError
+from engine.store.db import Database, StoreError, log_if_failed
 from engine.store.migrations import migrate
 from engine.tasks import cancel_and_wait
 from engine.telemetry.system import SystemSampler
@@ -204,7 +204,7 @@ class Runtime:
         await self.scheduler.stop()
         if self.db is not None:
             try:
-                await asyncio.wrap_future(nodes.remove(self.db, self.node_id))  # type: ignore[arg-type]
+                await asyncio.wrap_future(nodes.remove(self.db, self.node_id))
             except StoreError:
                 log.warning("could not remove node row %s", self.node_id)
 
@@ -306,7 +306,7 @@ class Runtime:
             step_ms_p99=self.scheduler.model_step_ms.percentile(99),
             started_at=int(self.started_at * 1000),
         )
-        future.add_done_callback(_log_failure("heartbeat"))  # type: ignore[attr-defined]
+        future.add_done_callback(log_if_failed("heartbeat", log))
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -329,7 +329,7 @@ class Runtime:
             slot=session.slot,
             theme=session.theme,
             started_at=session.started_at,
-        ).add_done_callback(_log_failure("call start row"))
+        ).add_done_callback(log_if_failed("call start row", log))
 
     def _call_ended(self, session: CallSession, reason: str) -> None:
         if self.db is None:
@@ -341,7 +341,7 @@ class Runtime:
             reason=reason,
             step_p50_ms=self.scheduler.model_step_ms.percentile(50),
             **summary,
-        ).add_done_callback(_log_failure("call end row"))
+        ).add_done_callback(log_if_failed("call end row", log))
 
     # ---------------------------------------------------------------- local calls
 
@@ -365,7 +365,7 @@ class Runtime:
         if isinstance(event, events.ModelStatusChanged) and event.state in ("loading", "warming"):
             return
         try:
-            feed.append_event(self.db, event).add_done_callback(_log_failure("feed row"))
+            feed.append_event(self.db, event).add_done_callback(log_if_failed("feed row", log))
         except StoreError as exc:  # the database is closing: the event stays on the bus only
             log.warning("feed row for %s not written: %s", type(event).__name__, exc)
 
@@ -416,12 +416,3 @@ class Runtime:
             "storage": self.storage.status() if self.storage is not None else None,
             "recent_events": [mask(e.to_wire()) for e in list(self._recent)],
         }
-
-
-def _log_failure(what: str) -> Callable[[concurrent.futures.Future[Any]], None]:
-    def check(future: concurrent.futures.Future[Any]) -> None:
-        exc = future.exception()
-        if exc is not None:
-            log.warning("%s write failed: %s", what, exc)
-
-    return check

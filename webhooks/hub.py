@@ -19,7 +19,7 @@ from aiohttp import web
 from engine.config import Settings, secret
 from engine.events import Event, EventBus
 from engine.store import feed, inbox
-from engine.store.db import Database, StoreError
+from engine.store.db import Database, StoreError, log_if_failed
 from webhooks.limits import DEFAULT_RATE_LIMIT, RateLimit, RateLimiter
 from webhooks.llm import provider_from_settings
 from webhooks.outbound import SendGridMail, TwilioRest
@@ -182,14 +182,9 @@ class Hub:
         self.bus.publish(event)
         if to_feed and self.record_feed:
             try:
-                feed.append_event(self.db, event).add_done_callback(_log_feed_failure)
+                feed.append_event(self.db, event).add_done_callback(log_if_failed("feed row", log))
             except StoreError as exc:
                 log.warning("feed row not written: %s", exc)
-
-
-def _log_feed_failure(future: Any) -> None:
-    if future.exception() is not None:
-        log.warning("feed row not written: %s", future.exception())
 
 
 HUB = web.AppKey("hub", Hub)

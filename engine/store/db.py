@@ -68,6 +68,20 @@ class StoreError(Exception):
     """The database could not do what was asked (unreachable, constraint, bad SQL)."""
 
 
+def log_if_failed(
+    what: str, logger: logging.Logger, level: int = logging.WARNING
+) -> Callable[[concurrent.futures.Future[Any]], None]:
+    """A done-callback for a write future nobody awaits: a failed write is a log line
+    ("<what> not written: <why>") rather than an exception nobody sees."""
+
+    def check(future: concurrent.futures.Future[Any]) -> None:
+        exc = future.exception()
+        if exc is not None:
+            logger.log(level, "%s not written: %s", what, exc)
+
+    return check
+
+
 @dataclass(frozen=True)
 class Target:
     """Where the database lives: an embedded file or a remote libSQL/Turso URL."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from engine.store.db import Database
 
@@ -33,7 +35,7 @@ def heartbeat(
     slots_free: int,
     step_ms_p99: float | None,
     started_at: int,
-) -> object:
+) -> concurrent.futures.Future[Any]:
     """Upsert this node's row (returns the write's future; the caller need not wait)."""
     now = int(time.time() * 1000)
     return db.submit(
@@ -65,5 +67,5 @@ def choose_node(db: Database, now_ms: int | None = None) -> Node | None:
     return None
 
 
-def remove(db: Database, node_id: str) -> object:
+def remove(db: Database, node_id: str) -> concurrent.futures.Future[Any]:
     return db.submit("DELETE FROM nodes WHERE id = ?", (node_id,))
