@@ -28,7 +28,6 @@ from urllib.parse import urlsplit
 
 import numpy as np
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
@@ -37,6 +36,7 @@ from engine import events
 from engine.audio.framing import InboundFrames, split_frame
 from engine.calls import CallControlError, CallSession, NoFreeSlot, NoHeadroom
 from engine.config import secret
+from engine.http_answers import json_response
 from engine.telemetry.latency import Histogram
 from engine.telephony import twilio_rest
 from engine.telephony.calltoken import TokenError, TokenLedger
@@ -141,7 +141,7 @@ class BridgeServer:
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
         if path == "/health" and "upgrade" not in request.headers.get("Connection", "").lower():
-            return _json_response(200, self.health())
+            return json_response(connection, 200, self.health())
         if path != PATH:
             return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
         if self._auth_token and not self._signature_ok(request):
@@ -201,19 +201,6 @@ class BridgeServer:
             await stream.run()
         finally:
             self.streams.discard(stream)
-
-
-def _json_response(status: int, body: dict[str, Any]) -> Response:
-    data = json.dumps(body).encode()
-    headers = Headers(
-        [
-            ("Content-Type", "application/json"),
-            ("Content-Length", str(len(data))),
-            ("Cache-Control", "no-store"),
-            ("Connection", "close"),
-        ]
-    )
-    return Response(status, http.HTTPStatus(status).phrase, headers, data)
 
 
 class TwilioStream:

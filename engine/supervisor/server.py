@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import re
 import socket
@@ -33,7 +32,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
@@ -48,6 +46,7 @@ from engine.events import (
     TickSampled,
     Unlisten,
 )
+from engine.http_answers import json_response, with_body
 from engine.store import feed
 from engine.supervisor import protocol as p
 from engine.supervisor.auth import Authenticator, Role, bearer, load_tokens
@@ -227,12 +226,12 @@ class SupervisorServer:
     async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
         if path == "/health":
-            return _json_response(conn, 200, self._health())
+            return json_response(conn, 200, self._health())
         if path == "/metrics":
             assert self.metrics is not None
             body, content_type = self.metrics.render()
             response = conn.respond(200, "")
-            return _with_body(response, body, content_type)
+            return with_body(response, body, content_type)
         if path != "/":
             return conn.respond(404, "not found: the supervisor socket is at /, plus /health and /metrics\n")
         if len(self._clients) >= MAX_CLIENTS:
@@ -687,16 +686,3 @@ def _name(value: Any) -> str | None:
         return None
     cleaned = _NAME.sub("", value)[:40]
     return cleaned or None
-
-
-def _json_response(conn: ServerConnection, status: int, body: dict[str, Any]) -> Response:
-    return _with_body(conn.respond(status, ""), json.dumps(body).encode(), "application/json")
-
-
-def _with_body(response: Response, body: bytes, content_type: str) -> Response:
-    headers = Headers(
-        (k, v) for k, v in response.headers.raw_items() if k.lower() not in ("content-type", "content-length")
-    )
-    headers["Content-Type"] = content_type
-    headers["Content-Length"] = str(len(body))
-    return Response(response.status_code, response.reason_phrase, headers, body)
