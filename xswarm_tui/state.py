@@ -20,8 +20,6 @@ HISTORY = 120
 """Samples kept per sparkline: 30 s at 4 Hz."""
 FEED_SIZE = 500
 """Events kept in the feed and the log mirror."""
-TICK_MS = 80.0
-"""One scheduler step: the budget every batched model step must fit in."""
 HEADROOM_HOLD_S = 30.0
 """How long a "no headroom" verdict is shown without fresh word. The node only says so when
 asked (a snapshot, a refused call); with no callers there is no news either way, so an old

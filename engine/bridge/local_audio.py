@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from engine.calls import CallControlError, CallSession
-from engine.models.base import FRAME_SIZE, SAMPLE_RATE
+from engine.tick import FRAME_SIZE, SAMPLE_RATE
 
 if TYPE_CHECKING:
     from engine.runtime import Runtime

@@ -19,10 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-SAMPLE_RATE = 24_000
-FRAME_SIZE = 1920
-"""80 ms at 24 kHz: one Mimi frame."""
-FRAME_S = FRAME_SIZE / SAMPLE_RATE
+from engine.tick import FRAME_SIZE
 
 Progress = Callable[[float, str], None]
 """progress(fraction 0..1, what is happening) while a model loads."""

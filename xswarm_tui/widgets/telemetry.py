@@ -10,7 +10,8 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Sparkline, Static
 
-from xswarm_tui.state import TICK_MS, ConsoleState
+from engine.tick import FRAME_S
+from xswarm_tui.state import ConsoleState
 from xswarm_tui.widgets.format import bar, gib
 
 STALE_AFTER = 3.0
@@ -93,7 +94,7 @@ class SystemPanel(Vertical):
             # The budget is the whole tick's work (gather, model step, hand-off): all of it must
             # fit in 80 ms. Older nodes only report the model step; fall back to that.
             work = tick.tick_work_ms_p50 if tick.tick_work_ms_p50 is not None else tick.step_ms_p50
-            budget = work / TICK_MS
+            budget = work / (FRAME_S * 1000)
             grade = "latency-good" if budget < 0.6 else "latency-warn" if budget < 0.9 else "latency-bad"
             out.append("Batch ", style="bold")
             out.append(f"{tick.active} / {tick.slots} slots\n")
