@@ -14,19 +14,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from engine import events
 from engine.audio.framing import InboundFrames, PcmFrames
-from engine.events import EventBus
+from engine.events import EventBus, Mode
 from engine.telemetry.latency import Histogram
 
 log = logging.getLogger("xswarm.calls")
 
 Tap = Callable[[str, np.ndarray], None]
-Mode = Literal["ai", "operator", "muted"]
 
 
 class CallControlError(ValueError):

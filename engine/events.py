@@ -99,6 +99,7 @@ class Event(Wire):
 
 
 Mode = Literal["ai", "operator", "muted"]
+"""Who the caller hears: the AI, an operator who took the call over, or nobody (muted)."""
 
 
 @message

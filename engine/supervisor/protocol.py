@@ -20,13 +20,13 @@ import json
 import struct
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
 from engine.control import ACTIONS
 from engine.events import PROTOCOL_VERSION as VERSION
-from engine.events import Command, Wire, WireError, from_wire
+from engine.events import Command, Mode, Wire, WireError, from_wire
 
 SAMPLE_RATE = 24_000
 """Every audio frame on the socket is mono 24 kHz, the model's own rate: no resampling on the
@@ -364,7 +364,7 @@ def schemas() -> dict[str, dict[str, Any]]:
             {
                 "type_of": {"type": "string"},
                 "call_id": {"type": "string"},
-                "mode": {"enum": ["ai", "operator", "muted"]},
+                "mode": {"enum": list(get_args(Mode))},
                 "operator": {"type": ["string", "null"]},
             },
             with_id=True,
