@@ -37,6 +37,7 @@ from engine.audio.framing import InboundFrames, split_frame
 from engine.calls import CallControlError, CallSession, NoFreeSlot, NoHeadroom
 from engine.config import secret
 from engine.http_answers import json_response
+from engine.ratelimit import RateLimit, TokenBucket
 from engine.telemetry.latency import Histogram
 from engine.telephony import twilio_rest
 from engine.telephony.calltoken import TokenError, TokenLedger
@@ -48,9 +49,8 @@ log = logging.getLogger("xswarm.bridge")
 
 PATH = "/twilio"
 MAX_MESSAGE = 64 * 1024
-FLOOD_RATE = 150.0
+FLOOD_LIMIT = RateLimit(rate=150.0, burst=300.0)
 """Messages per second a stream may sustain (Twilio sends 50 media + a few marks)."""
-FLOOD_BURST = 300.0
 WRITE_BUFFER_LIMIT = 16 * 1024
 """Bytes (about 1 s of output) a call's socket may hold unsent before we drop frames."""
 _SID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -217,8 +217,7 @@ class TwilioStream:
         self._media_head = ""
         self._marks: dict[str, float] = {}
         self._cleared_at = 0.0
-        self._tokens = FLOOD_BURST
-        self._last = time.monotonic()
+        self._flood = TokenBucket(FLOOD_LIMIT)
         self._unknown_logged = False
         self._dropped_logged = False
         self._end_reason: str | None = None
@@ -259,11 +258,8 @@ class TwilioStream:
 
     def _on_message(self, raw: str | bytes) -> None:
         now = time.monotonic()
-        self._tokens = min(FLOOD_BURST, self._tokens + (now - self._last) * FLOOD_RATE)
-        self._last = now
-        if self._tokens < 1.0:
+        if not self._flood.take(now):
             raise Refusal("flood", FLOOD, "message flood")
-        self._tokens -= 1.0
         try:
             msg = json.loads(raw)
         except (ValueError, UnicodeDecodeError):

@@ -47,6 +47,7 @@ from engine.events import (
     Unlisten,
 )
 from engine.http_answers import json_response, with_body
+from engine.ratelimit import RateLimit, TokenBucket
 from engine.store import feed
 from engine.supervisor import protocol as p
 from engine.supervisor.auth import Authenticator, Role, bearer, load_tokens
@@ -68,8 +69,7 @@ late audio is worth less than live audio."""
 SEND_STALL_S = 10.0
 """A client whose socket accepted nothing for this long is disconnected."""
 MAX_CLIENTS = 100
-COMMAND_RATE = 20.0
-COMMAND_BURST = 40.0
+COMMAND_LIMIT = RateLimit(rate=20.0, burst=40.0)
 """Commands per second a client may sustain, and its burst: every command is an audit row,
 so a runaway script must not turn into a database flood."""
 SEND_BUFFER_BYTES = 64 * 1024
@@ -135,18 +135,8 @@ class _Client:
     decoders: dict[str, p.OpusDecoder] = field(default_factory=dict)
     last_error_at: float = 0.0
     closing: bool = False
-    credits: float = COMMAND_BURST
-    credited_at: float = field(default_factory=time.monotonic)
-
-    def take_credit(self) -> bool:
-        """Token bucket for commands (see COMMAND_RATE)."""
-        now = time.monotonic()
-        self.credits = min(COMMAND_BURST, self.credits + (now - self.credited_at) * COMMAND_RATE)
-        self.credited_at = now
-        if self.credits < 1.0:
-            return False
-        self.credits -= 1.0
-        return True
+    commands: TokenBucket = field(default_factory=lambda: TokenBucket(COMMAND_LIMIT))
+    """Commands this client may send (``COMMAND_LIMIT``)."""
 
 
 class SupervisorServer:
@@ -390,12 +380,12 @@ class SupervisorServer:
             return
         command = request.command
         assert command is not None
-        if not client.take_credit():
+        if not client.commands.take():
             self._push_event(
                 client,
                 p.error_frame(
                     request.id,
-                    f"more than {COMMAND_RATE:.0f} commands a second",
+                    f"more than {COMMAND_LIMIT.rate:.0f} commands a second",
                     code="rate_limited",
                     type_of=request.type,
                 ),
