@@ -211,11 +211,7 @@ class CallControl:
         return number
 
     async def _start_local_call(self) -> dict[str, Any]:
-        start = getattr(self.runtime, "start_local_call", None)
-        if start is None:
-            raise ControlError("unavailable", "this runtime cannot start local-audio calls")
-        call_id = await start()
-        return {"call_id": call_id}
+        return {"call_id": await self.runtime.start_local_call()}
 
     def _prune_taps(self) -> None:
         """Forget taps of calls that have ended (the session dropped them with itself)."""

@@ -356,13 +356,8 @@ class Runtime:
     # -------------------------------------------------------------------- snapshot
 
     def _record(self, event: events.Event) -> None:
-        """Bus subscriber: queue the event's feed row (never waits for the database).
-
-        Samples are not feed items, nor is model-load progress (one row per loaded tensor
-        group); the load's outcome (ready, failed, fallback) is."""
-        if self.db is None or type(event).__name__ in feed.SAMPLE_TYPES:
-            return
-        if isinstance(event, events.ModelStatusChanged) and event.state in ("loading", "warming"):
+        """Bus subscriber: queue the event's feed row (never waits for the database)."""
+        if self.db is None or not feed.keeps(event):
             return
         try:
             feed.append_event(self.db, event).add_done_callback(log_if_failed("feed row", log))
@@ -397,6 +392,7 @@ class Runtime:
                 "state": self.model_state,
                 "detail": self.model_detail,
                 "progress": self.model_progress,
+                "facts": self.model.describe() if self.model else None,
             },
             "slots": {
                 "total": self.calls.capacity,

@@ -82,5 +82,7 @@ class VoiceModel(ABC):
         """One 80 ms step for every slot at once."""
 
     def describe(self) -> dict[str, object]:
-        """Facts for /health, the TUI and the nodes table."""
+        """Facts about the loaded model for the runtime's snapshot (what supervisors and the
+        console receive): subclasses add device, dtype, step times and warnings. Called on the
+        runtime loop while steps run on the inference thread, so it only reads."""
         return {"model": self.name, "slots": self.slots}

@@ -120,20 +120,6 @@ def subscriptions_for_user(db: Database, user_id: str) -> list[Subscription]:
     return [_row(r) for r in rows]
 
 
-def billing_events_for(db: Database, user_id: str | None = None, limit: int = 100) -> list[tuple[Any, ...]]:
-    if user_id is None:
-        return db.query(
-            "SELECT id, user_id, type, amount, currency, created, summary FROM billing_events"
-            " ORDER BY created DESC LIMIT ?",
-            (limit,),
-        )
-    return db.query(
-        "SELECT id, user_id, type, amount, currency, created, summary FROM billing_events WHERE user_id = ?"
-        " ORDER BY created DESC LIMIT ?",
-        (user_id, limit),
-    )
-
-
 def _row(row: tuple[Any, ...]) -> Subscription:
     values = list(row)
     values[7] = bool(values[7])

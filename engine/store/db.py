@@ -320,10 +320,6 @@ class Database:
         """Blocking write for threads and the CLI (never call it on an event loop)."""
         return self.submit(sql, params, returning=returning).result()
 
-    async def awrite(self, sql: str, params: Params = (), *, returning: bool = False) -> Any:
-        """Awaitable write: the loop keeps running while the writer commits."""
-        return await asyncio.wrap_future(self.submit(sql, params, returning=returning))
-
     def _put(self, item: _Write) -> concurrent.futures.Future[Any]:
         if self._writer is None:
             raise StoreError("database is not started")
@@ -358,11 +354,6 @@ class Database:
                     raise StoreError(f"read failed: {exc}") from exc
                 log.info("remote read failed (%s); retrying on a new connection", exc)
         raise AssertionError("unreachable")
-
-    async def aquery(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
-        """Read on the reader pool so the calling loop never blocks."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._readers, self.query, sql, params)
 
     async def aread(self, fn: Callable[[Database], T]) -> T:
         """Run a blocking repository function on the reader pool."""
