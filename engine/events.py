@@ -98,6 +98,8 @@ class Event(Wire):
     kind: ClassVar[str] = "event"
 
 
+ModelLoad = Literal["loading", "warming", "ready", "failed", "fallback"]
+"""Where loading the model stands."""
 Mode = Literal["ai", "operator", "muted"]
 """Who the caller hears: the AI, an operator who took the call over, or nobody (muted)."""
 
@@ -238,7 +240,7 @@ class SupervisorActed(Event):
 @message
 class ModelStatusChanged(Event):
     model: str
-    state: Literal["loading", "warming", "ready", "failed", "fallback"]
+    state: ModelLoad
     detail: str = ""
     progress: float | None = None
     at: float = field(default_factory=now)

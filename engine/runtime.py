@@ -30,10 +30,11 @@ from typing import Any
 from engine import events
 from engine.calls import CallRegistry, CallSession
 from engine.config import Settings
-from engine.events import EventBus
+from engine.events import EventBus, ModelLoad
 from engine.models import registry as models
 from engine.models.base import VoiceModel
 from engine.scheduler import Scheduler
+from engine.snapshot import ModelInfo, ModelState, NodeInfo, SlotInfo, Snapshot
 from engine.store import calls as call_rows
 from engine.store import feed, nodes
 from engine.store.db import Database, StoreError, log_if_failed
@@ -69,7 +70,7 @@ class Runtime:
         self.db: Database | None = None
         self.model: VoiceModel | None = None
         self.model_spec = model_spec or settings.model.name
-        self.model_state = "idle"
+        self.model_state: ModelState = "idle"
         self.model_detail = ""
         self.model_progress: float | None = None
         self.calls = CallRegistry(self.bus, on_start=self._call_live, on_end=self._call_ended)
@@ -276,11 +277,11 @@ class Runtime:
         self._model_status("ready", f"{model.name}: {model.slots} slots", model=model.name, progress=1.0)
         self._beat()
 
-    def _model_status(self, state: str, detail: str, *, model: str, progress: float | None = None) -> None:
+    def _model_status(self, state: ModelLoad, detail: str, *, model: str, progress: float | None = None) -> None:
         self.model_state, self.model_detail, self.model_progress = state, detail, progress
         if state in ("ready", "failed", "fallback"):
             log.info("model %s: %s (%s)", model, state, detail)
-        self.bus.publish(events.ModelStatusChanged(model=model, state=state, detail=detail, progress=progress))  # type: ignore[arg-type]
+        self.bus.publish(events.ModelStatusChanged(model=model, state=state, detail=detail, progress=progress))
 
     # ------------------------------------------------------------------ heartbeat
 
@@ -373,42 +374,41 @@ class Runtime:
             self.loop.call_soon_threadsafe(self._beat)
 
     def snapshot(self, *, mask_callers: bool = False) -> dict[str, Any]:
-        """Everything a status page needs, JSON-able. ``mask_callers`` masks callers' numbers
-        (live calls and recent events), for read-only supervisors."""
+        """Everything a status page needs: the wire form of an ``engine.snapshot.Snapshot``.
+        ``mask_callers`` masks callers' numbers (live calls and recent events), for read-only
+        supervisors."""
         mask: Any = feed.masked_wire if mask_callers else (lambda wire: wire)
-        return {
-            "node": {
-                "id": self.node_id,
-                "started_at": self.started_at,
-                "uptime_s": round(time.time() - self.started_at, 1),
-                "bridge_port": self.bridge_port,
-                "supervisor_port": self.supervisor_port,
-                "webhooks_port": self.webhooks_port,
-                "bridge_url": self.bridge_url,
-            },
-            "model": {
-                "spec": self.model_spec,
-                "name": self.model.name if self.model else None,
-                "state": self.model_state,
-                "detail": self.model_detail,
-                "progress": self.model_progress,
-                "facts": self.model.describe() if self.model else None,
-            },
-            "slots": {
-                "total": self.calls.capacity,
-                "used": self.calls.used,
-                "free": self.calls.free,
-                "available": self.calls.available,
-                "no_headroom": self.scheduler.headroom(),
-            },
-            "calls": [
-                mask(
-                    s.stats() | {"caller": s.caller, "user_id": s.user_id, "theme": s.theme, "started_at": s.started_at}
-                )
-                for s in self.calls
-            ],
-            "scheduler": self.scheduler.describe(),
-            "bridge": self.bridge.describe() if self.bridge is not None else None,
-            "storage": self.storage.status() if self.storage is not None else None,
-            "recent_events": [mask(e.to_wire()) for e in list(self._recent)],
-        }
+        snap = Snapshot(
+            node=NodeInfo(
+                id=self.node_id,
+                started_at=self.started_at,
+                uptime_s=round(time.time() - self.started_at, 1),
+                bridge_port=self.bridge_port,
+                supervisor_port=self.supervisor_port,
+                webhooks_port=self.webhooks_port,
+                bridge_url=self.bridge_url,
+            ),
+            model=ModelInfo(
+                spec=self.model_spec,
+                name=self.model.name if self.model else None,
+                state=self.model_state,
+                detail=self.model_detail,
+                progress=self.model_progress,
+                facts=self.model.describe() if self.model else None,
+            ),
+            slots=SlotInfo(
+                total=self.calls.capacity,
+                used=self.calls.used,
+                free=self.calls.free,
+                available=self.calls.available,
+                no_headroom=self.scheduler.headroom(),
+            ),
+            calls=[s.live() for s in self.calls],
+            recent_events=[e.to_wire() for e in list(self._recent)],
+            scheduler=self.scheduler.describe(),
+            bridge=self.bridge.describe() if self.bridge is not None else None,
+            storage=self.storage.status() if self.storage is not None else None,
+        ).to_wire()
+        snap["calls"] = [mask(call) for call in snap["calls"]]
+        snap["recent_events"] = [mask(event) for event in snap["recent_events"]]
+        return snap

@@ -17,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from engine.events import CallStarted, Listen, TakeOver, Whisper
+from engine.snapshot import LiveCall, ModelInfo, NodeInfo, SlotInfo, Snapshot
 from engine.supervisor import protocol as p
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "supervisor-protocol.md"
@@ -80,6 +81,39 @@ def test_real_messages_validate_against_the_schemas() -> None:
     check(json.loads(p.error_frame(None, "not valid JSON", code="bad_request")))
     with pytest.raises(jsonschema.ValidationError):
         check({**TakeOver("CA1").to_wire(), "extra": True})
+    snapshot = Snapshot(
+        node=NodeInfo("node-1", bridge_port=9998),
+        model=ModelInfo("auto", "echo", "ready", facts={"model": "echo", "slots": 4}),
+        slots=SlotInfo(total=4, used=1, free=3, available=3),
+        calls=[LiveCall("CA1", slot=0, mode="operator", operator="ops", bal_ms={"p50": 12.5, "p99": None})],
+    ).to_wire()
+    you = {"actor": "ops", "role": "operator"}
+    check(
+        {
+            "v": 1,
+            "type": "snapshot",
+            "id": None,
+            "you": you,
+            "server_time": 1.0,
+            "opus": False,
+            "system": None,
+            **snapshot,
+        }
+    )
+    with pytest.raises(jsonschema.ValidationError):
+        check(
+            {
+                "v": 1,
+                "type": "snapshot",
+                "id": None,
+                "you": you,
+                "server_time": 1.0,
+                "opus": False,
+                "system": None,
+                **snapshot,
+                "calls": [{"call_id": "CA1", "mode": "shouting"}],
+            }
+        )
 
 
 def test_parse_accepts_class_names_and_aliases() -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine import events as ev
+from engine.snapshot import read_snapshot
 
 HISTORY = 120
 """Samples kept per sparkline: 30 s at 4 Hz."""
@@ -120,49 +121,47 @@ class ConsoleState:
         ``taken_after`` (it ended while we were not looking); one that started later is newer
         than the snapshot and stays. A snapshot without a "calls" list (an incomplete one)
         drops nothing. Calls still live keep their histories."""
-        listed = [c for c in snap.get("calls") or [] if isinstance(c, dict)]
-        if "calls" in snap and taken_after is not None:
-            live = {str(c.get("call_id")) for c in listed}
+        typed = read_snapshot(snap)
+        listed = typed.calls or []
+        if typed.calls is not None and taken_after is not None:
+            live = {c.call_id for c in listed}
             for call_id in [cid for cid, c in self.calls.items() if cid not in live and c.started_at < taken_after]:
                 del self.calls[call_id]
                 self.removed_calls.add(call_id)
                 self.dirty.add("calls")
         for call in listed:
-            if str(call.get("call_id")) in self.calls:
-                self._refresh_mode(call)
-                continue
-            try:
+            if call.call_id not in self.calls:
                 self.apply(
                     ev.CallStarted(
-                        call_id=str(call["call_id"]),
-                        slot=int(call.get("slot", 0)),
-                        source=str(call.get("source", "twilio")),
-                        caller=call.get("caller"),
-                        user_id=call.get("user_id"),
-                        theme=call.get("theme"),
-                        at=float(call.get("started_at", 0.0)),
+                        call_id=call.call_id,
+                        slot=call.slot,
+                        source=call.source,
+                        caller=call.caller,
+                        user_id=call.user_id,
+                        theme=call.theme,
+                        at=call.started_at,
                     )
                 )
-                self._refresh_mode(call)
-            except (KeyError, TypeError, ValueError, AttributeError):
-                continue  # one malformed entry must not hide the others
-        slots = snap.get("slots")
-        if isinstance(slots, dict) and "no_headroom" in slots:
-            reason = slots["no_headroom"]
-            self._set_headroom(str(reason) if reason else None, float(snap.get("server_time") or time.time()))
-        model = snap.get("model")
-        if isinstance(model, dict) and model.get("state") in ("loading", "warming", "ready", "failed", "fallback"):
+            if call.mode is not None:
+                self.apply(
+                    ev.CallUpdated(
+                        call_id=call.call_id, mode=call.mode, operator=call.operator, listeners=call.listeners
+                    )
+                )
+        if typed.slots is not None:
+            server_time = snap.get("server_time")
+            at = float(server_time) if isinstance(server_time, (int, float)) else time.time()
+            self._set_headroom(typed.slots.no_headroom, at)
+        model = typed.model
+        if model is not None and model.state != "idle":
             self.apply(
                 ev.ModelStatusChanged(
-                    model=str(model.get("name") or model.get("spec") or "?"),
-                    state=model["state"],
-                    detail=str(model.get("detail") or ""),
-                    progress=model.get("progress"),
+                    model=model.name or model.spec, state=model.state, detail=model.detail, progress=model.progress
                 )
             )
         if self.feed:  # a reconnect: the feed already holds these
             return
-        for wire in snap.get("recent_events", []) or []:
+        for wire in typed.recent_events:
             try:
                 event = ev.from_wire(wire)
             except ev.WireError:
@@ -186,17 +185,6 @@ class ConsoleState:
         if e.reason == NO_HEADROOM:
             self._set_headroom(e.detail or "model has no headroom", e.at)
         self._feed(e.at, "call", f"call refused: {e.reason} {e.detail}".rstrip())
-
-    def _refresh_mode(self, call: dict[str, Any]) -> None:
-        if call.get("mode") in ("ai", "operator", "muted"):
-            self.apply(
-                ev.CallUpdated(
-                    call_id=str(call["call_id"]),
-                    mode=call["mode"],
-                    operator=call.get("operator"),
-                    listeners=int(call.get("listeners", 0) or 0),
-                )
-            )
 
     def apply(self, event: ev.Event) -> None:
         handler = _HANDLERS.get(type(event))

@@ -295,6 +295,7 @@ def schemas() -> dict[str, dict[str, Any]]:
     import typing
 
     from engine import events
+    from engine.snapshot import section_schemas
 
     def field_schema(tp: Any) -> dict[str, Any]:
         origin = typing.get_origin(tp)
@@ -329,6 +330,7 @@ def schemas() -> dict[str, dict[str, Any]]:
 
     out: dict[str, dict[str, Any]] = {}
     any_object = {"type": "object"}
+    sections = section_schemas()
     out[AUTH] = message(
         AUTH, ["token"], {"token": {"type": "string"}, "name": {"type": ["string", "null"]}}, with_id=True
     )
@@ -346,10 +348,10 @@ def schemas() -> dict[str, dict[str, Any]]:
                 },
                 "server_time": {"type": "number"},
                 "opus": {"type": "boolean"},
-                "node": any_object,
-                "model": any_object,
-                "slots": any_object,
-                "calls": {"type": "array", "items": {"type": "object", "required": ["call_id", "mode"]}},
+                "node": sections["node"],
+                "model": sections["model"],
+                "slots": sections["slots"],
+                "calls": {"type": "array", "items": sections["call"]},
                 "recent_events": {"type": "array", "items": any_object},
                 "system": {"type": ["object", "null"]},
             },
