@@ -26,6 +26,7 @@ from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
+from textual.signal import Signal
 from textual.theme import Theme as TextualTheme
 from textual.timer import Timer
 from textual.widgets import DataTable, Footer, Header, Input
@@ -40,7 +41,7 @@ from xswarm_tui.screens.detail import CallDetailScreen
 from xswarm_tui.screens.dialogs import ConfirmScreen, WhisperScreen
 from xswarm_tui.screens.logs import LogMirror, LogsScreen
 from xswarm_tui.screens.users import UsersScreen
-from xswarm_tui.state import ConsoleState, Snapshot
+from xswarm_tui.state import CLOCK, ConsoleState, Snapshot, StateChanged
 from xswarm_tui.widgets.calls import CallBoard
 from xswarm_tui.widgets.feed import EventsFeed
 from xswarm_tui.widgets.telemetry import SystemPanel
@@ -132,7 +133,6 @@ class XswarmApp(App[None]):
         self._inbox: deque[ev.Event | Snapshot] = deque()
         self._wake_posted = False
         self._last_render = 0.0
-        self._last_durations = 0.0
         self._render_timer: Timer | None = None
         self._last_press: dict[str, float] = {}
         self._reveal = reveal_callers
@@ -140,9 +140,11 @@ class XswarmApp(App[None]):
         self._remove_mirror: Callable[[], None] = lambda: None
         self._theme_name = theme
         self.animation_level = "none"  # suits SSH; nothing here needs motion
-        self.board = CallBoard(self.state, self.clock, id="calls")
-        self.system_panel = SystemPanel(self.state, self.clock, self.poll_interval_s, id="system")
-        self.feed_panel = EventsFeed(self.state, id="events")
+        self.state_changed: Signal[StateChanged] = Signal(self, "state-changed")
+        """Published at each redraw and once a second; every panel subscribes for its part."""
+        self.board = CallBoard(self.state, self.clock, self.state_changed, id="calls")
+        self.system_panel = SystemPanel(self.state, self.clock, self.poll_interval_s, self.state_changed, id="system")
+        self.feed_panel = EventsFeed(self.state, self.state_changed, id="events")
         """The dashboard's panels, kept by reference: they stay put while other screens are on top."""
 
     # ------------------------------------------------------------------------- layout
@@ -265,16 +267,7 @@ class XswarmApp(App[None]):
         self._last_render = time.monotonic()
         s = self.state
         with self.batch_update():
-            if "calls" in s.dirty:
-                self.board.refresh_rows(s.changed_calls | s.removed_calls)
-            if time.monotonic() - self._last_durations >= 1.0:  # ride along: one table redraw, not two
-                self._tick_durations()
-            if s.dirty & {"system", "model"}:
-                self.system_panel.refresh_panel()
-            if "feed" in s.dirty:
-                self.feed_panel.refresh_feed()
-            if isinstance(self.screen, CallDetailScreen) and self.screen.call_id in s.changed_calls | s.removed_calls:
-                self.screen.refresh_detail()
+            self.state_changed.publish(StateChanged(frozenset(s.dirty), frozenset(s.changed_calls | s.removed_calls)))
         s.changed_calls.clear()
         s.removed_calls.clear()
         s.dirty.clear()
@@ -286,19 +279,12 @@ class XswarmApp(App[None]):
         self.state.changed_calls.update(self.state.calls)
         self._render_dirty()
 
-    def _tick_durations(self) -> None:
-        self._last_durations = time.monotonic()
-        self.board.tick_durations()
-
     def _every_second(self) -> None:
         """Clocks that move by themselves: durations (unless a redraw just did them), staleness."""
         if self.paused or not self.board.is_attached:
             return
-        if time.monotonic() - self._last_durations >= 1.0:
-            self._tick_durations()
-        self.system_panel.check_stale()
-        if isinstance(self.screen, CallDetailScreen):
-            self.screen.refresh_detail()
+        with self.batch_update():
+            self.state_changed.publish(StateChanged(frozenset({CLOCK})))
 
     def _update_subtitle(self) -> None:
         model = self.state.model
@@ -513,7 +499,7 @@ class XswarmApp(App[None]):
             self.push_screen(HelpScreen(self.key_rows()))
 
     def _open_detail(self, call_id: str) -> None:
-        self.push_screen(CallDetailScreen(call_id, self.state, self.clock, self.board.reveal))
+        self.push_screen(CallDetailScreen(call_id, self.state, self.clock, self.board.reveal, self.state_changed))
 
     @on(DataTable.RowSelected, "#calls")
     def _row_selected(self, event: DataTable.RowSelected) -> None:

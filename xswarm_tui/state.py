@@ -92,6 +92,20 @@ def mask_caller(number: str | None) -> str:
     return number[:head] + "•" * (len(number) - head - 3) + number[-3:]
 
 
+@dataclass(frozen=True)
+class StateChanged:
+    """Published on the app's ``state_changed`` signal at each redraw: which parts of the
+    state have news, and which calls changed or went. Each panel subscribes and redraws its
+    own part; ``CLOCK`` alone means a second passed (durations, staleness)."""
+
+    parts: frozenset[str]
+    """Among "calls", "system", "feed", "model" and ``CLOCK``."""
+    calls: frozenset[str] = frozenset()
+
+
+CLOCK = "clock"
+
+
 class ConsoleState:
     """Everything on screen, rebuilt from events; single-threaded (the UI thread owns it)."""
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from rich.text import Text
 from textual.markup import escape
+from textual.signal import Signal
 from textual.widgets import DataTable
 
-from xswarm_tui.state import CallView, ConsoleState, mask_caller
+from xswarm_tui.state import CallView, ConsoleState, StateChanged, mask_caller
 from xswarm_tui.widgets.format import bar, duration, level_fraction, ms
 
 COLUMNS = (
@@ -37,10 +39,14 @@ LEVEL_WIDTH = 6
 class CallBoard(DataTable):
     """Live calls. Rows are keyed by call id; a tick updates only the cells that changed."""
 
-    def __init__(self, state: ConsoleState, clock: Callable[[], float], **kwargs: object) -> None:
+    def __init__(
+        self, state: ConsoleState, clock: Callable[[], float], changes: Signal[StateChanged], **kwargs: object
+    ) -> None:
         super().__init__(cursor_type="row", zebra_stripes=False, **kwargs)  # type: ignore[arg-type]
         self.state = state
         self.clock = clock
+        self._changes = changes
+        self._durations_at = 0.0
         self.reveal = False
         """Show callers' full numbers (masked by default: the screen may be shared or recorded)."""
         self.filter_text = ""
@@ -52,6 +58,13 @@ class CallBoard(DataTable):
         for key, label in COLUMNS:
             self.add_column(label, key=key)
         self._title()
+        self._changes.subscribe(self, self._state_changed, immediate=True)
+
+    def _state_changed(self, change: StateChanged) -> None:
+        if "calls" in change.parts:
+            self.refresh_rows(set(change.calls))
+        if time.monotonic() - self._durations_at >= 1.0:  # ride along: one table redraw, not two
+            self.tick_durations()
 
     # ------------------------------------------------------------------------ queries
     @property
@@ -98,6 +111,7 @@ class CallBoard(DataTable):
 
     def tick_durations(self) -> None:
         """Once a second: only the duration column moves by itself."""
+        self._durations_at = time.monotonic()
         now = self.clock()
         for cid, cells in self._shown.items():
             value = Text(duration(now - self.state.calls[cid].started_at))

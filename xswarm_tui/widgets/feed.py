@@ -6,9 +6,10 @@ import time
 
 from rich.text import Text
 from textual.markup import escape
+from textual.signal import Signal
 from textual.widgets import DataTable
 
-from xswarm_tui.state import FEED_SIZE, ConsoleState, FeedItem
+from xswarm_tui.state import FEED_SIZE, ConsoleState, FeedItem, StateChanged
 
 CATEGORY_COLOURS = {
     "payment": "event-money",
@@ -26,18 +27,24 @@ CATEGORY_COLOURS = {
 class EventsFeed(DataTable):
     """Newest at the bottom; rows keyed by sequence number so new ones append, old ones drop."""
 
-    def __init__(self, state: ConsoleState, **kwargs: object) -> None:
+    def __init__(self, state: ConsoleState, changes: Signal[StateChanged], **kwargs: object) -> None:
         super().__init__(cursor_type="row", show_cursor=False, **kwargs)  # type: ignore[arg-type]
         self.state = state
         self.filter_text = ""
         self._shown: list[int] = []
         self._last_seq = 0
+        self._changes = changes
 
     def on_mount(self) -> None:
         self.add_column("Time", key="at", width=8)
         self.add_column("Kind", key="kind", width=10)
         self.add_column("Event", key="text")
         self._title()
+        self._changes.subscribe(self, self._state_changed, immediate=True)
+
+    def _state_changed(self, change: StateChanged) -> None:
+        if "feed" in change.parts:
+            self.refresh_feed()
 
     def matches(self, item: FeedItem) -> bool:
         f = self.filter_text.lower()

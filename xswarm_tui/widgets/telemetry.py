@@ -8,10 +8,11 @@ from collections.abc import Callable
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
+from textual.signal import Signal
 from textual.widgets import Sparkline, Static
 
 from engine.tick import FRAME_S
-from xswarm_tui.state import ConsoleState
+from xswarm_tui.state import CLOCK, ConsoleState, StateChanged
 from xswarm_tui.widgets.format import bar, gib
 
 STALE_AFTER = 3.0
@@ -21,12 +22,29 @@ STALE_AFTER = 3.0
 class SystemPanel(Vertical):
     """Shows only measured values; "n/a" or a plain sentence where a source is missing."""
 
-    def __init__(self, state: ConsoleState, clock: Callable[[], float], interval_s: float, **kwargs: object) -> None:
+    def __init__(
+        self,
+        state: ConsoleState,
+        clock: Callable[[], float],
+        interval_s: float,
+        changes: Signal[StateChanged],
+        **kwargs: object,
+    ) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.state = state
         self.clock = clock
         self.interval_s = interval_s
+        self._changes = changes
         self.border_title = "[u]G[/u]PU & system"
+
+    def on_mount(self) -> None:
+        self._changes.subscribe(self, self._state_changed, immediate=True)
+
+    def _state_changed(self, change: StateChanged) -> None:
+        if change.parts & {"system", "model"}:
+            self.refresh_panel()
+        elif CLOCK in change.parts:
+            self.check_stale()
 
     def compose(self) -> ComposeResult:
         yield Static(id="system-text")
