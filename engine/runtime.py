@@ -24,8 +24,8 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from engine import events
 from engine.calls import CallRegistry, CallSession
@@ -41,6 +41,12 @@ from engine.store.db import Database, StoreError, log_if_failed
 from engine.store.migrations import migrate
 from engine.tasks import cancel_and_wait
 from engine.telemetry.system import SystemSampler
+
+if TYPE_CHECKING:
+    from engine.bridge.server import BridgeServer
+    from engine.storage.service import StorageService
+    from engine.supervisor.server import SupervisorServer
+    from webhooks.server import WebhooksServer
 
 log = logging.getLogger("xswarm.runtime")
 
@@ -88,13 +94,13 @@ class Runtime:
         self.bridge_port: int | None = None
         self.supervisor_port: int | None = None
         self.webhooks_port: int | None = None
-        self.bridge: Any = None
-        self.supervisor: Any = None
-        self.webhooks: Any = None
-        self.storage: Any = None
+        self.bridge: BridgeServer | None = None
+        self.supervisor: SupervisorServer | None = None
+        self.webhooks: WebhooksServer | None = None
+        self.storage: StorageService | None = None
         self.system_sampler = SystemSampler(self.bus.publish, settings.ui.poll_interval_s)
         """CPU, RAM and GPU as ``SystemSampled`` on the bus (the TUI and supervisors show them)."""
-        self._unrecord: Any = None
+        self._unrecord: Callable[[], None] | None = None
         self._recent: deque[events.Event] = deque(maxlen=RECENT_EVENTS)
         self._unsubscribe = self.bus.subscribe(self._remember)
         self._thread: threading.Thread | None = None

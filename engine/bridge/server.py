@@ -22,7 +22,7 @@ import json
 import logging
 import time
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -43,7 +43,10 @@ from engine.telephony import twilio_rest
 from engine.telephony.calltoken import TokenError, TokenLedger
 
 if TYPE_CHECKING:
-    from engine.runtime import Runtime
+    from engine.calls import CallRegistry
+    from engine.config import Settings
+    from engine.events import EventBus
+    from engine.models.base import VoiceModel
 
 log = logging.getLogger("xswarm.bridge")
 
@@ -77,10 +80,29 @@ NOT_READY = 4010
 NO_HEADROOM = 4011
 
 
+class BridgeHost(Protocol):
+    """What the bridge uses of the runtime that hosts it."""
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def bus(self) -> EventBus: ...
+    @property
+    def calls(self) -> CallRegistry: ...
+    @property
+    def model(self) -> VoiceModel | None: ...
+    @property
+    def model_state(self) -> str: ...
+    @property
+    def node_id(self) -> str: ...
+    @property
+    def started_at(self) -> float: ...
+
+
 class BridgeServer:
     """The websockets server; owns the token ledger and the bridge-wide figures."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: BridgeHost) -> None:
         self.runtime = runtime
         self.settings = runtime.settings
         self.ledger = TokenLedger()

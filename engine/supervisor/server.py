@@ -28,7 +28,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -36,7 +36,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from engine.calls import CallControlError
-from engine.control import CallControl
+from engine.control import CallControl, ControlHost
 from engine.events import (
     CallEnded,
     Event,
@@ -53,7 +53,7 @@ from engine.supervisor import protocol as p
 from engine.supervisor.auth import Authenticator, Role, bearer, load_tokens
 
 if TYPE_CHECKING:
-    from engine.runtime import Runtime
+    from engine.models.base import VoiceModel
     from engine.telemetry.metrics import Metrics
 
 log = logging.getLogger("xswarm.supervisor")
@@ -139,10 +139,23 @@ class _Client:
     """Commands this client may send (``COMMAND_LIMIT``)."""
 
 
+class SupervisorHost(ControlHost, Protocol):
+    """What the supervisor server uses of the runtime: what call control uses, and the rest
+    below (which covers the metrics' ``MetricsHost``)."""
+
+    @property
+    def model(self) -> VoiceModel | None: ...
+    @property
+    def node_id(self) -> str: ...
+    @property
+    def started_at(self) -> float: ...
+    def snapshot(self, *, mask_callers: bool = False) -> dict[str, Any]: ...
+
+
 class SupervisorServer:
     """The supervisor WebSocket, /health and /metrics of one runtime."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: SupervisorHost) -> None:
         self.runtime = runtime
         self.control = CallControl(runtime)
         self.port: int | None = None

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -24,14 +24,29 @@ from prometheus_client.registry import Collector
 from engine.events import Event, WebhookFailed, WebhookReceived
 
 if TYPE_CHECKING:
-    from engine.runtime import Runtime
+    from engine.calls import CallRegistry
+    from engine.events import EventBus
+    from engine.models.base import VoiceModel
     from engine.supervisor.server import SupervisorServer
+
+
+class MetricsHost(Protocol):
+    """What the metrics read of the runtime (at scrape time, from the scraping thread)."""
+
+    @property
+    def bus(self) -> EventBus: ...
+    @property
+    def calls(self) -> CallRegistry: ...
+    @property
+    def model(self) -> VoiceModel | None: ...
+    @property
+    def started_at(self) -> float: ...
 
 
 class Metrics:
     """The registry behind /metrics; subscribes to the bus for webhook counts."""
 
-    def __init__(self, runtime: Runtime, *, supervisor: SupervisorServer | None = None) -> None:
+    def __init__(self, runtime: MetricsHost, *, supervisor: SupervisorServer | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.webhooks = Counter(
             "xswarm_webhooks_received",
@@ -88,7 +103,7 @@ class Metrics:
 class _RuntimeCollector(Collector):
     """Reads the runtime's live figures at scrape time (runs on the scraping thread: reads only)."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: MetricsHost) -> None:
         self.runtime = runtime
 
     def collect(self) -> Iterator[Metric]:
