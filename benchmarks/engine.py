@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default=None, help="bf16 | fp32 (default: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--context", type=int, default=None, help="attention window in steps (default 3000)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--weights", default="bf16", choices=["bf16", "int8", "int4"], help="LM weights")
+    ap.add_argument("--kv-cache", default="bf16", choices=["bf16", "int8", "fp8"], help="KV cache storage")
     ap.add_argument("--controls", action="store_true", help="also time steps with takeover + whisper active")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -44,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         context=args.context,
         controls=args.controls,
         threads=args.threads,
+        weights=args.weights,
+        kv_cache=args.kv_cache,
         log=lambda msg: print(msg, file=sys.stderr, flush=True),
     )
     emit(report, args.out)

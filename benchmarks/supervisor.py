@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -315,6 +316,104 @@ async def measure(args: argparse.Namespace, server_pid: int, bridge_port: int, s
     }
 
 
+# ---------------------------------------------------------------------------------- the node
+
+
+@dataclass
+class Node:
+    """A real ``xswarm serve --model echo`` on free ports, with the benchmark's two tokens, and
+    the load process that streams background calls into it (benchmarks/web.py uses it too)."""
+
+    server: subprocess.Popen[bytes]
+    env: dict[str, str]
+    bridge_port: int
+    sup_port: int
+
+    @classmethod
+    def start(cls, slots: int) -> Node:
+        home = tempfile.mkdtemp(prefix="xswarm-bench-sup-")
+        bridge_port, sup_port = free_port(), free_port()
+        env = {
+            **os.environ,
+            "XSWARM_HOME": home,
+            "XSWARM_SUPERVISOR_TOKEN": OPERATOR,
+            "XSWARM_SUPERVISOR_MONITOR_TOKEN": MONITOR,
+            "XSWARM_LOG_LEVEL": "WARNING",
+        }
+        for name in ("TWILIO_AUTH_TOKEN", "XSWARM_CALL_TOKEN_SECRET"):
+            env.pop(name, None)  # loopback bench: no signatures or call tokens to forge
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "xswarm_tui.cli",
+                "serve",
+                "--model",
+                "echo",
+                "--slots",
+                str(slots),
+                "--bridge-port",
+                str(bridge_port),
+                "--supervisor-port",
+                str(sup_port),
+                "--webhooks-port",
+                "0",
+            ],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        node = cls(server, env, bridge_port, sup_port)
+        try:
+            node._wait_ready()
+        except BaseException:
+            node.stop()
+            raise
+        return node
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + 60
+        while True:
+            if self.server.poll() is not None:
+                assert self.server.stderr is not None
+                raise SystemExit(f"xswarm serve exited: {self.server.stderr.read().decode()[-2000:]}")
+            try:
+                if json.loads(http_get(self.sup_port, "/health")).get("model"):
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("xswarm serve did not become ready in 60 s")
+            time.sleep(0.2)
+
+    def start_load(self, calls: int, seconds: float) -> subprocess.Popen[bytes]:
+        """``calls`` background calls (``run_load``) in a process of their own."""
+        return subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--load",
+                f"ws://127.0.0.1:{self.bridge_port}/twilio",
+                "--calls",
+                str(calls),
+                "--load-seconds",
+                str(seconds),
+            ],
+            env=self.env,
+            cwd=ROOT,
+        )
+
+    def stop(self, *others: subprocess.Popen[bytes] | None) -> None:
+        for proc in (*others, self.server):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=50, help="live calls in all, two of them probes")
@@ -331,78 +430,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.calls < 2 + args.supervisors:
         ap.error("--calls must be at least --supervisors + 2 (each supervisor listens to its own call)")
 
-    home = tempfile.mkdtemp(prefix="xswarm-bench-sup-")
-    bridge_port, sup_port = free_port(), free_port()
-    env = {
-        **os.environ,
-        "XSWARM_HOME": home,
-        "XSWARM_SUPERVISOR_TOKEN": OPERATOR,
-        "XSWARM_SUPERVISOR_MONITOR_TOKEN": MONITOR,
-        "XSWARM_LOG_LEVEL": "WARNING",
-    }
-    for name in ("TWILIO_AUTH_TOKEN", "XSWARM_CALL_TOKEN_SECRET"):
-        env.pop(name, None)  # loopback bench: no signatures or call tokens to forge
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "xswarm_tui.cli",
-            "serve",
-            "--model",
-            "echo",
-            "--slots",
-            str(args.calls + 4),
-            "--bridge-port",
-            str(bridge_port),
-            "--supervisor-port",
-            str(sup_port),
-            "--webhooks-port",
-            "0",
-        ],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    node = Node.start(slots=args.calls + 4)
     load = None
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if server.poll() is not None:
-                raise SystemExit(f"xswarm serve exited: {server.stderr.read().decode()[-2000:]}")
-            try:
-                if json.loads(http_get(sup_port, "/health")).get("model"):
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("xswarm serve did not become ready in 60 s")
-            time.sleep(0.2)
-        log(f"server ready (pid {server.pid}); starting {args.calls - 2} load calls")
-        load_seconds = 6 * args.seconds + 2 * args.takeovers + 30
-        load = subprocess.Popen(
-            [
-                sys.executable,
-                __file__,
-                "--load",
-                f"ws://127.0.0.1:{bridge_port}/twilio",
-                "--calls",
-                str(args.calls - 2),
-                "--load-seconds",
-                str(load_seconds),
-            ],
-            env=env,
-            cwd=ROOT,
-        )
-        report = asyncio.run(measure(args, server.pid, bridge_port, sup_port))
+        log(f"server ready (pid {node.server.pid}); starting {args.calls - 2} load calls")
+        load = node.start_load(args.calls - 2, 6 * args.seconds + 2 * args.takeovers + 30)
+        report = asyncio.run(measure(args, node.server.pid, node.bridge_port, node.sup_port))
     finally:
-        for proc in (load, server):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        node.stop(load)
     emit(report, args.out)
     return 0
 

@@ -18,7 +18,16 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -57,8 +66,20 @@ class ServerSettings(_Section):
     """Public https base URL Twilio calls for webhooks; signatures are checked against it."""
     bridge_public_url: str | None = None
     """Public wss base URL of this node's bridge (TwiML uses `<base>/twilio`)."""
+    supervisor_public_url: str | None = None
+    """ws(s) URL other machines reach this node's supervisor at (`xswarm attach --fleet`)."""
     node_id: str | None = None
     """Name of this node in the `nodes` table (default: the host name)."""
+
+    @field_validator("bridge_public_url", "supervisor_public_url")
+    @classmethod
+    def _ws_url(cls, value: str | None) -> str | None:
+        """Checked at load: the voice webhook puts the bridge URL into TwiML as is."""
+        if value is None or not value.strip():
+            return None
+        if not re.fullmatch(r"wss?://[A-Za-z0-9\[][^\s\"'<>\\^`{|}]*", value.strip()):
+            raise ValueError("must be a ws:// or wss:// URL with a host, e.g. wss://node1.example.com")
+        return value.strip().rstrip("/")
 
 
 class ModelSettings(_Section):
@@ -67,10 +88,17 @@ class ModelSettings(_Section):
     variant: Literal["moshiko", "moshika"] = "moshiko"
     """Which released voice: Moshiko (male) or Moshika (female)."""
     dtype: Literal["bf16", "int8"] = "bf16"
+    """Older name for the LM's weights: int8 here means weights = "int8"."""
+    weights: Literal["bf16", "int8", "int4"] = "bf16"
+    """LM weights: bf16, int8 (Kyutai's q8 checkpoint, or bf16 quantized on load) or int4
+    (CUDA only). Mimi stays bf16. See `xswarm capacity` for calls per GPU."""
+    kv_cache: Literal["bf16", "int8", "fp8"] = "bf16"
+    """KV cache storage per call: bf16, or int8 / fp8 (half the memory per call)."""
     device: str = "auto"
     """auto (CUDA, else CPU with a warning), cuda, cuda:N or cpu."""
     context: int = Field(3000, ge=50, le=3000)
-    """Attention window in 80 ms steps: memory per call against conversation memory."""
+    """Attention window in 80 ms steps (3000 = 240 s, what MOSHI was trained with): a call
+    remembers this much of the conversation; memory per call grows in proportion."""
     slots: int = Field(0, ge=0, le=256)
     """Concurrent calls (batch size). 0 picks a size from the model and the hardware."""
     weights_path: Path | None = None
@@ -80,6 +108,12 @@ class ModelSettings(_Section):
     seed: int | None = None
     """Fix the sampling seed (tests and benchmarks)."""
 
+    @model_validator(mode="after")
+    def _dtype_means_weights(self) -> ModelSettings:
+        if self.dtype == "int8" and self.weights == "bf16":
+            self.weights = "int8"
+        return self
+
 
 class TwilioSettings(_Section):
     account_sid: str | None = None
@@ -88,8 +122,8 @@ class TwilioSettings(_Section):
     """Our Twilio number, used when a reply has to go out through the REST API."""
     transfer_number: str | None = None
     """E.164 number a supervisor's `transfer` dials."""
-    api_base_url: str = "https://api.twilio.com"
-    """Twilio's REST base URL (tests point it at a local fake)."""
+    api_base: str = Field("https://api.twilio.com", validation_alias=AliasChoices("api_base", "api_base_url"))
+    """Twilio's REST base URL (tests point it at a local fake; `api_base_url` is read too)."""
 
     @field_validator("from_number", "transfer_number")
     @classmethod
@@ -104,7 +138,12 @@ class StripeSettings(_Section):
     api_key: SecretStr | None = None
     webhook_secret: SecretStr | None = None
     price_tiers: dict[str, str] = Field(default_factory=dict)
-    """Stripe price id -> xswarm tier, e.g. {"price_123" = "personal"}."""
+    """Stripe price id -> xswarm tier, e.g. {"price_123" = "personal"}. `xswarm billing link` sells
+    a tier at the first price mapped to it."""
+    api_base: str = "https://api.stripe.com"
+    """Stripe's API base URL (tests point it at a local fake)."""
+    return_url: str | None = None
+    """Where Checkout and the Customer Portal send the customer back (default: server.public_url)."""
 
 
 class SendGridSettings(_Section):
@@ -112,7 +151,25 @@ class SendGridSettings(_Section):
     webhook_public_key: str | None = None
     """Base64 DER public key from SendGrid's signed Event Webhook settings."""
     from_email: str | None = None
-    api_base_url: str = "https://api.sendgrid.com"
+    api_base: str = Field("https://api.sendgrid.com", validation_alias=AliasChoices("api_base", "api_base_url"))
+    """SendGrid's API base URL (tests point it at a local fake; `api_base_url` is read too)."""
+
+
+class NotifySettings(_Section):
+    operator_email: str | None = None
+    """Where voicemails from callers who are not users (or have no email) are sent."""
+    link_secret: SecretStr | None = None
+    """HMAC key of the links in our messages (one-click unsubscribe, listen to a voicemail);
+    without it (or without server.public_url) emails offer a mailto unsubscribe and voicemail
+    notices link to Twilio's recording URL."""
+    lease_s: float = Field(60.0, gt=0)
+    """How long a send may take before another sender treats it as in doubt and checks with
+    the provider before sending again."""
+    email_confirm_wait_s: float = Field(600.0, ge=0)
+    """SendGrid has no idempotency key: an email whose send is in doubt waits this long for
+    SendGrid's signed `processed` event before it is sent again."""
+    max_attempts: int = Field(8, ge=1)
+    """Attempts before a message is dead (kept, listed by `xswarm notify list --status dead`)."""
 
 
 class DatabaseSettings(_Section):
@@ -160,6 +217,16 @@ class SupervisorSettings(_Section):
     """Operator token (may act). Generated at first start when unset."""
     monitor_token: SecretStr | None = None
     """Read-only token. Generated at first start when unset."""
+    allowed_origins: list[str] = Field(default_factory=list)
+    """Web origins besides the dashboard's own that may open the socket, e.g.
+    ["https://console.example.com"] behind a proxy that rewrites Host."""
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        from engine.supervisor.origin import normalize
+
+        return [normalize(o) for o in value]
 
 
 class TelephonySettings(_Section):
@@ -206,6 +273,7 @@ class Settings(BaseSettings):
     twilio: TwilioSettings = Field(default_factory=TwilioSettings)
     stripe: StripeSettings = Field(default_factory=StripeSettings)
     sendgrid: SendGridSettings = Field(default_factory=SendGridSettings)
+    notify: NotifySettings = Field(default_factory=NotifySettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     s3: S3Settings = Field(default_factory=S3Settings)
     llm: LlmSettings = Field(default_factory=LlmSettings)
@@ -249,6 +317,7 @@ ALIASES: dict[str, tuple[str, str]] = {
     "XSWARM_PUBLIC_URL": ("server", "public_url"),
     "XSWARM_BRIDGE_PUBLIC_URL": ("server", "bridge_public_url"),
     "XSWARM_NODE_ID": ("server", "node_id"),
+    "XSWARM_SUPERVISOR_PUBLIC_URL": ("server", "supervisor_public_url"),
     "XSWARM_CALL_TOKEN_SECRET": ("telephony", "call_token_secret"),
     "XSWARM_SUPERVISOR_TOKEN": ("supervisor", "token"),
     "XSWARM_SUPERVISOR_MONITOR_TOKEN": ("supervisor", "monitor_token"),
@@ -434,4 +503,6 @@ def toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, dict):
         return "{ " + ", ".join(f"{toml_value(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'

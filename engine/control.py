@@ -22,10 +22,12 @@ from xml.sax.saxutils import escape
 from engine.calls import CallControlError, CallSession
 from engine.events import (
     Command,
+    DrainNode,
     HandBack,
     HangUp,
     Listen,
     Mute,
+    ResumeNode,
     StartLocalCall,
     SupervisorActed,
     TakeOver,
@@ -78,6 +80,8 @@ class ControlHost(Protocol):
     def calls(self) -> CallRegistry: ...
     @property
     def db(self) -> Database | None: ...
+    @property
+    def node_id(self) -> str: ...
     async def start_local_call(self) -> str: ...
 
 
@@ -156,6 +160,8 @@ class CallControl:
         match command:
             case StartLocalCall():
                 return await self._start_local_call()
+            case DrainNode() | ResumeNode():
+                return await self._set_node_state("draining" if isinstance(command, DrainNode) else "ready")
             case Unlisten(call_id=call_id):
                 remove = self._taps.pop((actor, call_id), None)
                 if remove is None:
@@ -218,14 +224,21 @@ class CallControl:
             raise ControlError("unavailable", "Twilio credentials (account_sid, auth_token) are not configured")
         twiml = f"<Response><Dial>{escape(number)}</Dial></Response>"
         try:
-            status, body = await twilio_rest.update_call(
-                tw, call.call_id, {"Twiml": twiml}, timeout_s=TRANSFER_TIMEOUT_S
-            )
+            async with twilio_rest.open_client(tw, timeout_s=TRANSFER_TIMEOUT_S) as client:
+                await client.update_call(call.call_id, twiml=twiml)
         except twilio_rest.TwilioUnreachable as exc:
             raise ControlError("failed", f"Twilio could not be reached: {exc}") from None
-        if status >= 300:
-            raise ControlError("failed", f"Twilio refused the transfer ({status}): {body[:300]}")
+        except twilio_rest.TwilioError as exc:
+            raise ControlError("failed", f"Twilio refused the transfer: {exc}") from None
         return number
+
+    async def _set_node_state(self, state: str) -> dict[str, Any]:
+        """Drain or resume this node (a fleet console's action on the node a call is on)."""
+        apply = getattr(self.runtime, "set_node_state", None)
+        if apply is None:
+            raise ControlError("unavailable", "this runtime is not a fleet node")
+        await apply(state)
+        return {"node_id": self.runtime.node_id, "state": state}
 
     async def _start_local_call(self) -> dict[str, Any]:
         return {"call_id": await self.runtime.start_local_call()}

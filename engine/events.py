@@ -247,6 +247,17 @@ class ModelStatusChanged(Event):
 
 
 @message
+class NodeStateChanged(Event):
+    """A node of the fleet took up a state: ``draining`` (``xswarm nodes drain``: no new
+    calls, live calls finish), ``ready`` again, or ``down`` (seen by a console that lost it)."""
+
+    node_id: str
+    state: Literal["ready", "draining", "down"]
+    detail: str = ""
+    at: float = field(default_factory=now)
+
+
+@message
 class SystemSampled(Event):
     cpu_percent: float
     ram_used_bytes: int
@@ -334,6 +345,20 @@ class StartLocalCall(Command):
     """Talk to the AI through this machine's microphone and speakers (one more slot)."""
 
     action: ClassVar[str] = "start_local_call"
+
+
+@message
+class DrainNode(Command):
+    """Take the node this command is sent to out of rotation (as ``xswarm nodes drain``)."""
+
+    action: ClassVar[str] = "drain"
+
+
+@message
+class ResumeNode(Command):
+    """Put the node this command is sent to back into rotation."""
+
+    action: ClassVar[str] = "resume"
 
 
 # ------------------------------------------------------------------------------------- bus

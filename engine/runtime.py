@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import gc
+import importlib.metadata
 import logging
 import socket
 import sys
@@ -36,7 +37,7 @@ from engine.models.base import VoiceModel
 from engine.scheduler import Scheduler
 from engine.snapshot import ModelInfo, ModelState, NodeInfo, SlotInfo, Snapshot
 from engine.store import calls as call_rows
-from engine.store import feed, nodes
+from engine.store import feed, nodes, routing
 from engine.store.db import Database, StoreError, log_if_failed
 from engine.store.migrations import migrate
 from engine.tasks import cancel_and_wait
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     from webhooks.server import WebhooksServer
 
 log = logging.getLogger("xswarm.runtime")
+VERSION = importlib.metadata.version("xswarm")
 
 RECENT_EVENTS = 50
 SWITCH_INTERVAL_S = 0.001
@@ -82,6 +84,13 @@ class Runtime:
         self.calls = CallRegistry(self.bus, on_start=self._call_live, on_end=self._call_ended)
         self.scheduler = Scheduler(self.calls, self.bus)
         self.node_id = settings.server.node_id or socket.gethostname()
+        self.node_instance = nodes.new_instance()
+        """This process's hold on ``node_id`` in the shared ``nodes`` table."""
+        self.node_state = "ready"
+        self._id_taken = False
+        self._leaving = False
+        """What the operator last asked of this node (``xswarm nodes drain|resume``), as read
+        back with the last heartbeat."""
         self.started_at = time.time()
         self.loop = asyncio.new_event_loop()
         self._want = {
@@ -118,6 +127,8 @@ class Runtime:
         self.db = Database.from_settings(self.settings).start()
         try:
             migrate(self.db)
+            # Before any server starts: a second process claiming a live node id stops here.
+            self.node_state = self._heartbeat_future().result()
         except StoreError:
             self.db.close()
             raise
@@ -201,6 +212,14 @@ class Runtime:
     async def _astop(self) -> None:
         await cancel_and_wait(self._heartbeat)
         self._heartbeat = None
+        self._leaving = True  # no heartbeat may write the row back from here on
+        if self.db is not None:
+            # Out of rotation first, so no new call is routed here while the live ones close
+            # (their callers are re-routed to other nodes by the voice webhook).
+            try:
+                await asyncio.wrap_future(nodes.remove(self.db, self.node_id, self.node_instance))
+            except StoreError:
+                log.warning("could not remove node row %s", self.node_id)
         await self._close_calls("node shutting down")
         for server in (self.bridge, self.supervisor, self.webhooks, self.storage):
             if server is not None:
@@ -209,11 +228,6 @@ class Runtime:
                 except Exception:
                     log.exception("stopping %s failed", type(server).__name__)
         await self.scheduler.stop()
-        if self.db is not None:
-            try:
-                await asyncio.wrap_future(nodes.remove(self.db, self.node_id))
-            except StoreError:
-                log.warning("could not remove node row %s", self.node_id)
 
     async def _close_calls(self, reason: str) -> None:
         """Close every live call's stream at once (Twilio's fallback TwiML takes over), all
@@ -280,7 +294,9 @@ class Runtime:
         # as the process: move it out of the collector's reach so full collections during calls
         # scan only call-time objects (a gen-2 pass over a loaded model stalls the tick).
         gc.freeze()
-        self._model_status("ready", f"{model.name}: {model.slots} slots", model=model.name, progress=1.0)
+        facts = model.describe()
+        precision = "".join(f", {k.replace('_', ' ')} {facts[k]}" for k in ("weights", "kv_cache") if facts.get(k))
+        self._model_status("ready", f"{model.name}: {model.slots} slots{precision}", model=model.name, progress=1.0)
         self._beat()
 
     def _model_status(self, state: ModelLoad, detail: str, *, model: str, progress: float | None = None) -> None:
@@ -300,24 +316,92 @@ class Runtime:
             return f"ws://{self.settings.server.host}:{self.bridge_port}"
         return None
 
-    def _beat(self) -> None:
-        if self.db is None:
-            return
-        future = nodes.heartbeat(
+    @property
+    def supervisor_url(self) -> str | None:
+        """Where a fleet console reaches this node's supervisor socket."""
+        if self.settings.server.supervisor_public_url:
+            return self.settings.server.supervisor_public_url
+        if self.supervisor_port:
+            return f"ws://{self.settings.server.host}:{self.supervisor_port}"
+        return None
+
+    def _heartbeat_future(self) -> concurrent.futures.Future[Any]:
+        assert self.db is not None
+        return nodes.heartbeat(
             self.db,
             self.node_id,
             bridge_url=self.bridge_url if self.bridge_port else None,
+            supervisor_url=self.supervisor_url,
             model=self.model.name if self.model else self.model_spec,
+            version=VERSION,
             slots_total=self.calls.capacity,
             slots_free=self.calls.available,
+            live_calls=self.calls.used,
             step_ms_p99=self.scheduler.model_step_ms.percentile(99),
             started_at=int(self.started_at * 1000),
+            instance=self.node_instance,
         )
-        future.add_done_callback(log_if_failed("heartbeat", log))
+
+    def _beat(self, connected: str | None = None) -> None:
+        """Write this node's row now (runtime loop). ``connected``: a call that just went live
+        here; its routing reservation ends in the same queue order as the row that counts it."""
+        if self.db is None or self._leaving:
+            return
+        try:
+            future = self._heartbeat_future()
+            if connected is not None:
+                self.db.submit(*routing.connected_statement(connected)).add_done_callback(
+                    log_if_failed("routing reservation", log)
+                )
+        except StoreError as exc:  # the database is closing
+            log.warning("heartbeat not written: %s", exc)
+            return
+        future.add_done_callback(self._beaten_threadsafe)
+
+    def _beaten_threadsafe(self, future: concurrent.futures.Future[Any]) -> None:
+        """Writer thread: hand the outcome to the loop (unless the runtime has stopped)."""
+        try:
+            self.loop.call_soon_threadsafe(self._beaten, future)
+        except RuntimeError:  # the loop has closed: nobody is left to tell
+            pass
+
+    def _beaten(self, future: concurrent.futures.Future[Any]) -> None:
+        """The operator's state came back with the heartbeat: apply a change and say so."""
+        exc = future.exception()
+        if exc is not None:
+            log.warning("heartbeat write failed: %s", exc)
+            if isinstance(exc, nodes.NodeIdTaken) and not self._id_taken:
+                self._id_taken = True  # said once, not every heartbeat
+                self.bus.publish(events.ErrorRaised(source="node", message=str(exc)))
+            return
+        self._id_taken = False
+        state = future.result()
+        if state == self.node_state:
+            return
+        self.node_state = state
+        if state == "draining":
+            detail = f"draining: takes no new calls; {self.calls.used} live calls finish"
+        else:
+            detail = "ready: takes new calls again"
+        log.info("node %s %s", self.node_id, detail)
+        self.bus.publish(events.NodeStateChanged(node_id=self.node_id, state=state, detail=detail))
+
+    async def set_node_state(self, state: str) -> None:
+        """Drain (``"draining"``) or resume (``"ready"``) this node from its own supervisor
+        socket: the same row ``xswarm nodes drain|resume`` writes, then a heartbeat at once so
+        the change shows now (``NodeStateChanged``) rather than at the next beat."""
+        if self.db is None:
+            raise StoreError("no database is open in this runtime")
+        await asyncio.wrap_future(self.db.submit("UPDATE nodes SET state = ? WHERE id = ?", (state, self.node_id)))
+        self._beat()
 
     async def _heartbeat_loop(self) -> None:
         while True:
             self._beat()
+            if self.db is not None:
+                self.db.submit(*routing.expired_statement()).add_done_callback(
+                    log_if_failed("expired reservations", log)
+                )
             await asyncio.sleep(nodes.HEARTBEAT_S)
 
     # ------------------------------------------------------------------ call rows
@@ -325,6 +409,7 @@ class Runtime:
     def _call_live(self, session: CallSession) -> None:
         if self.db is None:
             return
+        self._beat(connected=session.call_id)  # routing sees the taken slot now, not in 5 s
         call_rows.record_live(
             self.db,
             call_id=session.call_id,
@@ -341,6 +426,7 @@ class Runtime:
     def _call_ended(self, session: CallSession, reason: str) -> None:
         if self.db is None:
             return
+        self._beat()
         summary = session.summary()
         call_rows.record_end(
             self.db,
@@ -393,6 +479,9 @@ class Runtime:
                 supervisor_port=self.supervisor_port,
                 webhooks_port=self.webhooks_port,
                 bridge_url=self.bridge_url,
+                supervisor_url=self.supervisor_url,
+                state=self.node_state,
+                version=VERSION,
             ),
             model=ModelInfo(
                 spec=self.model_spec,

@@ -32,6 +32,11 @@ class NodeInfo:
     webhooks_port: int | None = None
     bridge_url: str | None = None
     """What the voice webhook puts in TwiML for this node."""
+    supervisor_url: str | None = None
+    """Where a fleet console reaches this node's supervisor."""
+    state: str | None = None
+    """"ready" or "draining" (the operator's choice, read back with each heartbeat)."""
+    version: str | None = None
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import pytest
 
 from engine.config import ALIASES
 
-pytest_plugins: list[str] = ["fixtures.sqld", "fixtures.s3"]
+pytest_plugins: list[str] = ["fixtures.sqld", "fixtures.s3", "fixtures.fleet"]
 
 
 @pytest.fixture(autouse=True)

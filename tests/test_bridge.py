@@ -324,7 +324,7 @@ async def test_takeover_sends_clear_and_hang_up_uses_twilio_rest(env: None, monk
 
     runner, port = await start_local_app(web.post("/2010-04-01/Accounts/{account}/Calls/{sid}.json", calls_endpoint))
     monkeypatch.setenv("TWILIO_ACCOUNT_SID", ACCOUNT)
-    monkeypatch.setenv("XSWARM_TWILIO__API_BASE_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("XSWARM_TWILIO__API_BASE", f"http://127.0.0.1:{port}")
     runtime, seen = start_runtime()
     try:
         twilio, reader = await streaming_call(runtime)
@@ -396,13 +396,13 @@ async def test_complete_call_treats_an_ended_call_as_done_and_reports_failures(
     runner, port = await start_local_app(web.post("/2010-04-01/Accounts/{account}/Calls/{sid}.json", calls_endpoint))
     try:
         monkeypatch.setenv("TWILIO_ACCOUNT_SID", ACCOUNT)
-        monkeypatch.setenv("XSWARM_TWILIO__API_BASE_URL", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("XSWARM_TWILIO__API_BASE", f"http://127.0.0.1:{port}")
         settings = load_settings()
         assert await complete_call(settings, "CAok") is True
         assert await complete_call(settings, "CAgone") is True
         assert await complete_call(settings, "CAbad") is False
         assert forms == [{"Status": "completed"}] * 3
-        monkeypatch.setenv("XSWARM_TWILIO__API_BASE_URL", f"http://127.0.0.1:{free_port()}")
+        monkeypatch.setenv("XSWARM_TWILIO__API_BASE", f"http://127.0.0.1:{free_port()}")
         assert await complete_call(load_settings(), "CAok") is False  # nobody listening
         monkeypatch.delenv("TWILIO_ACCOUNT_SID")
         assert await complete_call(load_settings(), "CAok") is True  # no credentials: nothing to do
@@ -584,7 +584,7 @@ async def test_a_model_without_headroom_refuses_with_its_own_code_and_stops_adve
         assert any(isinstance(e, events.CallRefused) and e.reason == "no_headroom" for e in seen)
         assert runtime.calls.get(first.call_sid) is not None  # the live call goes on
         assert runtime.db is not None
-        await wait_for(lambda: nodes.live_nodes(runtime.db)[0].slots_free == 0)  # type: ignore[arg-type]
+        await wait_for(lambda: nodes.live_nodes(runtime.db)[0].free_slots == 0)  # type: ignore[arg-type]
         snap = runtime.snapshot()
         assert snap["slots"]["available"] == 0 and "no headroom" in snap["slots"]["no_headroom"]
         await first.stop()

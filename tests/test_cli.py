@@ -146,7 +146,7 @@ def test_doctor_json_is_one_object_with_checks_and_capacity() -> None:
     assert statuses <= {"pass", "warn", "fail"}
     assert all(set(c) == {"name", "status", "detail", "fix"} for c in report["checks"])
     assert result.exit_code == (2 if "fail" in statuses else 1 if "warn" in statuses else 0)
-    assert {"bf16", "int8", "context_steps"} <= set(report["capacity"])
+    assert {"calls", "choices", "context_steps", "weights", "kv_cache"} <= set(report["capacity"])
     names = {c["name"] for c in report["checks"]}
     assert {"os", "cpu", "ram", "disk", "gpu", "portaudio", "python", "database", "storage", "model-weights"} <= names
 

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
 from engine.config import load_settings
-from engine.doctor import Probes, run
+from engine.doctor import Probes, capacity, run
 from engine.doctor import probes as real
 from engine.doctor.probes import CpuInfo, MemoryInfo, OsInfo
 from engine.telemetry.gpu import GpuInfo, GpuProbe
 
 GIB = 1024**3
-H100 = GpuInfo(0, "NVIDIA H100 80GB HBM3", 81559 * 1024**2, 500 * 1024**2, "570.86.15", 3.0, 31.0, 70.5, "12.8")
+H100 = GpuInfo(0, "NVIDIA H100 80GB HBM3", 81559 * 1024**2, 500 * 1024**2, "570.86.15", 3.0, 31.0, 70.5, "12.8", (9, 0))
 
 
 def healthy(**overrides: object) -> Probes:
@@ -68,30 +69,54 @@ def test_a_healthy_box_passes_everything_and_never_shows_secrets(all_credentials
     assert "TWILIO_AUTH_TOKEN set" in text or "TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN set" in text
 
 
-def test_capacity_follows_the_reference_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+def _expected_calls(free: int, weights: str, kv: str, context: int) -> int:
+    """The documented formula, on the figures shipped in the package."""
+    row = next(c for c in capacity.measured()["choices"] if (c["weights"], c["kv_cache"]) == (weights, kv))
+    outside, _ = capacity.outside_allocator_bytes()
+    kv_mib = row["kv_mib_per_call"] * context / row["context"]
+    per_call = int((kv_mib + row["per_call_mib"] - row["kv_mib_per_call"]) * 1024**2)
+    spare = free - outside - int(row["weights_gib"] * GIB) - int(row["fixed_mib"] * 1024**2)
+    return spare // per_call
+
+
+def test_capacity_uses_the_measured_figures(monkeypatch: pytest.MonkeyPatch) -> None:
     free = H100.memory_total - H100.memory_used
-    kv = 2 * 32 * 4096 * 2 * 3000  # 512 KiB per step, context 3000
     cap = run(load_settings(), healthy()).capacity
-    assert cap["kv_bytes_per_call"] == kv == 1_572_864_000
-    assert cap["bf16"]["calls"] == (free - int(14.3 * GIB) - 10**9) // kv == 43
-    assert cap["int8"]["calls"] == (free - int(8.17e9) - 10**9) // kv == 48
+    assert cap["weights"] == "bf16" and cap["kv_cache"] == "bf16" and cap["limited_by"] == "GPU memory"
+    assert cap["calls"] == _expected_calls(free, "bf16", "bf16", 3000) == 42
     assert cap["gpu"] == "0: NVIDIA H100 80GB HBM3"
+    assert len(cap["choices"]) == 9 and cap["sources"]
+    bf16 = next(c for c in cap["choices"] if c["weights"] == "bf16" and c["kv_cache"] == "bf16")
+    assert bf16["measured"] and bf16["step_ms_p99"] is not None and bf16["roofline_4090_ms"] > 0
     monkeypatch.setenv("XSWARM_MODEL__CONTEXT", "750")
     short = run(load_settings(), healthy()).capacity
-    assert short["bf16"]["calls"] == (free - int(14.3 * GIB) - 10**9) // (kv // 4) == 174
+    assert short["calls"] == _expected_calls(free, "bf16", "bf16", 750) > 3 * cap["calls"]
+    assert short["context_s"] == 60.0
     monkeypatch.delenv("XSWARM_MODEL__CONTEXT")
     small = GpuInfo(0, "RTX 4090", 24 * GIB, 0, "550", None, None, None)
     cap = run(load_settings(), healthy(gpus=lambda: GpuProbe([small]))).capacity
-    # ref-moshi §9 says "4 (bf16) / 9 (int8)" for a 4090 with ~7 / ~14.5 GB left; a whole free 24 GiB fits one more.
-    assert (cap["bf16"]["calls"], cap["int8"]["calls"]) == (5, 10)
+    # The H100/H200 runs hold 14.7 GiB of bf16 weights and ~1.5 GiB per call at context 3000.
+    assert cap["calls"] == _expected_calls(24 * GIB, "bf16", "bf16", 3000) == 5
 
 
-def test_without_a_gpu_nothing_runs_in_real_time_but_memory_is_reported() -> None:
+def test_a_choice_without_a_gpu_run_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    measured = {(c["weights"], c["kv_cache"]) for c in capacity.measured()["choices"]}
+    missing = [(w, k) for w in capacity.WEIGHT_KINDS for k in capacity.KV_KINDS if (w, k) not in measured]
+    if not missing:
+        pytest.skip("every choice has GPU figures")
+    weights, kv = missing[0]
+    monkeypatch.setenv("XSWARM_MODEL__WEIGHTS", weights)
+    monkeypatch.setenv("XSWARM_MODEL__KV_CACHE", kv)
+    cap = run(load_settings(), healthy()).capacity
+    assert cap["calls"] is None and "not been measured" in cap["limited_by"]
+
+
+def test_without_a_gpu_nothing_runs_in_real_time() -> None:
     report = run(load_settings(), healthy(gpus=lambda: GpuProbe([], "NVML unavailable: no driver")))
     gpu = next(c for c in report.checks if c.name == "gpu")
     assert gpu.status == "warn" and "no driver" in gpu.detail and gpu.fix
-    assert report.capacity["bf16"]["calls"] == 0 and report.capacity["bf16"]["calls_by_vram"] is None
-    assert report.capacity["bf16"]["calls_by_ram"] == (120 * GIB - int(14.3 * GIB) - 10**9) // 1_572_864_000
+    assert report.capacity["calls"] == 0 and report.capacity["choices"] == []
+    assert "no CUDA GPU" in report.capacity["limited_by"]
     assert report.exit_code == 1
 
 
@@ -238,3 +263,46 @@ def test_weights_probe_uses_the_model_codes_finder(tmp_path: Path, monkeypatch: 
         c for c in run(load_settings(), healthy(weights=real.model_weights)).checks if c.name == "model-weights"
     )
     assert (check.status, check.detail) == ("pass", described)
+
+
+def test_gpu_driver_and_cuda_minimums(all_credentials: None) -> None:
+    """Driver 535+ and CUDA 12+ (system requirements): an older one fails with the fix."""
+    old_driver = dataclasses.replace(H100, driver="525.147.05", cuda_version="12.0")
+    report = run(load_settings(), healthy(gpus=lambda: GpuProbe([old_driver])))
+    check = next(c for c in report.checks if c.name == "gpu-driver")
+    assert check.status == "fail" and "driver 525.147.05 is older than 535" in check.detail and "535" in check.fix
+    old_cuda = dataclasses.replace(H100, driver="535.54.03", cuda_version="11.8")
+    check = next(
+        c for c in run(load_settings(), healthy(gpus=lambda: GpuProbe([old_cuda]))).checks if c.name == "gpu-driver"
+    )
+    assert check.status == "fail" and "CUDA 11.8 is older than 12.0" in check.detail
+    ok = next(c for c in run(load_settings(), healthy()).checks if c.name == "gpu-driver")
+    assert ok.status == "pass" and ok.detail.startswith("driver 570.86.15, CUDA 12.8")
+
+
+def test_compute_capability_and_bf16(all_credentials: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    t4 = dataclasses.replace(H100, index=1, name="Tesla T4", compute_capability=(7, 5))
+    report = run(load_settings(), healthy(gpus=lambda: GpuProbe([H100, t4])))
+    checks = {c.name: c for c in report.checks}
+    assert checks["gpu-0-compute"].status == "pass" and "9.0, bf16 supported" in checks["gpu-0-compute"].detail
+    assert checks["gpu-1-compute"].status == "fail" and "7.5, no bf16" in checks["gpu-1-compute"].detail
+    assert report.exit_code == 2
+    monkeypatch.setenv("XSWARM_MODEL", "echo")  # a box kept for the echo model only: a warning
+    assert (
+        next(
+            c for c in run(load_settings(), healthy(gpus=lambda: GpuProbe([t4]))).checks if c.name == "gpu-1-compute"
+        ).status
+        == "warn"
+    )
+
+
+def test_no_gpu_means_no_driver_or_compute_rows() -> None:
+    names = {c.name for c in run(load_settings(), healthy(gpus=lambda: GpuProbe([], "no NVIDIA driver"))).checks}
+    assert "gpu" in names and not any(n.startswith(("gpu-driver", "gpu-0")) for n in names)
+
+
+def test_the_real_gpu_probe_reports_capability_when_a_gpu_is_there() -> None:
+    found = real.gpus()
+    if not found.gpus:
+        pytest.skip(f"no NVIDIA GPU here ({found.reason})")
+    assert all(g.compute_capability is not None and g.compute_capability >= (3, 0) for g in found.gpus)

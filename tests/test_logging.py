@@ -119,11 +119,12 @@ def test_mask_contacts_masks_every_phone_and_email_in_free_text() -> None:
 
 
 async def test_a_providers_error_body_is_masked_before_it_is_logged_or_stored() -> None:
-    """Twilio's 400 quotes the number it refused; SendError's text goes to the log and last_error."""
+    """Twilio's 400 quotes the number it refused; TwilioError's text goes to the log and last_error."""
     import aiohttp
     from aiohttp import web
 
-    from webhooks.outbound import SendError, TwilioRest
+    from engine.config import TwilioSettings
+    from engine.telephony.twilio_rest import TwilioClient, TwilioError
 
     async def refuse(request: web.Request) -> web.Response:
         number = (await request.post())["To"]
@@ -134,8 +135,9 @@ async def test_a_providers_error_body_is_masked_before_it_is_logged_or_stored() 
     runner, port = await start_local_app(web.post("/2010-04-01/Accounts/{account}/Messages.json", refuse))
     try:
         async with aiohttp.ClientSession() as session:
-            rest = TwilioRest(session, "AC1", "token", f"http://127.0.0.1:{port}")
-            with pytest.raises(SendError) as info:
+            settings = TwilioSettings(account_sid="AC1", auth_token="token", api_base=f"http://127.0.0.1:{port}")
+            rest = TwilioClient(settings, session)
+            with pytest.raises(TwilioError) as info:
                 await rest.send_sms(to="+15005550001", from_="+14155550100", body="hi")
     finally:
         await runner.cleanup()

@@ -59,7 +59,7 @@ def test_start_load_heartbeat_snapshot_stop() -> None:
         assert runtime.db is not None
         wait(lambda: bool(nodes.live_nodes(runtime.db)) and nodes.live_nodes(runtime.db)[0].slots_total == 128)
         node = nodes.live_nodes(runtime.db)[0]
-        assert node.id == runtime.node_id and node.model == "echo" and node.slots_free == 128
+        assert node.node_id == runtime.node_id and node.model == "echo" and node.free_slots == 128
         assert node.bridge_url == f"ws://127.0.0.1:{runtime.bridge_port}"
         snap = runtime.snapshot()
         json.dumps(snap)  # JSON-able as promised

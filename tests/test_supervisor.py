@@ -91,6 +91,7 @@ class StandInRuntime:
         self.bus = EventBus()
         self.db = open_database(settings)
         self.model = None
+        self.model_spec = "echo"
         self.calls = CallRegistry(self.bus)
         self.calls.set_capacity(4)
         self.node_id = "test-node"
@@ -620,7 +621,7 @@ async def test_transfer_redirects_through_twilio_rest(xswarm_home: Path, monkeyp
             "account_sid": "AC123",
             "auth_token": "secret",
             "transfer_number": "+15557654321",
-            "api_base_url": f"http://127.0.0.1:{port}",
+            "api_base": f"http://127.0.0.1:{port}",
         },
     )
     runtime = StandInRuntime(settings)

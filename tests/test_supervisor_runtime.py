@@ -261,10 +261,12 @@ async def test_metrics_read_the_runtime(runtime: Runtime) -> None:
                     .decode()
                 )
             )
-    assert "xswarm_calls_open 1.0" in body and "xswarm_slots_total 8.0" in body
-    assert "xswarm_model_step_duration_ms_count" in body and 'xswarm_model_step_duration_ms_bucket{le="+Inf"}' in body
-    assert "xswarm_tick_work_duration_ms_count" in body
-    assert "xswarm_bridge_added_latency_ms_count" in body
+    assert "xswarm_calls_open 1.0" in body and "xswarm_call_slots 8.0" in body
+    assert "xswarm_model_step_duration_seconds_count" in body
+    assert 'xswarm_model_step_duration_seconds_bucket{le="+Inf"}' in body
+    assert 'xswarm_model_step_duration_seconds_bucket{le="0.08"}' in body
+    assert "xswarm_tick_work_duration_seconds_count" in body
+    assert "xswarm_bridge_added_latency_seconds_count" in body
     assert "xswarm_missed_ticks_total" in body and "xswarm_supervisor_clients 1.0" in body
     assert 'xswarm_admission_refusals_total{reason="bad_media_format"} 1.0' in body
 

@@ -96,8 +96,8 @@ async def make(db: Database, fakes: dict[str, FakeApi]) -> AsyncIterator[Any]:
 
     async def start(**sections: Any) -> Harness:
         kw = sections.pop("server_kw", {})
-        sections.setdefault("twilio", {})["api_base_url"] = fakes["twilio"].url
-        sections.setdefault("sendgrid", {}).setdefault("api_base_url", fakes["sendgrid"].url)
+        sections.setdefault("twilio", {})["api_base"] = fakes["twilio"].url
+        sections.setdefault("sendgrid", {}).setdefault("api_base", fakes["sendgrid"].url)
         settings = make_settings(**sections)
         server, bus = await _harness(db, settings, **kw)
         session = aiohttp.ClientSession()
@@ -343,7 +343,7 @@ async def test_voice_connects_to_a_node_with_a_one_time_token(db: Database, alic
     h = await make()
     status, text = await h.twilio("/twilio/voice", call())
     assert status == 200
-    assert '<Connect><Stream url="wss://a.example.com:9998/twilio">' in text
+    assert '<Connect action="/twilio/voice/reroute?leg=1"><Stream url="wss://a.example.com:9998/twilio">' in text
     token = text.split('name="token" value="')[1].split('"')[0]
     verify_call_token(CALL_SECRET, token, "CA0001")
     assert int(token.split(".")[1]) <= time.time() + 60
@@ -382,10 +382,10 @@ async def test_voice_unknown_caller_refused_or_guest(db: Database, make: Any) ->
     ).result()
     refuse = await make()
     _, text = await refuse.twilio("/twilio/voice", call(caller="+15005550006"))
-    assert "registered users" in text and "<Hangup" in text and "<Connect>" not in text
+    assert "registered users" in text and "<Hangup" in text and "<Connect" not in text
     guest = await make(telephony={"unknown_callers": "guest"})
     _, text = await guest.twilio("/twilio/voice", call(sid="CA0002", caller="+15005550006"))
-    assert "<Connect>" in text and 'name="user_id" value="guest"' in text
+    assert "<Connect " in text and 'name="user_id" value="guest"' in text
 
 
 async def test_voice_quota_used_up_is_refused_politely(db: Database, make: Any) -> None:
@@ -396,7 +396,71 @@ async def test_voice_quota_used_up_is_refused_politely(db: Database, make: Any) 
     ).result()
     h = await make()
     _, text = await h.twilio("/twilio/voice", call(caller=bob.phone))
-    assert "used all 10 voice minutes" in text and "<Connect>" not in text
+    assert "used all 10 voice minutes" in text and "<Connect" not in text
+
+
+def beat(db: Database, node_id: str, free: int, url: str | None = None) -> None:
+    nodes.heartbeat(
+        db,
+        node_id,
+        bridge_url=url or f"wss://{node_id}.example.com",
+        model="echo",
+        slots_total=4,
+        slots_free=free,
+        step_ms_p99=None,
+        started_at=0,
+    ).result()
+
+
+async def test_reroute_moves_a_dropped_call_to_another_node_with_an_apology(
+    db: Database, alice: Any, make: Any
+) -> None:
+    beat(db, "node-a", 4)
+    beat(db, "node-b", 1)
+    h = await make()
+    _, text = await h.twilio("/twilio/voice", call())
+    assert 'url="wss://node-a.example.com/twilio"' in text and 'action="/twilio/voice/reroute?leg=1"' in text
+    db.write("INSERT INTO calls (id, node_id, status, started_at) VALUES ('CA0001', 'node-a', 'live', 1)")
+    status, text = await h.twilio("/twilio/voice/reroute?leg=1", {**call(), "CallStatus": "in-progress"})
+    assert status == 200
+    assert text.index("<Say>Sorry, we lost the line") < text.index('<Stream url="wss://node-b.example.com/twilio">')
+    assert 'action="/twilio/voice/reroute?leg=2"' in text
+    verify_call_token(CALL_SECRET, text.split('name="token" value="')[1].split('"')[0], "CA0001")
+    # node-a left the call without an end: nothing new goes there until it heartbeats again
+    assert [n.suspect for n in nodes.list_nodes(db)] == [True, False]
+    beat(db, "node-b", 0)
+    _, busy = await h.twilio("/twilio/voice", call(sid="CA0002"))
+    assert "<Record" in busy and "<Stream" not in busy
+    await asyncio.sleep(0.01)
+    beat(db, "node-a", 4)  # alive after all
+    _, again = await h.twilio("/twilio/voice", call(sid="CA0003"))
+    assert 'url="wss://node-a.example.com/twilio"' in again
+    await wait_processed(db, 4)
+    row = db.query("SELECT legs, status FROM calls WHERE id = 'CA0001'")[0]
+    assert row == (2, "live")
+    assert any("re-routed (leg 2) after node node-a" in e.summary for e in h.recorder.of("WebhookReceived"))
+
+
+async def test_reroute_leaves_calls_that_ended_normally_alone(db: Database, alice: Any, make: Any) -> None:
+    beat(db, "node-a", 4)
+    beat(db, "node-b", 4)
+    h = await make()
+    _, gone = await h.twilio("/twilio/voice/reroute?leg=1", {**call(), "CallStatus": "completed"})
+    assert "<Stream" not in gone and "<Say" not in gone  # the caller hung up
+    db.write(
+        "INSERT INTO calls (id, node_id, status, started_at, end_reason) VALUES (?, 'node-a', 'ended', 1, ?)",
+        ("CA0001", "hung up: hung up by op@console"),
+    )
+    _, hung = await h.twilio("/twilio/voice/reroute?leg=1", {**call(), "CallStatus": "in-progress"})
+    assert "<Hangup" in hung and "<Stream" not in hung  # an operator ended it
+    db.write("UPDATE calls SET end_reason = 'node shutting down' WHERE id = 'CA0001'")
+    _, moved = await h.twilio("/twilio/voice/reroute?leg=1", {**call(), "CallStatus": "in-progress"})
+    assert 'url="wss://node-b.example.com/twilio"' in moved  # a node going away is not a normal end
+    assert not any(n.suspect for n in nodes.list_nodes(db))  # it said goodbye: not suspect
+    _, last = await h.twilio("/twilio/voice/reroute?leg=4", {**call(), "CallStatus": "in-progress"})
+    assert "<Record" in last and "<Stream" not in last
+    status, _ = await h.twilio("/twilio/voice/reroute?leg=x", {**call(), "CallStatus": "in-progress"})
+    assert status == 400
 
 
 async def test_status_callback_ends_call_and_counts_minutes_once(db: Database, alice: Any, make: Any) -> None:

@@ -120,7 +120,7 @@ async def test_retries_back_off_then_dead_letter_then_cli_replay(
         "anthropic_base_url": llm.url,
         "sms_budget_s": 0.1,
     }
-    settings = make_settings(twilio={"api_base_url": rest.url}, llm=llm_settings)
+    settings = make_settings(twilio={"api_base": rest.url}, llm=llm_settings)
     bus = EventBus()
     seen = Recorder(bus)
     server = WebhooksServer(settings, db, bus, max_attempts=2)

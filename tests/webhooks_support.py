@@ -44,7 +44,7 @@ class Recorder:
 
 def make_settings(**sections: dict[str, Any]) -> Settings:
     base: dict[str, dict[str, Any]] = {
-        "twilio": {"auth_token": TWILIO_TOKEN, "account_sid": "AC0123", "api_base_url": "http://127.0.0.1:9"},
+        "twilio": {"auth_token": TWILIO_TOKEN, "account_sid": "AC0123", "api_base": "http://127.0.0.1:9"},
         "server": {"public_url": PUBLIC_URL},
         "stripe": {
             "webhook_secret": STRIPE_SECRET,

@@ -7,7 +7,8 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from webhooks import identity, sendgrid_mail, stripe_billing, twilio_sms, twilio_voice
+from engine.notify import links
+from webhooks import identity, metrics, notify_links, sendgrid_mail, stripe_billing, twilio_sms, twilio_voice
 from webhooks.hub import HUB, Effect, Hub
 
 log = logging.getLogger("xswarm.webhooks")
@@ -25,7 +26,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def _group(path: str) -> str | None:
     """The rate-limit group of a path (None: not limited)."""
-    if path == "/health":
+    if path in ("/health", "/metrics"):
         return None
     return path.split("/", 2)[1] or None
 
@@ -43,16 +44,30 @@ async def _limits(request: web.Request, handler: Handler) -> web.StreamResponse:
     return await handler(request)
 
 
+async def _metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition (docs/monitoring.md); the proxy configs keep it off the public side."""
+    hub: Hub = request.app[HUB]
+    body, content_type = await hub.metrics.render(hub)
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = content_type
+    return response
+
+
 def create_app(hub: Hub) -> web.Application:
-    app = web.Application(middlewares=[_limits], client_max_size=1024 * 1024)
+    app = web.Application(middlewares=[metrics.middleware(hub.metrics), _limits], client_max_size=1024 * 1024)
     app[HUB] = hub
     app.router.add_post("/twilio/sms", twilio_sms.route)
     app.router.add_post("/twilio/voice", twilio_voice.voice)
     app.router.add_post("/twilio/voice/status", twilio_voice.status)
     app.router.add_post(twilio_voice.VOICEMAIL_PATH, twilio_voice.voicemail)
+    app.router.add_post(twilio_voice.REROUTE_PATH, twilio_voice.reroute)
     app.router.add_post("/sendgrid/inbound", sendgrid_mail.inbound)
     app.router.add_post("/sendgrid/events", sendgrid_mail.events)
     app.router.add_post("/stripe/webhook", stripe_billing.route)
+    app.router.add_get(links.UNSUBSCRIBE_PATH, notify_links.unsubscribe)
+    app.router.add_post(links.UNSUBSCRIBE_PATH, notify_links.unsubscribe)
+    app.router.add_get(links.VOICEMAIL_PATH + "/{sid}", notify_links.voicemail)
     app.router.add_get("/api/identity", identity.identity)
     app.router.add_get("/health", identity.health)
+    app.router.add_get("/metrics", _metrics)
     return app

@@ -16,13 +16,17 @@ from typing import Any, TypedDict, TypeVar
 import aiohttp
 from aiohttp import web
 
+from engine.checkout import StripeCheckout
 from engine.config import Settings, secret
 from engine.events import Event, EventBus
+from engine.notify.sender import OutboxSender
+from engine.notify.sendgrid_client import SendGridClient
 from engine.store import feed, inbox
 from engine.store.db import Database, StoreError, log_if_failed
+from engine.telephony.twilio_rest import TwilioClient
 from webhooks.limits import DEFAULT_RATE_LIMIT, RateLimit, RateLimiter
 from webhooks.llm import provider_from_settings
-from webhooks.outbound import SendGridMail, TwilioRest
+from webhooks.metrics import WebhookMetrics
 from webhooks.replies import Replier
 from webhooks.verify import SendGridVerifier, StripeVerifier, TwilioVerifier
 
@@ -41,6 +45,8 @@ class Outcome:
     statements: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     inserts: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
+    notify: bool = False
+    """The statements may queue outbox rows: wake the sender once they are committed."""
 
 
 Effect = Callable[["Hub", inbox.InboxRow], Awaitable[Outcome]]
@@ -86,19 +92,30 @@ class Hub:
         self._inline_reads = inline_reads and not db.target.remote
         self.replier = Replier(settings, self.read, None)
         """Its LLM provider is set by ``open`` (the provider needs the HTTP session)."""
-        self.twilio_rest: TwilioRest | None = None
-        self.mail: SendGridMail | None = None
+        self.twilio_rest: TwilioClient | None = None
+        self.mail: SendGridClient | None = None
+        self.outbox: OutboxSender | None = None
+        """Sends the outbox; built by ``open``, run by ``WebhooksServer`` when it processes."""
         self.wake: Callable[[], None] = lambda: None
         """Set by the processor: called after a new row is stored."""
         self.state: dict[str, Any] = {}
         """Per-module runtime state (e.g. SMS replies still being composed)."""
+        self.metrics = WebhookMetrics()
 
     async def open(self) -> None:
         """Create the outbound HTTP session (needs the running loop)."""
         self.session = aiohttp.ClientSession()
         self.replier.llm = provider_from_settings(self.settings, self.session)
-        self.twilio_rest = TwilioRest.from_settings(self.settings, self.session)
-        self.mail = SendGridMail.from_settings(self.settings, self.session)
+        self.twilio_rest = TwilioClient(self.settings.twilio, self.session)
+        self.mail = SendGridClient(self.settings.sendgrid, self.session)
+        self.replier.checkout = StripeCheckout(self.settings, self.session)
+        self.replier.write = self.db.aread
+        self.outbox = OutboxSender(self.settings, self.db, self.twilio_rest, self.mail)
+
+    def wake_outbox(self) -> None:
+        """Outbox rows were just committed: send them now rather than at the next poll."""
+        if self.outbox is not None:
+            self.outbox.wake()
 
     async def close(self) -> None:
         if self.session is not None:

@@ -24,6 +24,21 @@ class PermanentError(Exception):
     """The event can never be applied (malformed payload): dead-letter it at once."""
 
 
+LEASE_LOST = "inbox lease lost"
+
+
+def lease_statement(rows: list[inbox.InboxRow]) -> Statement:
+    """Fails the whole transaction (``inbox lease lost``) unless this processor still holds
+    every row's lease: same attempt, not done (the ``inbox_lease`` trigger, migration 0012).
+    Why: a processor slower than its lease may find the row claimed again by another box;
+    only the current holder may apply it, so an event is applied once."""
+    marks = ",".join(["(?, ?)"] * len(rows))
+    return (
+        f"INSERT INTO inbox_lease (inbox_rowid, attempts) VALUES {marks}",
+        tuple(value for row in rows for value in (row.rowid, row.attempts)),
+    )
+
+
 def done_statement(rows: list[inbox.InboxRow]) -> Statement:
     marks = ",".join("?" * len(rows))
     return (
@@ -127,6 +142,9 @@ class InboxProcessor:
         except Exception as exc:
             await self._fail(row, exc)
             return
+        self.hub.metrics.processed.labels(row.provider, "done").inc()
+        if outcome.notify:
+            self.hub.wake_outbox()
         for event in outcome.events:
             self.hub.publish(event, to_feed=False)  # its feed row was committed with the effects
 
@@ -152,7 +170,8 @@ class InboxProcessor:
             inserts.extend(outcome.inserts)
             if outcome.events and self.hub.record_feed:
                 inserts.append(feed.event_statement(outcome.events[0]))
-        return [*statements, *merge_inserts(inserts), done_statement([row for row, _ in items])]
+        rows = [row for row, _ in items]
+        return [lease_statement(rows), *statements, *merge_inserts(inserts), done_statement(rows)]
 
     async def _flush(self) -> None:
         group, self._group = self._group, []
@@ -176,8 +195,11 @@ class InboxProcessor:
             _settle(future, None)
 
     async def _fail(self, row: inbox.InboxRow, exc: Exception) -> None:
-        self.failed += 1
         error = f"{type(exc).__name__}: {exc}"
+        if LEASE_LOST in error:
+            log.warning("%s: lease expired before its effects were committed; another processor has it", row.key)
+            return
+        self.failed += 1
         permanent = isinstance(exc, PermanentError)
         if not isinstance(exc, (StoreError, PermanentError)) and not getattr(exc, "expected", False):
             log.exception("%s %s failed (attempt %d)", row.provider, row.event_id, row.attempts)
@@ -189,6 +211,7 @@ class InboxProcessor:
             await asyncio.wrap_future(future)
         except StoreError as store_exc:
             log.warning("could not record the failure of %s (its lease will expire): %s", row.key, store_exc)
+        self.hub.metrics.processed.labels(row.provider, "dead" if dead else "retry").inc()
         self.hub.publish(WebhookFailed(row.provider, row.event_id, error[:300], dead=dead), to_feed=dead)
 
 

@@ -24,10 +24,14 @@ from aiohttp import web
 
 from engine.events import MessageReceived
 from engine.logging_setup import mask_email
-from engine.store import messages, usage
+from engine.notify import compose
+from engine.notify.sender import OUTBOX_ARG
+from engine.notify.sendgrid_client import Email
+from engine.store import messages, outbox, usage
 from engine.store.db import Statement
 from engine.store.inbox import InboxRow
 from engine.store.users import User, find_by_email
+from engine.tiers import TIERS
 from webhooks.body import INBOUND_MAIL_LIMIT, read_body
 from webhooks.hub import HUB, Hub, Outcome
 from webhooks.processor import PermanentError, received
@@ -178,12 +182,19 @@ async def inbound_effect(hub: Hub, row: InboxRow) -> Outcome:
             at_ms=row.received_at,
         )
     ]
+    quota: list[Statement] = []
     if user is not None and sender:
         statements += usage.count_statements("email", f"email:{mid}", user.id, 1, row.received_at)
+        if user.tier in TIERS:
+            period = usage.period_of(row.received_at)
+            quota = compose.quota_statements(hub.settings, user, TIERS[user.tier], "email", period)
+        statements += quota  # judged on the count just incremented
         statements += await _reply(hub, user, sender, subject, text, mid)
     summary = f"Email from {user.name if user else 'unknown'} ({mask_email(sender)}): {subject[:80]}"
     uid = user.id if user else None
-    return Outcome(statements, [MessageReceived("email", uid, summary), received(row, summary, uid)])
+    return Outcome(
+        statements, [MessageReceived("email", uid, summary), received(row, summary, uid)], notify=bool(quota)
+    )
 
 
 async def _reply(hub: Hub, user: User, sender: str, subject: str, text: str, mid: str) -> list[Statement]:
@@ -204,7 +215,8 @@ async def _reply(hub: Hub, user: User, sender: str, subject: str, text: str, mid
     body = await hub.replier.email(user, subject, text)
     reply_subject = subject if subject.lower().startswith("re:") else f"Re: {subject}"
     threading = None if mid.startswith("sha256:") else mid
-    sent_id = await hub.mail.send(to=sender, subject=reply_subject, text=body, in_reply_to=threading)
+    headers = {"In-Reply-To": threading, "References": threading} if threading else {}
+    sent_id = await hub.mail.send(Email(to=sender, subject=reply_subject, text=body, headers=headers))
     return [
         messages.insert_statement(
             channel="email",
@@ -254,6 +266,12 @@ async def events_effect(hub: Hub, row: InboxRow) -> Outcome:
     kind = str(item.get("event", ""))
     sg_message_id = str(item.get("sg_message_id") or "")
     statements = []
+    outbox_id = item.get(OUTBOX_ARG)
+    if isinstance(outbox_id, str) and outbox_id:
+        # Any event for a mail of ours means SendGrid took it: this settles a send in doubt.
+        statements += outbox.sent_statements(
+            outbox_id, sg_message_id.split(".")[0] or None, note="settled: SendGrid event"
+        )
     if sg_message_id and kind in messages.STATUS_RANK:
         statements.append(messages.status_statement(sg_message_id.split(".")[0], kind))
     summary = f"Email {kind} for {mask_email(item.get('email'))}"

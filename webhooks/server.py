@@ -3,8 +3,8 @@
 Used by ``xswarm webhooks serve`` (``inline_reads=True``: the loop is its own) and by the
 runtime (``WebhooksServer(settings, db, bus)``: reads go through the reader pool, off the loop
 that carries the voice tick).
-The processor starts with the server, so events left pending by a previous run (or another
-node) are picked up at once.
+The processor and the outbox sender start with the server, so events left pending and
+messages left unsent by a previous run (or another node) are picked up at once.
 """
 
 from __future__ import annotations
@@ -96,6 +96,8 @@ class WebhooksServer:
         self.port = int(self._runner.addresses[0][1])
         if self.processor is not None:
             self.processor.start()
+            assert self.hub.outbox is not None
+            self.hub.outbox.start()
         self._housekeeping = asyncio.create_task(self._housekeep())
         who = f"webhooks worker {self.hub.worker}" if self.hub.worker else "webhooks"
         log.info("%s listening on http://%s:%s", who, host, self.port)
@@ -107,6 +109,8 @@ class WebhooksServer:
             self._runner = None
         if self.processor is not None:
             await self.processor.stop()
+        if self.hub.outbox is not None:
+            await self.hub.outbox.stop()
         await self.hub.close()
         log.info("webhooks stopped")
 

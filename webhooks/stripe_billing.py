@@ -16,9 +16,11 @@ from typing import Any
 from aiohttp import web
 
 from engine.events import PaymentStatusChanged
+from engine.notify import compose
 from engine.store import billing
 from engine.store.db import Database
 from engine.store.inbox import InboxRow
+from engine.store.outbox import enqueue_statement
 from engine.store.users import User, find_by_stripe_customer, get_user, set_stripe_customer, set_tier
 from engine.tiers import TIERS
 from webhooks.body import read_body
@@ -192,11 +194,24 @@ async def _invoice(hub: Hub, row: InboxRow, invoice: dict[str, Any], created: in
         created=created,
         summary=f"invoice {invoice.get('id', '')} {status}{attempt}",
     )
-    summary = f"Invoice {status}: {(amount or 0) / 100:.2f} {str(invoice.get('currency') or '').upper()}{attempt}"
+    money = f"{(amount or 0) / 100:.2f} {str(invoice.get('currency') or '').upper()}".strip()
+    summary = f"Invoice {status}: {money}{attempt}"
+    notices = []
+    if not paid and user is not None:
+        # Once per (invoice, attempt): Stripe's retries of the card each get one notice.
+        drafts = compose.payment_failed(
+            hub.settings,
+            user,
+            invoice_id=str(invoice.get("id") or row.event_id),
+            attempt=int(invoice.get("attempt_count") or 1),
+            amount=money,
+        )
+        notices = [enqueue_statement(d) for d in drafts]
     return Outcome(
-        [statement],
+        [statement, *notices],
         [
             PaymentStatusChanged(user.id if user else None, status, user.tier if user else None),
             received(row, summary, user.id if user else None),
         ],
+        notify=bool(notices),
     )

@@ -22,15 +22,16 @@ from multidict import MultiDict
 
 from engine.events import MessageReceived
 from engine.logging_setup import mask_phone
-from engine.store import messages, usage
+from engine.notify import compose
+from engine.store import messages, optouts, usage
 from engine.store.db import Statement, StoreError
 from engine.store.inbox import InboxRow
 from engine.store.users import User, find_by_phone
+from engine.tiers import TIERS
 from webhooks import twiml
 from webhooks.body import parse_form, read_body
 from webhooks.hub import HUB, Hub, Outcome
 from webhooks.processor import PermanentError, received
-from webhooks.replies import fit_sms
 
 log = logging.getLogger("xswarm.webhooks.sms")
 PROVIDER = "twilio-sms"
@@ -116,11 +117,17 @@ async def route(request: web.Request) -> web.Response:
             entry.looked_up = False
         else:
             entry.user, entry.looked_up = user, True
+        word = optouts.keyword(body)
+        if form.get("OptOutType") and word in optouts.STOP_WORDS | optouts.START_WORDS | optouts.HELP_WORDS:
+            quick = ""  # Twilio's Advanced Opt-Out has answered this keyword itself
+        opt = optouts.sms_statement(sender, word, int(time.time() * 1000)) if sender else None
         if quick is not None:
-            # Commands and canned replies: the row and its reply commit together, so the
-            # reply is on record exactly when the message is.
-            reply = reply_statement(sid, user, sender, ours, quick, {"via": "twiml"})
-            if not await hub.ingest(PROVIDER, sid, "sms", raw.decode("utf-8"), with_statements=[reply]):
+            # Keywords, commands and canned replies: the row, its reply and any STOP/START commit
+            # together, so the reply is on record exactly when the message is, and a STOP holds
+            # back every later message at once.
+            statements = [reply_statement(sid, user, sender, ours, quick, {"via": "twiml"})] if quick else []
+            statements += [opt] if opt is not None else []
+            if not await hub.ingest(PROVIDER, sid, "sms", raw.decode("utf-8"), with_statements=statements):
                 pending.pop(sid, None)
                 return twiml.response(twiml.EMPTY)  # a retry: the first delivery got its answer
             entry.inline, entry.text, entry.recorded = True, quick, True
@@ -134,14 +141,14 @@ async def route(request: web.Request) -> web.Response:
         if not entry.looked_up:
             hub.release(PROVIDER, sid)
             return twiml.response(twiml.EMPTY)  # reads failing: the processor replies later
-        entry.task = task = asyncio.ensure_future(hub.replier.llm_sms(user, body))  # type: ignore[arg-type]
+        entry.task = task = asyncio.ensure_future(hub.replier.slow_sms(user, body, sid))  # type: ignore[arg-type]
         try:
             await asyncio.wait_for(asyncio.shield(task), hub.settings.llm.sms_budget_s)
         except TimeoutError:
             log.info("SMS %s: reply not ready in %.1f s; it goes out via REST", sid, hub.settings.llm.sms_budget_s)
             hub.release(PROVIDER, sid)
             return twiml.response(twiml.EMPTY)
-        text = fit_sms(task.result())
+        text = task.result()
         entry.inline, entry.text = True, text
         # Recorded now (before the release, so other nodes see it) and again with the effects.
         hub.db.submit(*reply_statement(sid, user, sender, ours, text, {"via": "twiml"}))
@@ -179,11 +186,19 @@ async def effect(hub: Hub, row: InboxRow) -> Outcome:
         at_ms=row.received_at,
     )
     statements: list[Statement] = []
+    opt = optouts.sms_statement(sender, optouts.keyword(body), row.received_at)
+    if opt is not None:
+        statements.append(opt)
     inserts = [message]
+    quota: list[Statement] = []
     if user is not None:
         increment, ledger = usage.count_statements("sms", f"sms:{sid}", user.id, 1, row.received_at)
         statements.append(increment)
         inserts.append(ledger)  # committed after every increment of the group, merged
+        if user.tier in TIERS:
+            period = usage.period_of(row.received_at)
+            quota = compose.quota_statements(hub.settings, user, TIERS[user.tier], "sms", period)
+            statements += quota  # judged on the count just incremented
     statements += await _deferred_reply(hub, sid, user, sender, ours, body)
     who = mask_phone(sender)
     summary = f"SMS from {user.name if user else 'unknown'} ({who}): {len(body)} chars"
@@ -191,6 +206,7 @@ async def effect(hub: Hub, row: InboxRow) -> Outcome:
         statements,
         [MessageReceived("sms", user.id if user else None, summary), received(row, summary, user.id if user else None)],
         inserts=inserts,
+        notify=bool(quota),
     )
 
 
@@ -208,7 +224,7 @@ async def _deferred_reply(
             return [reply_statement(sid, user, sender, ours, entry.text, {"via": "twiml"})]
     if entry is not None and entry.task is not None:
         try:
-            text = fit_sms(await entry.task)
+            text = await entry.task
         except Exception:
             _pending(hub).pop(sid, None)  # the next attempt composes afresh
             raise
@@ -216,7 +232,10 @@ async def _deferred_reply(
         # After a restart or a replay: only reply if no reply was recorded.
         if await hub.read(lambda d: messages.get_by_provider_id(d, f"reply:{sid}")) is not None:
             return []
-        text = fit_sms(await hub.replier.sms(user, body))
+        text = await hub.replier.sms(user, body, sender, sid)
+    if not text or await hub.read(lambda d: optouts.sms_opted_out(d, sender)):
+        _pending(hub).pop(sid, None)
+        return []  # the number texted STOP (perhaps while this reply was composed): nothing goes back
     if not ours:
         raise PermanentError("SMS has no To to reply from")
     assert hub.twilio_rest is not None

@@ -1,17 +1,25 @@
-"""Voice webhooks: admission of incoming calls, call status callbacks, voicemail.
+"""Voice webhooks: admission of incoming calls, call status callbacks, voicemail, re-routes.
 
 ``POST /twilio/voice`` must answer in well under a second (the caller hears silence until
-then), so it does one pooled read (user, usage, a node with a free slot) and answers:
-``<Connect><Stream>`` to the chosen node's bridge with a one-time token, or a polite
-``<Say>`` and a ``<Record>`` voicemail when no node has room, or a refusal for unknown
-callers (``telephony.unknown_callers``) and exhausted plans.
+then), so it does one pooled read (user, usage) and one write (``engine.store.routing``: the
+node with the most free slots, counting calls routed there that have not connected yet, and
+a reservation of one of its slots) and answers: ``<Connect><Stream>`` to the chosen node's
+bridge with a one-time token, or a polite ``<Say>`` and a ``<Record>`` voicemail when no node
+has room, or a refusal for unknown callers (``telephony.unknown_callers``) and exhausted plans.
+
+``<Connect action="/twilio/voice/reroute?leg=N">``: when the stream of leg N ends while the
+caller is still on the line (its node died, shut down or dropped the stream), Twilio asks that
+URL what next, and the call is re-routed to another ready node with a short apology, a fresh
+token and the same call row (one more leg). A call that ended normally (the caller or an
+operator hung up) is not re-routed.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from urllib.parse import parse_qsl
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
 
 from aiohttp import web
 from multidict import MultiDict
@@ -19,12 +27,14 @@ from multidict import MultiDict
 from engine.config import secret
 from engine.events import CallRefused, MessageReceived
 from engine.logging_setup import mask_phone
-from engine.store import messages, usage
-from engine.store.db import Database
+from engine.notify import compose, links
+from engine.store import messages, routing, usage
+from engine.store.db import Database, StoreError
 from engine.store.inbox import InboxRow
-from engine.store.nodes import Node, choose_node
-from engine.store.users import User, find_by_phone
+from engine.store.outbox import Draft, enqueue_statement
+from engine.store.users import User, find_by_phone, get_user
 from engine.telephony.calltoken import mint
+from engine.tiers import TIERS
 from engine.tiers import tier as tier_named
 from webhooks import twiml
 from webhooks.body import parse_form, read_body
@@ -34,6 +44,11 @@ from webhooks.processor import PermanentError, received
 log = logging.getLogger("xswarm.webhooks.voice")
 PROVIDER = "twilio-voice"
 VOICEMAIL_PATH = "/twilio/voice/voicemail"
+REROUTE_PATH = "/twilio/voice/reroute"
+MAX_LEGS = 4
+"""Streams one call may get (the first and three re-routes) before it goes to voicemail."""
+NORMAL_ENDS = ("hung up", "caller hung up")
+"""Prefixes of a call row's ``end_reason`` that mean the call ended on purpose."""
 TERMINAL = {"completed", "busy", "failed", "no-answer", "canceled"}
 
 REFUSE_UNKNOWN = "Hello. This line only takes calls from registered users. Goodbye."
@@ -41,20 +56,20 @@ NO_ROOM = (
     "Hello. All of our lines are busy right now. Please leave a message after the tone, and we will get back to you."
 )
 NOT_READY = "Hello. The assistant is not available right now. Please leave a message after the tone."
+REROUTE_APOLOGY = "Sorry, we lost the line for a moment. Reconnecting you now."
 
 
 @dataclass(frozen=True)
 class Admission:
     user: User | None
     minutes_used: float
-    node: Node | None
 
 
 def _admission(db: Database, caller: str | None) -> Admission:
-    """Everything the answer depends on, in one trip to the reader pool."""
+    """Everything the refusal rules depend on, in one trip to the reader pool."""
     user = find_by_phone(db, caller) if caller else None
     used = usage.usage_for(db, user.id).voice_minutes if user else 0.0
-    return Admission(user, used, choose_node(db))
+    return Admission(user, used)
 
 
 async def _verified_form(hub: Hub, request: web.Request) -> tuple[bytes, MultiDict[str]]:
@@ -80,10 +95,14 @@ async def voice(request: web.Request) -> web.Response:
     # A retried webhook for the same call is answered the same way (fresh token, same rules).
     caller = form.get("From")
     admission = await hub.read(lambda d: _admission(d, caller))
-    return twiml.response(answer(hub, call_sid, caller, admission))
+    refusal = refuse(hub, caller, admission)
+    if refusal is not None:
+        return twiml.response(refusal)
+    return twiml.response(await connect(hub, call_sid, caller, admission.user, leg=1))
 
 
-def answer(hub: Hub, call_sid: str, caller: str | None, admission: Admission) -> str:
+def refuse(hub: Hub, caller: str | None, admission: Admission) -> str | None:
+    """The answer for a caller this line does not take now, or None to connect the call."""
     user, telephony = admission.user, hub.settings.telephony
     if user is None and telephony.unknown_callers == "refuse":
         hub.bus.publish(CallRefused("unknown caller", mask_phone(caller)))
@@ -99,18 +118,100 @@ def answer(hub: Hub, call_sid: str, caller: str | None, admission: Admission) ->
                 f"Hello {user.name}. You have used all {limit} voice minutes of your plan this month. "
                 "You can still send a text. Goodbye."
             )
+    return None
+
+
+async def connect(
+    hub: Hub,
+    call_sid: str,
+    caller: str | None,
+    user: User | None,
+    *,
+    leg: int,
+    exclude: tuple[str, ...] = (),
+    apology: str | None = None,
+) -> str:
+    """Route leg ``leg`` of the call to a node (not one in ``exclude``) and stream it there;
+    voicemail when no node has room or tokens cannot be minted."""
+    telephony = hub.settings.telephony
     token_secret = secret(telephony.call_token_secret)
-    if admission.node is None or not admission.node.bridge_url:
-        hub.bus.publish(CallRefused("no free slot", mask_phone(caller)))
-        return twiml.voicemail(NO_ROOM, VOICEMAIL_PATH)
     if not token_secret:
         log.error("XSWARM_CALL_TOKEN_SECRET is not set: calls cannot be admitted, taking voicemail")
         hub.bus.publish(CallRefused("no call token secret", "XSWARM_CALL_TOKEN_SECRET unset"))
         return twiml.voicemail(NOT_READY, VOICEMAIL_PATH)
+    try:
+        assert hub.session is not None  # opened with the server
+        route = await routing.reserve(
+            hub.db, call_sid, ttl_s=telephony.call_token_ttl_s, session=hub.session, exclude=exclude
+        )
+    except StoreError as exc:
+        log.error("routing %s failed (taking voicemail): %s", call_sid, exc)
+        route = None
+    if route is None:
+        hub.bus.publish(CallRefused("no free slot", mask_phone(caller)))
+        return twiml.voicemail(NO_ROOM, VOICEMAIL_PATH)
     token = mint(token_secret, call_sid, telephony.call_token_ttl_s)
     theme = user.theme if user else hub.settings.ui.theme
-    url = admission.node.bridge_url.rstrip("/") + "/twilio"
-    return twiml.stream(url, {"token": token, "user_id": user.id if user else "guest", "theme": theme})
+    return twiml.stream(
+        route.bridge_url.rstrip("/") + "/twilio",
+        {"token": token, "user_id": user.id if user else "guest", "theme": theme},
+        status_action=f"{REROUTE_PATH}?leg={leg}",
+        say=apology,
+    )
+
+
+@dataclass(frozen=True)
+class LastLeg:
+    """Where the call's last stream went and how it ended, as far as the database knows."""
+
+    node_id: str | None
+    status: str | None
+    end_reason: str | None
+
+    @property
+    def ended_normally(self) -> bool:
+        return self.status == "ended" and (self.end_reason or "").startswith(NORMAL_ENDS)
+
+
+def _last_leg(db: Database, call_sid: str) -> tuple[LastLeg, User | None]:
+    rows = db.query("SELECT node_id, status, end_reason, caller FROM calls WHERE id = ?", (call_sid,))
+    node_id, status_, reason, caller = rows[0] if rows else (None, None, None, None)
+    # A call whose node died before the stream started has no row yet: its reservation says where it went.
+    node_id = node_id or routing.reserved_node(db, call_sid)
+    user = find_by_phone(db, caller) if caller else None
+    return LastLeg(node_id, status_, reason), user
+
+
+async def reroute(request: web.Request) -> web.Response:
+    """Twilio's ``<Connect action>`` callback: the stream of leg ``leg`` has ended."""
+    hub: Hub = request.app[HUB]
+    raw, form = await _verified_form(hub, request)
+    call_sid = _call_sid(form)
+    leg_text = request.query.get("leg", "")
+    if not leg_text.isdigit() or not 1 <= int(leg_text) <= MAX_LEGS:
+        raise web.HTTPBadRequest(text="leg must be a number from 1 to 4")
+    leg = int(leg_text)
+    if form.get("CallStatus") in TERMINAL:
+        return twiml.response(twiml.EMPTY)  # the caller is gone: nothing to re-route
+    last, user = await hub.read(lambda d: _last_leg(d, call_sid))
+    if last.ended_normally:
+        return twiml.response(twiml.hang_up())
+    caller = form.get("From")
+    if user is None and caller:
+        user = await hub.read(lambda d: find_by_phone(d, caller))
+    if last.node_id is not None and last.status != "ended":
+        # The node never wrote the end of this leg: it is probably dead. Route nothing more
+        # there until a heartbeat newer than this says otherwise.
+        routing.mark_suspect(hub.db, last.node_id).add_done_callback(_log_write_failure)
+    extra = urlencode({"XswarmLeg": leg + 1, "XswarmFromNode": last.node_id or ""})
+    await hub.ingest(PROVIDER, f"{call_sid}:leg:{leg + 1}", "reroute", f"{raw.decode('utf-8')}&{extra}")
+    if leg >= MAX_LEGS:
+        hub.bus.publish(CallRefused("too many re-routes", f"{call_sid} after {leg} legs"))
+        return twiml.response(twiml.voicemail(NOT_READY, VOICEMAIL_PATH))
+    exclude = (last.node_id,) if last.node_id else ()
+    return twiml.response(
+        await connect(hub, call_sid, caller, user, leg=leg + 1, exclude=exclude, apology=REROUTE_APOLOGY)
+    )
 
 
 async def status(request: web.Request) -> web.Response:
@@ -147,6 +248,8 @@ async def effect(hub: Hub, row: InboxRow) -> Outcome:
         return await _status_effect(hub, row, form)
     if row.event_type == "voicemail":
         return await _voicemail_effect(hub, row, form)
+    if row.event_type == "reroute":
+        return _reroute_effect(row, form)
     raise PermanentError(f"unknown voice event type {row.event_type!r}")
 
 
@@ -159,6 +262,7 @@ async def _status_effect(hub: Hub, row: InboxRow, form: dict[str, str]) -> Outco
         user_id = user.id if user else None
     duration = _float(form.get("CallDuration")) if terminal else None
     statements = []
+    quota = []
     if terminal:
         statements.append(
             usage.call_status_statement(
@@ -173,6 +277,11 @@ async def _status_effect(hub: Hub, row: InboxRow, form: dict[str, str]) -> Outco
         )
         if user_id and duration:
             statements += usage.count_statements("voice", f"call:{call_sid}", user_id, duration, row.received_at)
+            counted = await hub.read(lambda d: get_user(d, user_id))
+            if counted is not None and counted.tier in TIERS:
+                period = usage.period_of(row.received_at)
+                quota = compose.quota_statements(hub.settings, counted, TIERS[counted.tier], "voice", period)
+                statements += quota  # judged on the seconds just counted
     else:
         statements.append(
             (
@@ -181,7 +290,22 @@ async def _status_effect(hub: Hub, row: InboxRow, form: dict[str, str]) -> Outco
             )
         )
     summary = f"Call {mask_phone(caller)} {state}" + (f" after {duration:.0f} s" if duration else "")
-    return Outcome(statements, [received(row, summary, user_id)])
+    return Outcome(statements, [received(row, summary, user_id)], notify=bool(quota))
+
+
+def _reroute_effect(row: InboxRow, form: dict[str, str]) -> Outcome:
+    """The same call row gets one more leg (inserted when the first leg never went live)."""
+    call_sid, caller = form["CallSid"], form.get("From")
+    leg = int(form.get("XswarmLeg") or 2)
+    statement = (
+        "INSERT INTO calls (id, caller, status, started_at, legs) VALUES (?, ?, 'ringing', ?, ?)"
+        " ON CONFLICT(id) DO UPDATE SET legs = MAX(calls.legs, excluded.legs)",
+        (call_sid, caller, row.received_at, leg),
+    )
+    summary = (
+        f"Call {mask_phone(caller)} re-routed (leg {leg}) after node {form.get('XswarmFromNode') or '?'} dropped it"
+    )
+    return Outcome([statement], [received(row, summary)])
 
 
 async def _voicemail_effect(hub: Hub, row: InboxRow, form: dict[str, str]) -> Outcome:
@@ -204,14 +328,49 @@ async def _voicemail_effect(hub: Hub, row: InboxRow, form: dict[str, str]) -> Ou
         },
         at_ms=row.received_at,
     )
+    notices = [enqueue_statement(d) for d in _voicemail_notices(hub, form, user, seconds)]
     summary = f"Voicemail from {user.name if user else 'unknown'} ({mask_phone(caller)}), {seconds or 0:.0f} s"
     return Outcome(
-        [statement],
+        [statement, *notices],
         [
             MessageReceived("voicemail", user.id if user else None, summary),
             received(row, summary, user.id if user else None),
         ],
+        notify=bool(notices),
     )
+
+
+def _voicemail_notices(hub: Hub, form: dict[str, str], user: User | None, seconds: float | None) -> list[Draft]:
+    """Tell someone: the caller when they are a user (a receipt with the transcript or a
+    notice, and a link to listen), otherwise the operator at ``notify.operator_email``."""
+    settings = hub.settings
+    recording = form.get("RecordingSid") or f"{form.get('CallSid', '')}-recording"
+    caller: str | None = None  # the recipient left it
+    if user is not None:
+        to = compose.Recipient.of(user)
+    elif settings.notify.operator_email:
+        to = compose.Recipient(None, "operator", None, settings.notify.operator_email)
+        caller = form.get("From") or "an unknown caller"
+    else:
+        log.info("voicemail %s from an unknown caller: no notify.operator_email to tell", recording)
+        return []
+    listen = links.listen_url(settings, recording) if form.get("RecordingSid") else None
+    if listen is None and form.get("RecordingUrl"):
+        listen = form["RecordingUrl"] + ".mp3"  # Twilio's own URL (may ask for the account's credentials)
+    return compose.voicemail(
+        settings,
+        to,
+        recording_sid=recording,
+        caller=caller,
+        seconds=seconds,
+        transcript=form.get("TranscriptionText") or None,
+        listen=listen,
+    )
+
+
+def _log_write_failure(future: Any) -> None:
+    if future.exception() is not None:
+        log.warning("could not mark a node suspect: %s", future.exception())
 
 
 def _float(value: str | None) -> float | None:

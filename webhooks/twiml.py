@@ -23,10 +23,13 @@ def sms(text: str | None) -> str:
     return f"{_XML_HEAD}<Response><Message>{escape(text)}</Message></Response>"
 
 
-def stream(url: str, parameters: dict[str, str], *, status_action: str | None = None) -> str:
+def stream(url: str, parameters: dict[str, str], *, status_action: str | None = None, say: str | None = None) -> str:
     """Hand the call to a bridge: ``<Connect><Stream url=…>`` with per-call ``<Parameter>``s
-    (never query strings: Twilio drops them from the stream URL)."""
+    (never query strings: Twilio drops them from the stream URL), after ``say`` if given.
+    ``status_action``: where Twilio asks what next when the stream ends."""
     vr = VoiceResponse()
+    if say:
+        vr.say(say)
     connect = vr.connect(action=status_action) if status_action else vr.connect()
     st = connect.stream(url=url)
     for name, value in parameters.items():
@@ -40,6 +43,12 @@ def voicemail(apology: str, action: str, *, max_length_s: int = 120) -> str:
     vr.say(apology)
     vr.record(action=action, method="POST", max_length=max_length_s, play_beep=True, timeout=5)
     vr.say("We did not get a recording. Goodbye.")
+    vr.hangup()
+    return str(vr)
+
+
+def hang_up() -> str:
+    vr = VoiceResponse()
     vr.hangup()
     return str(vr)
 

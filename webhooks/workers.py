@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import queue
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -54,6 +57,8 @@ class WorkerPlan:
     port: int
     count: int
     rate_limit: RateLimit | None
+    metrics_dir: str | None = None
+    """Where the workers' metrics files go (``webhooks.metrics``: one merged /metrics)."""
 
     def share(self) -> RateLimit | None:
         """One worker's part of the rate limit."""
@@ -178,6 +183,10 @@ def _worker_main(
     """A worker process: the webhook server on the shared port until SIGTERM (Ctrl-C is the
     parent's to handle: it stops the workers in order)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if plan.metrics_dir:
+        from webhooks.metrics import use_multiprocess
+
+        use_multiprocess(plan.metrics_dir)  # before the server creates its metrics
     import asyncio
 
     from engine.config import load_settings
@@ -237,7 +246,10 @@ def serve_workers(plan: WorkerPlan, on_ready: Callable[[int], None], stop: threa
     if not supported():
         raise WorkersError("--workers above 1 needs SO_REUSEPORT (Linux); run one worker per port instead")
     reservation = reserve(plan.host, plan.port)
-    plan = WorkerPlan(plan.host, reservation.getsockname()[1], plan.count, plan.rate_limit)
+    # A fresh folder per run: prometheus_client sums every file in it. Under systemd it goes
+    # in the unit's RuntimeDirectory (/run/xswarm), else in the temporary folder.
+    metrics_dir = tempfile.mkdtemp(prefix="xswarm-webhooks-metrics-", dir=os.environ.get("RUNTIME_DIRECTORY"))
+    plan = WorkerPlan(plan.host, reservation.getsockname()[1], plan.count, plan.rate_limit, metrics_dir)
     workers = Workers(plan)
     listener = listen(workers.records)
     try:
@@ -249,3 +261,4 @@ def serve_workers(plan: WorkerPlan, on_ready: Callable[[int], None], stop: threa
         workers.stop()
         listener.stop()
         reservation.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)

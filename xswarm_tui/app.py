@@ -91,6 +91,7 @@ BINDINGS: list[BindingType] = [
     _binding("slash", "filter", "Filter", "Filter the focused panel (escape clears)", show=False, group="view"),
     _binding("c", "focus_calls", "Calls", "Focus the calls board", show=False, group="view"),
     _binding("e", "focus_events", "Events", "Focus the events feed", show=False, group="view"),
+    _binding("n", "focus_nodes", "Nodes", "Focus the nodes panel (fleet console; d drains)", show=False, group="view"),
     _binding("u", "users", "Users", "Users with tier and this month's usage", show=False, group="view"),
     _binding("g", "logs", "Logs", "The log records of this session", show=False, group="view"),
 ]
@@ -142,8 +143,16 @@ class XswarmApp(App[None]):
         self.animation_level = "none"  # suits SSH; nothing here needs motion
         self.state_changed: Signal[StateChanged] = Signal(self, "state-changed")
         """Published at each redraw and once a second; every panel subscribes for its part."""
-        self.board = CallBoard(self.state, self.clock, self.state_changed, id="calls")
+        self.board = CallBoard(
+            self.state, self.clock, self.state_changed, id="calls", node_of=getattr(link, "node_of", None)
+        )
         self.system_panel = SystemPanel(self.state, self.clock, self.poll_interval_s, self.state_changed, id="system")
+        self.nodes_panel = None
+        if hasattr(link, "node_command"):  # a fleet: the nodes panel takes the one-node system panel's place
+            from xswarm_tui.widgets.nodes import NodesPanel
+
+            self.nodes_panel = NodesPanel(link, self.clock, read_only=self.read_only, id="nodes")
+            self.system_panel.display = False
         self.feed_panel = EventsFeed(self.state, self.state_changed, id="events")
         """The dashboard's panels, kept by reference: they stay put while other screens are on top."""
 
@@ -155,6 +164,8 @@ class XswarmApp(App[None]):
             yield self.board
         with Horizontal(id="bottom"):
             yield self.system_panel
+            if self.nodes_panel is not None:
+                yield self.nodes_panel
             with Vertical(id="events-area"):
                 yield Input(
                     placeholder="filter events: sms, payment, error, any word", id="events-filter", classes="filter"
@@ -318,6 +329,8 @@ class XswarmApp(App[None]):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if self.read_only and action in ACTING:
             return False  # hidden from the footer, help and palette, and does nothing
+        if action == "focus_nodes" and self.nodes_panel is None:
+            return False
         return True
 
     def key_rows(self) -> list[tuple[str, str, str]]:
@@ -485,6 +498,10 @@ class XswarmApp(App[None]):
 
     def action_focus_events(self) -> None:
         self.feed_panel.focus()
+
+    def action_focus_nodes(self) -> None:
+        if self.nodes_panel is not None:
+            self.nodes_panel.focus()
 
     def action_users(self) -> None:
         self.push_screen(UsersScreen(self.link))

@@ -33,6 +33,7 @@ _GROUPS: list[tuple[str, str]] = [
     ("db", "db"),
     ("users", "users"),
     ("doctor", "commands"),
+    ("capacity", "commands"),
     ("backup", "backup"),
     ("supervisor", "supervisor"),
     ("models", "models"),
@@ -40,6 +41,9 @@ _GROUPS: list[tuple[str, str]] = [
     ("serve", "commands"),
     ("call", "commands"),
     ("webhooks", "webhooks"),
+    ("billing", "billing"),
+    ("notify", "notify"),
+    ("nodes", "nodes"),
     ("tui", "callback"),
 ]
 

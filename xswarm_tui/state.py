@@ -78,7 +78,7 @@ class FeedItem:
     seq: int
     at: float
     category: str
-    """sms, email, payment, user, webhook, call, supervisor, model or error: what `/` filters on."""
+    """sms, email, payment, user, webhook, call, supervisor, model, node or error: what `/` filters on."""
     text: str
 
 
@@ -162,7 +162,7 @@ class ConsoleState:
                         call_id=call.call_id, mode=call.mode, operator=call.operator, listeners=call.listeners
                     )
                 )
-        if typed.slots is not None:
+        if typed.slots is not None and "no_headroom" in snap["slots"]:  # a fleet's merged slots leave it out
             server_time = snap.get("server_time")
             at = float(server_time) if isinstance(server_time, (int, float)) else time.time()
             self._set_headroom(typed.slots.no_headroom, at)
@@ -311,6 +311,7 @@ _FEED_ONLY = (
     ev.ErrorRaised,
     ev.CallRefused,
     ev.SupervisorActed,
+    ev.NodeStateChanged,
 )
 """Recent events a snapshot may replay into the feed (call events are the snapshot's own calls)."""
 
@@ -334,4 +335,9 @@ _HANDLERS: dict[type, Any] = {
     ),
     ev.UserCreated: lambda s, e: s._feed(e.at, "user", f"new user {e.name} ({e.tier})"),
     ev.ErrorRaised: lambda s, e: s._feed(e.at, "error", f"{e.source}: {e.message}"),
+    ev.NodeStateChanged: lambda s, e: s._feed(
+        e.at,
+        "node" if e.state != "down" else "error",
+        f"node {e.node_id} {e.state}" + (f": {e.detail}" if e.detail else ""),
+    ),
 }

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import http
-import json
 import logging
 import time
 from collections import Counter
@@ -57,8 +56,6 @@ FLOOD_LIMIT = RateLimit(rate=150.0, burst=300.0)
 WRITE_BUFFER_LIMIT = 16 * 1024
 """Bytes (about 1 s of output) a call's socket may hold unsent before we drop frames."""
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
-TWILIO_NOT_FOUND = 20404
-"""Twilio's error code for a resource that does not exist (a call that has already ended)."""
 
 
 class Refusal(Exception):
@@ -454,21 +451,13 @@ async def complete_call(settings: Any, call_sid: str) -> bool:
     if twilio_rest.credentials(settings.twilio) is None:
         return True
     try:
-        status, body = await twilio_rest.update_call(settings.twilio, call_sid, {"Status": "completed"}, timeout_s=5)
-    except twilio_rest.TwilioUnreachable as exc:
+        async with twilio_rest.open_client(settings.twilio, timeout_s=5) as client:
+            await client.update_call(call_sid, status="completed")
+    except twilio_rest.TwilioError as exc:
+        if exc.status == 404 or exc.code == twilio_rest.NOT_FOUND:
+            log.info("call %s had already ended at Twilio", call_sid)
+            return True
         log.warning("Twilio REST hang-up of %s failed: %s", call_sid, exc)
         return False
-    if status < 300 or status == 404 or _twilio_code(body) == TWILIO_NOT_FOUND:
-        log.info("call %s completed through Twilio REST (%s)", call_sid, status)
-        return True
-    log.warning("Twilio REST hang-up of %s answered %s: %s", call_sid, status, body[:200])
-    return False
-
-
-def _twilio_code(body: str) -> int | None:
-    """Twilio's own error code from an error body (``{"code": 20404, ...}``), if any."""
-    try:
-        code = json.loads(body).get("code")
-    except (ValueError, AttributeError):
-        return None
-    return code if isinstance(code, int) else None
+    log.info("call %s completed through Twilio REST", call_sid)
+    return True

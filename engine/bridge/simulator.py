@@ -6,6 +6,10 @@ upgrade; send ``connected`` and ``start``; stream 160-byte mu-law ``media`` ever
 monotonic clock (no drift); play the bridge's audio through a simulated playout queue and echo
 each ``mark`` when the audio queued before it has "played" (at once on ``clear``); finally
 ``stop`` and close. It records the reply and the figures a person wants to see.
+
+``place_call`` also does what Twilio does after ``<Connect action="…">``: when the bridge ends
+the stream while the caller is still talking (its node died or dropped it), it asks the action
+URL what next and follows the answer (a re-route to another node, or a hang-up).
 """
 
 from __future__ import annotations
@@ -40,6 +44,10 @@ class StreamTarget:
 
     url: str
     parameters: dict[str, str] = field(default_factory=dict)
+    action: str | None = None
+    """``<Connect action>``: where Twilio asks what next when the stream ends."""
+    said: str = ""
+    """What ``<Say>`` told the caller before the stream."""
 
 
 @dataclass
@@ -63,6 +71,10 @@ class CallReport:
     """How far behind its 20 ms slot each chunk left (our own pacing jitter, not the bridge's)."""
     close_code: int | None = None
     close_reason: str = ""
+    stopped: bool = False
+    """The caller side ended the stream (``stop``); False when the bridge ended or lost it."""
+    first_audio_at: float | None = None
+    """Loop time of the first reply audio (for re-route timing)."""
     duration_s: float = 0.0
     reply: bytes = b""
 
@@ -120,7 +132,9 @@ def parse_twiml(body: str) -> StreamTarget:
         said = " ".join((el.text or "").strip() for el in root.iter("Say"))
         raise SimulationError(f"no stream in the TwiML (the call was not put through){': ' + said if said else ''}")
     params = {p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")}
-    return StreamTarget(stream.get("url", ""), params)
+    connect = root.find("./Connect")
+    said = " ".join((el.text or "").strip() for el in root.iter("Say"))
+    return StreamTarget(stream.get("url", ""), params, connect.get("action") if connect is not None else None, said)
 
 
 class _Playout:
@@ -219,6 +233,7 @@ async def stream_call(
             if event == "media":
                 if first_audio_at is None:
                     first_audio_at = loop.time()
+                    report.first_audio_at = first_audio_at
                     report.first_audio_ms = round((first_audio_at - start_sent) * 1000, 3)
                 payload = base64.b64decode(msg["media"]["payload"])
                 reply.extend(payload)
@@ -284,6 +299,7 @@ async def stream_call(
             if on_sent is not None:
                 on_sent(k, loop.time())
         if not receiver.done():
+            report.stopped = True
             await ws.send(
                 json.dumps(
                     {
@@ -340,3 +356,95 @@ def websocket_url(base: str) -> str:
     scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
     path = parts.path if parts.path.endswith("/twilio") else parts.path.rstrip("/") + "/twilio"
     return f"{scheme}://{parts.netloc}{path}"
+
+
+@dataclass
+class PlacedCall:
+    """A call placed through the voice webhook, with every leg Twilio would have streamed."""
+
+    call_sid: str
+    legs: list[CallReport] = field(default_factory=list)
+    nodes: list[str] = field(default_factory=list)
+    """The bridge URL of each leg."""
+    reroute_s: list[float] = field(default_factory=list)
+    """Per re-route: action callback sent -> first audio from the new node."""
+    webhook_ms: list[float] = field(default_factory=list)
+    """How long each webhook (the voice webhook, then each action callback) took to answer."""
+    outcome: str = "completed"
+    """completed (the caller finished talking), hung up (the line ended the call), or not
+    connected (no stream in an answer: busy, voicemail, refusal; ``said`` says what)."""
+    said: str = ""
+
+
+async def place_call(
+    webhooks_url: str,
+    auth_token: str,
+    audio: bytes,
+    *,
+    call_sid: str | None = None,
+    account_sid: str = "AC" + "0" * 32,
+    caller: str = "+15005550006",
+    called: str = "+15005550007",
+    max_legs: int = 5,
+    **stream_options: Any,
+) -> PlacedCall:
+    """Twilio's whole part of one inbound call: the signed voice webhook, the stream it names,
+    and, when the bridge ends a stream before the caller does, the signed ``<Connect action>``
+    callback and the stream (rest of the audio) it answers with."""
+    import aiohttp
+
+    call_sid = call_sid or new_sid("CA")
+    placed = PlacedCall(call_sid)
+    base = webhooks_url.rstrip("/")
+    form = {
+        "CallSid": call_sid,
+        "AccountSid": account_sid,
+        "From": caller,
+        "To": called,
+        "Direction": "inbound",
+        "ApiVersion": "2010-04-01",
+    }
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
+
+        async def post(path: str, status: str) -> str:
+            url = base + path
+            data = {**form, "CallStatus": status}
+            headers = {"X-Twilio-Signature": sign(auth_token, url, data)}
+            sent = loop.time()
+            async with session.post(url, data=data, headers=headers) as resp:
+                body = await resp.text()
+                if resp.status != 200:
+                    raise SimulationError(f"{path} answered {resp.status}: {body[:200]}")
+            placed.webhook_ms.append(round((loop.time() - sent) * 1000, 3))
+            return body
+
+        body = await post("/twilio/voice", "ringing")
+        rest = audio
+        action_at: float | None = None
+        for _ in range(max_legs):
+            try:
+                target = parse_twiml(body)
+            except SimulationError as exc:
+                placed.outcome = "hung up" if "<Hangup" in body and action_at is not None else "not connected"
+                placed.said = str(exc)
+                return placed
+            placed.said = target.said
+            try:
+                report = await stream_call(
+                    target, rest, auth_token=auth_token, call_sid=call_sid, account_sid=account_sid, **stream_options
+                )
+            except SimulationError as exc:  # the node is gone: Twilio asks the action URL too
+                report = CallReport(call_sid=call_sid, stream_sid="", url=target.url, close_reason=str(exc))
+            placed.legs.append(report)
+            placed.nodes.append(target.url)
+            if action_at is not None and report.first_audio_at is not None:
+                placed.reroute_s.append(round(report.first_audio_at - action_at, 3))
+            if report.stopped or target.action is None:
+                placed.outcome = "completed" if report.stopped else "hung up"
+                return placed
+            rest = rest[report.chunks_sent * CHUNK_BYTES :]
+            action_at = loop.time()
+            body = await post(target.action, "in-progress")
+    placed.outcome = "hung up"
+    return placed

@@ -25,7 +25,7 @@ class Report:
 
     @property
     def exit_code(self) -> int:
-        """0 when every check passes, 1 with warnings, 2 with failures."""
+        """0 when every check passes (or is skipped), 1 with warnings, 2 with failures."""
         statuses = {c.status for c in self.checks}
         return 2 if "fail" in statuses else 1 if "warn" in statuses else 0
 
@@ -33,7 +33,8 @@ class Report:
         return {"checks": [asdict(c) for c in self.checks], "capacity": self.capacity}
 
 
-def run(settings: Settings, probes: Probes | None = None) -> Report:
+def run(settings: Settings, probes: Probes | None = None, *, network: bool = False) -> Report:
+    """``network``: also reach every configured provider (``engine.doctor.network``)."""
     probes = probes or Probes()
     checks: list[Check] = []
     for check in CHECKS:
@@ -43,6 +44,10 @@ def run(settings: Settings, probes: Probes | None = None) -> Report:
         except Exception as exc:  # a broken probe is a finding, not a crash
             name = check.__name__.removeprefix("check_").replace("_", "-")
             checks.append(Check(name, "fail", f"check crashed: {type(exc).__name__}: {exc}", "report this as a bug"))
+    if network:
+        from engine.doctor.network import check_network
+
+        checks.extend(check_network(settings))
     gpus = probes.gpus().gpus
     device = settings.model.device
     index = int(device.split(":", 1)[1]) if device.startswith("cuda:") and device[5:].isdigit() else 0
@@ -51,6 +56,8 @@ def run(settings: Settings, probes: Probes | None = None) -> Report:
         vram_free=chosen.memory_free if chosen else None,
         ram_available=probes.memory().available,
         context_steps=settings.model.context,
+        weights=settings.model.weights,
+        kv_cache=settings.model.kv_cache,
     )
     estimate["gpu"] = f"{chosen.index}: {chosen.name}" if chosen else None
     return Report(checks, estimate)

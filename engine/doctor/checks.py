@@ -16,8 +16,14 @@ from engine.doctor.capacity import WEIGHTS_BYTES
 from engine.doctor.probes import Probes
 from engine.paths import resolve_paths
 
-Status = Literal["pass", "warn", "fail"]
+Status = Literal["pass", "warn", "fail", "skip"]
 GIB = 1024**3
+MIN_DRIVER = 535
+"""NVIDIA driver branch the system requirements ask for (CUDA 12 wheels need 525+; 535 is the
+long-term branch they were tested on)."""
+MIN_CUDA = (12, 0)
+BF16_CAPABILITY = (8, 0)
+"""Ampere and newer have bf16 tensor cores; older cards emulate it far slower than real time."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,57 @@ def check_gpu(p: Probes, s: Settings) -> Check:
         "install the NVIDIA driver on a CUDA GPU box"
         + ("" if wants_gpu else ", or use this box for tests and the echo model"),
     )
+
+
+def _version(text: str | None) -> tuple[int, ...] | None:
+    try:
+        return tuple(int(part) for part in (text or "").split(".")[:2])
+    except ValueError:
+        return None
+
+
+def check_gpu_driver(p: Probes, s: Settings) -> Iterator[Check]:
+    """NVIDIA driver 535+ and CUDA 12+ (the driver's own supported CUDA version)."""
+    found = p.gpus().gpus
+    if not found:
+        return
+    driver, cuda = found[0].driver, found[0].cuda_version
+    problems = []
+    version = _version(driver)
+    if version is None or version[0] < MIN_DRIVER:
+        problems.append(f"driver {driver} is older than {MIN_DRIVER}")
+    cuda_version = _version(cuda)
+    if cuda_version is None or cuda_version < MIN_CUDA:
+        problems.append(f"CUDA {cuda or 'unknown'} is older than {MIN_CUDA[0]}.{MIN_CUDA[1]}")
+    detail = f"driver {driver}, CUDA {cuda or 'unknown'}"
+    if problems:
+        yield Check(
+            "gpu-driver",
+            "fail",
+            f"{detail}: {'; '.join(problems)}",
+            f"install NVIDIA driver {MIN_DRIVER} or newer (CUDA {MIN_CUDA[0]} comes with it), then reboot",
+        )
+    else:
+        yield Check("gpu-driver", "pass", f"{detail} (needs {MIN_DRIVER}+ and CUDA {MIN_CUDA[0]}+)")
+
+
+def check_gpu_compute(p: Probes, s: Settings) -> Iterator[Check]:
+    """Each card's compute capability, and whether it computes in bf16 (what MOSHI runs in)."""
+    for g in p.gpus().gpus:
+        name = f"gpu-{g.index}-compute"
+        if g.compute_capability is None:
+            yield Check(name, "warn", f"{g.name}: compute capability unknown", "update the NVIDIA driver")
+            continue
+        cc = ".".join(map(str, g.compute_capability))
+        if g.compute_capability >= BF16_CAPABILITY:
+            yield Check(name, "pass", f"{g.name}: compute capability {cc}, bf16 supported")
+        else:
+            yield Check(
+                name,
+                "warn" if s.model.name == "echo" else "fail",
+                f"{g.name}: compute capability {cc}, no bf16 (needs 8.0, Ampere or newer)",
+                "use an Ampere or newer GPU (A10, A100, L4, H100 …): MOSHI computes in bf16, int8 weights too",
+            )
 
 
 def check_portaudio(p: Probes, s: Settings) -> Check:
@@ -272,7 +329,7 @@ def check_weights(p: Probes, s: Settings) -> Check:
     return Check(
         "model-weights",
         "warn",
-        f"no MOSHI {s.model.variant} {s.model.dtype} weights found; `auto` falls back to the echo model",
+        f"no MOSHI {s.model.variant} weights found ({s.model.weights} asked for); `auto` falls back to the echo model",
         "download them: xswarm models pull (or set model.weights_path)",
     )
 
@@ -284,6 +341,8 @@ CHECKS: list[Callable[[Probes, Settings], Check | Iterator[Check]]] = [
     check_ram,
     check_disk,
     check_gpu,
+    check_gpu_driver,
+    check_gpu_compute,
     check_portaudio,
     check_ports,
     check_python,

@@ -147,9 +147,10 @@ def _apple_silicon() -> bool:
 def find_local(settings: Any) -> Found | None:
     """Weights already on this machine, preferring what the settings ask for; None if none."""
     m = settings.model
+    q8 = m.weights == "int8"
     if m.weights_path is not None:
         folder = Path(m.weights_path).expanduser()
-        if is_complete(folder, int8=m.dtype == "int8"):
+        if is_complete(folder, int8=q8) or is_complete(folder, int8=not q8):
             return Found("moshi", folder)
     cache = hub_cache_dir()
     if _apple_silicon():
@@ -157,12 +158,14 @@ def find_local(settings: Any) -> Found | None:
             snap = snapshot_dir(MLX_REPOS[voice], cache)
             if snap is not None and any(snap.glob("*.safetensors")):
                 return Found("moshi-mlx", snap, MLX_REPOS[voice])
+    # int8 prefers Kyutai's q8 checkpoint, then a bf16 one (quantized on load); bf16 and int4
+    # prefer the bf16 checkpoint, then q8 (dequantized, or re-quantized to int4, on load).
     candidates: list[tuple[str, bool]] = []
     if m.hf_repo:
-        candidates.append((m.hf_repo, m.dtype == "int8"))
+        candidates += [(m.hf_repo, q8), (m.hf_repo, not q8)]
     for voice in _voices(m.variant):
-        for dtype in (m.dtype, "int8" if m.dtype == "bf16" else "bf16"):
-            candidates.append((REPOS[(voice, dtype)], dtype == "int8"))
+        for kind in ("int8", "bf16") if q8 else ("bf16", "int8"):
+            candidates.append((REPOS[(voice, kind)], kind == "int8"))
     for repo, int8 in candidates:
         try:
             snap = snapshot_dir(repo, cache)

@@ -113,9 +113,15 @@ class BatchedMoshi(VoiceModel):
         greedy: bool = False,
         seed: int | None = None,
         warmup_steps: int = 12,
+        kv_cache: str = "bf16",
     ) -> None:
         super().__init__(slots)
         self.device_request = device
+        from engine.models.kv_cache import check_kind
+
+        self.kv_cache = check_kind(kv_cache)
+        """KV cache storage of the temporal transformer: bf16 (moshi's own), int8 or fp8
+        (``engine.models.kv_cache``); installed when streaming starts."""
         self.greedy = greedy
         self.seed = seed
         self.warmup_steps = warmup_steps
@@ -149,8 +155,11 @@ class BatchedMoshi(VoiceModel):
         """Set up streaming for ``slots`` slots on already-built parts."""
         from moshi.models import LMGen
 
+        from engine.models import kv_cache
+
         self._parts = parts
         lm = parts.lm
+        kv_cache.install(lm, self.kv_cache)
         self.mimi = parts.mimi
         self.op_mimi = _shared_copy(parts.mimi)
         kwargs = dict(parts.gen_kwargs)
@@ -398,6 +407,7 @@ class BatchedMoshi(VoiceModel):
             facts["device"] = str(self.device)
             facts["dtype"] = str(self._parts.lm.dtype).removeprefix("torch.")
             facts["context"] = self._parts.lm.context
+            facts["kv_cache"] = self.kv_cache
         facts["last_step_ms"] = self.last_step_ms
         facts["step_ms_p50"] = self.step_ms_p50()
         if self.warning:
@@ -416,7 +426,12 @@ def default_slots(device: str) -> int:
 
 
 class MoshiModel(BatchedMoshi):
-    """Kyutai's released MOSHI weights (Moshiko or Moshika), from a local folder or the HF cache."""
+    """Kyutai's released MOSHI weights (Moshiko or Moshika), from a local folder or the HF cache.
+
+    ``weights`` picks the LM's precision (``engine.models.quantize``): a bf16 checkpoint runs
+    as is or is quantized while it loads; Kyutai's q8 checkpoint loads straight into int8 (or is
+    dequantized for bf16). Mimi is always loaded in its own float dtype.
+    """
 
     name = "moshi"
 
@@ -425,17 +440,23 @@ class MoshiModel(BatchedMoshi):
         slots: int,
         *,
         repo: str,
+        fallback_repo: str | None = None,
         weights_path: Path | None = None,
-        dtype: str = "bf16",
+        weights: str = "bf16",
+        kv_cache: str = "bf16",
         context: int = 3000,
         device: str = "auto",
         seed: int | None = None,
         greedy: bool = False,
     ) -> None:
-        super().__init__(slots, device=device, greedy=greedy, seed=seed)
+        from engine.models.quantize import check_kind
+
+        super().__init__(slots, device=device, greedy=greedy, seed=seed, kv_cache=kv_cache)
         self.repo = repo
+        self.fallback_repo = fallback_repo
+        """Used when ``repo`` is not cached: the other precision's checkpoint of the same voice."""
         self.weights_path = weights_path
-        self.dtype_name = dtype
+        self.weights = check_kind(weights)
         self.context = context
 
     @classmethod
@@ -446,27 +467,42 @@ class MoshiModel(BatchedMoshi):
             raise ValueError(f"unknown MOSHI voice {voice!r}: use moshiko or moshika")
         from engine.models.checkpoints import REPOS
 
-        repo = m.hf_repo or REPOS[(voice, m.dtype)]
+        first, second = ("int8", "bf16") if m.weights == "int8" else ("bf16", "int8")
         return cls(
             slots or m.slots or default_slots(m.device),
-            repo=repo,
+            repo=m.hf_repo or REPOS[(voice, first)],
+            fallback_repo=None if m.hf_repo else REPOS[(voice, second)],
             weights_path=m.weights_path,
-            dtype=m.dtype,
+            weights=m.weights,
+            kv_cache=m.kv_cache,
             context=m.context,
             device=m.device,
             seed=m.seed,
         )
 
-    def _build(self, device: torch.device, progress: Progress | None) -> Parts:
+    def _find(self) -> tuple[Path, str]:
         from engine.models import checkpoints
 
-        folder = self.weights_path or checkpoints.snapshot_dir(self.repo)
-        if folder is None:
-            raise FileNotFoundError(
-                f"no MOSHI weights for {self.repo} in the Hugging Face cache "
-                f"({checkpoints.hub_cache_dir()}); run `xswarm models pull`"
-            )
-        files = checkpoints.checkpoint_files(Path(folder), int8=self.dtype_name == "int8")
+        if self.weights_path is not None:
+            return Path(self.weights_path), self.repo
+        for repo in (self.repo, self.fallback_repo):
+            if repo is not None and (snap := checkpoints.snapshot_dir(repo)) is not None:
+                return snap, repo
+        raise FileNotFoundError(
+            f"no MOSHI weights for {self.repo} in the Hugging Face cache "
+            f"({checkpoints.hub_cache_dir()}); run `xswarm models pull`"
+        )
+
+    def _build(self, device: torch.device, progress: Progress | None) -> Parts:
+        from engine.models import checkpoints
+        from engine.models.quantize import config_for, load_lm
+
+        config_for(self.weights, device)  # int4 on a CPU fails here, before any reading
+        folder, repo = self._find()
+        try:
+            files = checkpoints.checkpoint_files(folder, int8=self.weights == "int8")
+        except FileNotFoundError:
+            files = checkpoints.checkpoint_files(folder, int8=self.weights != "int8")
         from moshi.models import loaders
 
         if progress:
@@ -476,7 +512,7 @@ class MoshiModel(BatchedMoshi):
         # no process-wide environment change that would later block `xswarm models pull`.
         info = (
             loaders.CheckpointInfo.from_hf_repo(
-                self.repo,
+                repo,
                 moshi_weights=files.moshi,
                 mimi_weights=files.mimi,
                 tokenizer=files.tokenizer,
@@ -487,27 +523,30 @@ class MoshiModel(BatchedMoshi):
             if files.config is not None
             else loaders.CheckpointInfo(files.moshi, files.mimi, files.tokenizer)
         )
-        overrides: dict[str, Any] = {"context": self.context}
-        if self.dtype_name == "int8":
-            if device.type != "cuda":
-                raise RuntimeError("int8 MOSHI (bitsandbytes) runs on CUDA only; use bf16 on this machine")
-            try:
-                import bitsandbytes  # noqa: F401
-            except ImportError:
-                raise RuntimeError("int8 MOSHI needs bitsandbytes: pip install bitsandbytes") from None
-            if not (info.lm_config or {}).get("quantize"):
-                overrides["quantize"] = True
         if progress:
             progress(0.2, "loading Mimi")
         mimi = info.get_mimi(device=device)
         if progress:
-            progress(0.4, "loading the MOSHI LM")
-        lm = info.get_moshi(device=device, dtype=torch.bfloat16, lm_kwargs_overrides=overrides)
+            progress(0.4, f"loading the MOSHI LM ({self.weights})")
+        q8_file = files.moshi.name == checkpoints.MOSHI_Q8_NAME or bool((info.lm_config or {}).get("quantize"))
+        if self.weights == "bf16" and not q8_file:
+            lm = info.get_moshi(device=device, dtype=torch.bfloat16, lm_kwargs_overrides={"context": self.context})
+        else:
+            if files.lora is not None:
+                raise RuntimeError("LoRA weights with quantized MOSHI weights are not supported; use weights = bf16")
+            lm_kwargs = dict(info.lm_config or loaders._lm_kwargs) | {"context": self.context}
+            lm = load_lm(files.moshi, lm_kwargs, device=device, weights=self.weights)
         tokenizer = info.get_text_tokenizer()
         return Parts(
             mimi=mimi,
             lm=lm,
             tokenizer=tokenizer,
             gen_kwargs=dict(info.lm_gen_config),
-            facts={"spec": "moshi", "repo": self.repo, "location": str(folder), "weights": self.dtype_name},
+            facts={
+                "spec": "moshi",
+                "repo": repo,
+                "location": str(folder),
+                "weights": self.weights,
+                "checkpoint": "q8" if q8_file else "bf16",
+            },
         )

@@ -25,6 +25,8 @@ import torch
 
 from engine.models.base import Progress
 from engine.models.moshi_torch import BatchedMoshi, Parts, default_slots
+from engine.models.quantize import check_kind as check_weights
+from engine.models.quantize import quantize_lm
 from engine.models.registry import SYNTHETIC_SIZES as SIZES
 
 TINY_MIMI_SEANET = {"n_filters": 8, "dimension": 64}
@@ -123,12 +125,16 @@ class SyntheticMoshi(BatchedMoshi):
         seed: int | None = 0,
         greedy: bool = False,
         warmup_steps: int = 12,
+        weights: str = "bf16",
+        kv_cache: str = "bf16",
     ) -> None:
-        super().__init__(slots, device=device, greedy=greedy, seed=seed, warmup_steps=warmup_steps)
+        super().__init__(slots, device=device, greedy=greedy, seed=seed, warmup_steps=warmup_steps, kv_cache=kv_cache)
         self.size = check_size(size)
         self.name = f"synthetic:{size}"
         self.dtype_name = dtype
         self.context = context
+        self.weights = check_weights(weights)
+        """LM weights after the random float build: bf16 (unquantized), int8 or int4."""
 
     @classmethod
     def from_settings(cls, settings: Any, *, variant: str | None, slots: int | None) -> SyntheticMoshi:
@@ -139,6 +145,8 @@ class SyntheticMoshi(BatchedMoshi):
             device=m.device,
             context=m.context,
             seed=m.seed if m.seed is not None else 0,
+            weights=m.weights,
+            kv_cache=m.kv_cache,
         )
 
     def _torch_dtype(self, device: torch.device) -> torch.dtype:
@@ -174,6 +182,11 @@ class SyntheticMoshi(BatchedMoshi):
             progress(0.4, f"building {self.name} LM on {device} (random weights)")
         # filename=None: built directly on `device` (never on CPU first for the 7B).
         lm = loaders.get_moshi_lm(None, lm_kwargs=lm_config(self.size, self.context), device=device, dtype=dtype)
+        lm_params = sum(p.numel() for p in lm.parameters())
+        if self.weights != "bf16":
+            if progress:
+                progress(0.8, f"quantizing the LM to {self.weights}")
+            quantize_lm(lm, self.weights)
         tokenizer = sentencepiece.SentencePieceProcessor(model_proto=tiny_tokenizer_proto())
         return Parts(
             mimi=mimi,
@@ -181,7 +194,8 @@ class SyntheticMoshi(BatchedMoshi):
             tokenizer=tokenizer,
             facts={
                 "spec": self.name,
-                "lm_params": sum(p.numel() for p in lm.parameters()),
+                "lm_params": lm_params,
+                "weights": self.weights,
                 "mimi_params": sum(p.numel() for p in mimi.parameters()),
             },
         )

@@ -47,12 +47,16 @@ def tiny_tokenizer_proto() -> bytes:
     return buf.getvalue()
 
 
-def write_tiny_folder(folder: Path, seed: int = 0) -> Path:
-    """Tiny Mimi + tiny LM (random, bf16 LM) + tokenizer + config.json as plain files."""
+def write_tiny_folder(folder: Path, seed: int = 0, *, q8: bool = False) -> Path:
+    """Tiny Mimi + tiny LM (random, bf16 LM) + tokenizer + config.json as plain files.
+
+    ``q8``: the LM is stored as Kyutai's int8 checkpoints are (``model.q8.safetensors``, every
+    Linear as int8 codes plus ``weight_scb``), from the same random bf16 weights."""
     import torch
     from moshi.models import loaders
     from safetensors.torch import save_file
 
+    from engine.models.quantize import q8_state_dict
     from engine.models.synthetic import build_mimi, lm_config, mimi_config
 
     folder = Path(folder)
@@ -61,22 +65,27 @@ def write_tiny_folder(folder: Path, seed: int = 0) -> Path:
     mimi = build_mimi("tiny")
     lm = loaders.get_moshi_lm(None, lm_kwargs=lm_config("tiny"), dtype=torch.bfloat16)
     config = lm_config("tiny") | {
-        "moshi_name": loaders.MOSHI_NAME,
+        "moshi_name": loaders.MOSHI_Q8_NAME if q8 else loaders.MOSHI_NAME,
         "mimi_name": loaders.MIMI_NAME,
         "tokenizer_name": loaders.TEXT_TOKENIZER_NAME,
         "mimi_config_name": "mimi_config.json",
     }
     (folder / "config.json").write_text(json.dumps(config, indent=1))
     (folder / "mimi_config.json").write_text(json.dumps(mimi_config("tiny"), indent=1))
-    save_file({k: v.contiguous() for k, v in lm.state_dict().items()}, str(folder / loaders.MOSHI_NAME))
+    if q8:
+        save_file(q8_state_dict(lm), str(folder / loaders.MOSHI_Q8_NAME))
+    else:
+        save_file({k: v.contiguous() for k, v in lm.state_dict().items()}, str(folder / loaders.MOSHI_NAME))
     save_file({k: v.contiguous() for k, v in mimi.state_dict().items()}, str(folder / loaders.MIMI_NAME))
     (folder / loaders.TEXT_TOKENIZER_NAME).write_bytes(tiny_tokenizer_proto())
     return folder
 
 
-def write_tiny_checkpoint(cache_dir: Path, repo: str = "kyutai/moshiko-pytorch-bf16", seed: int = 0) -> Path:
+def write_tiny_checkpoint(
+    cache_dir: Path, repo: str = "kyutai/moshiko-pytorch-bf16", seed: int = 0, *, q8: bool = False
+) -> Path:
     """Write the tiny checkpoint into a hub cache as ``repo``; return its snapshot folder."""
     from engine.models.checkpoints import import_folder
 
     with tempfile.TemporaryDirectory() as tmp:
-        return import_folder(write_tiny_folder(Path(tmp) / "ckpt", seed), repo, cache=Path(cache_dir))
+        return import_folder(write_tiny_folder(Path(tmp) / "ckpt", seed, q8=q8), repo, cache=Path(cache_dir))

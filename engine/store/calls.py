@@ -1,7 +1,9 @@
 """Call lifecycle rows in ``calls``: written when a call goes live and when it ends.
 
 The voice webhook may already have inserted the row (status ``ringing``, keyed by CallSid),
-so going live is an upsert that keeps the webhook's ``started_at`` and ``user_id``. Writes are
+so going live is an upsert that keeps the webhook's ``started_at`` and ``user_id``. A call
+re-routed after its node went away goes live again on another node: the same row, its
+``node_id`` and status updated, and an end the old node may have written is cleared. Writes are
 queued on the database's writer thread; the runtime loop never waits for them.
 """
 
@@ -32,7 +34,7 @@ def record_live(
         " ON CONFLICT(id) DO UPDATE SET stream_sid = excluded.stream_sid,"
         " user_id = COALESCE(calls.user_id, excluded.user_id), caller = COALESCE(calls.caller, excluded.caller),"
         " source = excluded.source, node_id = excluded.node_id, slot = excluded.slot,"
-        " theme = COALESCE(calls.theme, excluded.theme), status = 'live'",
+        " theme = COALESCE(calls.theme, excluded.theme), status = 'live', ended_at = NULL, end_reason = NULL",
         (call_id, stream_sid, user_id, caller, source, node_id, slot, theme, int(started_at * 1000)),
     )
 
@@ -88,6 +90,7 @@ def get(db: Database, call_id: str) -> dict[str, Any] | None:
         "step_p50_ms",
         "playout_lag_p50_ms",
         "late_frames",
+        "legs",
     )
     rows = db.query(f"SELECT {', '.join(cols)} FROM calls WHERE id = ?", (call_id,))
     return dict(zip(cols, rows[0], strict=True)) if rows else None

@@ -115,13 +115,15 @@ def mark_failed(
     db: Database, row: InboxRow, error: str, *, max_attempts: int, now: int | None = None
 ) -> tuple[bool, concurrent.futures.Future[Any]]:
     """Record a failed attempt: retry later, or ``dead`` once ``max_attempts`` is reached.
-    Returns (dead, write future)."""
+    Only by the attempt that holds the row: a row claimed again meanwhile (or done) is left
+    alone. Returns (dead, write future)."""
     moment = now if now is not None else now_ms()
     dead = row.attempts >= max_attempts
     status, next_at = ("dead", None) if dead else ("failed", moment + backoff_ms(row.attempts))
     future = db.submit(
-        "UPDATE webhook_inbox SET status = ?, next_attempt_at = ?, last_error = ? WHERE provider = ? AND event_id = ?",
-        (status, next_at, error[:2000], row.provider, row.event_id),
+        "UPDATE webhook_inbox SET status = ?, next_attempt_at = ?, last_error = ?"
+        " WHERE provider = ? AND event_id = ? AND attempts = ? AND status != 'done'",
+        (status, next_at, error[:2000], row.provider, row.event_id, row.attempts),
     )
     return dead, future
 
@@ -174,6 +176,23 @@ def claim_one(db: Database, key: str, *, lease_ms: int, now: int | None = None) 
         returning=True,
     )
     return InboxRow(*rows[0]) if rows else None
+
+
+def open_counts(db: Database) -> dict[str, int]:
+    """Rows per status that is not ``done`` (the status index answers it without reading the
+    done rows, however many there are): the backlog and the dead letters, for /metrics."""
+    return {
+        status: n
+        for status, n in db.query(
+            "SELECT status, COUNT(*) FROM webhook_inbox WHERE status IN ('pending', 'failed', 'dead') GROUP BY status"
+        )
+    }
+
+
+def oldest_open_received_ms(db: Database) -> int | None:
+    """When the oldest row still to be applied (pending or failed) was received; None if none."""
+    rows = db.query("SELECT MIN(received_at) FROM webhook_inbox WHERE status IN ('pending', 'failed')")
+    return rows[0][0] if rows and rows[0][0] is not None else None
 
 
 def counts(db: Database) -> dict[str, int]:

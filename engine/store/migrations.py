@@ -8,6 +8,7 @@ Applying is idempotent: versions already recorded are skipped.
 from __future__ import annotations
 
 import re
+import sqlite3
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -111,6 +112,14 @@ def tables(db: Database) -> list[str]:
 
 
 def _split(sql: str) -> list[str]:
-    """Split a migration file into statements (our files keep ';' out of strings)."""
+    """Split a migration file into statements (our files keep ';' and '--' out of strings).
+    A trigger's ``BEGIN … END`` holds several ';': pieces are joined until SQLite's own
+    ``complete_statement`` says the statement is whole."""
     without_comments = "\n".join(line.split("--", 1)[0] for line in sql.splitlines())
-    return without_comments.split(";")
+    statements, current = [], ""
+    for piece in without_comments.split(";"):
+        current += piece + ";"
+        if sqlite3.complete_statement(current):
+            statements.append(current.rstrip(";"))
+            current = ""
+    return [*statements, current.rstrip(";")]

@@ -6,12 +6,18 @@ TOML file), else ``<config>/supervisor-tokens.json``, which is created at first 
 fresh random tokens and mode 0600. The server never logs a token; ``xswarm supervisor token``
 prints one only when asked.
 
+The token file may hold several tokens per role (a list, newest last): every one of them is
+accepted and the newest is the one ``xswarm supervisor token`` prints. That is how tokens
+rotate without a restart (``engine.supervisor.tokens``: add one, move the consoles, retire the
+old one; the server re-reads the file when it changes).
+
 Failed attempts are limited per client address (a sliding window), so a token cannot be
 guessed online, and every failure is written to ``audit_log`` by the caller.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -19,7 +25,7 @@ import os
 import secrets
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -45,6 +51,16 @@ class Tokens:
     monitor: str
     source: dict[Role, str]
     """Per role: "settings" or the path of the token file, for `xswarm supervisor token`."""
+    accepted: dict[Role, tuple[str, ...]] = field(default_factory=dict)
+    """Per role, every token that logs in (the newest, above, and older ones not yet retired)."""
+
+    def valid(self, role: Role) -> tuple[str, ...]:
+        return self.accepted.get(role) or (getattr(self, role),)
+
+
+def fingerprint(token: str) -> str:
+    """A token's public name: the start of its SHA-256, safe to print, log and type."""
+    return hashlib.sha256(token.encode()).hexdigest()[:12]
 
 
 def token_file(paths: Paths | None = None) -> Path:
@@ -58,22 +74,27 @@ def load_tokens(settings: Settings, paths: Paths | None = None) -> Tokens:
         "monitor": secret(settings.supervisor.monitor_token),
     }
     path = token_file(paths)
-    stored: dict[str, str] = {}
+    stored: dict[str, list[str]] = {}
     if not all(configured.values()):
-        stored = _read_or_create(path)
-    chosen: dict[Role, str] = {}
+        stored = {role: token_list(value) for role, value in _read_or_create(path).items() if role in ROLES}
+    accepted: dict[Role, tuple[str, ...]] = {}
     source: dict[Role, str] = {}
     for role in ROLES:
         value = configured[role]
         if value:
             if len(value) < _MIN_TOKEN_CHARS:
                 raise AuthConfigError(f"supervisor {role} token must be at least {_MIN_TOKEN_CHARS} characters")
-            chosen[role], source[role] = value, "settings"
+            accepted[role], source[role] = (value,), "settings"
         else:
-            chosen[role], source[role] = stored[role], str(path)
-    if hmac.compare_digest(chosen["operator"], chosen["monitor"]):
+            accepted[role], source[role] = tuple(stored[role]), str(path)
+    if set(accepted["operator"]) & set(accepted["monitor"]):
         raise AuthConfigError("the supervisor operator and monitor tokens must differ")
-    return Tokens(chosen["operator"], chosen["monitor"], source)
+    return Tokens(accepted["operator"][-1], accepted["monitor"][-1], source, accepted)
+
+
+def token_list(value: object) -> list[str]:
+    """One role's entry in the token file: a token, or a list of them (newest last)."""
+    return [value] if isinstance(value, str) else list(value) if isinstance(value, list) else []
 
 
 def _read_or_create(path: Path) -> dict[str, str]:
@@ -81,9 +102,14 @@ def _read_or_create(path: Path) -> dict[str, str]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(data, dict) or not all(
-            isinstance(data.get(r), str) and len(data[r]) >= _MIN_TOKEN_CHARS for r in ROLES
+            isinstance(data.get(r), str | list)
+            and token_list(data[r])
+            and all(isinstance(v, str) and len(v) >= _MIN_TOKEN_CHARS for v in token_list(data[r]))
+            for r in ROLES
         ):
-            raise AuthConfigError(f"{path}: expected string tokens for {', '.join(ROLES)}; delete it to regenerate")
+            raise AuthConfigError(
+                f"{path}: expected a token or a list of tokens for {', '.join(ROLES)}; delete it to regenerate"
+            )
         if path.stat().st_mode & 0o077:
             os.chmod(path, 0o600)
             log.warning("%s was readable by others; permissions reset to 0600", path)
@@ -120,19 +146,25 @@ class Authenticator:
     """Checks tokens in constant time and limits failures per client address."""
 
     def __init__(self, tokens: Tokens, *, max_failures: int = 5, window_s: float = 60.0) -> None:
-        self._tokens = {role: getattr(tokens, role).encode() for role in ROLES}
+        self.replace(tokens)
         self.max_failures = max_failures
         self.window_s = window_s
         self._failures: dict[str, deque[float]] = {}
 
+    def replace(self, tokens: Tokens) -> None:
+        """Accept these tokens from now on (a rotation); sessions are the server's to close."""
+        self._tokens = {role: [value.encode() for value in tokens.valid(role)] for role in ROLES}
+        self.fingerprints = {role: {fingerprint(value) for value in tokens.valid(role)} for role in ROLES}
+
     def role_of(self, token: str | None) -> Role | None:
-        """The role a token grants, or None. Both tokens are always compared, so the time taken
-        says nothing about which one (or how much of one) matched."""
+        """The role a token grants, or None. Every accepted token is always compared, so the
+        time taken says nothing about which one (or how much of one) matched."""
         given = (token or "").encode()
         found: Role | None = None
         for role in ROLES:
-            if hmac.compare_digest(given, self._tokens[role]):
-                found = role
+            for value in self._tokens[role]:
+                if hmac.compare_digest(given, value):
+                    found = role
         return found
 
     def blocked(self, address: str, now: float | None = None) -> bool:

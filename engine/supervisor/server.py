@@ -1,8 +1,11 @@
 """Supervisor server (:9999): the authenticated live feed, listen, whisper, takeover, metrics.
 
-One ``websockets`` server on the runtime loop serves three things on one port:
-``GET /health`` and ``GET /metrics`` (answered in ``process_request`` before any upgrade) and the
-WebSocket on ``/`` (protocol v1, engine/supervisor/protocol.py, docs/supervisor-protocol.md).
+One ``websockets`` server on the runtime loop serves four things on one port:
+``GET /health`` and ``GET /metrics`` (answered in ``process_request`` before any upgrade), the
+browser dashboard (``GET /`` without an upgrade, and ``/static/…``: engine/supervisor/dashboard.py)
+and the WebSocket on ``/`` (protocol v1, engine/supervisor/protocol.py,
+docs/supervisor-protocol.md), whose upgrade must come from an allowed ``Origin``
+(engine/supervisor/origin.py).
 
 Why the fan-out looks the way it does: the scheduler publishes on the bus every 80 ms, and a
 supervisor on a slow link must never make a call late. So the bus subscriber only hands the
@@ -49,8 +52,12 @@ from engine.events import (
 from engine.http_answers import json_response, with_body
 from engine.ratelimit import RateLimit, TokenBucket
 from engine.store import feed
+from engine.supervisor import origin
 from engine.supervisor import protocol as p
-from engine.supervisor.auth import Authenticator, Role, bearer, load_tokens
+from engine.supervisor.auth import AuthConfigError, Authenticator, Role, bearer, fingerprint, load_tokens, token_file
+from engine.supervisor.dashboard import StaticFiles, is_upgrade
+from engine.supervisor.tokens import TokenWatch
+from engine.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from engine.models.base import VoiceModel
@@ -59,6 +66,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("xswarm.supervisor")
 
 AUTH_TIMEOUT_S = 2.0
+TOKEN_POLL_S = 1.0
+"""How often the token file is looked at (a stat): a rotation takes effect within this."""
 SAMPLE_INTERVAL_S = 0.25
 """Latency samples leave the server at most 4 times a second per call."""
 MAX_QUEUED_EVENTS = 2000
@@ -127,6 +136,8 @@ class _Client:
     actor: str
     role: Role
     address: str
+    token_id: str = ""
+    """Fingerprint of the token it logged in with: retiring that token closes this client."""
     events: deque[str] = field(default_factory=deque)
     samples: dict[tuple[str, str], str] = field(default_factory=dict)
     audio: deque[bytes] = field(default_factory=lambda: deque(maxlen=MAX_QUEUED_AUDIO))
@@ -146,7 +157,7 @@ class SupervisorHost(ControlHost, Protocol):
     @property
     def model(self) -> VoiceModel | None: ...
     @property
-    def node_id(self) -> str: ...
+    def model_spec(self) -> str: ...
     @property
     def started_at(self) -> float: ...
     def snapshot(self, *, mask_callers: bool = False) -> dict[str, Any]: ...
@@ -162,8 +173,13 @@ class SupervisorServer:
         self.metrics: Metrics | None = None
         self._server: Server | None = None
         self._auth: Authenticator | None = None
+        self._static: StaticFiles | None = None
+        self._origins: frozenset[str] = frozenset()
         self._clients: set[_Client] = set()
-        self._header_roles: weakref.WeakKeyDictionary[ServerConnection, tuple[Role, str]] = weakref.WeakKeyDictionary()
+        self._header_roles: weakref.WeakKeyDictionary[ServerConnection, tuple[Role, str, str]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._token_task: asyncio.Task[None] | None = None
         self._numbers = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
@@ -182,6 +198,9 @@ class SupervisorServer:
         from engine.telemetry.metrics import Metrics
 
         self._auth = Authenticator(load_tokens(self.runtime.settings))
+        self._token_watch = TokenWatch(token_file())
+        self._static = StaticFiles.load()
+        self._origins = frozenset(self.runtime.settings.supervisor.allowed_origins)
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self.metrics = Metrics(self.runtime, supervisor=self)
@@ -203,10 +222,13 @@ class SupervisorServer:
             self.metrics.close()
             raise
         self._unsubscribe = self.runtime.bus.subscribe(self._on_bus)
+        self._token_task = asyncio.create_task(self._watch_tokens(), name="xswarm-supervisor-tokens")
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("supervisor listening on %s:%s", host, self.port)
 
     async def stop(self) -> None:
+        await cancel_and_wait(self._token_task)
+        self._token_task = None
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
@@ -235,8 +257,16 @@ class SupervisorServer:
             body, content_type = self.metrics.render()
             response = conn.respond(200, "")
             return with_body(response, body, content_type)
+        if not is_upgrade(request):
+            assert self._static is not None
+            page = self._static.response(request)
+            if page is not None:
+                return page
         if path != "/":
-            return conn.respond(404, "not found: the supervisor socket is at /, plus /health and /metrics\n")
+            return conn.respond(404, "not found: the dashboard and the socket are at /, plus /health and /metrics\n")
+        if not origin.allowed(request.headers.get("Origin"), request.headers.get("Host"), self._origins):
+            log.warning("supervisor upgrade from origin %r refused", request.headers.get("Origin"))
+            return conn.respond(403, "this page's origin may not open the supervisor socket\n")
         if len(self._clients) >= MAX_CLIENTS:
             return conn.respond(503, "too many supervisors connected\n")
         address = _address(conn)
@@ -247,7 +277,7 @@ class SupervisorServer:
         role = self._check(address, token)
         if role is None:
             return conn.respond(429 if blocked else 401, "too many failed attempts\n" if blocked else "invalid token\n")
-        self._header_roles[conn] = (role, _name(request.headers.get("X-Xswarm-Name")) or role)
+        self._header_roles[conn] = (role, _name(request.headers.get("X-Xswarm-Name")) or role, fingerprint(token))
         return None
 
     def _health(self) -> dict[str, Any]:
@@ -303,11 +333,11 @@ class SupervisorServer:
             held = await self._first_message_auth(ws, address)
             if held is None:
                 return
-        role, name = held
+        role, name, token_id = held
         if self._last_system is None:  # the runtime's sampler has not published yet
             await self._take_system_sample()  # the snapshot carries CPU, RAM and GPU from the start
         actor = f"{name}#{next(self._numbers)}"
-        client = _Client(ws, actor, role, address)
+        client = _Client(ws, actor, role, address, token_id)
         self._audit_login(address, actor, "ok", role)
         log.info("supervisor %s (%s) connected from %s", actor, role, address)
         # Snapshot and registration in one synchronous step: no event can fall between them.
@@ -332,7 +362,7 @@ class SupervisorServer:
             await self.control.release(actor, role, "supervisor socket closed")
             log.info("supervisor %s disconnected (%s)", actor, ws.close_code)
 
-    async def _first_message_auth(self, ws: ServerConnection, address: str) -> tuple[Role, str] | None:
+    async def _first_message_auth(self, ws: ServerConnection, address: str) -> tuple[Role, str, str] | None:
         """No Authorization header: the first message must be ``auth`` within 2 s."""
         reason = "missing token"
         try:
@@ -343,7 +373,7 @@ class SupervisorServer:
                 blocked = self._auth is not None and self._auth.blocked(address)
                 role = self._check(address, token if isinstance(token, str) else None)
                 if role is not None:
-                    return role, _name((request.body or {}).get("name")) or role
+                    return role, _name((request.body or {}).get("name")) or role, fingerprint(str(token))
                 reason = "rate limited" if blocked else "invalid token"
             else:
                 self._check(address, None)
@@ -357,6 +387,31 @@ class SupervisorServer:
         code = p.CLOSE_RATE_LIMITED if reason == "rate limited" else p.CLOSE_UNAUTHORIZED
         await ws.close(code, reason)
         return None
+
+    async def _watch_tokens(self) -> None:
+        """Take a rotated token file into use and close the consoles of retired tokens."""
+        while True:
+            await asyncio.sleep(TOKEN_POLL_S)
+            if not self._token_watch.changed():
+                continue
+            try:
+                tokens = await asyncio.to_thread(load_tokens, self.runtime.settings)
+            except AuthConfigError as exc:
+                log.error("supervisor tokens not reloaded, the old ones stay valid: %s", exc)
+                continue
+            assert self._auth is not None
+            self._auth.replace(tokens)
+            log.info(
+                "supervisor tokens reloaded: %s",
+                ", ".join(f"{len(tokens.valid(role))} {role}" for role in ("operator", "monitor")),
+            )
+            retired = [c for c in self._clients if c.token_id not in self._auth.fingerprints[c.role]]
+            for client in retired:
+                log.info("closing supervisor %s: its token %s was retired", client.actor, client.token_id)
+                self._audit_login(client.address, client.actor, "closed: token retired", client.role)
+            await asyncio.gather(
+                *(c.ws.close(p.CLOSE_UNAUTHORIZED, "token retired") for c in retired), return_exceptions=True
+            )
 
     def _snapshot(self, client: _Client) -> str:
         try:

@@ -29,6 +29,9 @@ class GpuInfo:
     temp_c: float | None
     power_w: float | None
     cuda_version: str | None = None
+    """The newest CUDA version the driver supports (``12.8``)."""
+    compute_capability: tuple[int, int] | None = None
+    """(major, minor): 8.0 and up (Ampere) compute in bf16."""
 
     @property
     def memory_free(self) -> int:
@@ -108,6 +111,7 @@ def probe() -> GpuProbe:
         util = _optional(nvml.nvmlDeviceGetUtilizationRates, handle)
         temp = _optional(nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU)
         power_mw = _optional(nvml.nvmlDeviceGetPowerUsage, handle)
+        capability = _optional(nvml.nvmlDeviceGetCudaComputeCapability, handle)
         gpus.append(
             GpuInfo(
                 index=index,
@@ -119,6 +123,7 @@ def probe() -> GpuProbe:
                 temp_c=float(temp) if temp is not None else None,
                 power_w=power_mw / 1000 if power_mw is not None else None,
                 cuda_version=cuda_version,
+                compute_capability=(int(capability[0]), int(capability[1])) if capability else None,
             )
         )
     return GpuProbe(gpus, None if gpus else "NVML found no GPUs")

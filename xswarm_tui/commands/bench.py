@@ -36,6 +36,8 @@ def engine(
     context: int = typer.Option(None, min=1, max=3000, help="attention window in 80 ms steps (default 3000)"),
     threads: int = typer.Option(None, min=1, help="torch CPU threads"),
     controls: bool = typer.Option(False, help="also time steps with takeover and whisper active"),
+    weights: str = typer.Option("bf16", help="LM weights: bf16 | int8 | int4 (int4: CUDA only)"),
+    kv_cache: str = typer.Option("bf16", "--kv-cache", help="KV cache storage: bf16 | int8 | fp8"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Full step per batch: Mimi encode + LM step + Mimi decode, after a warm-up."""
@@ -47,6 +49,10 @@ def engine(
         )
     if dtype is not None and dtype not in ("bf16", "fp32"):
         fail("--dtype must be bf16 or fp32", EXIT_BAD_INPUT)
+    if weights not in ("bf16", "int8", "int4"):
+        fail("--weights must be bf16, int8 or int4", EXIT_BAD_INPUT)
+    if kv_cache not in ("bf16", "int8", "fp8"):
+        fail("--kv-cache must be bf16, int8 or fp8", EXIT_BAD_INPUT)
     from engine.models.bench import run_engine_bench
 
     try:
@@ -60,6 +66,8 @@ def engine(
             context=context,
             controls=controls,
             threads=threads,
+            weights=weights,
+            kv_cache=kv_cache,
             log=lambda msg: typer.echo(msg, err=True),
         )
     except (ValueError, RuntimeError) as exc:
@@ -69,14 +77,20 @@ def engine(
         return
     typer.echo(
         f"{report['model']} on {report['device_name']} ({report['device']}, {report['dtype']}, "
+        f"weights {report['weights']}, KV cache {report['kv_cache']}, "
         f"torch {report['torch']}, context {report['context']})"
     )
-    typer.echo(f"{'batch':>6} {'p50 ms':>9} {'p99 ms':>9} {'per call ms':>12}")
+    typer.echo(
+        f"{'batch':>6} {'p50 ms':>9} {'p99 ms':>9} {'per call ms':>12} {'MiB/call':>9} {'rel err':>8} {'top1':>6}"
+    )
     for row in report["results"]:
         if "error" in row:
             typer.echo(f"{row['batch']:>6} {row['error']}")
             continue
         typer.echo(
             f"{row['batch']:>6} {row['step_ms_p50']:>9.1f} {row['step_ms_p99']:>9.1f} {row['per_call_ms']:>12.2f}"
+            f" {row['mem_per_call_mib']:>9.1f} {row['logits_rel_err']:>8.4f} {row['top1_agree']:>6.3f}"
         )
     typer.echo(f"largest batch with p99 < 80 ms: {report['largest_batch_p99_under_80ms']}")
+    typer.echo(f"MiB/call: {report['mem_per_call']}")
+    typer.echo(f"rel err, top1: {report['fidelity']['note']}")

@@ -50,7 +50,7 @@ def list_() -> None:
         typer.echo(f"  {entry.repo:<36} {(entry.revision or '-')[:12]:<13} {_gib(entry.size):>11}  {state}")
     if settings.model.weights_path:
         folder = Path(settings.model.weights_path)
-        ok = checkpoints.is_complete(folder, int8=settings.model.dtype == "int8")
+        ok = checkpoints.is_complete(folder, int8=settings.model.weights == "int8")
         typer.echo(f"model.weights_path: {folder} ({'complete' if ok else 'incomplete or missing'})")
     choice = registry.resolve("auto", settings)
     typer.echo(f"auto -> {choice.spec}: {choice.reason}")

@@ -8,7 +8,8 @@ light, and the console paints before the runtime (and torch) is even imported.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -81,19 +82,53 @@ def register(app: typer.Typer) -> None:
 
     @app.command("attach")
     def attach(
-        url: str = typer.Argument(..., help="Supervisor socket, e.g. ws://127.0.0.1:9999"),
+        urls: list[str] = typer.Argument(
+            None, help="Supervisor socket(s), e.g. ws://127.0.0.1:9999; several make a fleet console."
+        ),
         token: str = typer.Option(
             ...,
             "--token",
             envvar="XSWARM_SUPERVISOR_TOKEN",
-            help="Operator token (may act) or monitor token (watch only).",
+            help="Operator token (may act) or monitor token (watch only); the same on every node.",
+        ),
+        fleet: bool = typer.Option(
+            False, "--fleet", help="Attach to every node in the shared database (TURSO_DATABASE_URL)."
         ),
         read_only: bool = typer.Option(False, "--read-only", help="Hide every key that acts on a call."),
         theme: str | None = typer.Option(None, "--theme", help="Theme name from themes/."),
     ) -> None:
-        """The same console, fed by a runtime elsewhere over the supervisor protocol."""
-        if not url.startswith(("ws://", "wss://")):
-            raise typer.BadParameter("must start with ws:// or wss://", param_hint="URL")
-        from xswarm_tui.link import AttachedLink
+        """The same console, fed by a runtime elsewhere (or a fleet of them) over the supervisor protocol."""
+        urls = urls or []
+        for url in urls:
+            if not url.startswith(("ws://", "wss://")):
+                raise typer.BadParameter(f"{url!r} must start with ws:// or wss://", param_hint="URL")
+        if not urls and not fleet:
+            raise typer.BadParameter("give a supervisor URL, several, or --fleet", param_hint="URL")
+        if len(urls) == 1 and not fleet:
+            from xswarm_tui.link import AttachedLink
 
-        _run_console(AttachedLink(url, token, read_only=read_only), read_only=read_only, theme=theme)
+            _run_console(AttachedLink(urls[0], token, read_only=read_only), read_only=read_only, theme=theme)
+            return
+        from xswarm_tui.fleet import FleetLink
+
+        discover = _fleet_discovery() if fleet else None
+        link = FleetLink(urls, token, read_only=read_only, discover=discover)
+        _run_console(link, read_only=read_only, theme=theme)
+
+
+def _fleet_discovery() -> Callable[[], list[dict[str, Any]]]:
+    """The nodes table of the shared database, read on the fleet link's thread (exit 1 now
+    when the database cannot be opened at all)."""
+    from engine.store import nodes
+    from engine.store.db import StoreError
+    from engine.store.migrations import open_database
+
+    settings = load()
+    try:
+        db = open_database(settings)
+    except StoreError as exc:
+        fail(f"--fleet needs the shared database: {exc}")
+    import atexit
+
+    atexit.register(db.close)
+    return lambda: [n.to_json() for n in nodes.list_nodes(db)]

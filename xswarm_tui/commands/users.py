@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from xswarm_tui.commands._common import EXIT_BAD_INPUT, EXIT_FAILED, database, fail
+from xswarm_tui.commands._common import EXIT_BAD_INPUT, EXIT_FAILED, database, fail, load
 
 if TYPE_CHECKING:
+    from engine.config import Settings
     from engine.store.db import Database
     from engine.store.users import User
 
@@ -41,19 +42,39 @@ def add(
     phone: str = typer.Option(..., "--phone", help="E.164, e.g. +14155550123."),
     email: str = typer.Option(..., "--email"),
     tier: str = typer.Option("free", "--tier", help="free, personal, professional, enterprise or admin."),
+    welcome: bool = typer.Option(False, "--welcome", help="Text and email the user a welcome (through the outbox)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Create a user."""
     from engine.store.users import create_user
 
-    with database() as db:
+    settings = load()
+    with database(settings) as db:
         try:
             user = create_user(db, name=name, phone=phone, email=email, tier=tier)
         except ValueError as exc:
             fail(str(exc), EXIT_BAD_INPUT)
+        if welcome:
+            _welcome(settings, db, user)
     typer.echo(
         json.dumps(dataclasses.asdict(user)) if as_json else f"created user {user.id} ({user.name}, {user.tier})"
     )
+
+
+def _welcome(settings: Settings, db: Database, user: User) -> None:
+    """Queue the welcome and try it at once; what did not go out is retried by the webhooks
+    server (or ``xswarm notify drain``)."""
+    import asyncio
+
+    from engine.notify import compose
+    from engine.notify.sender import send_now
+
+    drafts = compose.welcome(settings, user)
+    if not drafts:
+        typer.echo("welcome: not sent (neither Twilio nor SendGrid sending is configured)", err=True)
+    for row in asyncio.run(send_now(settings, db, drafts)):
+        note = f" ({row.last_error})" if row.last_error and row.status != "sent" else ""
+        typer.echo(f"welcome {row.channel}: {row.status}{note}", err=True)
 
 
 @app.command("list")

@@ -40,13 +40,21 @@ class CallBoard(DataTable):
     """Live calls. Rows are keyed by call id; a tick updates only the cells that changed."""
 
     def __init__(
-        self, state: ConsoleState, clock: Callable[[], float], changes: Signal[StateChanged], **kwargs: object
+        self,
+        state: ConsoleState,
+        clock: Callable[[], float],
+        changes: Signal[StateChanged],
+        *,
+        node_of: Callable[[str], str | None] | None = None,
+        **kwargs: object,
     ) -> None:
+        """``node_of``: the node a call is on (a fleet console adds a Node column)."""
         super().__init__(cursor_type="row", zebra_stripes=False, **kwargs)  # type: ignore[arg-type]
         self.state = state
         self.clock = clock
         self._changes = changes
         self._durations_at = 0.0
+        self.node_of = node_of
         self.reveal = False
         """Show callers' full numbers (masked by default: the screen may be shared or recorded)."""
         self.filter_text = ""
@@ -57,6 +65,8 @@ class CallBoard(DataTable):
     def on_mount(self) -> None:
         for key, label in COLUMNS:
             self.add_column(label, key=key)
+            if key == "call" and self.node_of is not None:
+                self.add_column("Node", key="node")
         self._title()
         self._changes.subscribe(self, self._state_changed, immediate=True)
 
@@ -80,7 +90,8 @@ class CallBoard(DataTable):
         if not self.filter_text:
             return True
         caller = call.caller if self.reveal else mask_caller(call.caller)
-        hay = " ".join(str(x) for x in (call.call_id, caller, call.user_id, call.theme, call.mode, call.source))
+        node = self.node_of(call.call_id) if self.node_of is not None else None
+        hay = " ".join(str(x) for x in (call.call_id, node, caller, call.user_id, call.theme, call.mode, call.source))
         return self.filter_text.lower() in hay.lower()
 
     # ------------------------------------------------------------------------ updates
@@ -163,8 +174,10 @@ class CallBoard(DataTable):
         )
         # Every cell is a Text: plain strings would be parsed as markup on every redraw (slow),
         # and caller-supplied values (caller, user, theme come from the call) must never be markup.
-        return {
-            "call": Text(call.call_id),
+        cells: dict[str, object] = {"call": Text(call.call_id)}
+        if self.node_of is not None:
+            cells["node"] = Text(self.node_of(call.call_id) or "—")
+        return cells | {
             "caller": Text(caller),
             "user": Text(call.user_id or "—"),
             "theme": Text(call.theme or "—"),
