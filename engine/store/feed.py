@@ -67,7 +67,7 @@ def append(
 
 def summarize(event: Event) -> str:
     """One human line for an event; callers' numbers are masked."""
-    fields = dataclasses.asdict(event)  # type: ignore[call-overload]
+    fields = dataclasses.asdict(event)
     if isinstance(fields.get("summary"), str):
         return fields["summary"]
     parts = []

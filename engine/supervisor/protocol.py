@@ -389,7 +389,7 @@ def schemas() -> dict[str, dict[str, Any]]:
     }
     for name, cls in sorted(events._REGISTRY.items(), key=lambda item: (item[1].kind, item[0])):
         hints = typing.get_type_hints(cls, vars(events))
-        fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+        fields = dataclasses.fields(cls)
         props = {f.name: field_schema(hints[f.name]) for f in fields}
         if issubclass(cls, Command):
             required = [
