@@ -35,7 +35,7 @@ class NodeInfo:
     supervisor_url: str | None = None
     """Where a fleet console reaches this node's supervisor."""
     state: str | None = None
-    """"ready" or "draining" (the operator's choice, read back with each heartbeat)."""
+    """The operator's choice, read back with each heartbeat: "ready" or "draining"."""
     version: str | None = None
 
 
