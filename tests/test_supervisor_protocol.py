@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.events import CallStarted, Listen, TakeOver, Whisper
+from engine.events import CallStarted, Command, Listen, TakeOver, Whisper, message
 from engine.snapshot import LiveCall, ModelInfo, NodeInfo, SlotInfo, Snapshot
 from engine.supervisor import protocol as p
 
@@ -200,3 +200,14 @@ async def test_client_forgets_a_calls_codec_state_when_it_ends() -> None:
     assert list(client._streams) == ["CA2"] and list(client._listening) == ["CA2"]
     assert list(client._decoders) == [("CA2", "caller")]
     assert isinstance(await client.next_message(1), CallEnded)  # still delivered
+
+
+def test_a_command_names_its_action() -> None:
+    """Checked when the type is declared, before it is registered (the protocol never sees it)."""
+    with pytest.raises(TypeError, match="action"):
+
+        @message
+        class Nameless(Command):
+            call_id: str
+
+    assert "Nameless" not in p.schemas()
