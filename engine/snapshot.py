@@ -128,14 +128,25 @@ def read_snapshot(data: dict[str, Any]) -> Snapshot:
     )
 
 
+def prepare_reader() -> None:
+    """Build what ``read_snapshot`` needs now (tens of ms): the console calls this from the
+    thread worker that opens its link, so its UI thread never pays for it."""
+    for cls in (NodeInfo, ModelInfo, SlotInfo, LiveCall):
+        _adapter(cls)
+
+
+def _adapter(cls: type[T]) -> TypeAdapter[T]:
+    adapter = _ADAPTERS.get(cls)
+    if adapter is None:
+        adapter = _ADAPTERS[cls] = TypeAdapter(cls)
+    return adapter
+
+
 def _section(cls: type[T], value: Any) -> T | None:
     if not isinstance(value, dict):
         return None
     try:
-        adapter = _ADAPTERS.get(cls)
-        if adapter is None:
-            adapter = _ADAPTERS[cls] = TypeAdapter(cls)
-        return adapter.validate_python(value)
+        return _adapter(cls).validate_python(value)
     except ValidationError:
         return None
 

@@ -34,6 +34,7 @@ from textual.worker import Worker, WorkerState
 
 from engine import events as ev
 from engine.logging_setup import add_mirror
+from engine.snapshot import prepare_reader
 from themes import DEFAULT_THEME, ThemeError, list_themes, load_theme
 from xswarm_tui.link import Link, LinkError
 from xswarm_tui.messages import EventsArrived, LinkFailed, LinkOpened, LogsArrived
@@ -216,6 +217,7 @@ class XswarmApp(App[None]):
     @work(thread=True, exclusive=True, group="link", exit_on_error=False, description="Starting the runtime")
     def _open_link(self) -> None:
         opened_at = time.time()
+        prepare_reader()  # here, off the UI thread, which reads the snapshot next
         try:
             snapshot = self.link.open(self._on_runtime_event, self._on_snapshot)
         except Exception as exc:  # LinkError, a port in use, a bad token: shown, the app stays up
