@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from engine import events
+from engine import events, persona
 from engine.calls import CallRegistry, CallSession
 from engine.config import Settings
 from engine.events import EventBus, ModelLoad
@@ -128,7 +128,13 @@ class Runtime:
         try:
             migrate(self.db)
             # Before any server starts: a second process claiming a live node id stops here.
-            self.node_state = self._heartbeat_future().result()
+            try:
+                self.node_state = self._heartbeat_future().result()
+            except nodes.NodeIdTaken:
+                if not nodes.release_if_dead(self.db, self.node_id):
+                    raise
+                log.info("node id %s was held by a process on this host that has died; taking it over", self.node_id)
+                self.node_state = self._heartbeat_future().result()
         except StoreError:
             self.db.close()
             raise
@@ -350,7 +356,7 @@ class Runtime:
         try:
             future = self._heartbeat_future()
             if connected is not None:
-                self.db.submit(*routing.connected_statement(connected)).add_done_callback(
+                self.db.submit(*routing.release_statement(connected)).add_done_callback(
                     log_if_failed("routing reservation", log)
                 )
         except StoreError as exc:  # the database is closing
@@ -380,10 +386,10 @@ class Runtime:
             return
         self.node_state = state
         if state == "draining":
-            detail = f"draining: takes no new calls; {self.calls.used} live calls finish"
+            detail = f"takes no new calls; {self.calls.used} live calls finish"
         else:
-            detail = "ready: takes new calls again"
-        log.info("node %s %s", self.node_id, detail)
+            detail = "takes new calls again"
+        log.info("node %s %s: %s", self.node_id, state, detail)
         self.bus.publish(events.NodeStateChanged(node_id=self.node_id, state=state, detail=detail))
 
     async def set_node_state(self, state: str) -> None:
@@ -407,6 +413,8 @@ class Runtime:
     # ------------------------------------------------------------------ call rows
 
     def _call_live(self, session: CallSession) -> None:
+        if self.settings.telephony.greet:
+            persona.greet(session, self.settings.ui.theme)
         if self.db is None:
             return
         self._beat(connected=session.call_id)  # routing sees the taken slot now, not in 5 s

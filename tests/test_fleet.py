@@ -310,3 +310,13 @@ def test_a_node_with_a_bad_public_bridge_url_refuses_to_start(tmp_path: Path) ->
     )
     assert run.returncode == 2 and run.stderr.count("\n") == 1
     assert "XSWARM_BRIDGE_PUBLIC_URL" in run.stderr and "must be a ws:// or wss:// URL" in run.stderr
+
+
+def test_a_node_killed_and_restarted_at_once_takes_its_id_back(fleet_db: Fleet) -> None:
+    """Its old row still looks alive for 15 s, but its holder is a dead process on this host."""
+    (a,) = fleet_db.nodes("node-a")
+    a.kill()
+    again = fleet.node(fleet_db.sqld.url, fleet_db.root, "node-a").start()
+    fleet_db.procs.append(again)
+    again.wait_ready()
+    wait_until(lambda: nodes.get(fleet_db.db, "node-a").bridge_url == again.extra["bridge_url"])  # type: ignore[union-attr]

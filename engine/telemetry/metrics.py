@@ -59,6 +59,8 @@ class MetricsHost(Protocol):
     def node_id(self) -> str: ...
     @property
     def model_spec(self) -> str: ...
+    @property
+    def node_state(self) -> str: ...
 
 
 class Metrics:
@@ -144,6 +146,11 @@ class _RuntimeCollector(Collector):
             calls.available,
         )
         yield _gauge("xswarm_model_ready", "1 once the model has loaded and serves calls.", float(model is not None))
+        yield _gauge(
+            "xswarm_node_draining",
+            "1 while the node is draining (`xswarm nodes drain`): no new calls, live ones finish.",
+            float(rt.node_state == "draining"),
+        )
         info = GaugeMetricFamily(
             "xswarm_node_info", "This node's id and the model it serves (value 1).", labels=["node_id", "model"]
         )
