@@ -163,13 +163,16 @@ class NotifySettings(_Section):
     without it (or without server.public_url) emails offer a mailto unsubscribe and voicemail
     notices link to Twilio's recording URL."""
     lease_s: float = Field(60.0, gt=0)
-    """How long a send may take before another sender treats it as in doubt and checks with
-    the provider before sending again."""
+    """How long one send attempt may take (it is cut off at 80 %); a row still being sent after
+    that is in doubt, and the next attempt checks with the provider before sending again."""
     email_confirm_wait_s: float = Field(600.0, ge=0)
     """SendGrid has no idempotency key: an email whose send is in doubt waits this long for
     SendGrid's signed `processed` event before it is sent again."""
     max_attempts: int = Field(8, ge=1)
     """Attempts before a message is dead (kept, listed by `xswarm notify list --status dead`)."""
+    voicemail_transcript_wait_s: float = Field(180.0, ge=0)
+    """Voicemails are transcribed by Twilio (English, up to 2 minutes; billed by Twilio); the
+    notice waits this long for the transcript, then goes out without it. 0: no transcription."""
 
 
 class DatabaseSettings(_Section):
@@ -212,6 +215,10 @@ class LlmSettings(_Section):
     max_tokens_email: int = 1500
 
 
+MIN_SUPERVISOR_TOKEN = 16
+"""Shorter supervisor tokens are refused: they could be guessed despite the rate limit."""
+
+
 class SupervisorSettings(_Section):
     token: SecretStr | None = None
     """Operator token (may act). Generated at first start when unset."""
@@ -228,6 +235,14 @@ class SupervisorSettings(_Section):
 
         return [normalize(o) for o in value]
 
+    @field_validator("token", "monitor_token")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        """Checked at load (one line, exit 2), not as a traceback when the server starts."""
+        if value is not None and value.get_secret_value() and len(value.get_secret_value()) < MIN_SUPERVISOR_TOKEN:
+            raise ValueError(f"must be at least {MIN_SUPERVISOR_TOKEN} characters (a shorter one could be guessed)")
+        return value
+
 
 class TelephonySettings(_Section):
     call_token_secret: SecretStr | None = None
@@ -236,6 +251,8 @@ class TelephonySettings(_Section):
     unknown_callers: Literal["refuse", "guest"] = "refuse"
     start_timeout_s: float = Field(5.0, gt=0)
     """Close a stream whose `start` has not arrived by then."""
+    greet: bool = True
+    """Speak the persona's greeting (the call's theme) as a call starts; off, the AI waits for the caller."""
 
 
 class RecordingSettings(_Section):

@@ -179,9 +179,9 @@ class CallControl:
             case HangUp(call_id=call_id):
                 call = self._live(call_id)
                 await call.hang_up(f"hung up by {actor}")
-            case Transfer(call_id=call_id):
+            case Transfer(call_id=call_id, to=to):
                 call = self._live(call_id)
-                detail["to"] = await self._transfer(call)
+                detail["to"] = await self._transfer(call, to)
             case _:
                 raise ControlError("invalid", f"{type(command).__name__} is not a supervisor command")
         return {"call_id": call_id, "mode": call.mode, "operator": call.operator}
@@ -192,13 +192,17 @@ class CallControl:
             raise ControlError("not_found", f"no live call {call_id}")
         return call
 
-    async def _transfer(self, call: CallSession) -> str:
-        """Redirect the live Twilio call to ``<Dial>`` the transfer number (Twilio then ends the
-        media stream, and the bridge ends the call here)."""
+    async def _transfer(self, call: CallSession, to: str | None) -> str:
+        """Redirect the live Twilio call to ``<Dial>`` ``to`` (default: the configured transfer
+        number); Twilio then ends the media stream, and the bridge ends the call here."""
         tw = self.runtime.settings.twilio
-        number = tw.transfer_number
+        if to is not None and not _E164.match(to):
+            raise ControlError("invalid", f"{to!r} is not an E.164 number (e.g. +14155550123)")
+        number = to or tw.transfer_number
         if not number or not _E164.match(number):
-            raise ControlError("unavailable", "no valid twilio.transfer_number (E.164) is configured")
+            raise ControlError(
+                "unavailable", "no number given and no valid twilio.transfer_number (E.164) is configured"
+            )
         if call.source != "twilio":
             raise ControlError("unavailable", f"a {call.source} call cannot be transferred")
         if twilio_rest.credentials(tw) is None:

@@ -335,6 +335,8 @@ class HangUp(Command):
 class Transfer(Command):
     action: ClassVar[str] = "transfer"
     call_id: str
+    to: str | None = None
+    """E.164 number to dial; None dials the node's ``twilio.transfer_number``."""
 
 
 @message

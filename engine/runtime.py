@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from engine import events
+from engine import events, persona
 from engine.calls import CallRegistry, CallSession
 from engine.config import Settings
 from engine.events import EventBus
@@ -404,6 +404,8 @@ class Runtime:
     # ------------------------------------------------------------------ call rows
 
     def _call_live(self, session: CallSession) -> None:
+        if self.settings.telephony.greet:
+            persona.greet(session, self.settings.ui.theme)
         if self.db is None:
             return
         self._beat(connected=session.call_id)  # routing sees the taken slot now, not in 5 s

@@ -10,7 +10,7 @@ import pytest
 
 from engine.config import ALIASES
 
-pytest_plugins: list[str] = ["fixtures.sqld", "fixtures.s3", "fixtures.fleet"]
+pytest_plugins: list[str] = ["fixtures.sqld", "fixtures.s3", "fixtures.fleet", "fixtures.runtime"]
 
 
 @pytest.fixture(autouse=True)

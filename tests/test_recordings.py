@@ -235,6 +235,7 @@ def test_runtime_records_a_consenting_call_and_backs_up(monkeypatch: pytest.Monk
     from engine.runtime import Runtime
     from engine.storage import open_store
     from engine.store.users import create_user, set_recording_consent
+    from themes import load_theme
 
     monkeypatch.setenv("XSWARM_RECORDING__ENABLED", "true")
     settings = load_settings()
@@ -275,7 +276,9 @@ def test_runtime_records_a_consenting_call_and_backs_up(monkeypatch: pytest.Monk
         assert np.abs(frames[:, 0]).max() > 0.3 * 32767  # the tone the caller "said"
         assert np.abs(frames[:, 1]).max() > 0.1 * 32767  # the echo model said it back
         record = json.loads(store.get_bytes(wav_key.replace(".wav", ".json")))
-        assert record["user_id"] == user.id and record["transcript"][0]["text"] == "echo echo"
+        texts = [line["text"] for line in record["transcript"]]
+        greeting = load_theme(settings.ui.theme).persona.greeting  # the persona speaks first
+        assert record["user_id"] == user.id and texts == [greeting, "echo echo"]
         # The runtime's storage service also took its daily backup at start.
         assert runtime.storage is not None
         deadline = time.time() + 30

@@ -91,6 +91,7 @@ class StandInRuntime:
         self.db = open_database(settings)
         self.model = None
         self.model_spec = "echo"
+        self.node_state = "ready"
         self.calls = CallRegistry(self.bus)
         self.calls.set_capacity(4)
         self.node_id = "test-node"
@@ -632,6 +633,10 @@ async def test_transfer_redirects_through_twilio_rest(xswarm_home: Path, monkeyp
         async with SupervisorClient(f"ws://127.0.0.1:{server.port}/", OPERATOR) as op:
             answer = await op.command(Transfer("CA9"))
             assert answer["type"] == "ok"
+            assert (await op.command(Transfer("CA9", to="+15550001111")))["type"] == "ok"  # the console's choice
+            with pytest.raises(CommandError) as info:
+                await op.command(Transfer("CA9", to="555-0100"))
+            assert info.value.code == "invalid" and "E.164" in str(info.value)
             with pytest.raises(CommandError) as info:
                 await op.command(Transfer("local-1"))
             assert info.value.code == "unavailable"
@@ -644,11 +649,18 @@ async def test_transfer_redirects_through_twilio_rest(xswarm_home: Path, monkeyp
                 "path": "/2010-04-01/Accounts/AC123/Calls/CA9.json",
                 "auth": "Basic QUMxMjM6c2VjcmV0",
                 "twiml": "<Response><Dial>+15557654321</Dial></Response>",
-            }
+            },
+            {
+                "path": "/2010-04-01/Accounts/AC123/Calls/CA9.json",
+                "auth": "Basic QUMxMjM6c2VjcmV0",
+                "twiml": "<Response><Dial>+15550001111</Dial></Response>",
+            },
         ]
         rows = await audit_rows(runtime, action="transfer")
         assert [(r.call_id, r.result[:5]) for r in reversed(rows)] == [
             ("CA9", "ok"),
+            ("CA9", "ok"),
+            ("CA9", "error"),
             ("local-1", "error"),
             ("CAGONE", "error"),
         ]

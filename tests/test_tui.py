@@ -6,9 +6,7 @@ path, and the test checks what changed on the call, not just that a message was 
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from tui_support import (
@@ -21,10 +19,20 @@ from tui_support import (
     telephony_env,
     wait_until,
 )
+from tui_support import (
+    cell as _cell,
+)
+from tui_support import (
+    toasts as _toasts,
+)
+from tui_support import (
+    until as _until,
+)
 
 from engine import events as ev
 from engine.config import load_settings
 from engine.runtime import Runtime
+from themes import list_themes
 from xswarm_tui.app import ACTING, XswarmApp
 from xswarm_tui.link import AttachedLink, EmbeddedLink
 from xswarm_tui.state import ConsoleState, mask_caller
@@ -77,37 +85,12 @@ def test_state_folds_events_and_snapshots_idempotently() -> None:
 # ----------------------------------------------------------------------- real runtime
 
 
-@pytest.fixture
-def runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[Runtime]:
-    """An echo runtime with its real Twilio bridge on a free port (started by the console)."""
-    telephony_env(monkeypatch)
-    rt = Runtime(load_settings(), model_spec="echo", bridge_port=free_port(), supervisor_port=0, webhooks_port=0)
-    yield rt
-    rt.stop()
-
-
 def _board(app: XswarmApp) -> CallBoard:
     return app.query_one(CallBoard)
 
 
-async def _until(pilot: Any, predicate: Any, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met in time")
-        await pilot.pause(0.05)
-
-
-def _cell(app: XswarmApp, call_id: str, column: str) -> str:
-    return str(_board(app).get_cell(call_id, column))
-
-
-def _toasts(app: XswarmApp) -> str:
-    return " | ".join(str(n.message) for n in app._notifications)
-
-
-async def test_every_key_acts_on_a_real_call(runtime: Runtime) -> None:
+async def test_every_key_acts_on_a_real_call(echo_runtime: Runtime) -> None:
+    runtime = echo_runtime
     audio = RecordingAudio()
     link = EmbeddedLink(lambda: runtime, audio=lambda: audio)
     app = XswarmApp(link)
@@ -121,7 +104,7 @@ async def test_every_key_acts_on_a_real_call(runtime: Runtime) -> None:
 
         await pilot.press("t")  # take over: the session is ours, the microphone feeds it
         await _until(pilot, lambda: session.operator == link.actor)
-        await _until(pilot, lambda: _cell(app, cid, "mode").startswith("OPERATOR"))
+        await _until(pilot, lambda: _cell(app, cid, "mode") == "OPER you")
         assert audio.mic_sink is not None
 
         await pilot.press("b")  # hand back
@@ -177,13 +160,16 @@ async def test_every_key_acts_on_a_real_call(runtime: Runtime) -> None:
         )
 
         await pilot.press("q")
+        if app.is_running:  # the local call is live: quitting asks first
+            await pilot.press("y")
     link.close()
     rows = runtime.db.query("SELECT action, result FROM audit_log ORDER BY id") if runtime.db else []
     actions = [a for a, r in rows if r == "ok"]
     assert actions[:8] == ["takeover", "handback", "listen", "unlisten", "mute", "unmute", "whisper", "hangup"]
 
 
-async def test_no_audio_device_is_said_and_the_console_carries_on(runtime: Runtime) -> None:
+async def test_no_audio_device_is_said_and_the_console_carries_on(echo_runtime: Runtime) -> None:
+    runtime = echo_runtime
     link = EmbeddedLink(lambda: runtime, audio=lambda: "no audio: PortAudio library not found")
     app = XswarmApp(link)
     async with app.run_test(size=(120, 40)) as pilot:
@@ -198,7 +184,8 @@ async def test_no_audio_device_is_said_and_the_console_carries_on(runtime: Runti
     link.close()
 
 
-async def test_users_and_logs_screens(runtime: Runtime) -> None:
+async def test_users_and_logs_screens(echo_runtime: Runtime) -> None:
+    runtime = echo_runtime
     link = EmbeddedLink(lambda: runtime, audio=lambda: "no audio")
     app = XswarmApp(link)
     async with app.run_test(size=(120, 40)) as pilot:
@@ -215,7 +202,7 @@ async def test_users_and_logs_screens(runtime: Runtime) -> None:
         await _until(pilot, lambda: "1 users" in str(app.screen.query_one("#users-status").render()))
         table = app.screen.query_one("#users-table")
         assert [str(c) for c in table.get_row("u-ada")] == ["u-ada", "Ada", "pro", "+15550100123", "10.0", "4", "0"]
-        await pilot.press("escape", "g")
+        await pilot.press("escape", "L")
         await _until(pilot, lambda: any("first paint" in line for _, line in app.log_mirror.lines))
         await _until(pilot, lambda: len(app.screen.query_one("#log-view").lines) > 0)
     link.close()
@@ -234,7 +221,7 @@ async def test_read_only_hides_every_acting_key() -> None:
         assert link.sent == []
         await pilot.press("question_mark")
         await pilot.pause(0.2)
-        help_text = app.screen.query_one("#help-body").source
+        help_text = app.screen.query_one("#help-body Markdown").source
         assert "Pause" in help_text and "Take over" not in help_text and "Hang up" not in help_text
         await pilot.press("escape")
         titles = [c.title for c in app.get_system_commands(app.screen)]
@@ -248,16 +235,18 @@ async def test_help_lists_the_keys_and_palette_reaches_every_action() -> None:
         await pilot.pause(0.3)
         await pilot.press("question_mark")
         await pilot.pause(0.2)
-        text = app.screen.query_one("#help-body").source
+        text = app.screen.query_one("#help-body Markdown").source
         for words in ("Take over", "Hand back", "Listen", "Whisper", "Mute", "Hang up", "Voice", "Pause", "Quit"):
             assert f"| {words} |" in text
         await pilot.press("escape")
         titles = {c.title for c in app.get_system_commands(app.screen)}
-        for action in ("take over", "hand back", "listen", "whisper", "mute", "hang up"):
+        for action in ("take over", "hand back", "listen", "whisper", "mute", "hang up", "transfer"):
             assert f"call CA01f3e9: {action}" in titles
         assert {"view: pause", "view: users", "view: logs", "call: start a local voice conversation"} <= titles
+        assert {"view: history", "view: inbox", "view: audit"} <= titles
         assert any(t.lower().startswith("theme") for t in titles)  # Textual's "Change theme" stays
-        for theme in ("hal-9000", "kitt", "glados", "nord"):  # ours and a built-in (domain colours default)
+        assert set(app.available_themes) == set(list_themes())  # only ours in the picker, not Textual's 20
+        for theme in ("hal-9000", "kitt", "glados"):
             app.theme = theme
             await pilot.pause(0.1)
             assert len(app.board.rows) == 2 and app.theme_variables["call-live"]
@@ -303,7 +292,7 @@ async def test_attached_console_acts_over_the_supervisor_socket(served_runtime: 
         await _until(pilot, lambda: app.system_panel.state.tick is not None)  # live events flow
         await pilot.press("t")
         await _until(pilot, lambda: session.operator == link.actor)
-        await _until(pilot, lambda: _cell(app, cid, "mode").startswith("OPERATOR"))
+        await _until(pilot, lambda: _cell(app, cid, "mode") == "OPER you")
         assert audio.mic_sink is not None
         await pilot.press("b")
         await _until(pilot, lambda: session.operator is None)
@@ -335,14 +324,51 @@ async def test_attached_with_a_monitor_token_is_read_only(served_runtime: Runtim
     link.close()
 
 
-async def test_attach_with_a_bad_token_says_so() -> None:
+async def test_a_dead_node_says_disconnected_at_once_and_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Item 3: nothing listening yet: the header says so at once (never "0 live"), the figures
+    are greyed, and the console keeps trying, so it connects when the node comes up."""
+    port = free_port()
+    link = AttachedLink(f"ws://127.0.0.1:{port}/", OPERATOR_TOKEN, audio=lambda: "no audio", open_timeout_s=3)
+    app = XswarmApp(link)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await _until(pilot, lambda: "disconnected" in app.sub_title or "retrying in" in app.sub_title, timeout=3)
+        assert "0 live" not in app.sub_title and app.board.has_class("disconnected")
+        monkeypatch.setenv("XSWARM_SUPERVISOR_TOKEN", OPERATOR_TOKEN)
+        telephony_env(monkeypatch)
+        rt = Runtime(load_settings(), model_spec="echo", bridge_port=free_port(), supervisor_port=port, webhooks_port=0)
+        rt.start()
+        try:
+            await _until(pilot, lambda: "0 live" in app.sub_title, timeout=20)
+            assert not app.board.has_class("disconnected")
+            rt.stop()  # the node goes away: said at once, not 15 s later
+            await _until(pilot, lambda: "disconnected" in app.sub_title, timeout=5)
+            await _until(pilot, lambda: app.system_panel.has_class("disconnected"), timeout=2)
+            assert "0 live" not in app.sub_title and "figures are stale" in app.sub_title
+        finally:
+            rt.stop()
+    link.close()
+
+
+async def test_a_refused_token_offers_retry_or_quit(served_runtime: Runtime) -> None:
+    """Item 7: what only the operator can fix is a dialog with the fix, not an empty shell."""
+    from xswarm_tui.screens.failed import RuntimeFailedScreen
+
     link = AttachedLink(
-        f"ws://127.0.0.1:{free_port()}/", "wrong-token-0123456789", audio=lambda: "no audio", open_timeout_s=3
+        f"ws://127.0.0.1:{served_runtime.supervisor_port}/", "wrong-token-0123456789", audio=lambda: "x"
     )
     app = XswarmApp(link)
     async with app.run_test(size=(120, 40)) as pilot:
-        await _until(pilot, lambda: "not connected" in app.sub_title, timeout=8)
-        assert any(n.severity == "error" for n in app._notifications)
+        await _until(pilot, lambda: isinstance(app.screen, RuntimeFailedScreen), timeout=8)
+        text = " ".join(str(w.render()) for w in app.screen.query("Static"))
+        assert "refused the token" in text and "xswarm supervisor" in text
+        shown = {b.binding.action for b in app.screen_stack[0].active_bindings.values() if b.binding.show}
+        assert "take_over" not in app.screen_stack[0].active_bindings or not app._allowed(
+            "take_over", app.screen_stack[0]
+        )
+        assert "not running" in app.sub_title and shown
+        await pilot.press("q")
+        await pilot.pause(0.2)
+        assert not app.is_running
     link.close()
 
 

@@ -30,7 +30,7 @@ def _app(theme: str = "xswarm", read_only: bool = False) -> XswarmApp:
 
 async def _settle(pilot: Any) -> None:
     app = pilot.app
-    while len(app.board.rows) < 3 or app.state.dirty:
+    while not app.link_open or len(app.board.rows) < 3 or app.state.dirty:  # the footer waits for the link
         await pilot.pause(0.05)
     await pilot.pause(0.3)
 
@@ -64,3 +64,48 @@ def test_help(snap_compare: Any) -> None:
 def test_dashboard_at_256_colours(snap_compare: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TEXTUAL_COLOR_SYSTEM", "256")
     assert snap_compare(_app("kitt"), terminal_size=SIZE, run_before=_settle)
+
+
+# -------------------------------------------------------------- issue 14: small and colourless
+SMALL = (80, 24)
+
+
+def test_dashboard_80x24(snap_compare: Any) -> None:
+    """Short call ids, columns dropped by priority, help and quit first in the footer."""
+    assert snap_compare(_app(), terminal_size=SMALL, run_before=_settle)
+
+
+def test_dashboard_no_color(snap_compare: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NO_COLOR: the marks (!, !!, LATE) and the mode words carry the status."""
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert snap_compare(_app(), terminal_size=SIZE, run_before=_settle)
+
+
+def test_help_80x24(snap_compare: Any) -> None:
+    async def open_help(pilot: Any) -> None:
+        await _settle(pilot)
+        await pilot.press("question_mark")
+        await pilot.pause(0.3)
+
+    assert snap_compare(_app(), terminal_size=SMALL, run_before=open_help)
+
+
+def test_quit_asks_with_live_calls(snap_compare: Any) -> None:
+    async def press_quit(pilot: Any) -> None:
+        await _settle(pilot)
+        await pilot.press("q")
+        await pilot.pause(0.3)
+
+    assert snap_compare(_app(), terminal_size=SIZE, run_before=press_quit)
+
+
+def test_empty_board_guide(snap_compare: Any) -> None:
+    node = {"id": "node-a", "bridge_port": 9998, "supervisor_port": 9999, "webhooks_port": 8787}
+    app = XswarmApp(ReplayLink(list(busy_night(0)), snapshot={"node": node}), clock=lambda: FIXED_NOW)
+
+    async def settle(pilot: Any) -> None:
+        while not pilot.app.link_open or pilot.app.state.dirty:
+            await pilot.pause(0.05)
+        await pilot.pause(0.3)
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=settle)

@@ -30,6 +30,8 @@ class RecordingAudio:
         self.played: list[tuple[str, int]] = []
         self.speakers = False
         self.mic_sink: Callable[[np.ndarray], None] | None = None
+        self.clips: list[tuple[int, int]] = []
+        """(samples, rate) of each stored recording played."""
 
     def play(self, direction: str, frame: np.ndarray) -> None:
         self.played.append((direction, len(frame)))
@@ -45,6 +47,12 @@ class RecordingAudio:
 
     def stop_microphone(self) -> None:
         self.mic_sink = None
+
+    def play_clip(self, samples: np.ndarray, rate: int) -> None:
+        self.clips.append((len(samples), rate))
+
+    def stop_clip(self) -> None:
+        self.clips.clear()
 
     def close(self) -> None:
         self.stop_microphone()
@@ -87,6 +95,26 @@ def start_call(
     return runtime.calls.get(call_sid)
 
 
+async def until(pilot: Any, predicate: Callable[[], object], timeout: float = 5.0) -> None:
+    """Let the app run until ``predicate()`` holds (AssertionError after ``timeout``)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError("condition not met in time")
+        await pilot.pause(0.05)
+
+
+def cell(app: Any, call_id: str, column: str) -> str:
+    """The text of one calls-board cell."""
+    return str(app.board.get_cell(call_id, column))
+
+
+def toasts(app: Any) -> str:
+    """Every notification shown so far, joined."""
+    return " | ".join(f"{n.title}: {n.message}" for n in app._notifications)
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -101,19 +129,25 @@ class ReplayLink(Link):
     kind = "embedded"
     target = "replay"
 
-    def __init__(self, events: list[ev.Event], *, read_only: bool = False) -> None:
+    def __init__(
+        self, events: list[ev.Event], *, read_only: bool = False, snapshot: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(read_only=read_only, audio=lambda: "no audio device on this machine")
         self.events = events
+        self.snapshot = snapshot or {}
+        """What ``open`` returns; by default no call list: the replayed events are the whole truth."""
         self.sent: list[ev.Command] = []
+        self.refuse: str | None = None
+        """When set, every command is refused with this error."""
 
     def open(self, on_event: Callable[[ev.Event], None], on_snapshot: Callable[[dict], None]) -> dict[str, Any]:
         for event in self.events:
             on_event(event)
-        return {}  # no call list: the replayed events are the whole truth
+        return self.snapshot
 
     async def _send(self, command: ev.Command) -> dict[str, Any]:
         self.sent.append(command)
-        return {"ok": True}
+        return {"ok": False, "error": self.refuse} if self.refuse else {"ok": True}
 
     def _microphone_sink(self, call_id: str) -> Callable[[np.ndarray], None]:
         return lambda pcm: None

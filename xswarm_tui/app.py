@@ -25,7 +25,8 @@ from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
-from textual.screen import Screen
+from textual.events import Key
+from textual.screen import ModalScreen, Screen
 from textual.theme import Theme as TextualTheme
 from textual.timer import Timer
 from textual.widgets import DataTable, Footer, Header, Input
@@ -37,11 +38,14 @@ from themes import DEFAULT_THEME, ThemeError, list_themes, load_theme
 from xswarm_tui.link import Link, LinkError
 from xswarm_tui.messages import EventsArrived, LinkFailed, LinkOpened, LogsArrived
 from xswarm_tui.screens.detail import CallDetailScreen
-from xswarm_tui.screens.dialogs import ConfirmScreen, WhisperScreen
+from xswarm_tui.screens.dialogs import ConfirmScreen, TransferScreen, WhisperScreen
+from xswarm_tui.screens.failed import RuntimeFailedScreen
 from xswarm_tui.screens.logs import LogMirror, LogsScreen
+from xswarm_tui.screens.records import AuditScreen, HistoryScreen, InboxScreen, RecordScreen
 from xswarm_tui.screens.users import UsersScreen
 from xswarm_tui.state import ConsoleState, Snapshot
 from xswarm_tui.widgets.calls import CallBoard
+from xswarm_tui.widgets.empty import EmptyBoard, empty_board_text
 from xswarm_tui.widgets.feed import EventsFeed
 from xswarm_tui.widgets.telemetry import SystemPanel
 
@@ -57,8 +61,13 @@ its visible cells, and the UI thread shares the GIL with the bridge (docs/perfor
 DEBOUNCE_S = 0.3
 """A second press of a destructive key within this is ignored (key repeat, double taps)."""
 
-ACTING = frozenset({"take_over", "hand_back", "listen", "whisper", "mute", "hang_up", "local_call"})
+ACTING = frozenset({"take_over", "hand_back", "whisper", "mute", "hang_up", "local_call", "transfer"})
 """Actions that change a call; `--read-only` and monitor tokens hide them everywhere."""
+CALL_ACTIONS = ACTING | {"listen"}
+"""Actions on the selected call: offered only on the board and the call detail, once the
+runtime is up (never on the Users, Logs or records screens, or over a failed start)."""
+RETRY_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+"""Backoff between attempts to reach a node that did not answer (the last one repeats)."""
 
 
 def _binding(
@@ -74,26 +83,55 @@ def _binding(
     return Binding(key, action, description, show=show, priority=priority, id=f"{group}.{action}", tooltip=tooltip)
 
 
-BINDINGS: list[BindingType] = [
+KEYS: list[Binding] = [
+    # Help and quit first: the footer cuts from the right on a narrow terminal.
+    _binding("question_mark,f1", "help", "Help", "Keys and how to read the panels", group="view"),
+    _binding("q", "quit", "Quit", "Leave the console (asks first while calls are live)", group="app"),
     _binding("t", "take_over", "Take over", "Your microphone replaces the AI on the selected call"),
     _binding("b", "hand_back", "Hand back", "Give the selected call back to the AI"),
     _binding("l", "listen", "Listen", "Hear the selected call on this machine (press again to stop)"),
     _binding("w", "whisper", "Whisper", "Type a line the AI takes into account on the selected call"),
     _binding("m", "mute", "Mute", "Mute or unmute the AI on the selected call (it keeps listening)"),
-    _binding("x", "hang_up", "Hang up", "End the selected call (asks first)", priority=True),
+    _binding("x", "hang_up", "Hang up", "End the selected call (asks first)"),
+    _binding("f", "transfer", "Transfer", "Transfer the selected call to a number (asks, showing the number)"),
     _binding("v", "local_call", "Voice", "Talk to the AI through this machine's microphone and speakers"),
     _binding("p", "pause", "Pause", "Freeze the panels; data keeps being collected", group="view"),
-    _binding("question_mark,f1", "help", "Help", "Keys and how to read the panels", group="view"),
-    _binding("q", "quit", "Quit", "Leave the console (the embedded runtime stops cleanly)", priority=True, group="app"),
-    _binding("r", "reveal", "Reveal", "Show or mask callers' phone numbers", show=False, group="view"),
-    _binding("s", "sort", "Sort", "Cycle the calls board's sort order", show=False, group="view"),
-    _binding("slash", "filter", "Filter", "Filter the focused panel (escape clears)", show=False, group="view"),
-    _binding("c", "focus_calls", "Calls", "Focus the calls board", show=False, group="view"),
-    _binding("e", "focus_events", "Events", "Focus the events feed", show=False, group="view"),
-    _binding("n", "focus_nodes", "Nodes", "Focus the nodes panel (fleet console; d drains)", show=False, group="view"),
-    _binding("u", "users", "Users", "Users with tier and this month's usage", show=False, group="view"),
-    _binding("g", "logs", "Logs", "The log records of this session", show=False, group="view"),
+    _binding("r", "reveal", "Reveal", "Show or mask callers' phone numbers", group="view"),
+    _binding("s", "sort", "Sort", "Cycle the calls board's sort order (S reverses it)", group="view"),
+    _binding("S", "reverse_sort", "Reverse", "Reverse the calls board's sort order", show=False, group="view"),
+    _binding("slash", "filter", "Filter", "Filter the focused panel (escape clears)", group="view"),
+    _binding("c", "focus_calls", "Calls", "Focus the calls board", group="view"),
+    _binding("e", "focus_events", "Events", "Focus the events feed (enter shows an event in full)", group="view"),
+    _binding("h", "history", "History", "Ended calls: times, end reason, latency, recording", group="view"),
+    _binding("i", "inbox", "Inbox", "Voicemail, SMS and email", group="view"),
+    _binding("a", "audit", "Audit", "Every supervisor action and failed login", group="view"),
+    _binding("n", "focus_nodes", "Nodes", "Focus the nodes panel (fleet console; d drains)", group="view"),
+    _binding("u", "users", "Users", "Users with tier and this month's usage", group="view"),
+    _binding("L", "logs", "Logs", "The log records of this session", group="view"),
 ]
+"""Every key of the console, as data: the footer, help and palette are built from these."""
+BINDINGS: list[BindingType] = list(KEYS)
+
+
+DASHBOARD_ACTIONS = frozenset(b.action for b in KEYS if b.action not in CALL_ACTIONS | {"help", "quit"})
+"""The dashboard's own keys (sort, filter, screens …): offered on the board and the call detail only."""
+ACTING_KEYS = {
+    key: binding.description for binding in KEYS if binding.action in ACTING for key in binding.key.split(",")
+}
+"""Keys of the acting bindings, for the read-only notice."""
+COMMAND_WORDS: dict[type, str] = {
+    ev.TakeOver: "take over",
+    ev.HandBack: "hand back",
+    ev.Listen: "listen",
+    ev.Unlisten: "stop listening",
+    ev.Whisper: "whisper",
+    ev.Mute: "mute",
+    ev.Unmute: "unmute",
+    ev.HangUp: "hang up",
+    ev.Transfer: "transfer",
+    ev.StartLocalCall: "local voice call",
+}
+"""What each command is called in toasts (never the class name)."""
 
 
 def textual_theme(name: str) -> TextualTheme:
@@ -107,6 +145,9 @@ class XswarmApp(App[None]):
     CSS_PATH = Path(__file__).with_name("xswarm.tcss")  # absolute: subclasses elsewhere still find it
     TITLE = "xswarm"
     BINDINGS = BINDINGS
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (110, "-wide")]
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (34, "-tall")]
+    """Screen classes the stylesheet uses to fit 80x24: a narrower system panel, a shorter bottom row."""
 
     def __init__(
         self,
@@ -118,12 +159,16 @@ class XswarmApp(App[None]):
         poll_interval_s: float = 1.0,
         reveal_callers: bool = False,
         started_at: float | None = None,
+        transfer_number: str | None = None,
+        save_theme: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__()
         self._started_at = time.perf_counter() if started_at is None else started_at
         """perf_counter() at the process's start, for the time-to-first-paint log line."""
         self.link = link
         self.read_only = read_only or not link.can_act
+        self._read_only_flag = read_only
+        """Read-only because the operator asked (else because the token only permits watching)."""
         self.clock = clock
         self.poll_interval_s = poll_interval_s
         self.state = ConsoleState()
@@ -140,6 +185,18 @@ class XswarmApp(App[None]):
         self.log_mirror = LogMirror(lambda: self.post_message(LogsArrived()))
         self._remove_mirror: Callable[[], None] = lambda: None
         self._theme_name = theme
+        self.transfer_number = transfer_number
+        """Prefilled in the transfer dialog (``twilio.transfer_number``)."""
+        self._save_theme = save_theme
+        """Remembers a theme chosen in the palette for the next start (None: not saved)."""
+        self.link_open = False
+        """True once the runtime answered; call actions are offered only then."""
+        self._attempt = 0
+        """Failed attempts to reach the runtime in a row (the retry backoff's index)."""
+        self._retry_at: float | None = None
+        """monotonic() of the next attempt to reach a node that did not answer."""
+        self._failed = False
+        """True while the failure screen waits for the operator (retry or quit)."""
         self.animation_level = "none"  # suits SSH; nothing here needs motion
         self.board = CallBoard(self.state, self.clock, id="calls", node_of=getattr(link, "node_of", None))
         self.system_panel = SystemPanel(self.state, self.clock, self.poll_interval_s, id="system")
@@ -158,6 +215,7 @@ class XswarmApp(App[None]):
         with Vertical(id="calls-area"):
             yield Input(placeholder="filter calls (escape clears)", id="calls-filter", classes="filter")
             yield self.board
+            yield EmptyBoard(id="calls-empty")
         with Horizontal(id="bottom"):
             yield self.system_panel
             if self.nodes_panel is not None:
@@ -177,10 +235,12 @@ class XswarmApp(App[None]):
         self._register_themes()
         board = self.board
         board.reveal = self._reveal
+        board.me = self.state.me = self.link.actor
         board.focus()
-        self.sub_title = f"{self.link.kind}: {self.link.target} · starting…"
+        self._refresh_empty_state()
+        self._update_subtitle()
         self._remove_mirror = add_mirror(self.log_mirror)
-        self.theme_changed_signal.subscribe(self, lambda _theme: self._render_all())
+        self.theme_changed_signal.subscribe(self, self._theme_changed)
         self.set_interval(1.0, self._every_second)
         self.call_after_refresh(self._first_paint)
 
@@ -196,17 +256,33 @@ class XswarmApp(App[None]):
     def on_unmount(self) -> None:
         self._remove_mirror()
 
+    def _theme_changed(self, theme: TextualTheme) -> None:
+        self._render_all()
+        if self._save_theme is not None and theme.name != self._theme_name:
+            self._theme_name = theme.name
+            try:
+                self._save_theme(theme.name)
+            except Exception as exc:  # an unwritable settings file must not break the console
+                log.warning("could not save the theme choice: %s", exc)
+                self.notify(f"theme not saved: {exc}", severity="warning", markup=False)
+
     def _register_themes(self) -> None:
+        ours = []
         for name in list_themes():
             try:
                 self.register_theme(textual_theme(name))
+                ours.append(name)
             except ThemeError as exc:  # one bad user file: say so, keep the others
                 self.notify(str(exc), title="Theme skipped", severity="warning", timeout=10, markup=False)
         try:
             self.theme = self._theme_name
         except Exception:  # InvalidThemeError: unknown name in the settings
             self.notify(f"unknown theme {self._theme_name!r}; using {DEFAULT_THEME}", severity="warning", markup=False)
-            self.theme = DEFAULT_THEME
+            self.theme = self._theme_name = DEFAULT_THEME
+        # Only xswarm's themes in the picker (after ours is active): Textual's ~20 built-ins
+        # lack the call and latency colours and crowd the list. User theme files count as ours.
+        for name in [n for n in self.available_themes if n not in ours]:
+            self.unregister_theme(name)
 
     # ----------------------------------------------------------------- runtime link
     @work(thread=True, exclusive=True, group="link", exit_on_error=False, description="Starting the runtime")
@@ -216,7 +292,7 @@ class XswarmApp(App[None]):
             snapshot = self.link.open(self._on_runtime_event, self._on_snapshot)
         except Exception as exc:  # LinkError, a port in use, a bad token: shown, the app stays up
             log.exception("runtime link failed")
-            self.post_message(LinkFailed(str(exc) or type(exc).__name__))
+            self.post_message(LinkFailed(str(exc) or type(exc).__name__, retry=getattr(exc, "retry", False)))
             return
         self._queue(Snapshot(snapshot, opened_at))
         self.post_message(LinkOpened())
@@ -238,15 +314,37 @@ class XswarmApp(App[None]):
 
     @on(LinkOpened)
     def _link_opened(self) -> None:
+        self.link_open = True
+        self._attempt, self._retry_at = 0, None
         if not self.link.can_act and not self.read_only:  # a monitor token: act as --read-only
             self.read_only = True
-            self.refresh_bindings()
+        self.board.me = self.state.me = self.link.actor  # the server's name for this console
+        self.refresh_bindings()
+        self._show_health()
         self._update_subtitle()
 
     @on(LinkFailed)
     def _link_failed(self, message: LinkFailed) -> None:
-        self.sub_title = f"{self.link.kind}: {self.link.target} · not connected"
-        self.notify(message.error, title="Runtime unavailable", severity="error", timeout=30, markup=False)
+        """A node that did not answer is tried again with backoff (the header counts down);
+        anything only the operator can fix (a refused token, a busy port) asks: retry or quit."""
+        if message.retry:
+            self._retry_at = time.monotonic() + RETRY_S[min(self._attempt, len(RETRY_S) - 1)]
+            self._attempt += 1
+            self._update_subtitle()
+            return
+        self._failed = True
+        self.sub_title = f"{self.link.kind}: {self.link.target} · not running"
+        title = "The runtime did not start" if self.link.kind == "embedded" else f"{self.link.target} refused us"
+
+        def answer(choice: str | None) -> None:
+            if choice == "retry":
+                self._failed = False
+                self._update_subtitle()
+                self._open_link()
+            else:
+                self.exit()
+
+        self.push_screen(RuntimeFailedScreen(title, message.error), answer)
 
     @on(EventsArrived)
     def _events_arrived(self) -> None:
@@ -266,8 +364,27 @@ class XswarmApp(App[None]):
                 self.state.load_snapshot(item.data, taken_after=item.taken_after)
             else:
                 self.state.apply(item)
+        for notice in self.state.notices:  # told even while paused: it is about this operator's call
+            self.notify(notice, title="A call you held", severity="warning", timeout=20, markup=False)
+        self.state.notices.clear()
         if not self.paused and self.board.is_attached:  # not after the app has begun to close
             self._render_dirty()
+            self._refresh_empty_state()
+
+    def _refresh_empty_state(self) -> None:
+        """No calls and no filter: the board gives way to how to place a test call."""
+        empty = not self.state.calls and not self.board.filter_text
+        self.query_one("#calls-area").set_class(empty, "empty")
+        if empty:
+            model = self.state.model
+            self.query_one(EmptyBoard).update(
+                empty_board_text(
+                    self.state.node,
+                    f"{model.model} {model.state}" + (f": {model.detail}" if model.detail else "") if model else None,
+                    attached=self.link.kind != "embedded",
+                    can_act=not self.read_only,
+                )
+            )
 
     def _render_dirty(self) -> None:
         """Redraw what changed since the last redraw, in one batch (no flicker)."""
@@ -300,7 +417,12 @@ class XswarmApp(App[None]):
         self.board.tick_durations()
 
     def _every_second(self) -> None:
-        """Clocks that move by themselves: durations (unless a redraw just did them), staleness."""
+        """Clocks that move by themselves: durations (unless a redraw just did them), staleness,
+        the connection's state and the next attempt to reach a node that did not answer."""
+        if self._retry_at is not None and time.monotonic() >= self._retry_at:
+            self._retry_at = None
+            self._open_link()
+        self._show_health()
         if self.paused or not self.board.is_attached:
             return
         if time.monotonic() - self._last_durations >= 1.0:
@@ -309,8 +431,32 @@ class XswarmApp(App[None]):
         if isinstance(self.screen, CallDetailScreen):
             self.screen.refresh_detail()
 
+    def _health(self) -> str | None:
+        """Why the figures on screen may be old: disconnected, or not connected yet."""
+        if self._retry_at is not None:
+            return f"not connected, retrying in {max(0.0, self._retry_at - time.monotonic()):.0f} s"
+        return self.link.health()
+
+    def _show_health(self) -> None:
+        """Grey the figures out while they may be stale and say why in the header, at once."""
+        health = self._health()
+        for panel in (self.board, self.system_panel):
+            panel.set_class(health is not None, "disconnected")
+        if health is not None or "disconnected" in self.sub_title or "not connected" in self.sub_title:
+            self._update_subtitle()
+
     def _update_subtitle(self) -> None:
         model = self.state.model
+        health = self._health()
+        if health is not None:
+            self.sub_title = f"{self.link.kind}: {self.link.target} · {health} · figures are stale"
+            return
+        if self._failed:
+            return  # "not running" stays until the operator chooses retry
+        if not self.link_open:  # until the runtime answers: never a made-up "0 live"
+            waiting = "starting" if self.link.kind == "embedded" else "connecting"
+            self.sub_title = f"{self.link.kind}: {self.link.target} · {waiting}…"
+            return
         parts = [f"{self.link.kind}: {self.link.target}", f"{len(self.state.calls)} live"]
         if model is not None:
             parts.append(f"model {model.model} {model.state}")
@@ -339,22 +485,34 @@ class XswarmApp(App[None]):
 
     # ---------------------------------------------------------------------- bindings
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if self.read_only and action in ACTING:
-            return False  # hidden from the footer, help and palette, and does nothing
+        # Judge by the screen under any dialog or the palette: a palette entry runs from there.
+        base = next((s for s in reversed(self.screen_stack) if not isinstance(s, ModalScreen)), self.screen)
+        return self._allowed(action, base)
+
+    def _allowed(self, action: str, screen: Screen) -> bool:
+        """Whether ``action`` is offered on ``screen`` (footer, help, palette and the key itself)."""
+        if action in CALL_ACTIONS and not (self.link_open and self._shows_calls(screen)):
+            return False  # no call to act on here: the Users, Logs, records screens, a failed start
+        if action in DASHBOARD_ACTIONS and not self._shows_calls(screen):
+            return False  # on Help, Users, Logs and the records screens: their own keys, then escape
         if action == "focus_nodes" and self.nodes_panel is None:
             return False
-        return True
+        return not (self.read_only and action in ACTING)  # hidden, and the key only says why
+
+    def _shows_calls(self, screen: Screen) -> bool:
+        return isinstance(screen, CallDetailScreen) or screen is self.screen_stack[0]
 
     def key_rows(self) -> list[tuple[str, str, str]]:
         """(keys, description, tooltip) for every binding this session may use: the help table."""
         rows = []
         for binding in self.BINDINGS:
             assert isinstance(binding, Binding)
-            if self.check_action(binding.action, ()):
+            if self._allowed(binding.action, self.screen_stack[0]):
                 keys = ", ".join(self.get_key_display(Binding(k, binding.action)) for k in binding.key.split(","))
                 rows.append((keys, binding.description, binding.tooltip))
         rows.append(("ctrl+p", "Palette", "Every action, theme change and call by name"))
-        rows.append(("enter", "Detail", "Open the selected call's detail"))
+        rows.append(("enter", "Detail", "Open the selected call's detail (on Events: the whole event)"))
+        rows.append(("j, k, g, G", "Move", "Down, up, first row, last row (arrows, home and end work too)"))
         return rows
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
@@ -362,7 +520,7 @@ class XswarmApp(App[None]):
         yield from super().get_system_commands(screen)
         for binding in self.BINDINGS:
             assert isinstance(binding, Binding)
-            if binding.action in ("quit", "help") or not self.check_action(binding.action, ()):
+            if binding.action in ("quit", "help") or not self._allowed(binding.action, screen):
                 continue
             group = (binding.id or "app").split(".")[0]
             if group == "call":
@@ -376,13 +534,13 @@ class XswarmApp(App[None]):
             )
             for binding in self.BINDINGS:
                 assert isinstance(binding, Binding)
-                if binding.action in ACTING - {"local_call"} and self.check_action(binding.action, ()):
+                if binding.action in CALL_ACTIONS - {"local_call"} and self._allowed(binding.action, screen):
                     yield SystemCommand(
                         f"call {call_id}: {binding.description.lower()}",
                         binding.tooltip,
                         partial(self._act_on, call_id, binding.action),
                     )
-        if self.check_action("local_call", ()):
+        if self._allowed("local_call", screen):
             yield SystemCommand(
                 "call: start a local voice conversation",
                 "Microphone and speakers of this machine",
@@ -394,9 +552,7 @@ class XswarmApp(App[None]):
         await self.run_action(action)
 
     def _select(self, call_id: str) -> None:
-        board = self.board
-        if call_id in board.rows:
-            board.move_cursor(row=board.get_row_index(call_id))
+        self.board.select_call(call_id)
 
     # ---------------------------------------------------------------------- actions
     def selected_call(self) -> str | None:
@@ -421,14 +577,15 @@ class XswarmApp(App[None]):
             self._execute(command, done, after),
             group="command",
             exit_on_error=False,
-            description=type(command).__name__,
+            description=COMMAND_WORDS.get(type(command), "command"),
         )
 
     async def _execute(self, command: ev.Command, done: str, after: Callable[[], object] | None) -> None:
         try:
             answer = await self.link.execute(command)
         except LinkError as exc:
-            self.notify(str(exc), title=f"{type(command).__name__} refused", severity="error", timeout=8, markup=False)
+            words = COMMAND_WORDS.get(type(command), "command")
+            self.notify(str(exc), title=f"{words.capitalize()} refused", severity="error", timeout=8, markup=False)
             return
         if after is not None:
             after()
@@ -448,9 +605,13 @@ class XswarmApp(App[None]):
         if not (call_id := self._need_call()):
             return
         if call_id in self.listening:
-            self._send(ev.Unlisten(call_id), f"stopped listening to {call_id}", lambda: self.listening.discard(call_id))
+            self._send(ev.Unlisten(call_id), f"stopped listening to {call_id}", lambda: self._listening(call_id, False))
         else:
-            self._send(ev.Listen(call_id), f"listening to {call_id}", lambda: self.listening.add(call_id))
+            self._send(ev.Listen(call_id), f"listening to {call_id}", lambda: self._listening(call_id, True))
+
+    def _listening(self, call_id: str, on: bool) -> None:
+        (self.listening.add if on else self.listening.discard)(call_id)
+        self.board.mark_listening(self.listening)
 
     def action_whisper(self) -> None:
         if not (call_id := self._need_call()):
@@ -479,7 +640,22 @@ class XswarmApp(App[None]):
             if yes:
                 self._send(ev.HangUp(call_id), f"hung up {call_id}")
 
-        self.push_screen(ConfirmScreen(f"Hang up call {call_id}?"), answer)
+        call = self.state.calls.get(call_id)
+        question = f"Hang up call {call_id}?"
+        if call is not None and call.operator and call.operator != self.link.actor:
+            # Another operator is talking to this caller: say who, and they get a notice if it happens.
+            question = f"{call.operator} holds call {call_id} and is talking to the caller.\n\nHang it up anyway?"
+        self.push_screen(ConfirmScreen(question), answer)
+
+    def action_transfer(self) -> None:
+        if not (call_id := self._need_call()) or self._debounced("transfer"):
+            return
+
+        def answer(number: str | None) -> None:
+            if number:
+                self._send(ev.Transfer(call_id, to=number), f"transferring {call_id} to {number}")
+
+        self.push_screen(TransferScreen(f"call {call_id}", self.transfer_number), answer)
 
     def action_local_call(self) -> None:
         if not self._debounced("local_call"):
@@ -499,7 +675,12 @@ class XswarmApp(App[None]):
     def action_sort(self) -> None:
         self.notify(f"calls sorted by {self.board.cycle_sort()}", timeout=2)
 
+    def action_reverse_sort(self) -> None:
+        self.notify(f"calls sorted by {self.board.reverse_sort()}", timeout=2)
+
     def action_filter(self) -> None:
+        if self.screen is not self.screen_stack[0]:
+            return  # the filters belong to the dashboard; another screen must not open them unseen
         target = "events-filter" if self.feed_panel.has_focus else "calls-filter"
         box = self.query_one(f"#{target}", Input)
         box.add_class("shown")
@@ -518,6 +699,15 @@ class XswarmApp(App[None]):
     def action_users(self) -> None:
         self.push_screen(UsersScreen(self.link))
 
+    def action_history(self) -> None:
+        self.push_screen(HistoryScreen(self.link, reveal=self.board.reveal))
+
+    def action_inbox(self) -> None:
+        self.push_screen(InboxScreen(self.link, reveal=self.board.reveal))
+
+    def action_audit(self) -> None:
+        self.push_screen(AuditScreen(self.link, reveal=self.board.reveal))
+
     def action_logs(self) -> None:
         self.push_screen(LogsScreen(self.log_mirror))
 
@@ -534,6 +724,13 @@ class XswarmApp(App[None]):
     def _row_selected(self, event: DataTable.RowSelected) -> None:
         self._open_detail(str(event.row_key.value))
 
+    @on(DataTable.RowSelected, "#events")
+    def _event_selected(self, event: DataTable.RowSelected) -> None:
+        item = self.feed_panel.item(str(event.row_key.value))
+        if item is not None:
+            at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(item.at))
+            self.push_screen(RecordScreen(f"Event · {item.category}", f"{at}  {item.category}\n\n{item.text}"))
+
     @on(Input.Changed, ".filter")
     def _filter_changed(self, event: Input.Changed) -> None:
         panel = self.board if event.input.id == "calls-filter" else self.feed_panel
@@ -545,14 +742,44 @@ class XswarmApp(App[None]):
         if not event.value:
             event.input.remove_class("shown")
 
-    def on_key(self, event: object) -> None:
-        """Escape in a filter box clears it and hands focus back to its panel."""
-        key = getattr(event, "key", "")
+    def on_key(self, event: Key) -> None:
+        """Escape clears a filter (in its box, or on its panel once applied); an acting key in
+        read-only mode says why nothing happens instead of doing nothing silently."""
         focused = self.focused
-        if key == "escape" and isinstance(focused, Input) and focused.has_class("filter"):
-            focused.value = ""
-            focused.remove_class("shown")
+        if event.key == "escape" and isinstance(focused, Input) and focused.has_class("filter"):
+            self._clear_filter(focused)
             (self.board if focused.id == "calls-filter" else self.feed_panel).focus()
+        elif event.key == "escape" and focused in (self.board, self.feed_panel) and focused.filter_text:
+            self._clear_filter(self.query_one("#calls-filter" if focused is self.board else "#events-filter", Input))
+        elif self.read_only and event.key in ACTING_KEYS and self.link_open and self._shows_calls(self.screen):
+            why = "--read-only" if self._read_only_flag else "a monitor token"
+            self.notify(
+                f"{ACTING_KEYS[event.key]} is not available: this console is read-only ({why})",
+                severity="warning",
+                timeout=4,
+            )
+
+    def _clear_filter(self, box: Input) -> None:
+        box.value = ""  # Input.Changed clears the panel's filter
+        box.remove_class("shown")
+        (self.board if box.id == "calls-filter" else self.feed_panel).set_filter("")
 
     async def action_quit(self) -> None:
-        self.exit()
+        """Quit at once with no live calls; otherwise ask, naming how many calls are live."""
+        live = len(self.state.calls)
+        if not live or not self.link_open:
+            self.exit()
+            return
+        if isinstance(self.screen, ConfirmScreen):
+            return  # a second `q` while the question is up is not an answer
+        calls = f"{live} live call{'s' if live != 1 else ''}"
+        if self.link.kind == "embedded":
+            question = f"{calls} will be ended: quitting stops this node and cuts the callers off.\n\nQuit anyway?"
+        else:
+            question = f"{calls} go on at {self.link.target} (calls you hold go back to the AI).\n\nQuit this console?"
+
+        def answer(yes: bool | None) -> None:
+            if yes:
+                self.exit()
+
+        self.push_screen(ConfirmScreen(question), answer)

@@ -90,6 +90,14 @@ class LocalAudio:
             self._mic.close()
             self._mic = None
 
+    # ------------------------------------------------------------- recordings (history)
+    def play_clip(self, samples: np.ndarray, rate: int) -> None:
+        """Play a stored recording (mono float32) once, in the background; ``stop_clip`` ends it."""
+        self._sd.play(np.asarray(samples, dtype=np.float32), rate)
+
+    def stop_clip(self) -> None:
+        self._sd.stop()
+
     def close(self) -> None:
         self.stop_microphone()
         self.stop_speakers()

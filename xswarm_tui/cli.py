@@ -40,6 +40,7 @@ _GROUPS: list[tuple[str, str]] = [
     ("bench", "bench"),
     ("serve", "commands"),
     ("call", "commands"),
+    ("records", "commands"),
     ("webhooks", "webhooks"),
     ("billing", "billing"),
     ("notify", "notify"),

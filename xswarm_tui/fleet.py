@@ -100,6 +100,10 @@ class FleetLink(Link):
     users_unavailable = (
         "user data is not sent over the supervisor socket; run `xswarm users list` against the shared database"
     )
+    records_unavailable = (
+        "records are not sent over the supervisor socket; run `xswarm calls list`, `xswarm messages list`, "
+        "`xswarm audit list` against the shared database"
+    )
 
     def __init__(
         self,

@@ -13,6 +13,10 @@ The app only ever talks to a ``Link``:
   and return the answer; a refusal raises ``LinkError`` with a sentence for the operator. An
   ``"audio"`` entry in the answer says why sound is missing while the command itself worked.
 * ``users()``: tier and usage rows, or ``None`` with ``users_unavailable`` saying why.
+* ``database()``: the node's database for the records screens (history, inbox, audit), or
+  ``None`` with ``records_unavailable`` saying why.
+* ``health()``: ``None`` while events flow, else a sentence ("disconnected …, retrying in
+  3 s") that the header shows at once, so a dead node never looks like a quiet one.
 
 ``EmbeddedLink`` drives an in-process ``engine.runtime.Runtime`` through
 ``engine.control.CallControl``; ``AttachedLink`` drives ``engine.supervisor.client``.
@@ -45,6 +49,12 @@ stop_microphone/close) or a string saying why there is no sound."""
 
 class LinkError(Exception):
     """A command or connection failed; the message is shown to the operator as is."""
+
+    def __init__(self, message: str, *, retry: bool = False) -> None:
+        super().__init__(message)
+        self.retry = retry
+        """True when trying again later may work (the node is down or unreachable), False when
+        only the operator can fix it (a refused token)."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,8 @@ class Link(abc.ABC):
     """Where the runtime is, for the header."""
     users_unavailable: str | None = None
     """Why ``users()`` returns None, when it does."""
+    records_unavailable: str | None = None
+    """Why ``database()`` returns None, when it does."""
 
     def __init__(self, *, read_only: bool, audio: AudioFactory = _default_audio) -> None:
         self.can_act = not read_only
@@ -113,6 +125,18 @@ class Link(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+    def database(self) -> Any:
+        """The node's ``Database`` for reading records, or None (``records_unavailable`` says why)."""
+        return None
+
+    def health(self) -> str | None:
+        """None while connected; otherwise what is wrong and when the next attempt is."""
+        return None
+
+    def object_store(self) -> Any:
+        """Where recordings are uploaded (``ObjectStore``), or None when this link cannot reach it."""
+        return None
 
     def local_audio(self) -> Any:
         """The sound device (opened once), or the reason there is none."""
@@ -183,7 +207,17 @@ class EmbeddedLink(Link):
 
         self.runtime = self._build()
         self._unsubscribe = self.runtime.bus.subscribe(on_event)
-        self.runtime.start()
+        try:
+            self.runtime.start()
+        except BaseException:  # a busy port, a bad setting: undo what started, so Retry starts clean
+            self._unsubscribe()
+            self._unsubscribe = None
+            try:
+                self.runtime.stop()
+            except Exception:
+                log.exception("stopping the runtime that failed to start")
+            self.runtime = None
+            raise
         self._control = CallControl(self.runtime)
         if getattr(self.runtime, "system_sampler", None) is None:  # a runtime that samples itself wins
             from engine.telemetry.system import SystemSampler
@@ -209,6 +243,19 @@ class EmbeddedLink(Link):
         if session is None:
             return lambda pcm: None
         return lambda pcm: loop.call_soon_threadsafe(session.feed_operator_audio, pcm)
+
+    def database(self) -> Any:
+        db = getattr(self.runtime, "db", None)
+        if db is None:
+            self.records_unavailable = "no database is open in this runtime"
+        return db
+
+    def object_store(self) -> Any:
+        if self.runtime is None:
+            return None
+        from engine.storage import open_store
+
+        return open_store(self.runtime.settings)
 
     def users(self) -> list[UserRow] | None:
         db = getattr(self.runtime, "db", None)
@@ -245,6 +292,10 @@ class AttachedLink(Link):
         "user data is not sent over the supervisor socket; "
         "run `xswarm` on the server (or query its database) to see users"
     )
+    records_unavailable = (
+        "records are not sent over the supervisor socket; on the node run "
+        "`xswarm calls list`, `xswarm messages list`, `xswarm audit list`"
+    )
 
     def __init__(
         self,
@@ -268,24 +319,49 @@ class AttachedLink(Link):
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     def open(self, on_event: EventSink, on_snapshot: SnapshotSink) -> dict[str, Any]:
-        self._thread.start()
+        """Connect once; a failure raises ``LinkError`` (``retry`` unless the token was refused),
+        and the app calls ``open`` again after a backoff."""
+        if not self._thread.is_alive():
+            self._thread.start()
+        attempt = self._run(self._connect(on_event, on_snapshot))
         try:
-            return self._run(self._connect(on_event, on_snapshot)).result(timeout=self._open_timeout_s)
+            return attempt.result(timeout=self._open_timeout_s)
         except concurrent.futures.TimeoutError:
-            raise LinkError(f"no answer from {self.target} within {self._open_timeout_s:.0f} s") from None
+            attempt.cancel()  # the next attempt starts clean; this one closes its client
+            raise LinkError(f"no answer from {self.target} within {self._open_timeout_s:.0f} s", retry=True) from None
+
+    def health(self) -> str | None:
+        client = self._client
+        if client is None or client.connected.is_set():
+            return None
+        why = f" ({client.last_connect_error})" if client.last_connect_error else ""
+        if client.retry_at is None:
+            return f"disconnected{why}, reconnecting…"
+        return f"disconnected{why}, retrying in {max(0, client.retry_at - time.monotonic()):.0f} s"
 
     async def _connect(self, on_event: EventSink, on_snapshot: SnapshotSink) -> dict[str, Any]:
-        from engine.supervisor.client import SupervisorClient, SupervisorError
+        from engine.supervisor.client import AuthError, SupervisorClient, SupervisorError
 
-        self._client = SupervisorClient(self.target, self._token, name=self.actor)
+        client = SupervisorClient(self.target, self._token, name=self.actor, open_timeout=self._open_timeout_s / 3)
+        self._client = client  # health() reports the first attempts too
         try:
-            await self._client.start()
-        except SupervisorError as exc:
-            await self._client.close()
+            await client.start()
+        except asyncio.CancelledError:
+            await client.close()
+            self._client = None
+            raise
+        except AuthError as exc:
+            await client.close()
+            self._client = None  # nothing to report on: this link is not trying any more
             raise LinkError(f"{self.target}: {exc}") from None
+        except SupervisorError as exc:
+            await client.close()
+            self._client = None
+            raise LinkError(f"{self.target}: {exc}", retry=True) from None
         except OSError as exc:
-            await self._client.close()
-            raise LinkError(f"cannot reach {self.target}: {exc}") from None
+            await client.close()
+            self._client = None
+            raise LinkError(f"cannot reach {self.target}: {exc}", retry=True) from None
         if self._client.role != "operator":
             self.can_act = False
         self.actor = self._client.actor or self.actor  # the server's name for this console (audit, takeover)

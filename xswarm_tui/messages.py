@@ -33,3 +33,5 @@ class LinkFailed(Message):
     """The runtime could not be started or reached; the text says why."""
 
     error: str
+    retry: bool = False
+    """Trying again later may work (the node did not answer); else only the operator can fix it."""

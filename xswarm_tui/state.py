@@ -113,6 +113,14 @@ class ConsoleState:
         self.removed_calls: set[str] = set()
         self.dirty: set[str] = set()
         """Panels with news: "calls", "system", "feed", "model"."""
+        self.node: dict[str, Any] = {}
+        """The node's id and ports from its snapshot (the empty board's test-call commands)."""
+        self.me: str | None = None
+        """This console's operator name, to notice actions others take on calls it holds."""
+        self._ended_holders: dict[str, str] = {}
+        self.notices: list[str] = []
+        """Things this operator must be told at once (another operator hung up a call it held);
+        the app shows and clears them."""
 
     # ---------------------------------------------------------------------------------------
     def load_snapshot(self, snap: dict[str, Any], *, taken_after: float | None = None) -> None:
@@ -148,6 +156,9 @@ class ConsoleState:
                 self._refresh_mode(call)
             except (KeyError, TypeError, ValueError, AttributeError):
                 continue  # one malformed entry must not hide the others
+        if isinstance(snap.get("node"), dict):
+            self.node = dict(snap["node"])
+            self.dirty.add("calls")
         slots = snap.get("slots")
         if isinstance(slots, dict) and "no_headroom" in slots:
             reason = slots["no_headroom"]
@@ -223,10 +234,16 @@ class ConsoleState:
         self._touch(e.call_id)
 
     def _ended(self, e: ev.CallEnded) -> None:
-        if self.calls.pop(e.call_id, None) is not None:
+        call = self.calls.pop(e.call_id, None)
+        if call is not None and call.operator is not None:
+            # A hang-up is reported after the call has ended: remember who held it, briefly.
+            self._ended_holders[e.call_id] = call.operator
+            while len(self._ended_holders) > 64:
+                del self._ended_holders[next(iter(self._ended_holders))]
+        if call is not None:
             self.removed_calls.add(e.call_id)
             self.changed_calls.discard(e.call_id)
-            self.dirty.add("calls")
+            self.dirty.update(("calls", "system"))  # the batch figure counts live calls
         self.ended += 1
         self._feed(e.at, "call", f"call {e.call_id} ended: {e.reason} after {e.duration_s:.0f} s")
 
@@ -265,7 +282,11 @@ class ConsoleState:
         self.dirty.add("system")
 
     def _model(self, e: ev.ModelStatusChanged) -> None:
+        previous = self.model
         self.model = e
+        if previous is not None and (previous.model, previous.state, previous.detail) == (e.model, e.state, e.detail):
+            self.dirty.add("model")
+            return  # the same news again (a snapshot after the live event, a reconnect): one feed line
         self.dirty.update(("model", "system"))
         if e.progress is None or e.state != "loading":  # progress ticks would flood the feed
             detail = f": {e.detail}" if e.detail else ""
@@ -274,6 +295,16 @@ class ConsoleState:
     def _acted(self, e: ev.SupervisorActed) -> None:
         call = self.calls.get(e.call_id or "")
         line = f"{e.actor}: {e.action} → {e.result}"
+        holder = call.operator if call is not None else self._ended_holders.get(e.call_id or "")
+        if (
+            self.me is not None
+            and holder == self.me
+            and e.actor != self.me
+            and e.result == "ok"
+            and e.action in ("hangup", "transfer", "mute")
+        ):
+            did = {"hangup": "hung up", "transfer": "transferred", "mute": "muted the AI on"}[e.action]
+            self.notices.append(f"{e.actor} {did} call {e.call_id}, which you held")
         if call is not None:
             call.actions.append(line)
             self._touch(call.call_id)

@@ -116,7 +116,7 @@ class LocalAudioCall:
             self._speaker.clear()
 
     async def hang_up(self, reason: str) -> None:
-        await self.close(f"hung up: {reason}")
+        await self.close(reason if reason.startswith("hung up") else f"hung up: {reason}")
 
     async def close(self, reason: str) -> None:
         self._close_streams()

@@ -446,7 +446,7 @@ class TwilioStream:
         """Twilio REST ``Status=completed`` when credentials are set; always close the socket."""
         if self.call_sid:
             await complete_call(self.server.settings, self.call_sid)
-        await self._end(f"hung up: {reason}")
+        await self._end(reason if reason.startswith("hung up") else f"hung up: {reason}")
 
     async def close(self, reason: str) -> None:
         """Close the socket without ending the call at Twilio (it falls through to the TwiML

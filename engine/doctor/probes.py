@@ -144,8 +144,13 @@ def portaudio() -> str | None:
 
 
 def port_free(host: str, port: int) -> bool:
-    """Whether a server could bind ``host:port`` now."""
+    """Whether a server could bind ``host:port`` now.
+
+    With ``SO_REUSEADDR``, as asyncio's servers bind: a port that a stopped xswarm left in
+    TIME_WAIT is free for them, so it is reported free here too (not "in use" for a minute)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        if os.name != "nt":  # on Windows SO_REUSEADDR would let two servers share the port
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

@@ -24,6 +24,7 @@ import time
 import wave
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -355,6 +356,50 @@ def _write_sidecar(
         encoding="utf-8",
     )
     return sidecar
+
+
+@dataclass(frozen=True)
+class StoredRecording:
+    """One uploaded recording: its audio object and, if uploaded too, its transcript."""
+
+    call_sid: str
+    """The call id as stored (``_safe``: characters outside ``[A-Za-z0-9._=+-]`` became ``_``)."""
+    day: str
+    """``YYYY-MM-DD`` (UTC) the call started."""
+    key: str
+    size_bytes: int
+    uploaded_at: float
+    transcript_key: str | None
+
+
+def list_recordings(store: ObjectStore) -> list[StoredRecording]:
+    """Every uploaded recording, newest call day first (then newest upload first)."""
+    objects = store.list(PREFIX)
+    keys = {o.key for o in objects}
+    found = []
+    for o in objects:
+        parts = o.key[len(PREFIX) :].split("/")
+        if len(parts) != 2 or not parts[1].endswith(".wav"):
+            continue
+        transcript = o.key[: -len(".wav")] + ".json"
+        found.append(
+            StoredRecording(
+                call_sid=parts[1][: -len(".wav")],
+                day=parts[0],
+                key=o.key,
+                size_bytes=o.size,
+                uploaded_at=o.modified,
+                transcript_key=transcript if transcript in keys else None,
+            )
+        )
+    found.sort(key=lambda r: (r.day, r.uploaded_at), reverse=True)
+    return found
+
+
+def find_recording(store: ObjectStore, call_sid: str) -> StoredRecording | None:
+    """The uploaded recording of one call, or None."""
+    wanted = _safe(call_sid)
+    return next((r for r in list_recordings(store) if r.call_sid == wanted), None)
 
 
 def prune_recordings(store: ObjectStore, retention_days: int, *, now: float | None = None) -> list[str]:

@@ -60,10 +60,19 @@ def log_failure(future: concurrent.futures.Future[Any]) -> None:
 
 
 def recent(
-    db: Database, *, limit: int = 100, call_id: str | None = None, action: str | None = None
+    db: Database,
+    *,
+    limit: int = 100,
+    call_id: str | None = None,
+    action: str | None = None,
+    since_ms: int | None = None,
 ) -> list[AuditEntry]:
-    """Newest first, optionally for one call or one action."""
-    where, params = [], []
+    """Newest first, optionally for one call, one action, or since a time (unix ms)."""
+    where: list[str] = []
+    params: list[object] = []
+    if since_ms is not None:
+        where.append("at >= ?")
+        params.append(int(since_ms))
     if call_id is not None:
         where.append("call_id = ?")
         params.append(call_id)

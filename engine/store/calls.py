@@ -69,28 +69,50 @@ def record_end(
     )
 
 
+COLUMNS = (
+    "id",
+    "stream_sid",
+    "user_id",
+    "caller",
+    "source",
+    "node_id",
+    "slot",
+    "theme",
+    "status",
+    "started_at",
+    "ended_at",
+    "end_reason",
+    "duration_s",
+    "bal_p50_ms",
+    "bal_p99_ms",
+    "step_p50_ms",
+    "playout_lag_p50_ms",
+    "late_frames",
+    "legs",
+)
+"""Every column of ``calls``, in the order ``get`` and ``recent`` return them."""
+
+
 def get(db: Database, call_id: str) -> dict[str, Any] | None:
-    """One call row as a dict (tests, the TUI's call detail)."""
-    cols = (
-        "id",
-        "stream_sid",
-        "user_id",
-        "caller",
-        "source",
-        "node_id",
-        "slot",
-        "theme",
-        "status",
-        "started_at",
-        "ended_at",
-        "end_reason",
-        "duration_s",
-        "bal_p50_ms",
-        "bal_p99_ms",
-        "step_p50_ms",
-        "playout_lag_p50_ms",
-        "late_frames",
-        "legs",
-    )
-    rows = db.query(f"SELECT {', '.join(cols)} FROM calls WHERE id = ?", (call_id,))
-    return dict(zip(cols, rows[0], strict=True)) if rows else None
+    """One call row as a dict (tests, ``xswarm calls show``, the console's history)."""
+    rows = db.query(f"SELECT {', '.join(COLUMNS)} FROM calls WHERE id = ?", (call_id,))
+    return dict(zip(COLUMNS, rows[0], strict=True)) if rows else None
+
+
+def recent(
+    db: Database, *, since_ms: int | None = None, user_id: str | None = None, limit: int = 100
+) -> list[dict[str, Any]]:
+    """Calls newest first (by ``started_at``), optionally since a time and for one user."""
+    where: list[str] = []
+    params: list[object] = []
+    if since_ms is not None:
+        where.append("started_at >= ?")
+        params.append(int(since_ms))
+    if user_id is not None:
+        where.append("user_id = ?")
+        params.append(user_id)
+    sql = f"SELECT {', '.join(COLUMNS)} FROM calls"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY started_at DESC, id DESC LIMIT ?"
+    return [dict(zip(COLUMNS, r, strict=True)) for r in db.query(sql, (*params, int(limit)))]

@@ -110,6 +110,14 @@ def status_statement(provider_id: str, status: str, at_ms: int | None = None) ->
     )
 
 
+def body_statement(provider_id: str, body: str) -> Statement:
+    """Fill in a message's text afterwards (a voicemail's transcript)."""
+    return (
+        "UPDATE messages SET body = ?, updated_at = ? WHERE provider_id = ?",
+        (body, int(time.time() * 1000), provider_id),
+    )
+
+
 def _row(row: tuple[Any, ...]) -> Message:
     values = list(row)
     values[10] = json.loads(values[10]) if values[10] else {}
@@ -121,11 +129,24 @@ def get_by_provider_id(db: Database, provider_id: str) -> Message | None:
     return _row(rows[0]) if rows else None
 
 
-def recent(db: Database, *, user_id: str | None = None, limit: int = 50) -> list[Message]:
-    if user_id is None:
-        rows = db.query(f"SELECT {_COLUMNS} FROM messages ORDER BY created_at DESC LIMIT ?", (limit,))
-    else:
-        rows = db.query(
-            f"SELECT {_COLUMNS} FROM messages WHERE user_id = ? ORDER BY created_at DESC LIMIT ?", (user_id, limit)
-        )
-    return [_row(r) for r in rows]
+def recent(db: Database, *, user_id: str | None = None, channel: str | None = None, limit: int = 50) -> list[Message]:
+    """Newest first, optionally for one user or one channel (sms, email, voicemail)."""
+    where: list[str] = []
+    params: list[object] = []
+    if user_id is not None:
+        where.append("user_id = ?")
+        params.append(user_id)
+    if channel is not None:
+        where.append("channel = ?")
+        params.append(channel)
+    sql = f"SELECT {_COLUMNS} FROM messages"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY created_at DESC LIMIT ?"
+    return [_row(r) for r in db.query(sql, (*params, int(limit)))]
+
+
+def get(db: Database, message_id: str) -> Message | None:
+    """One message by our id or the provider's (a voicemail's RecordingSid)."""
+    rows = db.query(f"SELECT {_COLUMNS} FROM messages WHERE id = ? OR provider_id = ?", (message_id, message_id))
+    return _row(rows[0]) if rows else None

@@ -140,6 +140,15 @@ def set_tier(db: Database, user_id: str, tier: str) -> None:
     _update(db, user_id, "tier", tier)
 
 
+def set_theme(db: Database, user_id: str, theme: str) -> None:
+    """The persona the user's calls and replies get (a theme name from ``themes.list_themes()``)."""
+    from themes import list_themes
+
+    if theme not in list_themes():
+        raise ValueError(f"unknown theme {theme!r}; available: {', '.join(list_themes())}")
+    _update(db, user_id, "theme", theme)
+
+
 def set_stripe_customer(db: Database, user_id: str, customer_id: str) -> None:
     try:
         _update(db, user_id, "stripe_customer_id", customer_id)

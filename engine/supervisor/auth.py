@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from engine.config import Settings, secret
+from engine.config import MIN_SUPERVISOR_TOKEN, Settings, secret
 from engine.paths import Paths, resolve_paths
 
 log = logging.getLogger("xswarm.supervisor")
@@ -37,8 +37,7 @@ log = logging.getLogger("xswarm.supervisor")
 Role = Literal["operator", "monitor"]
 ROLES: tuple[Role, ...] = ("operator", "monitor")
 TOKEN_FILE = "supervisor-tokens.json"
-_MIN_TOKEN_CHARS = 16
-"""Shorter configured tokens are refused: they could be guessed despite the rate limit."""
+_MIN_TOKEN_CHARS = MIN_SUPERVISOR_TOKEN
 
 
 class AuthConfigError(ValueError):

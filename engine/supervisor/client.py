@@ -116,6 +116,9 @@ class SupervisorClient:
         self.connected = asyncio.Event()
         self.reconnects = 0
         self.last_connect_error: str | None = None
+        self.retry_at: float | None = None
+        """``time.monotonic()`` of the next connection attempt while disconnected (None: connected
+        or connecting now), so a console can say "retrying in N s"."""
         self.last_error: str | None = None
         """The latest error the server sent that answered no command (bad operator audio)."""
         self._ws: ClientConnection | None = None
@@ -195,7 +198,10 @@ class SupervisorClient:
             self._fail_pending(Disconnected("connection lost"))
             if self._closed:
                 return
-            await asyncio.sleep(delay * (0.75 + random.random() / 2))
+            wait = delay * (0.75 + random.random() / 2)
+            self.retry_at = time.monotonic() + wait
+            await asyncio.sleep(wait)
+            self.retry_at = None
             delay = min(delay * 2, self.backoff_s[1])
             self.reconnects += 1
 

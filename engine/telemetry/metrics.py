@@ -127,8 +127,8 @@ class _RuntimeCollector(Collector):
         yield _gauge("xswarm_model_ready", "1 once the model has loaded and serves calls.", float(model is not None))
         yield _gauge(
             "xswarm_node_draining",
-            "1 while this node is drained (`xswarm nodes drain`): no new calls are routed to it.",
-            float(getattr(rt, "node_state", "ready") == "draining"),
+            "1 while the node is draining (`xswarm nodes drain`): no new calls, live ones finish.",
+            float(rt.node_state == "draining"),
         )
         info = GaugeMetricFamily(
             "xswarm_node_info", "This node's id and the model it serves (value 1).", labels=["node_id", "model"]

@@ -54,3 +54,17 @@ def database(settings: Settings | None = None) -> Iterator[Database]:
         fail(str(exc), EXIT_BAD_INPUT)
     finally:
         db.close()
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"xswarm {version('xswarm')}")
+        raise typer.Exit()
+
+
+VERSION_OPTION = typer.Option(
+    False, "--version", callback=_print_version, is_eager=True, help="Print `xswarm <version>` and exit."
+)
+"""The root's ``--version`` (eager: it answers before settings or the console are touched)."""

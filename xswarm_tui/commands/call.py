@@ -89,6 +89,10 @@ def call(
     async def run_all() -> list[simulator.CallReport | BaseException]:
         return await asyncio.gather(*(one(k) for k in range(calls)), return_exceptions=True)
 
+    where = f"the voice webhook at {webhooks}" if webhooks else bridge_url
+    seconds = len(audio) / 8000  # μ-law, 8 kHz: one byte a sample
+    if not as_json:  # people see it start at once; --json output stays one document
+        typer.echo(f"calling {where}: {calls} call(s), {seconds:.1f} s of audio each (+{tail:.1f} s tail)…", err=True)
     results = asyncio.run(run_all())
     failures = 0
     rows = []

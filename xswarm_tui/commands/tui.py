@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from xswarm_tui.commands._common import EXIT_BAD_INPUT, fail, load
+from xswarm_tui.commands._common import EXIT_BAD_INPUT, VERSION_OPTION, fail, load
 
 if TYPE_CHECKING:
     from engine.config import Settings
@@ -31,16 +31,22 @@ def _run_console(link: Link, *, read_only: bool, theme: str | None, settings: Se
 
         if theme not in list_themes():
             fail(f"unknown theme {theme!r}; available: {', '.join(list_themes())}", EXIT_BAD_INPUT)
+    from engine.paths import resolve_paths
+    from themes import list_themes
     from xswarm_tui.app import XswarmApp
+    from xswarm_tui.preferences import choose_theme, remember_theme
 
     settings = settings or load()
+    state = resolve_paths().state
     app = XswarmApp(
         link,
         read_only=read_only,
-        theme=theme or settings.ui.theme,
+        theme=choose_theme(theme, settings, state, list_themes()),
         poll_interval_s=settings.ui.poll_interval_s,
         reveal_callers=settings.ui.reveal_callers,
         started_at=_STARTED,
+        transfer_number=settings.twilio.transfer_number,
+        save_theme=lambda name: remember_theme(state, name),
     )
     try:
         app.run()
@@ -55,6 +61,7 @@ def register(app: typer.Typer) -> None:
         model: str | None = typer.Option(None, "--model", help="Voice model: auto, moshi, synthetic:tiny, echo, …"),
         read_only: bool = typer.Option(False, "--read-only", help="Hide every key that acts on a call."),
         theme: str | None = typer.Option(None, "--theme", help="Theme name from themes/ (default: settings ui.theme)."),
+        _version: bool = VERSION_OPTION,
     ) -> None:
         """Operator console for a voice AI that answers phone calls (runs the runtime in this process)."""
         from engine.logging_setup import configure

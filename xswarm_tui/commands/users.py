@@ -1,4 +1,4 @@
-"""``xswarm users add|list|show|set-tier`` and ``xswarm users key create|revoke``."""
+"""``xswarm users add|list|show|set-tier|set-theme|consent`` and ``xswarm users key create|revoke``."""
 
 from __future__ import annotations
 
@@ -138,6 +138,23 @@ def set_tier(user: str = typer.Argument(..., help="Id, phone or email."), tier: 
         except ValueError as exc:
             fail(str(exc), EXIT_BAD_INPUT)
     typer.echo(f"{found.id}: tier {found.tier} -> {tier}")
+
+
+@app.command("set-theme")
+def set_theme(
+    user: str = typer.Argument(..., help="Id, phone or email."),
+    theme: str = typer.Argument(..., help="Theme name (xswarm, hal-9000, kitt, glados or your own file)."),
+) -> None:
+    """Choose the persona (greeting, voice, reply tone) of a user's calls and messages."""
+    from engine.store import users
+
+    with database() as db:
+        found = _find(db, user)
+        try:
+            users.set_theme(db, found.id, theme)
+        except ValueError as exc:
+            fail(str(exc), EXIT_BAD_INPUT)
+    typer.echo(f"{found.id}: theme {found.theme} -> {theme}")
 
 
 @app.command("consent")

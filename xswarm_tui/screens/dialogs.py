@@ -1,13 +1,15 @@
-"""Small modal dialogs: confirm a destructive action; type a whisper."""
+"""Small modal dialogs: confirm a destructive action; type a whisper; choose a transfer number."""
 
 from __future__ import annotations
+
+import re
 
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label
+from textual.widgets import Button, Input, Label, Static
 
 
 class ConfirmScreen(ModalScreen[bool]):
@@ -24,7 +26,7 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
-            yield Label(self.question)
+            yield Static(self.question, markup=False)  # wraps: a long question is never cut off
             with Horizontal(classes="buttons"):
                 yield Button("Yes (y)", id="yes", variant="error")
                 yield Button("No (n)", id="no")
@@ -57,6 +59,40 @@ class WhisperScreen(ModalScreen[str | None]):
     @on(Input.Submitted)
     def _submit(self, event: Input.Submitted) -> None:
         self.dismiss(event.value.strip() or None)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+E164 = re.compile(r"^\+[1-9]\d{6,14}$")
+
+
+class TransferScreen(ModalScreen[str | None]):
+    """Where to transfer a call: the number is shown (and editable) before anything is dialled.
+
+    Prefilled with ``telephony.transfer_number``; enter confirms a valid E.164 number, escape
+    cancels. The answer is the number, or None."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel", id="transfer.cancel")]
+
+    def __init__(self, call_label: str, default: str | None) -> None:
+        super().__init__()
+        self.call_label = call_label
+        self.default = default or ""
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label(f"Transfer {self.call_label} to this number? (enter transfers, escape cancels)", markup=False)
+            yield Input(value=self.default, placeholder="+14155550123", max_length=16, id="transfer-to")
+            yield Label("", id="transfer-error", markup=False)
+
+    @on(Input.Submitted)
+    def _submit(self, event: Input.Submitted) -> None:
+        number = event.value.strip().replace(" ", "")
+        if not E164.match(number):
+            self.query_one("#transfer-error", Label).update(f"{number or 'nothing'} is not an E.164 number")
+            return
+        self.dismiss(number)
 
     def action_cancel(self) -> None:
         self.dismiss(None)

@@ -1,10 +1,14 @@
-"""The events feed: SMS, email, payments, users, webhook failures, calls, errors; filterable."""
+"""The events feed: SMS, email, payments, users, webhook failures, calls, errors; filterable.
+
+Each row is one line; when it is cut off, the cursor (shown while the feed has focus) and
+``enter`` open the whole event, wrapped."""
 
 from __future__ import annotations
 
 import time
 
 from rich.text import Text
+from textual.binding import Binding
 from textual.markup import escape
 from textual.widgets import DataTable
 
@@ -26,12 +30,39 @@ CATEGORY_COLOURS = {
 class EventsFeed(DataTable):
     """Newest at the bottom; rows keyed by sequence number so new ones append, old ones drop."""
 
+    BINDINGS = [
+        Binding("j", "cursor_down", "Down", show=False, id="events.down"),
+        Binding("k", "cursor_up", "Up", show=False, id="events.up"),
+        Binding("g,home", "scroll_top", "Top", show=False, id="events.top"),
+        Binding("G,end", "scroll_bottom", "Bottom", show=False, id="events.bottom"),
+    ]
+
     def __init__(self, state: ConsoleState, **kwargs: object) -> None:
         super().__init__(cursor_type="row", show_cursor=False, **kwargs)  # type: ignore[arg-type]
         self.state = state
         self.filter_text = ""
         self._shown: list[int] = []
         self._last_seq = 0
+        self._items: dict[str, FeedItem] = {}
+        """Shown rows by key, for the detail view."""
+
+    def on_focus(self) -> None:
+        self.show_cursor = True  # a cursor only while the operator reads here
+
+    def on_blur(self) -> None:
+        self.show_cursor = False
+
+    def item(self, key: str) -> FeedItem | None:
+        """The event behind a row (its whole text)."""
+        return self._items.get(key)
+
+    def action_scroll_top(self) -> None:
+        if self.row_count:
+            self.move_cursor(row=0)
+
+    def action_scroll_bottom(self) -> None:
+        if self.row_count:
+            self.move_cursor(row=self.row_count - 1)
 
     def on_mount(self) -> None:
         self.add_column("Time", key="at", width=8)
@@ -54,9 +85,13 @@ class EventsFeed(DataTable):
             if self.matches(item):
                 self._add(item, colours)
         while len(self._shown) > FEED_SIZE:
-            self.remove_row(str(self._shown.pop(0)))
+            key = str(self._shown.pop(0))
+            self.remove_row(key)
+            self._items.pop(key, None)
         if at_end:  # follow the tail unless the operator scrolled up to read
-            self.scroll_end(animate=False)
+            # After the refresh: only then does the table know its new height, so the tail is
+            # followed from the very first batch of rows (not from the second, or never).
+            self.call_after_refresh(self.scroll_end, animate=False)
         self._title()
 
     def set_filter(self, text: str) -> None:
@@ -64,6 +99,7 @@ class EventsFeed(DataTable):
         self.filter_text = text.strip()
         self.clear()
         self._shown.clear()
+        self._items.clear()
         self._last_seq = 0
         self.refresh_feed()
 
@@ -77,6 +113,7 @@ class EventsFeed(DataTable):
             key=str(item.seq),
         )
         self._shown.append(item.seq)
+        self._items[str(item.seq)] = item
 
     def _title(self) -> None:
         title = f"[u]E[/u]vents {len(self._shown)}"

@@ -95,8 +95,11 @@ class SystemPanel(Vertical):
             work = tick.tick_work_ms_p50 if tick.tick_work_ms_p50 is not None else tick.step_ms_p50
             budget = work / TICK_MS
             grade = "latency-good" if budget < 0.6 else "latency-warn" if budget < 0.9 else "latency-bad"
+            # The scheduler reports only while it ticks, so its last sample would say "2 active"
+            # forever after the last call ended: no live calls means an empty batch.
+            active = tick.active if self.state.calls else 0
             out.append("Batch ", style="bold")
-            out.append(f"{tick.active} / {tick.slots} slots\n")
+            out.append(f"{active} / {tick.slots} slots\n")
             out.append("Tick  ", style="bold")
             out.append(bar(budget, 12), style=c.get(grade, ""))
             out.append(f" {budget * 100:3.0f}% of 80 ms\n")

@@ -166,11 +166,14 @@ function render(all) {
   if (all || state.dirty.has("calls")) {
     table.render(state, all ? null : new Set(state.changed), now());
     state.changed.clear();
+    const node = state.node && state.node.id ? ` · ${state.node.id}` : "";
+    document.title = `xswarm${node} · ${state.calls.size} call${state.calls.size === 1 ? "" : "s"}`; // tells tabs apart
   }
   if (all || state.dirty.has("calls") || state.dirty.has("detail")) renderDetail();
   if (all || state.dirty.has("feed")) feed.render(state);
   if (all || state.dirty.has("system")) {
     renderSystem($("system"), state);
+    renderNodeActions();
     renderSpark($("spark"), state.tickHistory);
   }
   state.dirty.clear();
@@ -223,10 +226,13 @@ function renderDetail() {
 
 // ------------------------------------------------------------------------------- actions
 
+// Errors go to one place at the bottom of the screen, wherever the operator has scrolled to.
 function showError(message) {
-  $("detail-error").textContent = message;
+  const toast = $("toast");
+  toast.textContent = message;
+  toast.hidden = !message;
   clearTimeout(errorTimer);
-  if (message) errorTimer = setTimeout(() => ($("detail-error").textContent = ""), 8000);
+  if (message) errorTimer = setTimeout(() => (toast.hidden = true), 8000);
 }
 
 async function act(type, callId, fields = {}) {
@@ -345,6 +351,30 @@ $("reveal").addEventListener("change", (ev) => {
   table.render(state, null, now());
   renderDetail();
 });
+
+// ------------------------------------------------------------------- draining this node
+
+function renderNodeActions() {
+  const drain = $("drain");
+  const resume = $("resume");
+  if (!drain || !resume) return; // a monitor's page has neither
+  drain.hidden = state.nodeState !== "ready";
+  resume.hidden = state.nodeState !== "draining";
+}
+
+async function nodeCommand(type) {
+  try {
+    await conn.command(type);
+  } catch (err) {
+    showError(`${type}: ${err.message}${err.code ? ` (${err.code})` : ""}`);
+  }
+}
+
+$("drain").addEventListener("click", async () => {
+  const text = "Drain this node? It takes no new calls; the live ones finish. Resume to take calls again.";
+  if (await confirmAction(text)) await nodeCommand("DrainNode");
+});
+$("resume").addEventListener("click", () => nodeCommand("ResumeNode"));
 
 // ---------------------------------------------------------------------- talking (takeover)
 
