@@ -69,13 +69,24 @@ class EventsFeed(DataTable):
     def on_mount(self) -> None:
         self.add_column("Time", key="at", width=8)
         self.add_column("Kind", key="kind", width=10)
-        self.add_column("Event", key="text")
+        self.add_column("Event", key="text", width=self._text_width())
         self._title()
+        self.refresh_feed()  # events folded before this widget was mounted
         self._changes.subscribe(self, self._state_changed, immediate=True)
 
     def _state_changed(self, change: StateChanged) -> None:
         if "feed" in change.parts:
             self.refresh_feed()
+
+    def on_resize(self) -> None:
+        self.columns["text"].width = self._text_width()  # type: ignore[index]
+        self.refresh()
+
+    def _text_width(self) -> int:
+        """The Event column takes the rest of the panel. A fixed width, not measured from the
+        rows: a long event would widen the table past the panel, and the measurement happens
+        only when the table next goes idle (so a quiet feed could keep a stale, narrow one)."""
+        return max(10, self.size.width - (8 + 10) - 3 * 2 - 2)  # two fixed columns, padding, scrollbar
 
     def matches(self, item: FeedItem) -> bool:
         f = self.filter_text.lower()
@@ -83,6 +94,8 @@ class EventsFeed(DataTable):
 
     def refresh_feed(self) -> None:
         """Append what is new since the last call; drop rows beyond the feed size."""
+        if not self.columns:
+            return  # not mounted yet: on_mount adds the columns, then every item so far
         colours = self.app.theme_variables
         at_end = self.scroll_y >= self.max_scroll_y
         for item in self.state.feed:
