@@ -9,10 +9,11 @@ RTX 4090 (bytes read per step / 1.008 TB/s) says what the card's bandwidth allow
 
 * ``roofline_4090_ms``: model bytes + every call's KV cache in its stored format, read once;
   what a fused attention kernel would move;
-* ``roofline_4090_eager_ms``: plus, for int8/fp8 KV, the bf16 copy written and read back per
-  step when attention runs on the dequantized ring (``engine.models.kv_cache``: the fallback
-  path; the engine's CUDA path reads the codes directly). Each compact choice also times its
-  calibration batch on that fallback path, for comparison.
+* ``roofline_4090_eager_ms``: plus what this implementation moves on top: for int8 weights the
+  bf16 copy each weight-only matmul writes and reads, and for int8/fp8 KV on the fallback
+  attention path the same for the dequantized ring (``engine.models.kv_cache``; the engine's
+  CUDA path reads the codes directly). Each compact choice also times its calibration batch on
+  that fallback path, for comparison.
 
 The search per (choice, card): one calibration run at full memory (``--calibrate-batch``)
 gives the peak memory per call and the step time; a byte-proportional model predicts the
@@ -65,6 +66,10 @@ class Sweep:
         self.total = torch.cuda.get_device_properties(self.dev).total_memory if self.cuda else None
         self.started = time.monotonic()
         self.rng = np.random.default_rng(0)
+        self.weight_copy_bytes = 0
+        """Per step: the bf16 copies int8 weight-only matmuls write and read (0 for bf16, int4)."""
+        self.attention: str | None = None
+        """The compact cache's attention path in the runs being timed: fused or dequantize."""
 
     def time_left(self) -> float:
         return self.args.budget_s - (time.monotonic() - self.started)
@@ -173,10 +178,13 @@ class Sweep:
             return
         kv_call = row["kv_cache_mib_per_call"] * 2**20
         minimal = model_bytes + row["batch"] * kv_call
-        eager = minimal
-        if kv != "bf16":
+        # What this implementation moves on top: int8 weight-only matmuls write and read a bf16
+        # copy of each weight (2 + 2 bytes per weight); attention on the dequantized ring does
+        # the same for every cached value.
+        eager = minimal + self.weight_copy_bytes
+        if kv != "bf16" and self.attention != "fused":
             elements = kv_call / bytes_per_element(kv, 128)
-            eager += row["batch"] * elements * 4  # bf16 copy written, then read by attention
+            eager += row["batch"] * elements * 4
         row["bytes_read_per_step_gib"] = round(minimal / GIB, 2)
         row["roofline_4090_ms"] = round(minimal / BW_4090 * 1e3, 1)
         row["roofline_4090_eager_ms"] = round(eager / BW_4090 * 1e3, 1)
@@ -252,25 +260,35 @@ class Sweep:
         test = fidelity.logits(parts.lm, args.fidelity_steps, args.fidelity_batch, forced=reference)
         rec: dict[str, Any] = {"weights": weights, "kv_cache": kv, **fidelity.compare(reference, test)}
         model_bytes = tensor_bytes(parts.lm) + tensor_bytes(parts.mimi)
+        self.weight_copy_bytes = 4 * sum(
+            m.weight.numel()
+            for m in parts.lm.modules()
+            if isinstance(m, torch.nn.Linear) and type(m.weight).__name__ == "Int8Tensor"
+        )
+        from engine.models.kv_cache import compile_disabled
+
+        fused = kv != "bf16" and self.cuda and not compile_disabled()
+        self.attention = None if kv == "bf16" else ("fused" if fused else "dequantize")
         weights_alloc = torch.cuda.memory_allocated(self.dev) if self.cuda else model_bytes
         rec["weights_gib"] = round(model_bytes / GIB, 3)
         rec["weights_allocated_gib"] = round(weights_alloc / GIB, 3)
         calib = self.trial(parts, args.calibrate_batch, kv)
         self.roofline(calib, model_bytes, kv)
         rec["calibration"] = calib
-        if kv != "bf16" and calib["ok"]:
+        rec["attention"] = self.attention
+        if self.attention == "fused" and calib["ok"]:
             # The same batch with attention on the dequantized ring, for comparison.
-            from engine.models.kv_cache import CompactKVAttention, compile_disabled
+            from engine.models.kv_cache import CompactKVAttention
 
-            rec["attention"] = "fused" if self.cuda and not compile_disabled() else "dequantize"
-            if rec["attention"] == "fused":
-                CompactKVAttention.fused = False
-                try:
-                    plain = self.trial(parts, args.calibrate_batch, kv)
-                finally:
-                    CompactKVAttention.fused = None
+            CompactKVAttention.fused = False
+            self.attention = "dequantize"
+            try:
+                plain = self.trial(parts, args.calibrate_batch, kv)
                 self.roofline(plain, model_bytes, kv)
-                rec["calibration_dequantized_attention"] = plain
+            finally:
+                CompactKVAttention.fused = None
+                self.attention = "fused"
+            rec["calibration_dequantized_attention"] = plain
         if not calib["ok"]:
             rec["error"] = "calibration batch did not run"
             return rec

@@ -142,6 +142,9 @@ def main(argv: list[str]) -> int:
             row["per_call_mib"] = round(per_call, 1)
             row["kv_mib_per_call"] = round(row["kv_mib_per_call"], 2)
             table[(row["weights"], row["kv_cache"])] = row
+    if ("bf16", "bf16") not in table:
+        # xswarm doctor's RAM check and the README table start from the unquantized figures.
+        raise SystemExit("no bf16 weights x bf16 KV run among the sources: add gpu_engine_*.json")
     data = {
         "what": "measured GPU memory and step time per MOSHI 7B weights x KV cache choice (synthetic:7b)",
         "written_by": "benchmarks/capacity_table.py",
@@ -152,7 +155,43 @@ def main(argv: list[str]) -> int:
     }
     DEST.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {DEST}: {len(table)} choices")
+    if DEST == ROOT / "engine" / "doctor" / "capacity_measured.json":
+        print(markdown())
     return 0
+
+
+CARDS = [(12.0, "12 GB (3060)"), (24.0, "24 GB (4090)"), (79.6, "80 GB (H100)"), (139.8, "141 GB (H200)")]
+"""Card memory in GiB, as the driver reports it."""
+
+
+def markdown(context: int = 3000) -> str:
+    """The README's calls-per-card table, from the shipped figures (``xswarm capacity``'s numbers)."""
+    from engine.doctor import capacity
+
+    capacity.measured.cache_clear()
+    head = "| weights | KV cache | MiB per call | " + " | ".join(name for _, name in CARDS) + " |"
+    lines = [head, "|" + "---|" * (3 + len(CARDS))]
+    for weights in capacity.WEIGHT_KINDS:
+        for kv in capacity.KV_KINDS:
+            cells = []
+            per_call = "not measured yet"
+            for gib, _ in CARDS:
+                row = next(
+                    c
+                    for c in capacity.choices(int(gib * capacity.GIB), context)
+                    if (c["weights"], c["kv_cache"]) == (weights, kv)
+                )
+                if not row["measured"]:
+                    cells.append("-")
+                    continue
+                per_call = f"{row['mem_per_call_mib']:.0f}"
+                cell = str(row["calls"])
+                if row["calls"] and row["step_ms_p99"] is not None:
+                    cell += f" (p99 {row['step_ms_p99']:.0f} ms"
+                    cell += f", 4090 ≥ {row['roofline_4090_ms']:.0f} ms)" if gib <= 24 else ")"
+                cells.append(cell)
+            lines.append(f"| {weights} | {kv} | {per_call} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

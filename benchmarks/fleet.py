@@ -24,9 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -42,6 +39,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from fixtures import fleet  # noqa: E402
 from fixtures.sqld import SqldServer, sqld_binary  # noqa: E402
 
+from benchmarks.report import emit, machine  # noqa: E402
 from engine.audio.testsignal import speech_band_ulaw  # noqa: E402
 from engine.bridge.simulator import PlacedCall, place_call  # noqa: E402
 from engine.store import nodes, routing  # noqa: E402
@@ -85,6 +83,8 @@ async def run(f: fleet.Fleet, procs: dict[str, fleet.FleetProcess], hooks_url: s
         if index in (2, 3):
             step["ready"] = [n for n in NODES if n != DRAINED]
             step["draining"] = DRAINED
+        # every burst starts from idle nodes: the last burst's ends have reached their rows
+        await asyncio.to_thread(fleet.wait_until, lambda: all(n.live_calls == 0 for n in nodes.live_nodes(f.db)))
         tasks = await burst(hooks_url, index, args.burst, audio)
         if index == 4:  # once this burst is streaming, node-b dies without a word
             await asyncio.to_thread(fleet.wait_until, lambda: _live(f, KILLED) > 0)
@@ -164,7 +164,7 @@ def main() -> None:
     report = {
         "benchmark": "fleet",
         "label": args.label,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "note": "shared 2-core box"},
+        "machine": machine(),
         "setup": {
             "nodes": len(NODES),
             "slots_per_node": args.slots,
@@ -197,10 +197,7 @@ def main() -> None:
         "calls_lost": sum(1 for c in calls if c.outcome != "completed"),
         "outcomes": dict(Counter(c.outcome for c in calls)),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(report, args.out, indent=2)
 
 
 if __name__ == "__main__":

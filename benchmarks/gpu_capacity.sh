@@ -34,6 +34,8 @@ for pair in moshi:moshi torchao:torchao einops:einops sentencepiece:sentencepiec
             fsspec:fsspec packaging:packaging; do
   "$PY" -c "import ${pair%%:*}" 2>/dev/null || missing+=("${pair#*:}")
 done
+# pydantic 2.14 needs a newer typing_extensions than torch may have brought: bring ours along.
+[[ " ${missing[*]} " == *" pydantic "* ]] && missing+=(typing-extensions)
 if (( ${#missing[@]} )); then
   [[ -d .whl ]] || { echo "missing ${missing[*]} and no ./.whl folder to install them from" >&2; exit 2; }
   site=$(mktemp -d /tmp/xswarm-site.XXXX)

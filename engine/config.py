@@ -163,13 +163,16 @@ class NotifySettings(_Section):
     without it (or without server.public_url) emails offer a mailto unsubscribe and voicemail
     notices link to Twilio's recording URL."""
     lease_s: float = Field(60.0, gt=0)
-    """How long a send may take before another sender treats it as in doubt and checks with
-    the provider before sending again."""
+    """How long one send attempt may take (it is cut off at 80 %); a row still being sent after
+    that is in doubt, and the next attempt checks with the provider before sending again."""
     email_confirm_wait_s: float = Field(600.0, ge=0)
     """SendGrid has no idempotency key: an email whose send is in doubt waits this long for
     SendGrid's signed `processed` event before it is sent again."""
     max_attempts: int = Field(8, ge=1)
     """Attempts before a message is dead (kept, listed by `xswarm notify list --status dead`)."""
+    voicemail_transcript_wait_s: float = Field(180.0, ge=0)
+    """Voicemails are transcribed by Twilio (English, up to 2 minutes; billed by Twilio); the
+    notice waits this long for the transcript, then goes out without it. 0: no transcription."""
 
 
 class DatabaseSettings(_Section):

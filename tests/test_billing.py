@@ -103,6 +103,8 @@ async def test_unknown_user_or_tier_without_a_price_is_one_line_and_exit_1(strip
         assert result.exit_code == 1, args
         assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1
     assert "no price in stripe.price_tiers" in result.stderr
+    no_twilio = await invoke("billing", "link", "alice@example.com", "--tier", "personal", "--send", "sms")
+    assert no_twilio.exit_code == 1 and "cannot sms the link" in no_twilio.stderr
     assert stripe_api.requests == []  # nothing was created at Stripe
     portal = await invoke("billing", "portal", "alice@example.com")
     assert portal.exit_code == 1 and "no Stripe customer yet" in portal.stderr

@@ -98,6 +98,13 @@ def test_capacity_table_fits_the_sweep_runs(tmp_path, monkeypatch: pytest.Monkey
                     },
                 },
             },
+            {
+                "weights": "bf16",
+                "kv_cache": "bf16",
+                "weights_allocated_gib": 14.7,
+                "kv_cache_mib_per_call": 1500.0,
+                "calibration": run(32, 1535.0, 33.0),
+            },
             {"weights": "int4", "error": "RuntimeError: no"},
         ],
     }
@@ -107,7 +114,12 @@ def test_capacity_table_fits_the_sweep_runs(tmp_path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(table, "DEST", dest)
     assert table.main([str(src)]) == 0
     data = json.loads(dest.read_text())
-    (row,) = data["choices"]
+    bf16, row = data["choices"]  # sorted: (bf16, bf16), (int8, int8)
+    assert bf16["per_call_mib"] == 1535.0 and bf16["fixed_mib"] == 0.0
     assert row["fixed_mib"] == pytest.approx(fixed, abs=0.5) and row["per_call_mib"] == pytest.approx(slope, abs=0.1)
     assert row["step_ms_p99"] == [[18, 20.0], [32, 30.0], [150, 59.0]]
     assert row["cards"] == {"24gb": 18, "whole_gpu": 150} and data["outside_allocator_gib"] == 0.6
+    report["choices"] = report["choices"][:1]
+    src.write_text(json.dumps(report))
+    with pytest.raises(SystemExit, match="bf16"):
+        table.main([str(src)])

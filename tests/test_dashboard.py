@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from browser_support import MIC_RATE, best_match, chromium_path, launch_args, mic_signal, write_wav
+from browser_support import MIC_RATE, chromium_path, launch_args, mic_signal, strongest_match, write_wav
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Origin
@@ -38,7 +38,8 @@ from engine.audio.resample import resample_to
 from engine.bridge.simulator import StreamTarget, stream_call
 from engine.config import ConfigError, default_toml, load_settings
 from engine.runtime import Runtime
-from engine.supervisor import origin
+from engine.supervisor import origin, tokens
+from engine.supervisor.auth import fingerprint, load_tokens
 
 OPERATOR = "operator-token-0123456789abcdef"
 MONITOR = "monitor-token-0123456789abcdef"
@@ -62,18 +63,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def runtime(xswarm_home):
-    settings = load_settings(
-        supervisor={"token": OPERATOR, "monitor_token": MONITOR, "allowed_origins": [PROXY_ORIGIN]},
-        model={"name": "echo", "slots": 4},
-    )
+def start_runtime(supervisor: dict[str, Any]) -> Runtime:
+    settings = load_settings(supervisor=supervisor, model={"name": "echo", "slots": 4})
     rt = Runtime(settings, model_spec="echo", bridge_port=free_port(), supervisor_port=free_port(), webhooks_port=0)
     rt.start()
     deadline = time.monotonic() + 20
     while rt.model is None:
         assert time.monotonic() < deadline, "echo model did not load"
         time.sleep(0.02)
+    return rt
+
+
+@pytest.fixture
+def runtime(xswarm_home):
+    rt = start_runtime({"token": OPERATOR, "monitor_token": MONITOR, "allowed_origins": [PROXY_ORIGIN]})
+    try:
+        yield rt
+    finally:
+        rt.stop()
+
+
+@pytest.fixture
+def runtime_with_token_file(xswarm_home):
+    """Tokens from ``<config>/supervisor-tokens.json``, which ``xswarm supervisor token`` rotates."""
+    rt = start_runtime({})
     try:
         yield rt
     finally:
@@ -321,7 +334,7 @@ async def test_operator_listens_takes_over_with_the_microphone_hands_back_and_ha
 
         reference = resample_to(mic_signal(), MIC_RATE, 8000)
         assert len(pushed) > 8000 and len(always) > 6000
-        match_pushed, match_always = best_match(pushed, reference), best_match(always, reference)
+        match_pushed, match_always = strongest_match(pushed, reference), strongest_match(always, reference)
         print(
             f"caller hears the browser mic: correlation {match_pushed:.2f} push-to-talk, {match_always:.2f} always on"
         )
@@ -336,7 +349,7 @@ async def test_operator_listens_takes_over_with_the_microphone_hands_back_and_ha
         await page.wait_for_timeout(1200)
         back = call.audio_between(back_from, time.time())
         assert len(back) > 4000, "the caller heard nothing after the hand-back"
-        assert best_match(back, reference) < 0.3
+        assert strongest_match(back, reference) < 0.3
         assert await page.locator("#talk").is_hidden()
         await shoot(page, "05-handed-back")
 
@@ -351,8 +364,13 @@ async def test_operator_listens_takes_over_with_the_microphone_hands_back_and_ha
         assert await page.input_value("#whisper input") == ""
         await page.wait_for_selector("#detail-transcript:has-text('offer the refund')")  # the echo model says it
         await page.click("[data-action=transfer]")
+        await page.fill("#confirm-to input", "555-0100")  # a number the node refuses: not E.164
         await page.click("#confirm-ok")
-        await page.wait_for_selector("#detail-error:has-text('unavailable')")
+        await page.wait_for_selector("#toast:has-text('E.164')")
+        await page.click("[data-action=transfer]")
+        assert await page.input_value("#confirm-to input") == ""
+        await page.click("#confirm-ok")  # blank: the node's transfer number, which is not set here
+        await page.wait_for_selector("#toast:has-text('unavailable')")
 
         # hang up, after a confirmation
         await page.click("[data-action=hangup]")
@@ -388,7 +406,7 @@ async def test_a_monitor_gets_a_read_only_page_and_its_forged_actions_are_refuse
         assert await row.locator(".c-caller").inner_text() == "+1•••••••234"
         actions = await page.eval_on_selector_all("button[data-action]", "bs => bs.map(b => b.dataset.action)")
         assert set(actions) <= {"listen", "unlisten"}, actions
-        assert await page.locator("#whisper, #talk, #reveal").count() == 0
+        assert await page.locator("#whisper, #talk, #reveal, #drain, #resume").count() == 0
         await page.click("[data-action=listen]")
         await page.wait_for_function("() => window.__played.some(p => p.rms > 0.05)", timeout=10000)
         await shoot(page, "08-monitor")
@@ -595,3 +613,35 @@ async def test_a_token_refused_mid_session_returns_to_login_and_the_new_role_get
     await page.wait_for_selector("#who:has-text('operator')")
     assert await page.locator("#detail [data-action=takeover]").count() == 1
     assert_no_page_errors(page, allowed=r"WebSocket|ERR_CONNECTION_REFUSED")
+
+
+async def test_an_operator_drains_the_node_and_resumes_it(runtime: Runtime, browser: Any) -> None:
+    page = await open_page(browser, runtime)
+    await log_in(page, OPERATOR)
+    await page.wait_for_selector("#system dd:has-text('ready: takes calls')")
+    await page.click("#drain")
+    await page.click("#confirm-ok")
+    await page.wait_for_selector("#system dd:has-text('draining: no new calls')")
+    assert runtime.node_state == "draining"
+    await page.wait_for_selector("#feed li:has-text('draining')")
+    await shoot(page, "11-node-draining")
+    await page.click("#resume")
+    await page.wait_for_selector("#system dd:has-text('ready: takes calls')")
+    assert runtime.node_state == "ready"
+    assert_no_page_errors(page)
+
+
+async def test_a_retired_token_sends_the_page_back_to_login(runtime_with_token_file: Runtime, browser: Any) -> None:
+    """Rotation (engine/supervisor/tokens.py): a page logged in with a token that is then
+    retired is closed (4401), says why, and the new token logs in."""
+    rt = runtime_with_token_file
+    old = load_tokens(rt.settings).operator
+    new = tokens.add(rt.settings, "operator")
+    page = await open_page(browser, rt)
+    await log_in(page, old)
+    tokens.retire(rt.settings, fingerprint(old))
+    await page.wait_for_selector("#login-error:has-text('token retired')", timeout=15000)
+    assert await page.evaluate("() => sessionStorage.getItem('xswarm.token')") is None
+    await log_in(page, new)
+    assert (await page.text_content("#who") or "").endswith("operator")
+    assert_no_page_errors(page)

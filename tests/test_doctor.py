@@ -51,6 +51,11 @@ def all_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
         "XSWARM_S3_BUCKET": "b",
         "XSWARM_S3_ACCESS_KEY_ID": "AKIA",
         "XSWARM_S3_SECRET_ACCESS_KEY": "s3-secret",
+        "TWILIO_FROM_NUMBER": "+14155550199",
+        "SENDGRID_FROM_EMAIL": "assistant@example.com",
+        "XSWARM_PUBLIC_URL": "https://hooks.example.com",
+        "XSWARM_NOTIFY__LINK_SECRET": "link-secret",
+        "XSWARM_NOTIFY__OPERATOR_EMAIL": "ops@example.com",
     }.items():
         monkeypatch.setenv(name, value)
 
@@ -64,7 +69,16 @@ def test_a_healthy_box_passes_everything_and_never_shows_secrets(all_credentials
     assert set(statuses(report).values()) == {"pass"}, [c for c in report.checks if c.status != "pass"]
     assert report.exit_code == 0
     text = json.dumps(report.as_dict())
-    for value in ("tw-secret", "sk_secret", "whsec_secret", "SG.secret", "sk-ant-secret", "s3-secret", "AKIA"):
+    for value in (
+        "tw-secret",
+        "sk_secret",
+        "whsec_secret",
+        "SG.secret",
+        "sk-ant-secret",
+        "s3-secret",
+        "AKIA",
+        "link-secret",
+    ):
         assert value not in text
     assert "TWILIO_AUTH_TOKEN set" in text or "TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN set" in text
 
@@ -83,7 +97,8 @@ def test_capacity_uses_the_measured_figures(monkeypatch: pytest.MonkeyPatch) -> 
     free = H100.memory_total - H100.memory_used
     cap = run(load_settings(), healthy()).capacity
     assert cap["weights"] == "bf16" and cap["kv_cache"] == "bf16" and cap["limited_by"] == "GPU memory"
-    assert cap["calls"] == _expected_calls(free, "bf16", "bf16", 3000) == 42
+    # The H100 80GB run held 32 calls and ran out of memory at 64.
+    assert cap["calls"] == _expected_calls(free, "bf16", "bf16", 3000) and 32 <= cap["calls"] < 64
     assert cap["gpu"] == "0: NVIDIA H100 80GB HBM3"
     assert len(cap["choices"]) == 9 and cap["sources"]
     bf16 = next(c for c in cap["choices"] if c["weights"] == "bf16" and c["kv_cache"] == "bf16")
@@ -95,8 +110,8 @@ def test_capacity_uses_the_measured_figures(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.delenv("XSWARM_MODEL__CONTEXT")
     small = GpuInfo(0, "RTX 4090", 24 * GIB, 0, "550", None, None, None)
     cap = run(load_settings(), healthy(gpus=lambda: GpuProbe([small]))).capacity
-    # The H100/H200 runs hold 14.7 GiB of bf16 weights and ~1.5 GiB per call at context 3000.
-    assert cap["calls"] == _expected_calls(24 * GIB, "bf16", "bf16", 3000) == 5
+    # 14.7 GiB of bf16 weights and ~1.5 GiB per call at context 3000 leave room for a handful.
+    assert cap["calls"] == _expected_calls(24 * GIB, "bf16", "bf16", 3000) and 3 <= cap["calls"] <= 6
 
 
 def test_a_choice_without_a_gpu_run_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -197,6 +212,17 @@ def test_credentials_report_presence_only(monkeypatch: pytest.MonkeyPatch) -> No
     assert checks["credentials-stripe"].status == "warn" and "STRIPE_API_KEY" in checks["credentials-stripe"].fix
     assert checks["credentials-turso"].status == "pass"
     assert "AC-visible-sid" not in str(checks) and "sk-openai-secret" not in str(checks)
+
+
+def test_notify_names_what_notifications_lack(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert {c.name: c for c in run(load_settings(), healthy()).checks}["notify"].status == "pass"  # nothing set up
+    for name, value in {"TWILIO_ACCOUNT_SID": "AC1", "TWILIO_AUTH_TOKEN": "t", "SENDGRID_API_KEY": "SG.k"}.items():
+        monkeypatch.setenv(name, value)
+    check = {c.name: c for c in run(load_settings(), healthy()).checks}["notify"]
+    assert check.status == "warn" and "TWILIO_FROM_NUMBER" in check.fix and "SENDGRID_FROM_EMAIL" in check.fix
+    monkeypatch.setenv("SENDGRID_FROM_EMAIL", "a@example.com")
+    check = {c.name: c for c in run(load_settings(), healthy()).checks}["notify"]
+    assert "no one-click unsubscribe" in check.detail and "XSWARM_NOTIFY__OPERATOR_EMAIL" in check.fix
 
 
 def test_real_probes_database_storage_and_ports(tmp_path: Path) -> None:

@@ -87,7 +87,8 @@ async def test_fleet_console_one_board_nodes_panel_actions_and_a_dead_node(fleet
 
         on_a = next(cid for cid, node in where.items() if node == "node-a")
         await asyncio.to_thread(a.kill)
-        await _until(pilot, lambda: _cell(panel, "node-a", "state") == "down", timeout=2.0)  # at once, not idle
+        # down at once: the nodes table alone would say so only after 15 s
+        await _until(pilot, lambda: _cell(panel, "node-a", "state") == "down", timeout=3.0)
         assert "node node-a down" in " ".join(item.text for item in app.state.feed)
         # Twilio asks the webhook what next; the caller comes back on node-b, same call id
         await _until(pilot, lambda: on_a in board.rows and _cell(board, on_a, "node") == "node-b")
@@ -111,7 +112,7 @@ async def test_attach_with_urls_names_nodes_from_their_snapshots_and_sees_a_stop
         await _until(pilot, lambda: set(panel.rows) == {"node-a", "node-b"})
         assert "fleet: 2 nodes" in app.sub_title
         await asyncio.to_thread(b.stop)  # a clean stop: the node goes away all the same
-        await _until(pilot, lambda: _cell(panel, "node-b", "state") == "down", timeout=2.0)
+        await _until(pilot, lambda: _cell(panel, "node-b", "state") == "down", timeout=3.0)
         assert _cell(panel, "node-a", "state") == "ready"
     link.close()
 
@@ -121,3 +122,21 @@ def test_attach_needs_a_ws_url_or_fleet(fleet_db: Fleet) -> None:
     assert missing.returncode == 2 and "give a supervisor URL, several, or --fleet" in missing.stderr
     bad = fleet_db.cli("attach", "ws://127.0.0.1:1", "http://x", "--token", "t")
     assert bad.returncode == 2 and "must start with ws://" in bad.stderr
+
+
+async def test_fleet_console_skips_waiting_for_down_nodes_and_picks_up_new_ones(fleet_db: Fleet) -> None:
+    fleet_db.nodes("node-a")
+    fleet_db.db.write(
+        "INSERT INTO nodes (id, supervisor_url, slots_total, slots_free, started_at, heartbeat_at)"
+        " VALUES ('gone', 'ws://127.0.0.1:9', 4, 4, 0, 0)"
+    )
+    link = FleetLink([], fleet.SUPERVISOR_TOKEN, audio=lambda: "no audio device in tests", discover=_discover(fleet_db))
+    app = XswarmApp(link)
+    async with app.run_test(size=(160, 45)) as pilot:
+        panel = app.query_one(NodesPanel)
+        await _until(pilot, lambda: set(panel.rows) == {"node-a", "gone"}, timeout=5.0)
+        await _until(pilot, lambda: _cell(panel, "node-a", "state") == "ready", timeout=5.0)
+        assert _cell(panel, "gone", "state") == "down" and _cell(panel, "gone", "live") == "—"
+        await asyncio.to_thread(fleet_db.nodes, "node-late")  # started after the console: joins it
+        await _until(pilot, lambda: "node-late" in panel.rows and _cell(panel, "node-late", "state") == "ready")
+    link.close()

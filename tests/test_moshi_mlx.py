@@ -1,27 +1,31 @@
-"""MlxMoshi (moshi_mlx + mlx[cpu]) in its own venv: moshi-mlx pins huggingface-hub<0.29 and
-numpy<2.3, which cannot share the main environment, so `.ci/setup --dev` builds `.venv-mlx`
-and this test runs tests/mlx/check_mlx.py there and checks what it reports."""
+"""MlxMoshi (moshi_mlx + mlx[cpu]) in the main environment, where `.ci/setup --dev` installs
+moshi-mlx with --no-deps (its pins clash with xswarm's, its model code does not). The check
+runs in a subprocess (tests/mlx/check_mlx.py): MLX is not thread-safe and keeps global state,
+so it stays out of the test process."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-MLX_PYTHON = ROOT / ".venv-mlx" / "bin" / "python"
 
-pytestmark = pytest.mark.skipif(not MLX_PYTHON.exists(), reason=".venv-mlx not built (bash .ci/setup --dev)")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("moshi_mlx") is None, reason="moshi-mlx not installed (bash .ci/setup --dev)"
+)
 
 
 @pytest.fixture(scope="module")
 def facts() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")} | {"PYTHONPATH": str(ROOT)}
     out = subprocess.run(
-        [str(MLX_PYTHON), str(ROOT / "tests" / "mlx" / "check_mlx.py")],
+        [sys.executable, str(ROOT / "tests" / "mlx" / "check_mlx.py")],
         capture_output=True,
         text=True,
         env=env,

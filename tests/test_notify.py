@@ -178,10 +178,52 @@ def _voicemail(call: str, recording: str, sender: str, **extra: str) -> dict[str
     }
 
 
-async def _post_voicemail(world: World, params: dict[str, str]) -> None:
-    data, headers = twilio_post(params, "/twilio/voice/voicemail")
-    status, _ = await post(world.session, world.base + "/twilio/voice/voicemail", data, headers)
-    assert status == 200
+async def _post_voicemail(world: World, params: dict[str, str], path: str = "/twilio/voice/voicemail") -> None:
+    data, headers = twilio_post(params, path)
+    status, _ = await post(world.session, world.base + path, data, headers)
+    assert status in (200, 204)
+
+
+async def _post_transcript(world: World, call: str, recording: str, sender: str, text: str | None) -> None:
+    """Twilio's transcribeCallback: ``text`` None is a failed transcription."""
+    state = (
+        {"TranscriptionStatus": "completed", "TranscriptionText": text} if text else {"TranscriptionStatus": "failed"}
+    )
+    params = {
+        "CallSid": call,
+        "AccountSid": "AC0123",
+        "From": sender,
+        "To": OUR_NUMBER,
+        "RecordingSid": recording,
+        "RecordingUrl": f"https://api.twilio.com/2010-04-01/Accounts/AC0123/Recordings/{recording}",
+        "TranscriptionSid": f"TR{recording}",
+        **state,
+    }
+    await _post_voicemail(world, params, "/twilio/voice/transcription")
+
+
+async def test_voicemail_notice_waits_for_twilios_transcript(world: World) -> None:
+    alice(world.db)
+    data, headers = twilio_post(
+        {"CallSid": "CA5", "AccountSid": "AC0123", "From": ALICE, "To": OUR_NUMBER}, "/twilio/voice"
+    )
+    status, answer = await post(world.session, world.base + "/twilio/voice", data, headers)
+    assert status == 200  # no node has a free slot: voicemail, transcribed
+    assert 'transcribe="true"' in answer and 'transcribeCallback="/twilio/voice/transcription"' in answer
+    await _post_voicemail(world, _voicemail("CA5", "RE5", ALICE))
+    await wait_until(lambda: len(world.rows()) == 2)
+    assert {r.status for r in world.rows()} == {"pending"} and world.twilio.messages == []  # held for the transcript
+    await _post_transcript(world, "CA5", "RE5", ALICE, "Running late, start without me.")
+    await world.settled(2)
+    (sms,) = world.twilio.to(ALICE)
+    assert '"Running late, start without me."' in sms["body"] and "(14 s)" in sms["body"]
+    assert "Transcript:\nRunning late" in content(world.sendgrid.to("alice@example.com")[0])["text/plain"]
+    assert world.db.query("SELECT body FROM messages WHERE provider_id = 'RE5'") == [
+        ("Running late, start without me.",)
+    ]
+    await _post_transcript(world, "CA5", "RE5", ALICE, "A second, different transcript.")  # already sent: unchanged
+    await asyncio.sleep(0.3)
+    assert len(world.twilio.messages) == 1 and "Running late" in world.rows(status="sent")[0].body
 
 
 async def test_voicemail_reaches_the_user_with_transcript_and_a_listen_link(world: World) -> None:
@@ -195,6 +237,7 @@ async def test_voicemail_reaches_the_user_with_transcript_and_a_listen_link(worl
     assert "Transcript:\nCall me back about Friday." in text
     link = text.split("Listen: ")[1].split()[0]
     assert link.startswith(PUBLIC_URL + "/notify/voicemail/RE1?")
+    assert f'<a href="{link.replace("&", "&amp;")}">' in content(mail)["text/html"]
     local = world.base + urlsplit(link).path + "?" + urlsplit(link).query
     async with world.session.get(local) as resp:
         assert resp.status == 200 and resp.content_type == "audio/mpeg"
@@ -205,6 +248,7 @@ async def test_voicemail_reaches_the_user_with_transcript_and_a_listen_link(worl
 
 async def test_voicemail_from_a_stranger_goes_to_the_operator_with_a_notice(world: World) -> None:
     await _post_voicemail(world, _voicemail("CA2", "RE2", "+14155550777"))
+    await _post_transcript(world, "CA2", "RE2", "+14155550777", None)  # Twilio could not transcribe it
     (row,) = await world.settled(1)
     assert row.status == "sent" and row.to_addr == OPERATOR and row.channel == "email"
     (mail,) = world.sendgrid.to(OPERATOR)
@@ -217,6 +261,7 @@ async def test_a_kind_turned_off_is_not_sent(world: World) -> None:
     user = alice(world.db)
     optouts.set_kind(world.db, user.id, "voicemail", False)
     await _post_voicemail(world, _voicemail("CA3", "RE3", ALICE))
+    await _post_transcript(world, "CA3", "RE3", ALICE, "Hello?")
     rows = await world.settled(2)
     assert {r.status for r in rows} == {"suppressed"} and world.twilio.messages == world.sendgrid.mails == []
 
@@ -361,6 +406,12 @@ async def test_a_failed_send_is_retried_and_dead_after_max_attempts(world: World
     await send_now(settings, db, drafts)
     (row,) = outbox.list_rows(db)
     assert row.status == "dead" and row.attempts == 2
+    # The operator fixes the cause and queues it again.
+    del world.twilio.refuse[ALICE]
+    assert outbox.retry(db, row.id) == 1 and outbox.retry(db, row.id) == 0
+    await send_now(settings, db, drafts)
+    (row,) = outbox.list_rows(db)
+    assert row.status == "sent" and row.attempts == 1 and len(world.twilio.messages) == 2
 
 
 async def test_the_server_sends_what_the_cli_left_queued(world: World) -> None:

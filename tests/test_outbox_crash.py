@@ -49,7 +49,7 @@ async def fakes(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[FakeTwil
         "SENDGRID_WEBHOOK_PUBLIC_KEY": key.public_b64,
         "XSWARM_SENDGRID__API_BASE": sendgrid.url,
         "XSWARM_PUBLIC_URL": PUBLIC_URL,
-        "XSWARM_NOTIFY__LEASE_S": "0.5",
+        "XSWARM_NOTIFY__LEASE_S": "3",
         "XSWARM_NOTIFY__EMAIL_CONFIRM_WAIT_S": "3600",
     }
     for name, value in env.items():
@@ -99,7 +99,7 @@ async def test_sms_killed_after_twilio_accepted_is_not_sent_twice(fakes: Any, xs
         row = outbox.get(db, row_id)
         assert row is not None and row.status == "sending"  # the commit never happened
 
-        await asyncio.sleep(0.6)  # the lease runs out: the row comes back in doubt
+        await asyncio.sleep(3.1)  # the lease runs out: the row comes back in doubt
         assert await drain() == 0
         assert len(twilio.messages) == 1 and twilio.list_queries == 1  # asked Twilio, sent nothing
         row = outbox.get(db, row_id)
@@ -123,7 +123,7 @@ async def test_sms_killed_right_after_twilios_2xx_is_sent_once(fakes: Any, xswar
         row = outbox.get(db, row_id)
         assert row is not None and row.status in ("sending", "sent")
         settled_later = row.status == "sending"
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(3.1)
         assert await drain() == 0
         assert len(twilio.messages) == 1 and twilio.list_queries == int(settled_later)
         row = outbox.get(db, row_id)
@@ -162,7 +162,7 @@ async def test_email_killed_after_sendgrid_accepted_waits_for_its_event(fakes: A
         assert await drain(kill_on=sendgrid) == -signal.SIGKILL
         assert len(sendgrid.mails) == 1 and sendgrid.mails[0]["custom_args"] == {"xswarm_outbox": row_id}
 
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(3.1)
         assert await drain() == 0
         row = outbox.get(db, row_id)
         assert row is not None and row.status == "failed" and row.in_doubt and len(sendgrid.mails) == 1

@@ -187,3 +187,16 @@ def test_bench_engine_refuses_bad_choices() -> None:
     for args, words in (("--weights fp4", "--weights must be"), ("--kv-cache int4", "--kv-cache must be")):
         result = CliRunner().invoke(app, ["bench", "engine", *args.split()])
         assert result.exit_code == 2 and words in result.output
+
+
+def test_auto_prefers_the_checkpoint_of_the_asked_precision(cache: Path) -> None:
+    from engine.models import checkpoints
+
+    write_tiny_checkpoint(cache, BF16_REPO)
+    q8 = Settings(model={"weights": "int8"})
+    assert checkpoints.find_local(q8).repo == BF16_REPO  # no q8 cached: bf16, quantized on load
+    write_tiny_checkpoint(cache, Q8_REPO, q8=True)
+    assert checkpoints.find_local(q8).repo == Q8_REPO
+    assert checkpoints.find_local(Settings(model={"weights": "bf16"})).repo == BF16_REPO
+    assert checkpoints.mlx_repos("moshika", "int4") == ["kyutai/moshika-mlx-q4", "kyutai/moshika-mlx-q8"]
+    assert checkpoints.mlx_repos("moshiko", "int8")[0] == "kyutai/moshiko-mlx-q8"

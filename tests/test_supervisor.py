@@ -10,6 +10,7 @@ server inside the real Runtime with the echo model and the call simulator.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import socket
@@ -91,6 +92,7 @@ class StandInRuntime:
         self.db = open_database(settings)
         self.model = None
         self.model_spec = "echo"
+        self.node_state = "ready"
         self.calls = CallRegistry(self.bus)
         self.calls.set_capacity(4)
         self.node_id = "test-node"
@@ -108,7 +110,7 @@ class StandInRuntime:
         return {
             "node": {"id": self.node_id},
             "model": None,
-            "calls": [c.stats() for c in self.calls],
+            "calls": [dataclasses.asdict(c.live()) for c in self.calls],
             "recent_events": [],
         }
 

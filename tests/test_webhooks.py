@@ -441,6 +441,20 @@ async def test_reroute_moves_a_dropped_call_to_another_node_with_an_apology(
     assert any("re-routed (leg 2) after node node-a" in e.summary for e in h.recorder.of("WebhookReceived"))
 
 
+async def test_a_call_that_ends_before_it_connects_frees_its_reservation(db: Database, alice: Any, make: Any) -> None:
+    beat(db, "node-a", 1)
+    h = await make()
+    _, first = await h.twilio("/twilio/voice", call())
+    assert 'url="wss://node-a.example.com/twilio"' in first
+    _, busy = await h.twilio("/twilio/voice", call(sid="CA0002"))
+    assert "<Record" in busy  # the one slot is reserved for CA0001
+    ended = {**call(), "CallStatus": "canceled", "SequenceNumber": "1"}  # the caller gave up while it rang
+    assert (await h.twilio("/twilio/voice/status", ended))[0] == 204
+    await wait_processed(db, 3)
+    _, third = await h.twilio("/twilio/voice", call(sid="CA0003"))
+    assert 'url="wss://node-a.example.com/twilio"' in third
+
+
 async def test_reroute_leaves_calls_that_ended_normally_alone(db: Database, alice: Any, make: Any) -> None:
     beat(db, "node-a", 4)
     beat(db, "node-b", 4)
@@ -566,8 +580,9 @@ async def test_stripe_checkout_then_invoices(db: Database, alice: Any, make: Any
     await wait_processed(db, 5)
     user = get_user(db, alice.id)
     assert user is not None and user.stripe_customer_id == "cus_Z" and user.tier == "personal"
-    kinds = {row[2]: row for row in billing.billing_events_for(db, alice.id)}
-    assert kinds["invoice.paid"][3] == 2900 and "attempt 2" in kinds["invoice.payment_failed"][6]
+    rows = db.query("SELECT type, amount, summary FROM billing_events WHERE user_id = ?", (alice.id,))
+    kinds = {row[0]: row for row in rows}
+    assert kinds["invoice.paid"][1] == 2900 and "attempt 2" in kinds["invoice.payment_failed"][2]
 
 
 @pytest.mark.parametrize("case", ["wrong-secret", "old-timestamp", "missing", "tampered"])

@@ -64,6 +64,7 @@ async def test_requests_outcomes_and_the_inbox_are_counted(served: Any) -> None:
         'xswarm_webhook_events_processed_total{outcome="dead",provider="retired-provider"} 1.0',
         'xswarm_webhook_inbox_events{status="dead"} 1.0',
         'xswarm_webhook_inbox_events{status="pending"} 0.0',
+        'xswarm_notify_outbox_messages{status="dead"} 0.0',
     ):
         assert line in text.splitlines(), line
     assert SENDER not in text and SENDER[1:] not in text and TWILIO_TOKEN not in text
@@ -86,3 +87,14 @@ async def test_the_oldest_open_event_has_an_age(served: Any) -> None:
     )
     assert 119 <= age <= 180
     assert 'xswarm_webhook_inbox_events{status="pending"} 1.0' in text
+
+
+async def test_dead_notifications_are_a_gauge(served: Any) -> None:
+    db, base, session = served
+    db.write(
+        "INSERT INTO outbox (id, kind, channel, to_addr, body, status, attempts, created_at)"
+        " VALUES ('welcome:u1:sms', 'welcome', 'sms', '+14155550123', 'hi', 'dead', 8, 0)"
+    )
+    text = await scrape(session, base)
+    assert 'xswarm_notify_outbox_messages{status="dead"} 1.0' in text.splitlines()
+    assert "+14155550123" not in text

@@ -60,6 +60,7 @@ def create_app(hub: Hub) -> web.Application:
     app.router.add_post("/twilio/voice", twilio_voice.voice)
     app.router.add_post("/twilio/voice/status", twilio_voice.status)
     app.router.add_post(twilio_voice.VOICEMAIL_PATH, twilio_voice.voicemail)
+    app.router.add_post(twilio_voice.TRANSCRIPTION_PATH, twilio_voice.transcription)
     app.router.add_post(twilio_voice.REROUTE_PATH, twilio_voice.reroute)
     app.router.add_post("/sendgrid/inbound", sendgrid_mail.inbound)
     app.router.add_post("/sendgrid/events", sendgrid_mail.events)

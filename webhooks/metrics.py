@@ -1,4 +1,5 @@
-"""``GET /metrics`` of the webhooks server: requests, processing outcomes and the inbox.
+"""``GET /metrics`` of the webhooks server: requests, processing outcomes, the inbox and the
+notification outbox.
 
 One view however many processes serve the port. ``xswarm webhooks serve --workers N`` runs N
 processes behind one ``SO_REUSEPORT`` port, so a scrape lands on whichever worker the kernel
@@ -39,7 +40,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from engine.store import inbox
+from engine.store import inbox, outbox
 
 if TYPE_CHECKING:
     from engine.store.db import Database
@@ -95,13 +96,15 @@ class WebhookMetrics:
     async def render(self, hub: Hub) -> tuple[bytes, str]:
         """The text exposition: this process's (or every worker's) counters and the inbox."""
         backlog = await hub.read(_inbox_figures)
+        unsent = await hub.read(outbox.counts)
         registry = self.registry
         if self.multiprocess_dir:
             registry = CollectorRegistry(auto_describe=False)
             registry.register(
                 _Documented(multiprocess.MultiProcessCollector(None, self.multiprocess_dir), self.registry)
             )
-        return generate_latest(registry) + generate_latest(_InboxCollector(backlog)), CONTENT_TYPE_LATEST
+        figures = generate_latest(_InboxCollector(backlog)) + generate_latest(_OutboxCollector(unsent))
+        return generate_latest(registry) + figures, CONTENT_TYPE_LATEST
 
 
 def _inbox_figures(db: Database) -> tuple[dict[str, int], int | None]:
@@ -144,6 +147,27 @@ class _InboxCollector(Collector):
             "Age of the oldest pending or failed inbox row (0 when there is none).",
             value=age,
         )
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+class _OutboxCollector(Collector):
+    """The notification outbox's rows not sent (database-wide, like the inbox figures)."""
+
+    def __init__(self, counts: dict[str, int]) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        rows = GaugeMetricFamily(
+            "xswarm_notify_outbox_messages",
+            "Notification outbox rows not sent: pending (queued), failed (waiting for a retry), dead "
+            "(gave up; `xswarm notify list --status dead`).",
+            labels=["status"],
+        )
+        for status in BACKLOG:
+            rows.add_metric([status], float(self.counts.get(status, 0)))
+        yield rows
 
     def describe(self) -> Iterator[Metric]:
         return iter(())

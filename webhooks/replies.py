@@ -20,6 +20,7 @@ from typing import Any
 
 from engine.checkout import BillingError, StripeCheckout
 from engine.config import Settings
+from engine.notify.compose import clip
 from engine.store import optouts
 from engine.store import usage as usage_store
 from engine.store.db import Database
@@ -85,14 +86,7 @@ def clean(text: str, limit: int) -> str:
 
 def fit_sms(text: str) -> str:
     """At most ``SMS_MAX`` characters, cut at a word boundary with an ellipsis."""
-    text = " ".join(clean(text, 4000).split())
-    if len(text) <= SMS_MAX:
-        return text
-    cut = text[: SMS_MAX - 1]
-    space = cut.rfind(" ")
-    if space > SMS_MAX // 2:
-        cut = cut[:space]
-    return cut.rstrip(" ,.;:") + "…"
+    return clip(clean(text, 4000), SMS_MAX)
 
 
 def _allowance(used: float, limit: int | None, unit: str) -> str:

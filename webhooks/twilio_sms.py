@@ -24,9 +24,8 @@ from engine.events import MessageReceived
 from engine.logging_setup import mask_phone
 from engine.notify import compose
 from engine.store import messages, optouts, usage
-from engine.store.db import StoreError
+from engine.store.db import Statement, StoreError
 from engine.store.inbox import InboxRow
-from engine.store.messages import Statement
 from engine.store.users import User, find_by_phone
 from engine.tiers import TIERS
 from webhooks import twiml
@@ -234,7 +233,8 @@ async def _deferred_reply(
         if await hub.read(lambda d: messages.get_by_provider_id(d, f"reply:{sid}")) is not None:
             return []
         text = await hub.replier.sms(user, body, sender, sid)
-    if not text or await hub.read(lambda d: optouts.sms_opted_out(d, sender)):
+    keyword = optouts.keyword(body) in optouts.STOP_WORDS | optouts.START_WORDS | optouts.HELP_WORDS
+    if not text or (not keyword and await hub.read(lambda d: optouts.sms_opted_out(d, sender))):
         _pending(hub).pop(sid, None)
         return []  # the number texted STOP (perhaps while this reply was composed): nothing goes back
     if not ours:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from aiohttp import web
@@ -29,7 +28,7 @@ from engine.events import CallRefused, MessageReceived
 from engine.logging_setup import mask_phone
 from engine.notify import compose, links
 from engine.store import messages, routing, usage
-from engine.store.db import Database, StoreError
+from engine.store.db import Database, StoreError, log_if_failed
 from engine.store.inbox import InboxRow
 from engine.store.outbox import Draft, enqueue_statement
 from engine.store.users import User, find_by_phone, get_user
@@ -44,6 +43,7 @@ from webhooks.processor import PermanentError, received
 log = logging.getLogger("xswarm.webhooks.voice")
 PROVIDER = "twilio-voice"
 VOICEMAIL_PATH = "/twilio/voice/voicemail"
+TRANSCRIPTION_PATH = "/twilio/voice/transcription"
 REROUTE_PATH = "/twilio/voice/reroute"
 MAX_LEGS = 4
 """Streams one call may get (the first and three re-routes) before it goes to voicemail."""
@@ -138,7 +138,7 @@ async def connect(
     if not token_secret:
         log.error("XSWARM_CALL_TOKEN_SECRET is not set: calls cannot be admitted, taking voicemail")
         hub.bus.publish(CallRefused("no call token secret", "XSWARM_CALL_TOKEN_SECRET unset"))
-        return twiml.voicemail(NOT_READY, VOICEMAIL_PATH)
+        return _take_voicemail(hub, NOT_READY)
     try:
         assert hub.session is not None  # opened with the server
         route = await routing.reserve(
@@ -149,7 +149,7 @@ async def connect(
         route = None
     if route is None:
         hub.bus.publish(CallRefused("no free slot", mask_phone(caller)))
-        return twiml.voicemail(NO_ROOM, VOICEMAIL_PATH)
+        return _take_voicemail(hub, NO_ROOM)
     token = mint(token_secret, call_sid, telephony.call_token_ttl_s)
     theme = user.theme if user else hub.settings.ui.theme
     return twiml.stream(
@@ -202,16 +202,21 @@ async def reroute(request: web.Request) -> web.Response:
     if last.node_id is not None and last.status != "ended":
         # The node never wrote the end of this leg: it is probably dead. Route nothing more
         # there until a heartbeat newer than this says otherwise.
-        routing.mark_suspect(hub.db, last.node_id).add_done_callback(_log_write_failure)
+        routing.mark_suspect(hub.db, last.node_id).add_done_callback(log_if_failed("suspect mark", log))
     extra = urlencode({"XswarmLeg": leg + 1, "XswarmFromNode": last.node_id or ""})
     await hub.ingest(PROVIDER, f"{call_sid}:leg:{leg + 1}", "reroute", f"{raw.decode('utf-8')}&{extra}")
     if leg >= MAX_LEGS:
         hub.bus.publish(CallRefused("too many re-routes", f"{call_sid} after {leg} legs"))
-        return twiml.response(twiml.voicemail(NOT_READY, VOICEMAIL_PATH))
+        return twiml.response(_take_voicemail(hub, NOT_READY))
     exclude = (last.node_id,) if last.node_id else ()
     return twiml.response(
         await connect(hub, call_sid, caller, user, leg=leg + 1, exclude=exclude, apology=REROUTE_APOLOGY)
     )
+
+
+def _take_voicemail(hub: Hub, apology: str) -> str:
+    transcribe = hub.settings.notify.voicemail_transcript_wait_s > 0
+    return twiml.voicemail(apology, VOICEMAIL_PATH, transcribe_callback=TRANSCRIPTION_PATH if transcribe else None)
 
 
 async def status(request: web.Request) -> web.Response:
@@ -234,6 +239,17 @@ async def voicemail(request: web.Request) -> web.Response:
     return twiml.response(twiml.say_and_hang_up("Thank you. Your message has been saved. Goodbye."))
 
 
+async def transcription(request: web.Request) -> web.Response:
+    """Twilio's ``transcribeCallback``: the voicemail's transcript (or that there is none)."""
+    hub: Hub = request.app[HUB]
+    raw, form = await _verified_form(hub, request)
+    recording = form.get("RecordingSid")
+    if not recording:
+        raise web.HTTPBadRequest(text="no RecordingSid")
+    await hub.ingest(PROVIDER, f"{recording}:transcription", "transcription", raw.decode("utf-8"))
+    return web.Response(status=204)
+
+
 # ----------------------------------------------------------------------------- effects
 
 
@@ -248,6 +264,8 @@ async def effect(hub: Hub, row: InboxRow) -> Outcome:
         return await _status_effect(hub, row, form)
     if row.event_type == "voicemail":
         return await _voicemail_effect(hub, row, form)
+    if row.event_type == "transcription":
+        return await _transcription_effect(hub, row, form)
     if row.event_type == "reroute":
         return _reroute_effect(row, form)
     raise PermanentError(f"unknown voice event type {row.event_type!r}")
@@ -282,6 +300,7 @@ async def _status_effect(hub: Hub, row: InboxRow, form: dict[str, str]) -> Outco
                 period = usage.period_of(row.received_at)
                 quota = compose.quota_statements(hub.settings, counted, TIERS[counted.tier], "voice", period)
                 statements += quota  # judged on the seconds just counted
+        statements.append(routing.release_statement(call_sid))  # it may have ended before reaching a node
     else:
         statements.append(
             (
@@ -328,7 +347,10 @@ async def _voicemail_effect(hub: Hub, row: InboxRow, form: dict[str, str]) -> Ou
         },
         at_ms=row.received_at,
     )
-    notices = [enqueue_statement(d) for d in _voicemail_notices(hub, form, user, seconds)]
+    # Twilio transcribes it when asked (``_take_voicemail``): the notice waits for the transcript.
+    wait_s = hub.settings.notify.voicemail_transcript_wait_s
+    hold = row.received_at + int(wait_s * 1000) if wait_s > 0 and not form.get("TranscriptionText") else None
+    notices = [enqueue_statement(d, not_before_ms=hold) for d in _voicemail_notices(hub, form, user, seconds)]
     summary = f"Voicemail from {user.name if user else 'unknown'} ({mask_phone(caller)}), {seconds or 0:.0f} s"
     return Outcome(
         [statement, *notices],
@@ -338,6 +360,24 @@ async def _voicemail_effect(hub: Hub, row: InboxRow, form: dict[str, str]) -> Ou
         ],
         notify=bool(notices),
     )
+
+
+async def _transcription_effect(hub: Hub, row: InboxRow, form: dict[str, str]) -> Outcome:
+    """The transcript joins the voicemail's message row and its waiting notice, which goes out
+    now (a notice already sent stays as it was). Twilio's failures (too short, not English)
+    come as ``TranscriptionStatus=failed``: the notice then goes out without one."""
+    recording, caller = form["RecordingSid"], form.get("From")
+    text = (form.get("TranscriptionText") or "").strip() if form.get("TranscriptionStatus") == "completed" else ""
+    user = await hub.read(lambda d: find_by_phone(d, caller)) if caller else None
+    stored = await hub.read(lambda d: messages.get_by_provider_id(d, recording))
+    seconds = _float(str(stored.meta.get("duration_s"))) if stored is not None else None
+    fields = dict(form, TranscriptionText=text)
+    notices = [enqueue_statement(d, revise=True) for d in _voicemail_notices(hub, fields, user, seconds)]
+    statements = [*notices]
+    if text:
+        statements.append(messages.body_statement(recording, text))
+    summary = f"Voicemail {recording} transcript: {'received' if text else form.get('TranscriptionStatus', 'none')}"
+    return Outcome(statements, [received(row, summary, user.id if user else None)], notify=bool(notices))
 
 
 def _voicemail_notices(hub: Hub, form: dict[str, str], user: User | None, seconds: float | None) -> list[Draft]:
@@ -366,11 +406,6 @@ def _voicemail_notices(hub: Hub, form: dict[str, str], user: User | None, second
         transcript=form.get("TranscriptionText") or None,
         listen=listen,
     )
-
-
-def _log_write_failure(future: Any) -> None:
-    if future.exception() is not None:
-        log.warning("could not mark a node suspect: %s", future.exception())
 
 
 def _float(value: str | None) -> float | None:

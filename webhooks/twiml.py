@@ -37,11 +37,13 @@ def stream(url: str, parameters: dict[str, str], *, status_action: str | None = 
     return str(vr)
 
 
-def voicemail(apology: str, action: str, *, max_length_s: int = 120) -> str:
-    """Apologise, then record a voicemail whose result Twilio posts to ``action``."""
+def voicemail(apology: str, action: str, *, max_length_s: int = 120, transcribe_callback: str | None = None) -> str:
+    """Apologise, then record a voicemail whose result Twilio posts to ``action`` (and its
+    transcript, when asked, to ``transcribe_callback``)."""
     vr = VoiceResponse()
     vr.say(apology)
-    vr.record(action=action, method="POST", max_length=max_length_s, play_beep=True, timeout=5)
+    transcription = {"transcribe": True, "transcribe_callback": transcribe_callback} if transcribe_callback else {}
+    vr.record(action=action, method="POST", max_length=max_length_s, play_beep=True, timeout=5, **transcription)
     vr.say("We did not get a recording. Goodbye.")
     vr.hangup()
     return str(vr)

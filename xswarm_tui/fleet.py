@@ -77,6 +77,8 @@ class _Node:
     client: Any = None
     calls: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Live calls on this node, as snapshot entries (fields the console reads)."""
+    listed_down: bool = False
+    """The nodes table says it is down: connect in the background, never wait for it."""
 
 
 def gpu_line(sample: ev.SystemSampled) -> str:
@@ -192,7 +194,8 @@ class FleetLink(Link):
         node.client = client
         try:
             await client.start(wait=False)
-            await client.wait_snapshot(self._open_timeout_s)
+            if not node.listed_down:  # a node the table calls down is not waited for
+                await client.wait_snapshot(self._open_timeout_s)
         except AuthError as exc:
             node.status.detail = str(exc)
             await client.close()
@@ -201,8 +204,10 @@ class FleetLink(Link):
         except (SupervisorError, OSError) as exc:
             node.status.detail = str(exc)  # keeps trying in the background; shown as down meanwhile
         else:
-            assert client.snapshot is not None
-            self._snapshot(url, client.snapshot)  # in the first merged snapshot (the pump sees it again)
+            if client.snapshot is not None:  # in the first merged snapshot (the pump sees it again)
+                self._snapshot(url, client.snapshot)
+            else:
+                node.status.detail = "down in the nodes table"
         if client.role is not None and client.role != "operator":
             self.can_act = False
         self._tasks.append(asyncio.get_running_loop().create_task(self._pump(url)))
@@ -329,6 +334,7 @@ class FleetLink(Link):
                 if node is None:
                     node = self._nodes[url] = _Node(url, NodeStatus(str(row["node_id"]), url))
                     fresh.append(url)
+                node.listed_down = row.get("state") == "down"
                 status = node.status
                 status.step_ms_p99 = row.get("step_ms_p99")
                 status.version = row.get("version") or status.version

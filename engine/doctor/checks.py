@@ -322,6 +322,24 @@ def check_credentials(p: Probes, s: Settings) -> Iterator[Check]:
             )
 
 
+def check_notify(p: Probes, s: Settings) -> Check:
+    """What notifications can do with these settings (``engine.notify``); names, never values."""
+    gaps: list[tuple[str, str]] = []
+    if s.twilio.account_sid and s.twilio.auth_token and not s.twilio.from_number:
+        gaps.append(("SMS notifications off: no number to send from", "set TWILIO_FROM_NUMBER"))
+    if s.sendgrid.api_key and not s.sendgrid.from_email:
+        gaps.append(("email notifications off: no sender address", "set SENDGRID_FROM_EMAIL"))
+    email = bool(s.sendgrid.api_key and s.sendgrid.from_email)
+    if email and not (s.notify.link_secret and s.server.public_url):
+        gaps.append(("emails carry no one-click unsubscribe", "set XSWARM_NOTIFY__LINK_SECRET and XSWARM_PUBLIC_URL"))
+    if email and not s.notify.operator_email:
+        gaps.append(("voicemails from strangers tell no one", "set XSWARM_NOTIFY__OPERATOR_EMAIL"))
+    if gaps:
+        return Check("notify", "warn", "; ".join(g for g, _ in gaps), "; ".join(f for _, f in gaps))
+    channels = [c for c, on in (("SMS", s.twilio.from_number and s.twilio.auth_token), ("email", email)) if on]
+    return Check("notify", "pass", f"notifications by {' and '.join(channels)}" if channels else "no channel set up")
+
+
 def check_weights(p: Probes, s: Settings) -> Check:
     found = p.weights(s)
     if found is not None:
@@ -349,5 +367,6 @@ CHECKS: list[Callable[[Probes, Settings], Check | Iterator[Check]]] = [
     check_database,
     check_storage,
     check_credentials,
+    check_notify,
     check_weights,
 ]

@@ -42,6 +42,18 @@ MLX_REPOS: dict[str, str] = {
     "moshiko": "kyutai/moshiko-mlx-q8",
     "moshika": "kyutai/moshika-mlx-q8",
 }
+MLX_Q4_REPOS: dict[str, str] = {
+    "moshiko": "kyutai/moshiko-mlx-q4",
+    "moshika": "kyutai/moshika-mlx-q4",
+}
+
+
+def mlx_repos(voice: str, weights: str) -> list[str]:
+    """MLX repositories for a voice, the preferred precision first (int4 -> q4, else q8)."""
+    q8, q4 = MLX_REPOS[voice], MLX_Q4_REPOS[voice]
+    return [q4, q8] if weights == "int4" else [q8, q4]
+
+
 LFS_SUFFIXES = (".safetensors", ".model", ".bin", ".pt", ".gguf", ".npz")
 LFS_MIN_BYTES = 10 * 2**20
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
@@ -155,9 +167,10 @@ def find_local(settings: Any) -> Found | None:
     cache = hub_cache_dir()
     if _apple_silicon():
         for voice in _voices(m.variant):
-            snap = snapshot_dir(MLX_REPOS[voice], cache)
-            if snap is not None and any(snap.glob("*.safetensors")):
-                return Found("moshi-mlx", snap, MLX_REPOS[voice])
+            for repo in mlx_repos(voice, m.weights):
+                snap = snapshot_dir(repo, cache)
+                if snap is not None and any(snap.glob("*.safetensors")):
+                    return Found("moshi-mlx", snap, repo)
     # int8 prefers Kyutai's q8 checkpoint, then a bf16 one (quantized on load); bf16 and int4
     # prefer the bf16 checkpoint, then q8 (dequantized, or re-quantized to int4, on load).
     candidates: list[tuple[str, bool]] = []

@@ -186,7 +186,10 @@ class CompactKVAttention(StreamingMultiheadAttention):
             return False
         if self.fused is not None:
             return self.fused
-        return query.is_cuda and not compile_disabled()
+        if not query.is_cuda or compile_disabled():
+            return False
+        # Triton reads e4m3 only on Ada/Hopper and later; older GPUs cast eagerly (dequantize path).
+        return self.kv_kind != "fp8" or torch.cuda.get_device_capability(query.device) >= (8, 9)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         if not self._use_fused(query):

@@ -12,8 +12,11 @@ queued token instead of sampling, so the depformer is conditioned on it exactly 
 PyTorch's text hook; takeover writes the operator's Mimi codes into the slot's generated
 audio stream at the positions the model's per-codebook delays give them.
 
-``moshi-mlx:tiny`` builds random weights of the tiny sizes (tests on Linux with ``mlx[cpu]``,
-in the separate ``.venv-mlx``: moshi-mlx pins conflict with moshi's). MLX is not
+``moshi-mlx:tiny`` builds random weights of the tiny sizes (tests on Linux with ``mlx[cpu]``).
+moshi-mlx lives in xswarm's own environment (``.ci/setup`` installs it with --no-deps: its
+pins clash with xswarm's, its model code does not). Kyutai's MLX checkpoints come as q8
+(``model.q8.safetensors``, 8 bits, groups of 64) or q4 (``model.q4.safetensors``, 4 bits,
+groups of 32); ``model.weights = "int4"`` prefers the q4 repository. MLX is not
 thread-safe: like every model, this one runs on the single inference thread only.
 """
 
@@ -128,11 +131,13 @@ class MlxMoshi(VoiceModel):
         m = settings.model
         if variant == "tiny":
             return cls(slots or m.slots or 2, size="tiny", seed=m.seed or 0)
-        folder = m.weights_path or checkpoints.snapshot_dir(checkpoints.MLX_REPOS[m.variant])
+        repos = checkpoints.mlx_repos(m.variant, m.weights)
+        folder = m.weights_path or next(
+            (snap for snap in map(checkpoints.snapshot_dir, repos) if snap is not None), None
+        )
         if folder is None:
             raise FileNotFoundError(
-                f"no MLX weights for {m.variant} in {checkpoints.hub_cache_dir()}; "
-                f"run `xswarm models pull {checkpoints.MLX_REPOS[m.variant]}`"
+                f"no MLX weights for {m.variant} in {checkpoints.hub_cache_dir()}; run `xswarm models pull {repos[0]}`"
             )
         return cls(slots or m.slots or 2, weights=Path(folder), seed=m.seed or 0)
 
@@ -144,8 +149,8 @@ class MlxMoshi(VoiceModel):
             from moshi_mlx import models, utils
         except ImportError as exc:
             raise RuntimeError(
-                f"the moshi-mlx model needs moshi_mlx and mlx ({exc}); they live in their own "
-                "environment: bash .ci/setup --dev builds .venv-mlx"
+                f"the moshi-mlx model needs moshi_mlx and mlx ({exc}): on Apple Silicon `bash .ci/setup` "
+                "installs them (on Linux `bash .ci/setup --dev`, with mlx[cpu])"
             ) from None
         import sentencepiece
 
@@ -169,10 +174,14 @@ class MlxMoshi(VoiceModel):
         if self.size == "tiny":
             _random_codebooks(mimi)
         else:
-            q8 = self.weights and (self.weights / "model.q8.safetensors").is_file()
-            if q8:
-                nn.quantize(self.lm, bits=8, group_size=64)
-            self.lm.load_weights(str(self._file("model.q8.safetensors" if q8 else "model.safetensors")), strict=True)
+            # Kyutai's MLX files and how they were quantized (moshi_mlx.run_inference).
+            for name, bits, group in (("model.q8.safetensors", 8, 64), ("model.q4.safetensors", 4, 32)):
+                if self.weights is not None and (self.weights / name).is_file():
+                    nn.quantize(self.lm, bits=bits, group_size=group)
+                    break
+            else:
+                name = "model.safetensors"
+            self.lm.load_weights(str(self._file(name)), strict=True)
             mimi.load_pytorch_weights(str(self._file("tokenizer-e351c8d8-checkpoint125.safetensors")), strict=True)
         self._mimi_params = mimi.parameters()
         self._mimi0 = mimi

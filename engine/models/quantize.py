@@ -51,11 +51,13 @@ def _quiet_import() -> Any:
     """Import torchao without its warnings about optional GPU kernels reaching the terminal.
 
     torchao logs one "Failed to load" warning per prebuilt CUDA extension that does not match
-    the installed torch (all of them on a CPU build); none of them is used here.
+    the installed torch (all of them on a CPU build), and torch one deprecation warning about
+    how torchao registers an enum; neither concerns what is used here.
     """
-    ao_log = logging.getLogger("torchao")
-    level = ao_log.level
-    ao_log.setLevel(logging.ERROR)
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         import torchao.quantization as q  # type: ignore[import-untyped]
     except ImportError:
@@ -63,7 +65,8 @@ def _quiet_import() -> Any:
             "quantized MOSHI weights need torchao: pip install torchao (it is in xswarm's moshi extra)"
         ) from None
     finally:
-        ao_log.setLevel(level)
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
     return q
 
 

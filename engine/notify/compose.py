@@ -11,6 +11,7 @@ the SMS; links are never cut), and every SMS kind except billing links says how 
 from __future__ import annotations
 
 import html
+import re
 from dataclasses import dataclass
 
 from engine.config import Settings, secret
@@ -54,10 +55,22 @@ def email_ready(settings: Settings) -> bool:
     return bool(secret(settings.sendgrid.api_key) and settings.sendgrid.from_email)
 
 
+def reachable(settings: Settings, to: Recipient, channel: str) -> bool:
+    """Whether ``to`` can get a message on ``channel``: an address, and the provider set up."""
+    if channel == "sms":
+        return bool(to.phone) and sms_ready(settings)
+    return bool(to.email) and email_ready(settings)
+
+
 def html_of(text: str) -> str:
-    """The HTML part: the plain text, escaped, one paragraph per blank-line block."""
+    """The HTML part: the plain text, escaped, one paragraph per blank-line block, links
+    clickable."""
     blocks = [b.strip() for b in text.split("\n\n") if b.strip()]
-    return "".join(f"<p>{html.escape(b).replace(chr(10), '<br>')}</p>" for b in blocks)
+    paragraphs = (_LINK.sub(r'<a href="\1">\1</a>', html.escape(b)).replace("\n", "<br>") for b in blocks)
+    return "".join(f"<p>{p}</p>" for p in paragraphs)
+
+
+_LINK = re.compile(r"(https?://[^\s<\"]+)")
 
 
 def drafts(
@@ -73,7 +86,7 @@ def drafts(
 ) -> list[Draft]:
     """One draft per channel that applies (see the module doc)."""
     out: list[Draft] = []
-    if "sms" in channels and sms and to.phone and sms_ready(settings):
+    if "sms" in channels and sms and to.phone and reachable(settings, to, "sms"):
         out.append(
             Draft(
                 f"{key}:sms",
@@ -85,7 +98,7 @@ def drafts(
                 from_addr=settings.twilio.from_number,
             )
         )
-    if "email" in channels and text and subject and to.email and email_ready(settings):
+    if "email" in channels and text and subject and to.email and reachable(settings, to, "email"):
         out.append(
             Draft(
                 f"{key}:email",

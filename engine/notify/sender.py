@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import aiohttp
@@ -41,6 +41,8 @@ from engine.telephony.twilio_rest import UNSUBSCRIBED, TwilioClient, TwilioError
 log = logging.getLogger("xswarm.notify")
 OUTBOX_ARG = "xswarm_outbox"
 """The ``custom_args`` key that carries a mail's outbox id into SendGrid's events."""
+LEASE_SHARE = 0.8
+"""Of its lease, the part an attempt may spend talking to the provider (the rest is for the commit)."""
 CLOCK_SLACK_MS = 120_000
 """How far Twilio's clock may be behind ours when matching a message to a first attempt."""
 
@@ -65,8 +67,7 @@ class OutboxSender:
         self.lease_ms = int(settings.notify.lease_s * 1000)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.on_settled: Callable[[OutboxRow, str], None] = lambda row, status: None
-        """Called after each attempt's commit with the row and its new status (metrics, tests)."""
+        self._stopping = False
 
     # ------------------------------------------------------------------------- running
 
@@ -74,9 +75,15 @@ class OutboxSender:
         self._wake.set()
 
     def start(self) -> None:
+        self._stopping = False
         self._task = asyncio.create_task(self._run(), name="xswarm-outbox")
 
     async def stop(self) -> None:
+        """Stop sending. A send cut off here comes back in doubt after its lease. The flag,
+        not only the cancel: Python 3.11's ``wait_for`` loses a cancel that arrives as the
+        wake-up it waits for completes (seen when rows are queued during shutdown)."""
+        self._stopping = True
+        self._wake.set()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -84,7 +91,7 @@ class OutboxSender:
 
     async def _run(self) -> None:
         pause = 0.0
-        while True:
+        while not self._stopping:
             try:
                 busy = await self.drain_once()
                 pause = 0.0
@@ -129,7 +136,6 @@ class OutboxSender:
             log.error("outbox %s: %s but not recorded (settled on its next attempt): %s", row.id, status, exc)
             return
         log.info("outbox %s (%s): %s", row.id, row.channel, status)
-        self.on_settled(row, status)
 
     async def _attempt(self, row: OutboxRow) -> tuple[str, list[Statement]]:
         """What this attempt did, as (status, statements to commit)."""
@@ -137,11 +143,16 @@ class OutboxSender:
         if blocked:
             return "suppressed", [store.suppressed_statement(row.id, blocked)]
         try:
-            if row.in_doubt:
-                settled = await self._settle(row)
-                if settled is not None:
-                    return settled
-            provider_id = await self._send(row)
+            # No attempt may outlive its lease: another sender would take the row for one in
+            # doubt while this one could still reach the provider.
+            async with asyncio.timeout(self.lease_ms / 1000 * LEASE_SHARE):
+                if row.in_doubt:
+                    settled = await self._settle(row)
+                    if settled is not None:
+                        return settled
+                provider_id = await self._send(row)
+        except TimeoutError:
+            return self._failed(row, "no answer within the lease", in_doubt=True)
         except (TwilioUnreachable, SendGridUnreachable) as exc:
             return self._failed(row, str(exc), in_doubt=True)
         except TwilioError as exc:

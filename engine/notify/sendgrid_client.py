@@ -1,7 +1,8 @@
 """The one SendGrid client: ``POST /v3/mail/send`` on our aiohttp session.
 
 Why not the sendgrid SDK's ``SendGridAPIClient``: it sends through ``python_http_client``
-(blocking urllib), which would stall the event loop of the server that sends. The SDK's
+(blocking urllib), which stalls the event loop of the server that sends for the whole request
+(measured in docs/performance.md). The SDK's
 ``Mail`` helper still builds the request body (text part before HTML, headers, custom args).
 ``sendgrid.api_base`` replaces ``https://api.sendgrid.com`` (tests run a local fake).
 SendGrid has no idempotency key; ``engine.notify.sender`` settles a send in doubt with the

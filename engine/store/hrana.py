@@ -4,9 +4,8 @@ The database's own path for a remote server is the ``libsql`` client on the writ
 (see ``engine.store.db``). That is right for everything that can wait a few milliseconds, but
 not for the routing decision of a ringing call: through the writer it is BEGIN, the statement
 and COMMIT (three round trips) queued behind every other write, and ``libsql`` holds the GIL
-while a request is in flight, so decisions made together also wait for each other. On the
-loaded 2-core box, 10 decisions at once took p50 45 ms / p99 129 ms that way and p50 11 ms /
-p99 28 ms as concurrent single requests here (one at a time: p50 2.9 vs 1.8 ms).
+while a request is in flight, so decisions made together also wait for each other
+(docs/performance.md, "Fleet").
 
 This speaks the documented Hrana-over-HTTP pipeline (``POST /v2/pipeline``: one ``execute``
 and a ``close``), which sqld and Turso both serve: one statement, committed by itself, on the

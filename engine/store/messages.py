@@ -14,11 +14,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from engine.store.db import Database
+from engine.store.db import Database, Statement
 
 Channel = Literal["sms", "email", "voicemail"]
 Direction = Literal["in", "out"]
-Statement = tuple[str, tuple[Any, ...]]
 
 STATUS_RANK: dict[str, int] = {
     "received": 0,
@@ -107,6 +106,14 @@ def status_statement(provider_id: str, status: str, at_ms: int | None = None) ->
     return (
         f"UPDATE messages SET status = ?, updated_at = ? WHERE provider_id = ? AND {_RANK_CASE} <= ?",
         (status, at, provider_id, STATUS_RANK.get(status, 0)),
+    )
+
+
+def body_statement(provider_id: str, body: str) -> Statement:
+    """Fill in a message's text afterwards (a voicemail's transcript)."""
+    return (
+        "UPDATE messages SET body = ?, updated_at = ? WHERE provider_id = ?",
+        (body, int(time.time() * 1000), provider_id),
     )
 
 

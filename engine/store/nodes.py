@@ -8,16 +8,18 @@ takes effect within one heartbeat. ``down`` is never stored: it is a heartbeat o
 ``STALE_AFTER_S`` (a node killed without a clean stop leaves such a row; ``forget`` removes it).
 
 Two processes must never share a node id (their calls, reservations and drain state would
-mix), so each process holds its row with a random ``instance`` id: a heartbeat only updates
-the row of its own instance, or a row whose holder is gone; otherwise it raises
-``NodeIdTaken``.
+mix), so each process holds its row with an ``instance`` id: a heartbeat only updates the row
+of its own instance, or a row whose holder is gone (stale heartbeat, or a dead process on the
+same host); otherwise it raises ``NodeIdTaken``.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import re
 import secrets
+import socket
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -54,7 +56,36 @@ def now_ms() -> int:
 
 
 def new_instance() -> str:
-    return secrets.token_hex(8)
+    """``host:pid:random``: which process holds a node id, so a restart on the same host can
+    tell a dead holder (``release_if_dead``) from a live one."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(6)}"
+
+
+def release_if_dead(db: Database, node_id: str) -> bool:
+    """Free ``node_id`` when its holder was a process on THIS host that no longer runs (a
+    node killed and restarted at once need not wait ``STALE_AFTER_S``). True when freed.
+    A holder on another host, or a pid that is alive (even a reused one), is left alone."""
+    rows = db.query("SELECT instance FROM nodes WHERE id = ?", (node_id,))
+    holder = str(rows[0][0]) if rows and rows[0][0] else ""
+    host, _, rest = holder.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        return False  # alive, another user's
+    else:
+        return False
+    return bool(
+        db.write(
+            "UPDATE nodes SET instance = NULL WHERE id = ? AND instance = ? RETURNING id",
+            (node_id, holder),
+            returning=True,
+        )
+    )
 
 
 @dataclass(frozen=True)

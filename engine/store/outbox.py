@@ -80,16 +80,27 @@ def _row(values: tuple[Any, ...]) -> OutboxRow:
     return OutboxRow(*items)
 
 
-def enqueue_statement(draft: Draft, *, when: Statement | None = None) -> Statement:
+def enqueue_statement(
+    draft: Draft, *, when: Statement | None = None, not_before_ms: int | None = None, revise: bool = False
+) -> Statement:
     """The insert of one message; nothing when a row with its id exists. ``when``: a SQL
     condition (with its parameters) checked inside the same transaction, e.g. "usage has
-    reached 80 %", so a threshold is judged on committed counts, not on a stale read."""
+    reached 80 %", so a threshold is judged on committed counts, not on a stale read.
+    ``not_before_ms``: hold it back until then. ``revise``: a row with its id that has not
+    been attempted yet takes this draft's text instead and is due at once (a voicemail's
+    transcript arriving while its notice waits for it)."""
     if draft.kind not in KINDS:
         raise ValueError(f"unknown notification kind {draft.kind!r}")
     condition, params = when if when is not None else ("1", ())
+    conflict = (
+        "DO UPDATE SET subject = excluded.subject, body = excluded.body, html = excluded.html,"
+        " next_attempt_at = excluded.next_attempt_at WHERE outbox.status = 'pending'"
+        if revise
+        else "DO NOTHING"
+    )
     return (
-        f"INSERT INTO outbox (id, kind, channel, user_id, from_addr, to_addr, subject, body, html, created_at)"
-        f" SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE {condition} ON CONFLICT(id) DO NOTHING",
+        "INSERT INTO outbox (id, kind, channel, user_id, from_addr, to_addr, subject, body, html, created_at,"
+        f" next_attempt_at) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE {condition} ON CONFLICT(id) {conflict}",
         (
             draft.id,
             draft.kind,
@@ -101,6 +112,7 @@ def enqueue_statement(draft: Draft, *, when: Statement | None = None) -> Stateme
             draft.body,
             draft.html,
             now_ms(),
+            not_before_ms,
             *params,
         ),
     )
@@ -194,6 +206,17 @@ def suppressed_statement(outbox_id: str, reason: str) -> Statement:
         " WHERE id = ? AND status != 'sent'",
         (reason, outbox_id),
     )
+
+
+def retry(db: Database, outbox_id: str | None = None) -> int:
+    """Queue dead rows again from scratch (one, or all with ``None``): after fixing what killed
+    them. A row in doubt keeps its flag, so it is still checked with the provider first."""
+    where, params = ("id = ? AND ", (outbox_id,)) if outbox_id is not None else ("", ())
+    count = db.write(
+        f"UPDATE outbox SET status = 'failed', attempts = 0, next_attempt_at = NULL WHERE {where}status = 'dead'",
+        params,
+    )
+    return int(count or 0)
 
 
 def provider_id_taken(db: Database, provider_id: str) -> bool:

@@ -6,8 +6,8 @@ same second would all see the same "emptiest" node. So the choice and a row in
 ``route_reservations`` are ONE statement: each call routed to a node but not yet streaming
 counts against that node's free slots, for every webhook process on every host (the statement
 runs in a write transaction, which the database serializes). A reservation ends when the call
-connects (the node deletes it with the heartbeat that counts the call) or when the call token
-it was made for expires.
+connects (the node deletes it with the heartbeat that counts the call), when Twilio reports
+the call ended, or when the call token it was made for expires.
 
 Never chosen: a node that is ``draining``, ``down`` (stale heartbeat), ``suspect`` (a call there
 dropped without ending normally and no heartbeat came since), full once reservations count, or
@@ -90,8 +90,9 @@ async def reserve(
     return Route(rows[0][0], rows[0][1]) if rows else None
 
 
-def connected_statement(call_sid: str) -> tuple[str, tuple[Any, ...]]:
-    """The call is streaming on its node: its reservation stops counting."""
+def release_statement(call_sid: str) -> tuple[str, tuple[Any, ...]]:
+    """The call's reservation stops counting: it is streaming on its node (which now counts
+    it), or it ended before it got there (the caller hung up while it rang)."""
     return "DELETE FROM route_reservations WHERE call_sid = ?", (call_sid,)
 
 

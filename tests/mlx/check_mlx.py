@@ -1,7 +1,7 @@
-"""Run inside .venv-mlx (moshi_mlx + mlx[cpu]): exercises MlxMoshi tiny and prints JSON facts.
+"""Exercises MlxMoshi tiny (moshi_mlx + mlx[cpu], in the main environment) and prints JSON facts.
 
-Called by tests/test_moshi_mlx.py through a subprocess, because moshi-mlx's pins
-(huggingface-hub<0.29, numpy<2.3) cannot live in the main environment.
+Called by tests/test_moshi_mlx.py through a subprocess: MLX keeps global state and is not
+thread-safe, so it stays out of the test process.
 """
 
 from __future__ import annotations

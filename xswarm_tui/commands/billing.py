@@ -48,6 +48,8 @@ def link(
     settings = load()
     with database(settings) as db:
         found = _user(db, user)
+        if send is not None:
+            _check_reachable(settings, found, send.value)
         url = asyncio.run(_checkout(settings, db, found, tier))
         if send is not None:
             _send(settings, db, found, url, f"your link to subscribe to xswarm {tier}", send.value)
@@ -63,6 +65,8 @@ def portal(
     settings = load()
     with database(settings) as db:
         found = _user(db, user)
+        if send is not None:
+            _check_reachable(settings, found, send.value)
         url = asyncio.run(_portal(settings, found))
         if send is not None:
             _send(settings, db, found, url, "your link to manage your xswarm subscription", send.value)
@@ -99,13 +103,19 @@ async def _portal(settings: Settings, user: User) -> str:
             fail(str(exc), EXIT_FAILED)
 
 
+def _check_reachable(settings: Settings, user: User, channel: str) -> None:
+    """Before anything is created at Stripe: can the link be sent the way asked?"""
+    from engine.notify.compose import Recipient, reachable
+
+    if not reachable(settings, Recipient.of(user), channel):
+        need = "a phone and Twilio (credentials, twilio.from_number)" if channel == "sms" else "an email and SendGrid"
+        fail(f"cannot {channel} the link: that needs {need}", EXIT_FAILED)
+
+
 def _send(settings: Settings, db: Database, user: User, url: str, what: str, channel: str) -> None:
     from engine.notify import compose
     from engine.notify.sender import send_now
 
     drafts = compose.billing_link(settings, user, url, what=what, key=f"billing:{uuid.uuid4().hex}", channel=channel)
-    if not drafts:
-        need = "a phone and Twilio (credentials, twilio.from_number)" if channel == "sms" else "an email and SendGrid"
-        fail(f"cannot {channel} the link: that needs {need}", EXIT_FAILED)
     for row in asyncio.run(send_now(settings, db, drafts)):
         typer.echo(f"{row.channel}: {row.status}" + (f" ({row.last_error})" if row.last_error else ""), err=True)

@@ -1,4 +1,4 @@
-"""``xswarm notify list|drain|off|on``: the outbox and who wants which notifications."""
+"""``xswarm notify list|drain|retry|off|on``: the outbox and who wants which notifications."""
 
 from __future__ import annotations
 
@@ -57,6 +57,23 @@ def drain() -> None:
         asyncio.run(run())
         totals = outbox.counts(db)
     typer.echo(", ".join(f"{n} {s}" for s, n in sorted(totals.items())) or "the outbox is empty")
+
+
+@app.command()
+def retry(
+    message: str | None = typer.Argument(None, help="An outbox id (see `notify list --status dead`)."),
+    all_dead: bool = typer.Option(False, "--all", help="Every dead message."),
+) -> None:
+    """Queue dead messages again (after fixing what made them fail); the server sends them."""
+    from engine.store import outbox
+
+    if (message is None) == (not all_dead):
+        fail("give one outbox id, or --all", EXIT_BAD_INPUT)
+    with database() as db:
+        count = outbox.retry(db, None if all_dead else message)
+    if not count and message is not None:
+        fail(f"no dead message {message!r}", EXIT_FAILED)
+    typer.echo(f"queued {count} message{'s' if count != 1 else ''} again")
 
 
 def _set(user: str, kind: str, enabled: bool) -> None:

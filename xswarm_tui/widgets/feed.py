@@ -10,9 +10,10 @@ import time
 from rich.text import Text
 from textual.binding import Binding
 from textual.markup import escape
+from textual.signal import Signal
 from textual.widgets import DataTable
 
-from xswarm_tui.state import FEED_SIZE, ConsoleState, FeedItem
+from xswarm_tui.state import FEED_SIZE, ConsoleState, FeedItem, StateChanged
 
 CATEGORY_COLOURS = {
     "payment": "event-money",
@@ -37,12 +38,13 @@ class EventsFeed(DataTable):
         Binding("G,end", "scroll_bottom", "Bottom", show=False, id="events.bottom"),
     ]
 
-    def __init__(self, state: ConsoleState, **kwargs: object) -> None:
+    def __init__(self, state: ConsoleState, changes: Signal[StateChanged], **kwargs: object) -> None:
         super().__init__(cursor_type="row", show_cursor=False, **kwargs)  # type: ignore[arg-type]
         self.state = state
         self.filter_text = ""
         self._shown: list[int] = []
         self._last_seq = 0
+        self._changes = changes
         self._items: dict[str, FeedItem] = {}
         """Shown rows by key, for the detail view."""
 
@@ -70,6 +72,11 @@ class EventsFeed(DataTable):
         self.add_column("Event", key="text", width=self._text_width())
         self._title()
         self.refresh_feed()  # events folded before this widget was mounted
+        self._changes.subscribe(self, self._state_changed, immediate=True)
+
+    def _state_changed(self, change: StateChanged) -> None:
+        if "feed" in change.parts:
+            self.refresh_feed()
 
     def on_resize(self) -> None:
         column = self.columns.get("text")  # type: ignore[call-overload]

@@ -166,11 +166,14 @@ function render(all) {
   if (all || state.dirty.has("calls")) {
     table.render(state, all ? null : new Set(state.changed), now());
     state.changed.clear();
+    const node = state.node && state.node.id ? ` · ${state.node.id}` : "";
+    document.title = `xswarm${node} · ${state.calls.size} call${state.calls.size === 1 ? "" : "s"}`; // tells tabs apart
   }
   if (all || state.dirty.has("calls") || state.dirty.has("detail")) renderDetail();
   if (all || state.dirty.has("feed")) feed.render(state);
   if (all || state.dirty.has("system")) {
     renderSystem($("system"), state);
+    renderNodeActions();
     renderSpark($("spark"), state.tickHistory);
   }
   state.dirty.clear();
@@ -223,10 +226,13 @@ function renderDetail() {
 
 // ------------------------------------------------------------------------------- actions
 
+// Errors go to one place at the bottom of the screen, wherever the operator has scrolled to.
 function showError(message) {
-  $("detail-error").textContent = message;
+  const toast = $("toast");
+  toast.textContent = message;
+  toast.hidden = !message;
   clearTimeout(errorTimer);
-  if (message) errorTimer = setTimeout(() => ($("detail-error").textContent = ""), 8000);
+  if (message) errorTimer = setTimeout(() => (toast.hidden = true), 8000);
 }
 
 async function act(type, callId, fields = {}) {
@@ -238,9 +244,13 @@ async function act(type, callId, fields = {}) {
   }
 }
 
-function confirmAction(text) {
+// Resolves true or false; with `askNumber`, the typed number ("" for none) instead of true.
+function confirmAction(text, askNumber = false) {
   const dialog = $("confirm");
   $("confirm-text").textContent = text;
+  const numberField = $("confirm-to");
+  numberField.hidden = !askNumber;
+  numberField.querySelector("input").value = "";
   return new Promise((resolve) => {
     const done = (answer) => {
       $("confirm-ok").onclick = null;
@@ -249,7 +259,7 @@ function confirmAction(text) {
       if (dialog.open) dialog.close();
       resolve(answer);
     };
-    $("confirm-ok").onclick = () => done(true);
+    $("confirm-ok").onclick = () => done(askNumber ? numberField.querySelector("input").value.trim() : true);
     $("confirm-cancel").onclick = () => done(false);
     dialog.onclose = () => done(false); // Escape
     dialog.showModal();
@@ -317,9 +327,9 @@ const ACTIONS = {
     if (await confirmAction(`Hang up call ${id}? The caller is disconnected.`)) await act("HangUp", id).catch(() => {});
   },
   async transfer(id) {
-    if (await confirmAction(`Transfer call ${id} to the configured transfer number? The AI leaves the call.`)) {
-      await act("Transfer", id).catch(() => {});
-    }
+    const to = await confirmAction(`Transfer call ${id}? The AI leaves the call.`, true);
+    if (to === false) return;
+    await act("Transfer", id, to ? { to } : {}).catch(() => {});
   },
 };
 
@@ -345,6 +355,30 @@ $("reveal").addEventListener("change", (ev) => {
   table.render(state, null, now());
   renderDetail();
 });
+
+// ------------------------------------------------------------------- draining this node
+
+function renderNodeActions() {
+  const drain = $("drain");
+  const resume = $("resume");
+  if (!drain || !resume) return; // a monitor's page has neither
+  drain.hidden = state.nodeState !== "ready";
+  resume.hidden = state.nodeState !== "draining";
+}
+
+async function nodeCommand(type) {
+  try {
+    await conn.command(type);
+  } catch (err) {
+    showError(`${type}: ${err.message}${err.code ? ` (${err.code})` : ""}`);
+  }
+}
+
+$("drain").addEventListener("click", async () => {
+  const text = "Drain this node? It takes no new calls; the live ones finish. Resume to take calls again.";
+  if (await confirmAction(text)) await nodeCommand("DrainNode");
+});
+$("resume").addEventListener("click", () => nodeCommand("ResumeNode"));
 
 // ---------------------------------------------------------------------- talking (takeover)
 

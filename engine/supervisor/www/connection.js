@@ -146,7 +146,8 @@ export class Connection {
       if (this.closed) return;
       if (ev.code === CLOSE_UNAUTHORIZED || ev.code === CLOSE_RATE_LIMITED) {
         this.closed = true;
-        this.h.onRefused(ev.code === CLOSE_RATE_LIMITED ? "too many failed logins from here; wait a minute" : "the node refused this token");
+        const what = ev.code === CLOSE_RATE_LIMITED ? "too many failed logins from here; wait a minute" : "the node refused this token";
+        this.h.onRefused(ev.reason ? `${what} (${ev.reason})` : what); // e.g. "token retired" after a rotation
         return;
       }
       this._retry(ev.reason || `closed (${ev.code})`);

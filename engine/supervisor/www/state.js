@@ -40,6 +40,7 @@ export class State {
     this.tick = null;
     this.tickHistory = [];
     this.model = null;
+    this.nodeState = null; // this node: "ready" or "draining" (xswarm nodes drain|resume)
     this.slots = null;
     this.node = null;
     this.you = null;
@@ -55,6 +56,7 @@ export class State {
     const keepFeed = this.feed.length > 0; // a reconnect: the feed already holds these
     this.you = snap.you;
     this.node = snap.node || null;
+    this.nodeState = (snap.node && snap.node.state) || null;
     this.slots = snap.slots || null;
     this.serverSkew = (snap.server_time || Date.now() / 1000) - Date.now() / 1000;
     if (snap.model && snap.model.state) {
@@ -225,12 +227,20 @@ const HANDLERS = {
   UserCreated(s, e) {
     s._feed(e.at, "user", `new user ${e.name} (${e.tier})`);
   },
+  NodeStateChanged(s, e) {
+    if (s.node && e.node_id === s.node.id) {
+      s.nodeState = e.state;
+      s.dirty.add("system");
+    }
+    s._feed(e.at, e.state === "down" ? "error" : "node", `node ${e.node_id} ${e.state}${e.detail ? ": " + e.detail : ""}`);
+  },
   ErrorRaised(s, e) {
     s._feed(e.at, "error", `${e.source}: ${e.message}`);
   },
 };
 
 const FEED_ONLY = new Set([
+  "NodeStateChanged",
   "MessageReceived",
   "PaymentStatusChanged",
   "WebhookReceived",

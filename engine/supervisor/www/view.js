@@ -202,6 +202,7 @@ function row(dl, label, value, cls) {
 export function renderSystem(dl, state) {
   dl.replaceChildren();
   const s = state.system;
+  if (state.nodeState) row(dl, "Node", state.nodeState === "ready" ? "ready: takes calls" : `${state.nodeState}: no new calls`, state.nodeState === "ready" ? "" : "warn");
   if (state.model) {
     const m = state.model;
     const progress = m.state === "loading" && m.progress != null ? ` ${Math.round(m.progress * 100)}%` : "";
