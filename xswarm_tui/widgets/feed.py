@@ -79,8 +79,10 @@ class EventsFeed(DataTable):
             self.refresh_feed()
 
     def on_resize(self) -> None:
-        self.columns["text"].width = self._text_width()  # type: ignore[index]
-        self.refresh()
+        column = self.columns.get("text")  # type: ignore[call-overload]
+        if column is not None:  # a resize can come before on_mount added the columns
+            column.width = self._text_width()
+            self.refresh()
 
     def _text_width(self) -> int:
         """The Event column takes the rest of the panel. A fixed width, not measured from the
