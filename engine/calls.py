@@ -14,19 +14,19 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from engine import events
 from engine.audio.framing import InboundFrames, PcmFrames
-from engine.events import EventBus
+from engine.events import EventBus, Mode
+from engine.snapshot import LiveCall
 from engine.telemetry.latency import Histogram
 
 log = logging.getLogger("xswarm.calls")
 
 Tap = Callable[[str, np.ndarray], None]
-Mode = Literal["ai", "operator", "muted"]
 
 
 class CallControlError(ValueError):
@@ -218,28 +218,31 @@ class CallSession:
         self.pending_text.clear()
         return text
 
-    def stats(self) -> dict[str, Any]:
-        bal = self.bal.percentiles(50, 99)
-        lag = self.playout_lag.percentiles(50, 95)
-        return {
-            "call_id": self.call_id,
-            "slot": self.slot,
-            "source": self.source,
-            "mode": self.mode,
-            "operator": self.operator,
-            "duration_s": round(time.time() - self.started_at, 3),
-            "step_ms": round(self.step_ms, 3),
-            "bal_ms": bal,
-            "playout_lag_ms": lag,
-            "late_frames": self.late_frames,
-            "admission_ms": None
+    def live(self) -> LiveCall:
+        """This call as the runtime's snapshot lists it."""
+        return LiveCall(
+            call_id=self.call_id,
+            slot=self.slot,
+            source=self.source,
+            mode=self.mode,
+            operator=self.operator,
+            listeners=len(self.taps),
+            caller=self.caller,
+            user_id=self.user_id,
+            theme=self.theme,
+            started_at=self.started_at,
+            duration_s=round(time.time() - self.started_at, 3),
+            step_ms=round(self.step_ms, 3),
+            bal_ms=self.bal.percentiles(50, 99),
+            playout_lag_ms=self.playout_lag.percentiles(50, 95),
+            late_frames=self.late_frames,
+            admission_ms=None
             if self.first_tick_at is None
             else round((self.first_tick_at - self.admitted_at) * 1000, 3),
-            "frames_out": self.frames_out,
-            "in_level": round(self.in_level, 4),
-            "out_level": round(self.out_level, 4),
-            "listeners": len(self.taps),
-        }
+            frames_out=self.frames_out,
+            in_level=round(self.in_level, 4),
+            out_level=round(self.out_level, 4),
+        )
 
     def summary(self) -> dict[str, Any]:
         """What the calls table keeps when the call ends."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from xml.sax.saxutils import escape
 
 from engine.calls import CallControlError, CallSession
@@ -40,7 +40,10 @@ from engine.phone import E164
 from engine.telephony import twilio_rest
 
 if TYPE_CHECKING:
-    from engine.runtime import Runtime
+    from engine.calls import CallRegistry
+    from engine.config import Settings
+    from engine.events import EventBus
+    from engine.store.db import Database
 
 log = logging.getLogger("xswarm.control")
 
@@ -65,11 +68,27 @@ class ControlError(Exception):
         self.extra = extra
 
 
+class ControlHost(Protocol):
+    """What call control uses of the runtime."""
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def bus(self) -> EventBus: ...
+    @property
+    def calls(self) -> CallRegistry: ...
+    @property
+    def db(self) -> Database | None: ...
+    @property
+    def node_id(self) -> str: ...
+    async def start_local_call(self) -> str: ...
+
+
 class CallControl:
     """Applies supervisor commands to live calls. One instance per front end is fine:
     exclusivity of takeover lives in the ``CallSession`` itself."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: ControlHost) -> None:
         self.runtime = runtime
         self._taps: dict[tuple[str, str], Callable[[], None]] = {}
         """(actor, call_id) -> the function that removes that actor's tap."""
@@ -225,11 +244,7 @@ class CallControl:
         return {"node_id": self.runtime.node_id, "state": state}
 
     async def _start_local_call(self) -> dict[str, Any]:
-        start = getattr(self.runtime, "start_local_call", None)
-        if start is None:
-            raise ControlError("unavailable", "this runtime cannot start local-audio calls")
-        call_id = await start()
-        return {"call_id": call_id}
+        return {"call_id": await self.runtime.start_local_call()}
 
     def _prune_taps(self) -> None:
         """Forget taps of calls that have ended (the session dropped them with itself)."""

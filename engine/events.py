@@ -46,9 +46,11 @@ class Wire:
     """Common JSON form: ``{"v": 1, "type": "<ClassName>", …fields}``."""
 
     kind: ClassVar[str] = "wire"
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+    """Declared for type checkers: every registered subclass is a dataclass (``@message``)."""
 
     def to_wire(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)  # type: ignore[call-overload]
+        data = dataclasses.asdict(self)
         data["v"] = PROTOCOL_VERSION
         data["type"] = type(self).__name__
         return data
@@ -67,10 +69,10 @@ def from_wire(data: Any) -> Wire:
     cls = _REGISTRY.get(str(data.get("type")))
     if cls is None:
         raise WireError(f"unknown message type {data.get('type')!r}")
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    names = {f.name for f in dataclasses.fields(cls)}
     required = {
         f.name
-        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        for f in dataclasses.fields(cls)
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     }
     body = {k: v for k, v in data.items() if k not in ("v", "type", "id")}
@@ -98,7 +100,10 @@ class Event(Wire):
     kind: ClassVar[str] = "event"
 
 
+ModelLoad = Literal["loading", "warming", "ready", "failed", "fallback"]
+"""Where loading the model stands."""
 Mode = Literal["ai", "operator", "muted"]
+"""Who the caller hears: the AI, an operator who took the call over, or nobody (muted)."""
 
 
 @message
@@ -237,7 +242,7 @@ class SupervisorActed(Event):
 @message
 class ModelStatusChanged(Event):
     model: str
-    state: Literal["loading", "warming", "ready", "failed", "fallback"]
+    state: ModelLoad
     detail: str = ""
     progress: float | None = None
     at: float = field(default_factory=now)

@@ -27,21 +27,28 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine import events, persona
 from engine.calls import CallRegistry, CallSession
 from engine.config import Settings
-from engine.events import EventBus
+from engine.events import EventBus, ModelLoad
 from engine.models import registry as models
 from engine.models.base import VoiceModel
 from engine.scheduler import Scheduler
+from engine.snapshot import ModelInfo, ModelState, NodeInfo, SlotInfo, Snapshot
 from engine.store import calls as call_rows
 from engine.store import feed, nodes, routing
-from engine.store.db import Database, StoreError
+from engine.store.db import Database, StoreError, log_if_failed
 from engine.store.migrations import migrate
 from engine.tasks import cancel_and_wait
 from engine.telemetry.system import SystemSampler
+
+if TYPE_CHECKING:
+    from engine.bridge.server import BridgeServer
+    from engine.storage.service import StorageService
+    from engine.supervisor.server import SupervisorServer
+    from webhooks.server import WebhooksServer
 
 log = logging.getLogger("xswarm.runtime")
 VERSION = importlib.metadata.version("xswarm")
@@ -74,7 +81,7 @@ class Runtime:
         self.db: Database | None = None
         self.model: VoiceModel | None = None
         self.model_spec = model_spec or settings.model.name
-        self.model_state = "idle"
+        self.model_state: ModelState = "idle"
         self.model_detail = ""
         self.model_progress: float | None = None
         self.calls = CallRegistry(self.bus, on_start=self._call_live, on_end=self._call_ended)
@@ -99,13 +106,13 @@ class Runtime:
         self.bridge_port: int | None = None
         self.supervisor_port: int | None = None
         self.webhooks_port: int | None = None
-        self.bridge: Any = None
-        self.supervisor: Any = None
-        self.webhooks: Any = None
-        self.storage: Any = None
+        self.bridge: BridgeServer | None = None
+        self.supervisor: SupervisorServer | None = None
+        self.webhooks: WebhooksServer | None = None
+        self.storage: StorageService | None = None
         self.system_sampler = SystemSampler(self.bus.publish, settings.ui.poll_interval_s)
         """CPU, RAM and GPU as ``SystemSampled`` on the bus (the TUI and supervisors show them)."""
-        self._unrecord: Any = None
+        self._unrecord: Callable[[], None] | None = None
         self._recent: deque[events.Event] = deque(maxlen=RECENT_EVENTS)
         self._unsubscribe = self.bus.subscribe(self._remember)
         self._thread: threading.Thread | None = None
@@ -319,11 +326,11 @@ class Runtime:
         self._model_status("ready", f"{model.name}: {model.slots} slots{precision}", model=model.name, progress=1.0)
         self._beat()
 
-    def _model_status(self, state: str, detail: str, *, model: str, progress: float | None = None) -> None:
+    def _model_status(self, state: ModelLoad, detail: str, *, model: str, progress: float | None = None) -> None:
         self.model_state, self.model_detail, self.model_progress = state, detail, progress
         if state in ("ready", "failed", "fallback"):
             log.info("model %s: %s (%s)", model, state, detail)
-        self.bus.publish(events.ModelStatusChanged(model=model, state=state, detail=detail, progress=progress))  # type: ignore[arg-type]
+        self.bus.publish(events.ModelStatusChanged(model=model, state=state, detail=detail, progress=progress))
 
     # ------------------------------------------------------------------ heartbeat
 
@@ -371,7 +378,7 @@ class Runtime:
             future = self._heartbeat_future()
             if connected is not None:
                 self.db.submit(*routing.release_statement(connected)).add_done_callback(
-                    _log_failure("routing reservation")
+                    log_if_failed("routing reservation", log)
                 )
         except StoreError as exc:  # the database is closing
             log.warning("heartbeat not written: %s", exc)
@@ -419,7 +426,9 @@ class Runtime:
         while True:
             self._beat()
             if self.db is not None:
-                self.db.submit(*routing.expired_statement()).add_done_callback(_log_failure("expired reservations"))
+                self.db.submit(*routing.expired_statement()).add_done_callback(
+                    log_if_failed("expired reservations", log)
+                )
             await asyncio.sleep(nodes.HEARTBEAT_S)
 
     # ------------------------------------------------------------------ call rows
@@ -441,7 +450,7 @@ class Runtime:
             slot=session.slot,
             theme=session.theme,
             started_at=session.started_at,
-        ).add_done_callback(_log_failure("call start row"))
+        ).add_done_callback(log_if_failed("call start row", log))
 
     def _call_ended(self, session: CallSession, reason: str) -> None:
         if self.db is None:
@@ -454,7 +463,7 @@ class Runtime:
             reason=reason,
             step_p50_ms=self.scheduler.model_step_ms.percentile(50),
             **summary,
-        ).add_done_callback(_log_failure("call end row"))
+        ).add_done_callback(log_if_failed("call end row", log))
 
     # ---------------------------------------------------------------- local calls
 
@@ -469,16 +478,11 @@ class Runtime:
     # -------------------------------------------------------------------- snapshot
 
     def _record(self, event: events.Event) -> None:
-        """Bus subscriber: queue the event's feed row (never waits for the database).
-
-        Samples are not feed items, nor is model-load progress (one row per loaded tensor
-        group); the load's outcome (ready, failed, fallback) is."""
-        if self.db is None or type(event).__name__ in feed.SAMPLE_TYPES:
-            return
-        if isinstance(event, events.ModelStatusChanged) and event.state in ("loading", "warming"):
+        """Bus subscriber: queue the event's feed row (never waits for the database)."""
+        if self.db is None or not feed.keeps(event):
             return
         try:
-            feed.append_event(self.db, event).add_done_callback(_log_failure("feed row"))
+            feed.append_event(self.db, event).add_done_callback(log_if_failed("feed row", log))
         except StoreError as exc:  # the database is closing: the event stays on the bus only
             log.warning("feed row for %s not written: %s", type(event).__name__, exc)
 
@@ -491,53 +495,44 @@ class Runtime:
             self.loop.call_soon_threadsafe(self._beat)
 
     def snapshot(self, *, mask_callers: bool = False) -> dict[str, Any]:
-        """Everything a status page needs, JSON-able. ``mask_callers`` masks callers' numbers
-        (live calls and recent events), for read-only supervisors."""
+        """Everything a status page needs: the wire form of an ``engine.snapshot.Snapshot``.
+        ``mask_callers`` masks callers' numbers (live calls and recent events), for read-only
+        supervisors."""
         mask: Any = feed.masked_wire if mask_callers else (lambda wire: wire)
-        return {
-            "node": {
-                "id": self.node_id,
-                "started_at": self.started_at,
-                "uptime_s": round(time.time() - self.started_at, 1),
-                "bridge_port": self.bridge_port,
-                "supervisor_port": self.supervisor_port,
-                "webhooks_port": self.webhooks_port,
-                "bridge_url": self.bridge_url,
-                "supervisor_url": self.supervisor_url,
-                "state": self.node_state,
-                "version": VERSION,
-            },
-            "model": {
-                "spec": self.model_spec,
-                "name": self.model.name if self.model else None,
-                "state": self.model_state,
-                "detail": self.model_detail,
-                "progress": self.model_progress,
-            },
-            "slots": {
-                "total": self.calls.capacity,
-                "used": self.calls.used,
-                "free": self.calls.free,
-                "available": self.calls.available,
-                "no_headroom": self.scheduler.headroom(),
-            },
-            "calls": [
-                mask(
-                    s.stats() | {"caller": s.caller, "user_id": s.user_id, "theme": s.theme, "started_at": s.started_at}
-                )
-                for s in self.calls
-            ],
-            "scheduler": self.scheduler.describe(),
-            "bridge": self.bridge.describe() if self.bridge is not None else None,
-            "storage": self.storage.status() if self.storage is not None else None,
-            "recent_events": [mask(e.to_wire()) for e in list(self._recent)],
-        }
-
-
-def _log_failure(what: str) -> Callable[[concurrent.futures.Future[Any]], None]:
-    def check(future: concurrent.futures.Future[Any]) -> None:
-        exc = future.exception()
-        if exc is not None:
-            log.warning("%s write failed: %s", what, exc)
-
-    return check
+        snap = Snapshot(
+            node=NodeInfo(
+                id=self.node_id,
+                started_at=self.started_at,
+                uptime_s=round(time.time() - self.started_at, 1),
+                bridge_port=self.bridge_port,
+                supervisor_port=self.supervisor_port,
+                webhooks_port=self.webhooks_port,
+                bridge_url=self.bridge_url,
+                supervisor_url=self.supervisor_url,
+                state=self.node_state,
+                version=VERSION,
+            ),
+            model=ModelInfo(
+                spec=self.model_spec,
+                name=self.model.name if self.model else None,
+                state=self.model_state,
+                detail=self.model_detail,
+                progress=self.model_progress,
+                facts=self.model.describe() if self.model else None,
+            ),
+            slots=SlotInfo(
+                total=self.calls.capacity,
+                used=self.calls.used,
+                free=self.calls.free,
+                available=self.calls.available,
+                no_headroom=self.scheduler.headroom(),
+            ),
+            calls=[s.live() for s in self.calls],
+            recent_events=[e.to_wire() for e in list(self._recent)],
+            scheduler=self.scheduler.describe(),
+            bridge=self.bridge.describe() if self.bridge is not None else None,
+            storage=self.storage.status() if self.storage is not None else None,
+        ).to_wire()
+        snap["calls"] = [mask(call) for call in snap["calls"]]
+        snap["recent_events"] = [mask(event) for event in snap["recent_events"]]
+        return snap

@@ -32,9 +32,10 @@ from engine.audio.resample import Downsampler, Upsampler
 from engine.calls import CallRegistry, CallSession
 from engine.events import EventBus
 from engine.gcpacer import GcPacer
-from engine.models.base import FRAME_S, FRAME_SIZE, StepInput, VoiceModel
+from engine.models.base import StepInput, VoiceModel
 from engine.tasks import cancel_and_wait
 from engine.telemetry.latency import Histogram
+from engine.tick import FRAME_S, FRAME_SIZE
 
 log = logging.getLogger("xswarm.scheduler")
 

@@ -364,7 +364,12 @@ async def test_operator_listens_takes_over_with_the_microphone_hands_back_and_ha
         assert await page.input_value("#whisper input") == ""
         await page.wait_for_selector("#detail-transcript:has-text('offer the refund')")  # the echo model says it
         await page.click("[data-action=transfer]")
+        await page.fill("#confirm-to input", "555-0100")  # a number the node refuses: not E.164
         await page.click("#confirm-ok")
+        await page.wait_for_selector("#toast:has-text('E.164')")
+        await page.click("[data-action=transfer]")
+        assert await page.input_value("#confirm-to input") == ""
+        await page.click("#confirm-ok")  # blank: the node's transfer number, which is not set here
         await page.wait_for_selector("#toast:has-text('unavailable')")
 
         # hang up, after a confirmation

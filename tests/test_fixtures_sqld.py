@@ -32,7 +32,10 @@ def test_setup_script_installs_the_same_package_the_fixture_reads() -> None:
     """The script's platform names, run through bash here, give the folder the fixture reads."""
     script = Path(fixture.__file__).resolve().parents[2] / ".ci" / "setup"
     text = script.read_text()
-    cases = [line for line in text.splitlines() if line.lstrip().startswith("case ")]
+    platform = ("os=", "cpu=")  # the two `case` lines that name the npm package's platform
+    cases = [
+        line for line in text.splitlines() if line.lstrip().startswith("case ") and any(p in line for p in platform)
+    ]
     assert len(cases) == 2
     shown = subprocess.run(
         ["bash", "-c", "\n".join(cases) + '\necho "$os-$cpu"'], capture_output=True, text=True, check=True

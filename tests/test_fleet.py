@@ -320,3 +320,32 @@ def test_a_node_killed_and_restarted_at_once_takes_its_id_back(fleet_db: Fleet) 
     fleet_db.procs.append(again)
     again.wait_ready()
     wait_until(lambda: nodes.get(fleet_db.db, "node-a").bridge_url == again.extra["bridge_url"])  # type: ignore[union-attr]
+
+
+async def test_routing_survives_the_database_server_restarting_between_calls(sqld: SqldServer) -> None:
+    """The webhook's HTTP session keeps its connections to sqld open between calls; after the
+    server restarts, the next decision is still made."""
+    import aiohttp
+
+    from engine.store import routing
+
+    db = Database(sqld.target()).start()
+    migrate(db)
+    try:
+        nodes.heartbeat(
+            db,
+            "a",
+            bridge_url="wss://a.example.com",
+            model="echo",
+            slots_total=4,
+            slots_free=4,
+            step_ms_p99=None,
+            started_at=0,
+        ).result()
+        async with aiohttp.ClientSession() as session:
+            assert await routing.reserve(db, "CA1", ttl_s=60, session=session) is not None
+            await asyncio.to_thread(sqld.restart)
+            route = await routing.reserve(db, "CA2", ttl_s=60, session=session)
+            assert route is not None and route.node_id == "a"
+    finally:
+        db.close()

@@ -68,6 +68,7 @@ def test_start_load_heartbeat_snapshot_stop() -> None:
         assert runtime.storage is not None and snap["storage"] == runtime.storage.status()
         assert "last_error" in snap["storage"] and snap["scheduler"]["no_headroom"] is None
         assert snap["model"]["state"] == "ready" and snap["node"]["bridge_port"] == runtime.bridge_port
+        assert snap["model"]["facts"] == {"model": "echo", "slots": 128}  # what the model says of itself
         assert any(e["type"] == "ModelStatusChanged" for e in snap["recent_events"])
     finally:
         runtime.stop()

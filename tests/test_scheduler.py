@@ -343,9 +343,10 @@ async def test_latency_and_tick_events_are_published() -> None:
     assert samples and len(samples) <= 4 * elapsed + 1  # at most 4 Hz per call
     assert any(isinstance(e, events.TickSampled) for e in seen)
     assert scheduler.admission_ms.count == 1 and scheduler.model_step_ms.count >= 10
-    stats = session.stats()
-    assert 0 <= stats["admission_ms"] <= 200 and stats["bal_ms"]["p50"] is None  # a Sink measures no BAL
-    assert stats["late_frames"] == session.late_frames and stats["mode"] == "ai"
+    live = session.live()
+    assert live.admission_ms is not None and 0 <= live.admission_ms <= 200
+    assert live.bal_ms["p50"] is None  # a Sink measures no BAL
+    assert live.late_frames == session.late_frames and live.mode == "ai"
 
 
 # ------------------------------------------------------------------ admission by headroom

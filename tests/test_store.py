@@ -132,8 +132,8 @@ async def test_async_reads_and_writes_do_not_block_the_loop(db: Database) -> Non
             await asyncio.sleep(0)
 
     task = asyncio.create_task(ticker())
-    await asyncio.gather(*(db.awrite("INSERT INTO t (k) VALUES (?)", (i,)) for i in range(200)))
-    assert await db.aquery("SELECT COUNT(*) FROM t") == [(200,)]
+    await asyncio.gather(*(asyncio.wrap_future(db.submit("INSERT INTO t (k) VALUES (?)", (i,))) for i in range(200)))
+    assert await db.aread(lambda d: d.query("SELECT COUNT(*) FROM t")) == [(200,)]
     assert await db.aread(lambda d: d.query("SELECT MAX(k) FROM t")) == [(199,)]
     task.cancel()
     assert ticks > 1

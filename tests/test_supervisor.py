@@ -10,6 +10,7 @@ server inside the real Runtime with the echo model and the call simulator.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import socket
@@ -109,7 +110,7 @@ class StandInRuntime:
         return {
             "node": {"id": self.node_id},
             "model": None,
-            "calls": [c.stats() for c in self.calls],
+            "calls": [dataclasses.asdict(c.live()) for c in self.calls],
             "recent_events": [],
         }
 

@@ -16,7 +16,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.events import CallStarted, Listen, TakeOver, Whisper
+from engine.events import CallStarted, Command, Listen, TakeOver, Whisper, message
+from engine.snapshot import LiveCall, ModelInfo, NodeInfo, SlotInfo, Snapshot
 from engine.supervisor import protocol as p
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "supervisor-protocol.md"
@@ -80,6 +81,39 @@ def test_real_messages_validate_against_the_schemas() -> None:
     check(json.loads(p.error_frame(None, "not valid JSON", code="bad_request")))
     with pytest.raises(jsonschema.ValidationError):
         check({**TakeOver("CA1").to_wire(), "extra": True})
+    snapshot = Snapshot(
+        node=NodeInfo("node-1", bridge_port=9998),
+        model=ModelInfo("auto", "echo", "ready", facts={"model": "echo", "slots": 4}),
+        slots=SlotInfo(total=4, used=1, free=3, available=3),
+        calls=[LiveCall("CA1", slot=0, mode="operator", operator="ops", bal_ms={"p50": 12.5, "p99": None})],
+    ).to_wire()
+    you = {"actor": "ops", "role": "operator"}
+    check(
+        {
+            "v": 1,
+            "type": "snapshot",
+            "id": None,
+            "you": you,
+            "server_time": 1.0,
+            "opus": False,
+            "system": None,
+            **snapshot,
+        }
+    )
+    with pytest.raises(jsonschema.ValidationError):
+        check(
+            {
+                "v": 1,
+                "type": "snapshot",
+                "id": None,
+                "you": you,
+                "server_time": 1.0,
+                "opus": False,
+                "system": None,
+                **snapshot,
+                "calls": [{"call_id": "CA1", "mode": "shouting"}],
+            }
+        )
 
 
 def test_parse_accepts_class_names_and_aliases() -> None:
@@ -166,3 +200,14 @@ async def test_client_forgets_a_calls_codec_state_when_it_ends() -> None:
     assert list(client._streams) == ["CA2"] and list(client._listening) == ["CA2"]
     assert list(client._decoders) == [("CA2", "caller")]
     assert isinstance(await client.next_message(1), CallEnded)  # still delivered
+
+
+def test_a_command_names_its_action() -> None:
+    """Checked when the type is declared, before it is registered (the protocol never sees it)."""
+    with pytest.raises(TypeError, match="action"):
+
+        @message
+        class Nameless(Command):
+            call_id: str
+
+    assert "Nameless" not in p.schemas()

@@ -98,9 +98,13 @@ def test_api_keys_are_shown_once_hashed_and_revocable(db: Database) -> None:
 
 
 def test_feed_keeps_events_newest_first_and_masks_callers(db: Database) -> None:
-    record = feed.recorder(db)
+    def record(event: events.Event) -> None:  # what the runtime's feed subscriber does
+        if feed.keeps(event):
+            feed.append_event(db, event)
+
     record(events.CallStarted(call_id="CA1", slot=0, source="twilio", caller="+14155550123"))
     record(events.LatencySampled(call_id="CA1", step_ms=40.0))  # samples never reach the feed
+    record(events.ModelStatusChanged(model="echo", state="loading", progress=0.5))  # nor load progress
     record(events.UserCreated(user_id="u1", name="Alice", tier="free"))
     feed.append(db, type="Note", summary="hello", call_id="CA1", payload={"k": 1}).result(timeout=30)
     entries = feed.recent(db, 10)

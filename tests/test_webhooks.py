@@ -579,8 +579,9 @@ async def test_stripe_checkout_then_invoices(db: Database, alice: Any, make: Any
     await wait_processed(db, 5)
     user = get_user(db, alice.id)
     assert user is not None and user.stripe_customer_id == "cus_Z" and user.tier == "personal"
-    kinds = {row[2]: row for row in billing.billing_events_for(db, alice.id)}
-    assert kinds["invoice.paid"][3] == 2900 and "attempt 2" in kinds["invoice.payment_failed"][6]
+    rows = db.query("SELECT type, amount, summary FROM billing_events WHERE user_id = ?", (alice.id,))
+    kinds = {row[0]: row for row in rows}
+    assert kinds["invoice.paid"][1] == 2900 and "attempt 2" in kinds["invoice.payment_failed"][2]
 
 
 @pytest.mark.parametrize("case", ["wrong-secret", "old-timestamp", "missing", "tampered"])

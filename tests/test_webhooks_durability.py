@@ -243,8 +243,9 @@ async def test_rows_committed_together_one_bad_row_fails_alone(tmp_path: Path) -
     """Rows finishing together share one transaction with merged inserts; when one row's
     statements fail, the others still commit and only that row is retried."""
     from engine.events import WebhookReceived
+    from engine.store.db import merge_inserts
     from webhooks.hub import Hub, Outcome
-    from webhooks.processor import InboxProcessor, merge_inserts
+    from webhooks.processor import InboxProcessor
 
     db = Database(Target(str(tmp_path / "h.db"))).start()
     migrate(db)
@@ -269,7 +270,5 @@ async def test_rows_committed_together_one_bad_row_fails_alone(tmp_path: Path) -
     notes = db.query("SELECT summary FROM events WHERE type = 'Note' ORDER BY summary")
     assert [n for (n,) in notes] == ["a", "b", "c"]
     merged = merge_inserts([("INSERT INTO t (a, b) VALUES (?, ?) ON CONFLICT(a) DO NOTHING", (i, i)) for i in range(3)])
-    assert merged == [
-        ("INSERT INTO t (a, b) VALUES (?, ?),(?, ?),(?, ?) ON CONFLICT(a) DO NOTHING", (0, 0, 1, 1, 2, 2))
-    ]
+    assert merged == [("INSERT INTO t (a, b) VALUES (?,?),(?,?),(?,?) ON CONFLICT(a) DO NOTHING", (0, 0, 1, 1, 2, 2))]
     db.close()

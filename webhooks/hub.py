@@ -24,7 +24,7 @@ from engine.notify.sender import OutboxSender
 from engine.notify.sendgrid_client import SendGridClient
 from engine.storage.base import ObjectStore, StorageError, off_loop
 from engine.store import feed, inbox
-from engine.store.db import Database, StoreError
+from engine.store.db import Database, StoreError, log_if_failed
 from engine.telephony.twilio_rest import TwilioClient
 from webhooks.limits import DEFAULT_RATE_LIMIT, RateLimit, RateLimiter, networks
 from webhooks.llm import provider_from_settings
@@ -225,14 +225,9 @@ class Hub:
         self.bus.publish(event)
         if to_feed and self.record_feed:
             try:
-                feed.append_event(self.db, event).add_done_callback(_log_feed_failure)
+                feed.append_event(self.db, event).add_done_callback(log_if_failed("feed row", log))
             except StoreError as exc:
                 log.warning("feed row not written: %s", exc)
-
-
-def _log_feed_failure(future: Any) -> None:
-    if future.exception() is not None:
-        log.warning("feed row not written: %s", future.exception())
 
 
 HUB = web.AppKey("hub", Hub)

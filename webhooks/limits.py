@@ -17,19 +17,12 @@ from __future__ import annotations
 import ipaddress
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from aiohttp import web
 
+from engine.ratelimit import RateLimit
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-@dataclass(frozen=True)
-class RateLimit:
-    rate: float
-    """Sustained refusals per second per source."""
-    burst: float
-    """Refusals a source may collect at once before it is answered 429."""
 
 
 DEFAULT_RATE_LIMIT = RateLimit(rate=20.0, burst=100.0)
@@ -73,7 +66,7 @@ class RateLimiter:
 
     def _forget_idle(self, moment: float) -> None:
         full_after = self.limit.burst / self.limit.rate
-        for key in [k for k, (_, seen) in self._buckets.items() if moment - seen > full_after]:
+        for key in [k for k, bucket in self._buckets.items() if moment - bucket.at > full_after]:
             del self._buckets[key]
         if len(self._buckets) >= self.max_sources:  # still full: a flood of distinct sources
             self._buckets.clear()

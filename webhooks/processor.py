@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Mapping
-from typing import Any
 
 from engine.events import WebhookFailed, WebhookReceived
 from engine.store import feed, inbox
-from engine.store.db import StoreError
+from engine.store.db import Statement, StoreError, merge_inserts
 from webhooks.hub import Effect, Hub, Outcome
 
 log = logging.getLogger("xswarm.webhooks.processor")
@@ -26,31 +24,7 @@ class PermanentError(Exception):
     """The event can never be applied (malformed payload): dead-letter it at once."""
 
 
-Statement = tuple[str, tuple[Any, ...]]
-_VALUES = re.compile(r"^(.*?\bVALUES\s*)(\(\s*\?(?:\s*,\s*\?)*\s*\))(.*)$", re.IGNORECASE | re.DOTALL)
-_MAX_PARAMS = 8000
 LEASE_LOST = "inbox lease lost"
-
-
-def merge_inserts(inserts: list[Statement]) -> list[Statement]:
-    """Identical single-row INSERTs become multi-row ones (bound parameters only), in the
-    order each statement first appears."""
-    groups: dict[str, list[tuple[Any, ...]]] = {}
-    for sql, params in inserts:
-        groups.setdefault(sql, []).append(params)
-    out: list[Statement] = []
-    for sql, rows in groups.items():
-        match = _VALUES.match(sql)
-        if match is None or len(rows) == 1:
-            out.extend((sql, params) for params in rows)
-            continue
-        head, group, tail = match.groups()
-        per_chunk = max(1, _MAX_PARAMS // max(1, len(rows[0])))
-        for start in range(0, len(rows), per_chunk):
-            chunk = rows[start : start + per_chunk]
-            flat = tuple(value for params in chunk for value in params)
-            out.append((head + ",".join([group] * len(chunk)) + tail, flat))
-    return out
 
 
 def lease_statement(rows: list[inbox.InboxRow]) -> Statement:

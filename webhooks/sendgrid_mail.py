@@ -29,8 +29,8 @@ from engine.notify.sender import OUTBOX_ARG
 from engine.notify.sendgrid_client import Email
 from engine.storage.base import ObjectStore
 from engine.store import messages, outbox, usage
+from engine.store.db import Statement
 from engine.store.inbox import InboxRow
-from engine.store.messages import Statement
 from engine.store.users import User, find_by_email
 from engine.tiers import TIERS
 from webhooks.body import INBOUND_MAIL_LIMIT, read_body

@@ -24,9 +24,8 @@ from engine.events import MessageReceived
 from engine.logging_setup import mask_phone
 from engine.notify import compose
 from engine.store import messages, optouts, usage
-from engine.store.db import StoreError
+from engine.store.db import Statement, StoreError
 from engine.store.inbox import InboxRow
-from engine.store.messages import Statement
 from engine.store.users import User, find_by_phone
 from engine.tiers import TIERS
 from webhooks import twiml

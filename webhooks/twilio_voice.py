@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from aiohttp import web
@@ -29,7 +28,7 @@ from engine.events import CallRefused, MessageReceived
 from engine.logging_setup import mask_phone
 from engine.notify import compose, links
 from engine.store import inbox, messages, routing, usage
-from engine.store.db import Database, StoreError
+from engine.store.db import Database, StoreError, log_if_failed
 from engine.store.inbox import InboxRow
 from engine.store.outbox import Draft, enqueue_statement
 from engine.store.users import User, find_by_phone, get_user
@@ -215,7 +214,7 @@ async def reroute(request: web.Request) -> web.Response:
     if last.node_id is not None and last.status != "ended":
         # The node never wrote the end of this leg: it is probably dead. Route nothing more
         # there until a heartbeat newer than this says otherwise.
-        routing.mark_suspect(hub.db, last.node_id).add_done_callback(_log_write_failure)
+        routing.mark_suspect(hub.db, last.node_id).add_done_callback(log_if_failed("suspect mark", log))
     extra = urlencode({"XswarmLeg": leg + 1, "XswarmFromNode": last.node_id or ""})
     await hub.ingest(PROVIDER, f"{call_sid}:leg:{leg + 1}", "reroute", f"{raw.decode('utf-8')}&{extra}")
     if leg >= MAX_LEGS:
@@ -419,11 +418,6 @@ def _voicemail_notices(hub: Hub, form: dict[str, str], user: User | None, second
         transcript=form.get("TranscriptionText") or None,
         listen=listen,
     )
-
-
-def _log_write_failure(future: Any) -> None:
-    if future.exception() is not None:
-        log.warning("could not mark a node suspect: %s", future.exception())
 
 
 def _float(value: str | None) -> float | None:

@@ -27,6 +27,7 @@ from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.events import Key
 from textual.screen import ModalScreen, Screen
+from textual.signal import Signal
 from textual.theme import Theme as TextualTheme
 from textual.timer import Timer
 from textual.widgets import DataTable, Footer, Header, Input
@@ -34,6 +35,7 @@ from textual.worker import Worker, WorkerState
 
 from engine import events as ev
 from engine.logging_setup import add_mirror
+from engine.snapshot import prepare_reader
 from themes import DEFAULT_THEME, ThemeError, list_themes, load_theme
 from xswarm_tui.link import Link, LinkError
 from xswarm_tui.messages import EventsArrived, LinkFailed, LinkOpened, LogsArrived
@@ -43,7 +45,7 @@ from xswarm_tui.screens.failed import RuntimeFailedScreen
 from xswarm_tui.screens.logs import LogMirror, LogsScreen
 from xswarm_tui.screens.records import AuditScreen, HistoryScreen, InboxScreen, RecordScreen
 from xswarm_tui.screens.users import UsersScreen
-from xswarm_tui.state import ConsoleState, Snapshot
+from xswarm_tui.state import CLOCK, ConsoleState, Snapshot, StateChanged
 from xswarm_tui.widgets.calls import CallBoard
 from xswarm_tui.widgets.empty import EmptyBoard, empty_board_text
 from xswarm_tui.widgets.feed import EventsFeed
@@ -178,7 +180,6 @@ class XswarmApp(App[None]):
         self._inbox: deque[ev.Event | Snapshot] = deque()
         self._wake_posted = False
         self._last_render = 0.0
-        self._last_durations = 0.0
         self._render_timer: Timer | None = None
         self._last_press: dict[str, float] = {}
         self._reveal = reveal_callers
@@ -198,15 +199,19 @@ class XswarmApp(App[None]):
         self._failed = False
         """True while the failure screen waits for the operator (retry or quit)."""
         self.animation_level = "none"  # suits SSH; nothing here needs motion
-        self.board = CallBoard(self.state, self.clock, id="calls", node_of=getattr(link, "node_of", None))
-        self.system_panel = SystemPanel(self.state, self.clock, self.poll_interval_s, id="system")
+        self.state_changed: Signal[StateChanged] = Signal(self, "state-changed")
+        """Published at each redraw and once a second; every panel subscribes for its part."""
+        self.board = CallBoard(
+            self.state, self.clock, self.state_changed, id="calls", node_of=getattr(link, "node_of", None)
+        )
+        self.system_panel = SystemPanel(self.state, self.clock, self.poll_interval_s, self.state_changed, id="system")
         self.nodes_panel = None
         if hasattr(link, "node_command"):  # a fleet: the nodes panel takes the one-node system panel's place
             from xswarm_tui.widgets.nodes import NodesPanel
 
             self.nodes_panel = NodesPanel(link, self.clock, read_only=self.read_only, id="nodes")
             self.system_panel.display = False
-        self.feed_panel = EventsFeed(self.state, id="events")
+        self.feed_panel = EventsFeed(self.state, self.state_changed, id="events")
         """The dashboard's panels, kept by reference: they stay put while other screens are on top."""
 
     # ------------------------------------------------------------------------- layout
@@ -288,6 +293,7 @@ class XswarmApp(App[None]):
     @work(thread=True, exclusive=True, group="link", exit_on_error=False, description="Starting the runtime")
     def _open_link(self) -> None:
         opened_at = time.time()
+        prepare_reader()  # here, off the UI thread, which reads the snapshot next
         try:
             snapshot = self.link.open(self._on_runtime_event, self._on_snapshot)
         except Exception as exc:  # LinkError, a port in use, a bad token: shown, the app stays up
@@ -391,16 +397,7 @@ class XswarmApp(App[None]):
         self._last_render = time.monotonic()
         s = self.state
         with self.batch_update():
-            if "calls" in s.dirty:
-                self.board.refresh_rows(s.changed_calls | s.removed_calls)
-            if time.monotonic() - self._last_durations >= 1.0:  # ride along: one table redraw, not two
-                self._tick_durations()
-            if s.dirty & {"system", "model"}:
-                self.system_panel.refresh_panel()
-            if "feed" in s.dirty:
-                self.feed_panel.refresh_feed()
-            if isinstance(self.screen, CallDetailScreen) and self.screen.call_id in s.changed_calls | s.removed_calls:
-                self.screen.refresh_detail()
+            self.state_changed.publish(StateChanged(frozenset(s.dirty), frozenset(s.changed_calls | s.removed_calls)))
         s.changed_calls.clear()
         s.removed_calls.clear()
         s.dirty.clear()
@@ -412,10 +409,6 @@ class XswarmApp(App[None]):
         self.state.changed_calls.update(self.state.calls)
         self._render_dirty()
 
-    def _tick_durations(self) -> None:
-        self._last_durations = time.monotonic()
-        self.board.tick_durations()
-
     def _every_second(self) -> None:
         """Clocks that move by themselves: durations (unless a redraw just did them), staleness,
         the connection's state and the next attempt to reach a node that did not answer."""
@@ -425,11 +418,8 @@ class XswarmApp(App[None]):
         self._show_health()
         if self.paused or not self.board.is_attached:
             return
-        if time.monotonic() - self._last_durations >= 1.0:
-            self._tick_durations()
-        self.system_panel.check_stale()
-        if isinstance(self.screen, CallDetailScreen):
-            self.screen.refresh_detail()
+        with self.batch_update():
+            self.state_changed.publish(StateChanged(frozenset({CLOCK})))
 
     def _health(self) -> str | None:
         """Why the figures on screen may be old: disconnected, or not connected yet."""
@@ -718,7 +708,7 @@ class XswarmApp(App[None]):
             self.push_screen(HelpScreen(self.key_rows()))
 
     def _open_detail(self, call_id: str) -> None:
-        self.push_screen(CallDetailScreen(call_id, self.state, self.clock, self.board.reveal))
+        self.push_screen(CallDetailScreen(call_id, self.state, self.clock, self.board.reveal, self.state_changed))
 
     @on(DataTable.RowSelected, "#calls")
     def _row_selected(self, event: DataTable.RowSelected) -> None:

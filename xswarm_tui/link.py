@@ -200,7 +200,6 @@ class EmbeddedLink(Link):
         self.runtime: Any = None
         self._control: Any = None
         self._unsubscribe: Callable[[], None] | None = None
-        self._sampler: Any = None
 
     def open(self, on_event: EventSink, on_snapshot: SnapshotSink) -> dict[str, Any]:
         from engine.control import CallControl
@@ -219,11 +218,6 @@ class EmbeddedLink(Link):
             self.runtime = None
             raise
         self._control = CallControl(self.runtime)
-        if getattr(self.runtime, "system_sampler", None) is None:  # a runtime that samples itself wins
-            from engine.telemetry.system import SystemSampler
-
-            self._sampler = SystemSampler(self.runtime.bus.publish, self.runtime.settings.ui.poll_interval_s)
-            self._sampler.start()
         return self.runtime.snapshot()
 
     def _on_loop(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
@@ -266,8 +260,6 @@ class EmbeddedLink(Link):
         return [UserRow(str(r[0]), str(r[1]), str(r[2]), r[3], float(r[4]) / 60.0, int(r[5]), int(r[6])) for r in rows]
 
     def close(self) -> None:
-        if self._sampler is not None:
-            self._sampler.stop()
         if self._unsubscribe is not None:
             self._unsubscribe()
         if self._control is not None:  # hand back anything this console still holds

@@ -15,13 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine import events as ev
+from engine.snapshot import read_snapshot
 
 HISTORY = 120
 """Samples kept per sparkline: 30 s at 4 Hz."""
 FEED_SIZE = 500
 """Events kept in the feed and the log mirror."""
-TICK_MS = 80.0
-"""One scheduler step: the budget every batched model step must fit in."""
 HEADROOM_HOLD_S = 30.0
 """How long a "no headroom" verdict is shown without fresh word. The node only says so when
 asked (a snapshot, a refused call); with no callers there is no news either way, so an old
@@ -93,6 +92,20 @@ def mask_caller(number: str | None) -> str:
     return number[:head] + "•" * (len(number) - head - 3) + number[-3:]
 
 
+@dataclass(frozen=True)
+class StateChanged:
+    """Published on the app's ``state_changed`` signal at each redraw: which parts of the
+    state have news, and which calls changed or went. Each panel subscribes and redraws its
+    own part; ``CLOCK`` alone means a second passed (durations, staleness)."""
+
+    parts: frozenset[str]
+    """Among "calls", "system", "feed", "model" and ``CLOCK``."""
+    calls: frozenset[str] = frozenset()
+
+
+CLOCK = "clock"
+
+
 class ConsoleState:
     """Everything on screen, rebuilt from events; single-threaded (the UI thread owns it)."""
 
@@ -130,52 +143,50 @@ class ConsoleState:
         ``taken_after`` (it ended while we were not looking); one that started later is newer
         than the snapshot and stays. A snapshot without a "calls" list (an incomplete one)
         drops nothing. Calls still live keep their histories."""
-        listed = [c for c in snap.get("calls") or [] if isinstance(c, dict)]
-        if "calls" in snap and taken_after is not None:
-            live = {str(c.get("call_id")) for c in listed}
+        typed = read_snapshot(snap)
+        listed = typed.calls or []
+        if typed.calls is not None and taken_after is not None:
+            live = {c.call_id for c in listed}
             for call_id in [cid for cid, c in self.calls.items() if cid not in live and c.started_at < taken_after]:
                 del self.calls[call_id]
                 self.removed_calls.add(call_id)
                 self.dirty.add("calls")
         for call in listed:
-            if str(call.get("call_id")) in self.calls:
-                self._refresh_mode(call)
-                continue
-            try:
+            if call.call_id not in self.calls:
                 self.apply(
                     ev.CallStarted(
-                        call_id=str(call["call_id"]),
-                        slot=int(call.get("slot", 0)),
-                        source=str(call.get("source", "twilio")),
-                        caller=call.get("caller"),
-                        user_id=call.get("user_id"),
-                        theme=call.get("theme"),
-                        at=float(call.get("started_at", 0.0)),
+                        call_id=call.call_id,
+                        slot=call.slot,
+                        source=call.source,
+                        caller=call.caller,
+                        user_id=call.user_id,
+                        theme=call.theme,
+                        at=call.started_at,
                     )
                 )
-                self._refresh_mode(call)
-            except (KeyError, TypeError, ValueError, AttributeError):
-                continue  # one malformed entry must not hide the others
+            if call.mode is not None:
+                self.apply(
+                    ev.CallUpdated(
+                        call_id=call.call_id, mode=call.mode, operator=call.operator, listeners=call.listeners
+                    )
+                )
         if isinstance(snap.get("node"), dict):
             self.node = dict(snap["node"])
             self.dirty.add("calls")
-        slots = snap.get("slots")
-        if isinstance(slots, dict) and "no_headroom" in slots:
-            reason = slots["no_headroom"]
-            self._set_headroom(str(reason) if reason else None, float(snap.get("server_time") or time.time()))
-        model = snap.get("model")
-        if isinstance(model, dict) and model.get("state") in ("loading", "warming", "ready", "failed", "fallback"):
+        if typed.slots is not None and "no_headroom" in snap["slots"]:  # a fleet's merged slots leave it out
+            server_time = snap.get("server_time")
+            at = float(server_time) if isinstance(server_time, (int, float)) else time.time()
+            self._set_headroom(typed.slots.no_headroom, at)
+        model = typed.model
+        if model is not None and model.state != "idle":
             self.apply(
                 ev.ModelStatusChanged(
-                    model=str(model.get("name") or model.get("spec") or "?"),
-                    state=model["state"],
-                    detail=str(model.get("detail") or ""),
-                    progress=model.get("progress"),
+                    model=model.name or model.spec, state=model.state, detail=model.detail, progress=model.progress
                 )
             )
         if self.feed:  # a reconnect: the feed already holds these
             return
-        for wire in snap.get("recent_events", []) or []:
+        for wire in typed.recent_events:
             try:
                 event = ev.from_wire(wire)
             except ev.WireError:
@@ -199,17 +210,6 @@ class ConsoleState:
         if e.reason == NO_HEADROOM:
             self._set_headroom(e.detail or "model has no headroom", e.at)
         self._feed(e.at, "call", f"call refused: {e.reason} {e.detail}".rstrip())
-
-    def _refresh_mode(self, call: dict[str, Any]) -> None:
-        if call.get("mode") in ("ai", "operator", "muted"):
-            self.apply(
-                ev.CallUpdated(
-                    call_id=str(call["call_id"]),
-                    mode=call["mode"],
-                    operator=call.get("operator"),
-                    listeners=int(call.get("listeners", 0) or 0),
-                )
-            )
 
     def apply(self, event: ev.Event) -> None:
         handler = _HANDLERS.get(type(event))

@@ -15,15 +15,30 @@ import collections
 import logging
 import secrets
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from engine.calls import CallControlError, CallSession
-from engine.models.base import FRAME_SIZE, SAMPLE_RATE
+from engine.tick import FRAME_SIZE, SAMPLE_RATE
 
 if TYPE_CHECKING:
-    from engine.runtime import Runtime
+    import asyncio
+
+    from engine.calls import CallRegistry
+    from engine.events import EventBus
+
+
+class AudioHost(Protocol):
+    """What a local-audio call uses of the runtime."""
+
+    @property
+    def bus(self) -> EventBus: ...
+    @property
+    def calls(self) -> CallRegistry: ...
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+
 
 log = logging.getLogger("xswarm.local_audio")
 
@@ -52,7 +67,7 @@ class LocalAudioCall:
 
     source = "local"
 
-    def __init__(self, runtime: Runtime, sd: Any | None = None) -> None:
+    def __init__(self, runtime: AudioHost, sd: Any | None = None) -> None:
         self.runtime = runtime
         self._sd = sd
         self.session: CallSession | None = None

@@ -7,6 +7,8 @@ CallSid, which also says who calls (user, number, theme: ``engine.telephony.call
 ``start`` message's own parameters are not trusted for these); the call is admitted into a
 model slot; ``media`` feeds the call's jitter buffer, ``mark`` echoes give the playout lag,
 ``dtmf`` goes on the bus, ``stop`` ends the call.
+The JSON of each message (what Twilio sends, what we send back) is read and written by
+``engine.bridge.twilio_wire``; the server owns the call-token secret and checks tokens.
 
 Every refusal closes only its own socket with a 4xxx code and a reason (1009 for an oversized
 message, which websockets enforces), counts it in ``refusals``, logs one line and publishes
@@ -17,48 +19,46 @@ the tick or the other calls. Nothing is logged per frame.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import concurrent.futures
 import http
-import json
 import logging
-import re
 import time
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 import numpy as np
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from engine import events
 from engine.audio.framing import InboundFrames, split_frame
+from engine.bridge import twilio_wire as wire
 from engine.calls import CallControlError, CallSession, NoFreeSlot, NoHeadroom
 from engine.config import secret
+from engine.http_answers import json_response
+from engine.ratelimit import RateLimit, TokenBucket
 from engine.store import calltokens
 from engine.telemetry.latency import Histogram
 from engine.telephony import twilio_rest
-from engine.telephony.calltoken import Claims, TokenError, TokenLedger
+from engine.telephony.calltoken import Claims, TokenError, TokenLedger, Verified
 
 if TYPE_CHECKING:
-    from engine.runtime import Runtime
+    from engine.calls import CallRegistry
+    from engine.config import Settings
+    from engine.events import EventBus
+    from engine.models.base import VoiceModel
 
 log = logging.getLogger("xswarm.bridge")
 
 PATH = "/twilio"
 MAX_MESSAGE = 64 * 1024
-FLOOD_RATE = 150.0
+FLOOD_LIMIT = RateLimit(rate=150.0, burst=300.0)
 """Messages per second a stream may sustain (Twilio sends 50 media + a few marks)."""
-FLOOD_BURST = 300.0
 WRITE_BUFFER_LIMIT = 16 * 1024
 """Bytes (about 1 s of output) a call's socket may hold unsent before we drop frames."""
-_SID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_DIGITS = frozenset("0123456789*#ABCD")
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
@@ -81,10 +81,29 @@ NOT_READY = 4010
 NO_HEADROOM = 4011
 
 
+class BridgeHost(Protocol):
+    """What the bridge uses of the runtime that hosts it."""
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def bus(self) -> EventBus: ...
+    @property
+    def calls(self) -> CallRegistry: ...
+    @property
+    def model(self) -> VoiceModel | None: ...
+    @property
+    def model_state(self) -> str: ...
+    @property
+    def node_id(self) -> str: ...
+    @property
+    def started_at(self) -> float: ...
+
+
 class BridgeServer:
     """The websockets server; owns the token ledger and the bridge-wide figures."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: BridgeHost) -> None:
         self.runtime = runtime
         self.settings = runtime.settings
         self.ledger = TokenLedger()
@@ -147,7 +166,7 @@ class BridgeServer:
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
         if path == "/health" and "upgrade" not in request.headers.get("Connection", "").lower():
-            return _json_response(200, self.health())
+            return json_response(connection, 200, self.health())
         if path != PATH:
             return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
         if self._auth_token and not self._signature_ok(request):
@@ -193,6 +212,21 @@ class BridgeServer:
             "dropped_frames": self.dropped_frames,
         }
 
+    def check_token(self, token: object, call_sid: str) -> Verified | None:
+        """Burn the stream's one-time call token for ``call_sid`` and return it (its claims say
+        who calls); None when this node takes calls without tokens. ``Refusal`` when it is
+        missing, invalid, expired or used, or when this node requires tokens it cannot check."""
+        if not self.tokens_required:
+            return None
+        if not self._token_secret:
+            raise Refusal("bad_token", BAD_TOKEN, "call tokens are not configured on this node")
+        if not isinstance(token, str) or not token:
+            raise Refusal("bad_token", BAD_TOKEN, "missing call token")
+        try:
+            return self.ledger.burn(self._token_secret, token, call_sid)
+        except TokenError as exc:
+            raise Refusal("bad_token", BAD_TOKEN, str(exc)) from None
+
     def refused(self, key: str, reason: str, call_sid: str | None) -> None:
         self.refusals[key] += 1
         log.warning("refused stream%s: %s (%s)", f" for {call_sid}" if call_sid else "", reason, key)
@@ -209,19 +243,6 @@ class BridgeServer:
             self.streams.discard(stream)
 
 
-def _json_response(status: int, body: dict[str, Any]) -> Response:
-    data = json.dumps(body).encode()
-    headers = Headers(
-        [
-            ("Content-Type", "application/json"),
-            ("Content-Length", str(len(data))),
-            ("Cache-Control", "no-store"),
-            ("Connection", "close"),
-        ]
-    )
-    return Response(status, http.HTTPStatus(status).phrase, headers, data)
-
-
 class TwilioStream:
     """One Twilio Media Stream: protocol, admission, and the call's transport."""
 
@@ -233,11 +254,10 @@ class TwilioStream:
         self.session: CallSession | None = None
         self.stream_sid = ""
         self.call_sid: str | None = None
-        self._media_head = ""
+        self._media = wire.MediaWriter("")
         self._marks: dict[str, float] = {}
         self._cleared_at = 0.0
-        self._tokens = FLOOD_BURST
-        self._last = time.monotonic()
+        self._flood = TokenBucket(FLOOD_LIMIT)
         self._unknown_logged = False
         self._dropped_logged = False
         self._end_reason: str | None = None
@@ -278,18 +298,16 @@ class TwilioStream:
 
     def _on_message(self, raw: str | bytes) -> None:
         now = time.monotonic()
-        self._tokens = min(FLOOD_BURST, self._tokens + (now - self._last) * FLOOD_RATE)
-        self._last = now
-        if self._tokens < 1.0:
+        if not self._flood.take(now):
             raise Refusal("flood", FLOOD, "message flood")
-        self._tokens -= 1.0
         try:
-            msg = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise Refusal("malformed_json", MALFORMED, "malformed JSON") from None
-        if not isinstance(msg, dict):
-            raise Refusal("malformed_json", MALFORMED, "message is not a JSON object")
-        event = msg.get("event")
+            self._dispatch(raw, now)
+        except wire.WireError as exc:
+            code = BAD_FORMAT if exc.key == "bad_media_format" else MALFORMED
+            raise Refusal(exc.key, code, exc.reason) from None
+
+    def _dispatch(self, raw: str | bytes, now: float) -> None:
+        event, msg = wire.decode(raw)
         if event == "media":
             self._on_media(msg, now)
         elif event == "mark":
@@ -307,21 +325,14 @@ class TwilioStream:
             log.info("stream %s: ignoring unknown event %r", self.stream_sid or "?", event)
 
     def _on_media(self, msg: dict[str, Any], now: float) -> None:
-        media = msg.get("media")
-        if not isinstance(media, dict) or not isinstance(media.get("payload"), str):
-            raise Refusal("malformed_media", MALFORMED, "media without a payload")
-        try:
-            audio = base64.b64decode(media["payload"], validate=True)
-        except (binascii.Error, ValueError):
-            raise Refusal("malformed_base64", MALFORMED, "media payload is not base64") from None
-        if self.session is None or media.get("track", "inbound") not in ("inbound", "inbound_track"):
+        audio, track = wire.media(msg)
+        if self.session is None or track not in wire.INBOUND_TRACKS:
             return
         self.session.inbound.push(audio, now)  # type: ignore[union-attr]
 
     def _on_mark(self, msg: dict[str, Any], now: float) -> None:
-        mark = msg.get("mark")
-        name = mark.get("name") if isinstance(mark, dict) else None
-        sent = self._marks.pop(name, None) if isinstance(name, str) else None
+        name = wire.mark_name(msg)
+        sent = self._marks.pop(name, None) if name is not None else None
         if sent is None or sent < self._cleared_at or self.session is None:
             return  # unknown, or flushed by a clear: it was discarded, not played
         lag = (now - sent) * 1000
@@ -330,9 +341,8 @@ class TwilioStream:
         self.server.playout_lag_ms.observe(lag)
 
     def _on_dtmf(self, msg: dict[str, Any]) -> None:
-        dtmf = msg.get("dtmf")
-        digit = dtmf.get("digit") if isinstance(dtmf, dict) else None
-        if self.session is None or not isinstance(digit, str) or digit not in _DIGITS:
+        digit = wire.dtmf_digit(msg)
+        if self.session is None or digit is None:
             return
         log.debug("call %s: DTMF %s", self.session.call_id, digit)
         self.server.runtime.bus.publish(events.DtmfReceived(call_id=self.session.call_id, digit=digit))
@@ -340,33 +350,17 @@ class TwilioStream:
     def _on_start(self, msg: dict[str, Any]) -> None:
         if self.session is not None:
             return  # a repeated start changes nothing
-        start = msg.get("start")
-        if not isinstance(start, dict):
-            raise Refusal("malformed_start", MALFORMED, "start without a start object")
-        stream_sid = start.get("streamSid") or msg.get("streamSid")
-        call_sid = start.get("callSid")
-        if not (
-            isinstance(stream_sid, str)
-            and _SID.fullmatch(stream_sid)
-            and isinstance(call_sid, str)
-            and _SID.fullmatch(call_sid)
-        ):
-            raise Refusal("malformed_start", MALFORMED, "start without valid streamSid/callSid")
+        start = wire.start(msg)
+        stream_sid, call_sid = start.stream_sid, start.call_sid
         self.stream_sid, self.call_sid = stream_sid, call_sid
-        self._media_head = f'{{"event":"media","streamSid":"{stream_sid}","media":{{"payload":"'
-        fmt = start.get("mediaFormat")
-        if (
-            not isinstance(fmt, dict)
-            or fmt.get("encoding") != "audio/x-mulaw"
-            or str(fmt.get("sampleRate")) != "8000"
-            or str(fmt.get("channels", 1)) != "1"
-        ):
-            raise Refusal("bad_media_format", BAD_FORMAT, "media format must be audio/x-mulaw 8000 Hz mono")
-        params = start.get("customParameters") or {}
-        if not isinstance(params, dict):
-            raise Refusal("malformed_start", MALFORMED, "customParameters is not an object")
-        claims = self._check_token(params.get("token"), call_sid)
-        if claims is None:  # no call tokens (loopback development): the parameters say who calls
+        self._media = wire.MediaWriter(stream_sid)
+        start.check_format()
+        params = start.parameters()
+        verified = self.server.check_token(params.get("token"), call_sid)
+        if verified is not None:
+            claims = verified.claims
+            self._record_token(verified)
+        else:  # no call tokens (loopback development): the parameters say who calls
             user_id = params.get("user_id")
             claims = Claims(
                 None if user_id in (None, "", "guest") else _text(user_id),
@@ -395,26 +389,13 @@ class TwilioStream:
             raise Refusal("duplicate_call", BAD_TOKEN, str(exc)) from None
         self.session = session
 
-    def _check_token(self, token: object, call_sid: str) -> Claims | None:
-        """The token's claims (who calls: user, number, theme), burnt here and recorded in
-        ``used_call_tokens``; None when this node takes calls without tokens."""
-        server = self.server
-        if not server.tokens_required:
-            return None
-        if not server._token_secret:
-            raise Refusal("bad_token", BAD_TOKEN, "call tokens are not configured on this node")
-        if not isinstance(token, str) or not token:
-            raise Refusal("bad_token", BAD_TOKEN, "missing call token")
-        try:
-            verified = server.ledger.burn(server._token_secret, token, call_sid)
-        except TokenError as exc:
-            raise Refusal("bad_token", BAD_TOKEN, str(exc)) from None
-        db = server.runtime.db
+    def _record_token(self, verified: Verified) -> None:
+        """Record the burnt token in ``used_call_tokens`` (after admission, never waited for)."""
+        db = self.server.runtime.db
         if db is not None:
             loop = asyncio.get_running_loop()
             recorded = calltokens.record(db, verified.nonce, verified.expires)
             recorded.add_done_callback(lambda done: loop.call_soon_threadsafe(self._token_recorded, done))
-        return verified.claims
 
     def _token_recorded(self, done: concurrent.futures.Future[list[int]]) -> None:
         """The insert found the nonce already there: another node or an earlier run of this
@@ -432,11 +413,9 @@ class TwilioStream:
 
     def send_frame(self, session: CallSession, step: int, ulaw: bytes, pcm: np.ndarray) -> None:
         """Four 160-byte ``media`` and one ``mark``, written at once (runtime loop)."""
-        head = self._media_head
-        chunks = split_frame(ulaw)
         name = f"f:{step}"
-        messages = [head + base64.b64encode(chunk).decode() + '"}}' for chunk in chunks]
-        messages.append(f'{{"event":"mark","streamSid":"{self.stream_sid}","mark":{{"name":"{name}"}}}}')
+        messages = [self._media.message(chunk) for chunk in split_frame(ulaw)]
+        messages.append(wire.mark_message(self.stream_sid, name))
         if not self._write(messages):
             self.server.dropped_frames += 1
             if not self._dropped_logged:
@@ -456,7 +435,7 @@ class TwilioStream:
             server.bal_ms.observe(bal)
 
     def clear(self) -> None:
-        if self._write([f'{{"event":"clear","streamSid":"{self.stream_sid}"}}']):
+        if self._write([wire.clear_message(self.stream_sid)]):
             self._cleared_at = time.monotonic()
 
     def _write(self, messages: list[str]) -> bool:

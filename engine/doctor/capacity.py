@@ -26,9 +26,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from engine.tick import FRAME_S
+
 GIB = 1024**3
 MIB = 1024**2
-STEP_S = 0.08
 DATA = Path(__file__).with_name("capacity_measured.json")
 WEIGHT_KINDS = ("bf16", "int8", "int4")
 KV_KINDS = ("bf16", "int8", "fp8")
@@ -94,7 +95,7 @@ def choices(memory_bytes: int, context: int) -> list[dict[str, Any]]:
                 "weights": weights,
                 "kv_cache": kv,
                 "context": context,
-                "context_s": round(context * STEP_S, 1),
+                "context_s": round(context * FRAME_S, 1),
             }
             row = _choice(weights, kv)
             if row is None:
@@ -145,7 +146,7 @@ def estimate(
     return {
         "model": "moshi-7b",
         "context_steps": context_steps,
-        "context_s": round(context_steps * STEP_S, 1),
+        "context_s": round(context_steps * FRAME_S, 1),
         "weights": weights,
         "kv_cache": kv_cache,
         "calls": calls,

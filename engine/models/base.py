@@ -19,10 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-SAMPLE_RATE = 24_000
-FRAME_SIZE = 1920
-"""80 ms at 24 kHz: one Mimi frame."""
-FRAME_S = FRAME_SIZE / SAMPLE_RATE
+from engine.tick import FRAME_SIZE
 
 Progress = Callable[[float, str], None]
 """progress(fraction 0..1, what is happening) while a model loads."""
@@ -85,5 +82,7 @@ class VoiceModel(ABC):
         """One 80 ms step for every slot at once."""
 
     def describe(self) -> dict[str, object]:
-        """Facts for /health, the TUI and the nodes table."""
+        """Facts about the loaded model for the runtime's snapshot (what supervisors and the
+        console receive): subclasses add device, dtype, step times and warnings. Called on the
+        runtime loop while steps run on the inference thread, so it only reads."""
         return {"model": self.name, "slots": self.slots}

@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 
 from engine.models.base import FRAME_SIZE, StepInput
+from engine.tick import FRAME_S
 
-FRAME_MS = 80.0
+FRAME_MS = FRAME_S * 1000
 
 
 def _cpu_name() -> str:

@@ -126,8 +126,8 @@ class BatchedMoshi(VoiceModel):
         self.seed = seed
         self.warmup_steps = warmup_steps
         self.last_step_ms: float | None = None
-        """Wall time of the latest step (encode + LM + decode + host copies), for admission:
-        a node whose step leaves no room in the 80 ms tick should refuse new calls."""
+        """Wall time of the latest step (encode + LM + decode + host copies): what
+        ``engine.models.bench`` times. Admission judges the scheduler's whole tick instead."""
         self.step_times_ms: deque[float] = deque(maxlen=512)
         self.steps = 0
         self.warning: str | None = None

@@ -43,7 +43,11 @@ class Choice:
 
 
 def known() -> list[str]:
-    return ["auto", "echo", *(f"synthetic:{size}" for size in SYNTHETIC_SIZES), "moshi", "moshi-mlx"]
+    """Every name ``model.name`` accepts, in ``_CLASSES`` order after ``auto``."""
+    names = ["auto"]
+    for family in _CLASSES:
+        names += [f"{family}:{size}" for size in SYNTHETIC_SIZES] if family == "synthetic" else [family]
+    return names
 
 
 def _check_variant(spec: str) -> None:

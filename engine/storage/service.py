@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from engine import events
 from engine.paths import resolve_paths
@@ -28,13 +28,34 @@ from engine.storage.logarchive import archive_logs, prune_log_archives
 from engine.storage.recordings import CallRecordings, prune_recordings
 from engine.tasks import cancel_and_wait
 
+if TYPE_CHECKING:
+    from engine.calls import CallRegistry
+    from engine.config import Settings
+    from engine.events import EventBus
+    from engine.store.db import Database
+
 log = logging.getLogger("xswarm.storage")
 
 DAY_S = 86400.0
 
 
+class StorageHost(Protocol):
+    """What the storage service uses of the runtime."""
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def bus(self) -> EventBus: ...
+    @property
+    def calls(self) -> CallRegistry: ...
+    @property
+    def db(self) -> Database | None: ...
+    @property
+    def node_id(self) -> str: ...
+
+
 class StorageService:
-    def __init__(self, runtime: Any, *, round_interval_s: float = 3600.0) -> None:
+    def __init__(self, runtime: StorageHost, *, round_interval_s: float = 3600.0) -> None:
         self.runtime = runtime
         self.settings = runtime.settings
         self.round_interval_s = round_interval_s

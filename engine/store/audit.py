@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from engine.store.db import Database
+from engine.store.db import Database, log_if_failed
 
 log = logging.getLogger("xswarm.store.audit")
 
@@ -52,11 +52,8 @@ def record(
     )
 
 
-def log_failure(future: concurrent.futures.Future[Any]) -> None:
-    """Done-callback for ``record`` futures nobody awaits: a lost audit row is an error in the log."""
-    exc = future.exception()
-    if exc is not None:
-        log.error("could not write audit_log: %s", exc)
+log_failure = log_if_failed("audit_log row", log, logging.ERROR)
+"""Done-callback for ``record`` futures nobody awaits: a lost audit row is an error in the log."""
 
 
 def recent(

@@ -12,9 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from engine.store.db import Database
-
-Statement = tuple[str, tuple[Any, ...]]
+from engine.store.db import Database, Statement
 
 ENTITLED = frozenset({"active", "trialing", "past_due"})
 """Statuses that keep the paid tier (past_due: Stripe is still retrying the card)."""
@@ -120,20 +118,6 @@ def get_subscription(db: Database, sub_id: str) -> Subscription | None:
 def subscriptions_for_user(db: Database, user_id: str) -> list[Subscription]:
     rows = db.query(f"SELECT {_COLUMNS} FROM subscriptions WHERE user_id = ? ORDER BY updated_at DESC", (user_id,))
     return [_row(r) for r in rows]
-
-
-def billing_events_for(db: Database, user_id: str | None = None, limit: int = 100) -> list[tuple[Any, ...]]:
-    if user_id is None:
-        return db.query(
-            "SELECT id, user_id, type, amount, currency, created, summary FROM billing_events"
-            " ORDER BY created DESC LIMIT ?",
-            (limit,),
-        )
-    return db.query(
-        "SELECT id, user_id, type, amount, currency, created, summary FROM billing_events WHERE user_id = ?"
-        " ORDER BY created DESC LIMIT ?",
-        (user_id, limit),
-    )
 
 
 def _row(row: tuple[Any, ...]) -> Subscription:

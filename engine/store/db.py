@@ -53,6 +53,8 @@ from engine.store.checkpoint import Checkpointer
 log = logging.getLogger("xswarm.store")
 
 Params = Sequence[Any]
+Statement = tuple[str, tuple[Any, ...]]
+"""One SQL statement with its bound parameters, as ``submit_script`` takes them."""
 T = TypeVar("T")
 
 _PARAMS_PER_STATEMENT = 8000
@@ -65,6 +67,20 @@ BUSY_TIMEOUT_S = 5.0
 
 class StoreError(Exception):
     """The database could not do what was asked (unreachable, constraint, bad SQL)."""
+
+
+def log_if_failed(
+    what: str, logger: logging.Logger, level: int = logging.WARNING
+) -> Callable[[concurrent.futures.Future[Any]], None]:
+    """A done-callback for a write future nobody awaits: a failed write is a log line
+    ("<what> not written: <why>") rather than an exception nobody sees."""
+
+    def check(future: concurrent.futures.Future[Any]) -> None:
+        exc = future.exception()
+        if exc is not None:
+            logger.log(level, "%s not written: %s", what, exc)
+
+    return check
 
 
 @dataclass(frozen=True)
@@ -147,33 +163,64 @@ class _Write:
 
 @dataclass(frozen=True)
 class _InsertShape:
-    """A plain single-row INSERT that can be widened to many rows."""
+    """A single-row INSERT of ``?`` placeholders that can be widened to many rows."""
 
     head: str
     group: str
     columns: int
+    tail: str
+    """What follows the row (a conflict clause, RETURNING …); "" for a plain INSERT."""
 
     def statement(self, rows: int) -> str:
-        return self.head + " " + ",".join([self.group] * rows)
+        return self.head + " " + ",".join([self.group] * rows) + (" " + self.tail if self.tail else "")
+
+    @property
+    def rows_per_statement(self) -> int:
+        return max(1, min(_ROWS_PER_STATEMENT, _PARAMS_PER_STATEMENT // max(1, self.columns)))
 
 
-_PLAIN_INSERT = re.compile(
-    r"^\s*(INSERT\s+INTO\s+[\w\"\[\]`.]+\s*\([^()]*\)\s*VALUES)\s*(\(\s*\?(?:\s*,\s*\?)*\s*\))\s*;?\s*$",
-    re.IGNORECASE,
+_ONE_ROW_INSERT = re.compile(
+    r"^\s*(INSERT\s+INTO\s+[\w\"\[\]`.]+\s*\([^()]*\)\s*VALUES)\s*(\(\s*\?(?:\s*,\s*\?)*\s*\))\s*(.*?)\s*;?\s*$",
+    re.IGNORECASE | re.DOTALL,
 )
 
 
 @functools.lru_cache(maxsize=256)
 def _insert_shape(sql: str) -> _InsertShape | None:
-    """The shape of ``sql`` if it is a plain INSERT of one row of ``?`` placeholders.
-
-    Statements with a conflict clause, RETURNING, OR IGNORE, expressions or literals are not
-    coalesced: their per-row result matters to the caller or cannot be widened safely."""
-    match = _PLAIN_INSERT.match(sql)
+    """The shape of ``sql`` if it is an INSERT of one row of ``?`` placeholders (``OR IGNORE``,
+    expressions or literals in the row do not match)."""
+    match = _ONE_ROW_INSERT.match(sql)
     if not match:
         return None
     group = re.sub(r"\s+", "", match.group(2))
-    return _InsertShape(match.group(1), group, group.count("?"))
+    return _InsertShape(match.group(1), group, group.count("?"), match.group(3))
+
+
+def _plain_insert(sql: str) -> _InsertShape | None:
+    """The shape of a one-row INSERT with nothing after its row: the writer coalesces only
+    these, because a conflict clause or RETURNING makes each write's own result matter."""
+    shape = _insert_shape(sql)
+    return shape if shape is not None and not shape.tail else None
+
+
+def merge_inserts(inserts: list[Statement]) -> list[Statement]:
+    """Identical single-row INSERTs become multi-row ones (bound parameters only), in the
+    order each statement first appears. For scripts whose per-statement row counts nobody
+    reads; a conflict clause is kept and still applies row by row."""
+    groups: dict[str, list[tuple[Any, ...]]] = {}
+    for sql, params in inserts:
+        groups.setdefault(sql, []).append(params)
+    out: list[Statement] = []
+    for sql, rows in groups.items():
+        shape = _insert_shape(sql)
+        if shape is None or len(rows) == 1:
+            out.extend((sql, params) for params in rows)
+            continue
+        per = shape.rows_per_statement
+        for start in range(0, len(rows), per):
+            chunk = rows[start : start + per]
+            out.append((shape.statement(len(chunk)), tuple(value for params in chunk for value in params)))
+    return out
 
 
 _STOP = object()
@@ -305,14 +352,10 @@ class Database:
         """Blocking write for threads and the CLI (never call it on an event loop)."""
         return self.submit(sql, params, returning=returning).result()
 
-    async def awrite(self, sql: str, params: Params = (), *, returning: bool = False) -> Any:
-        """Awaitable write: the loop keeps running while the writer commits."""
-        return await asyncio.wrap_future(self.submit(sql, params, returning=returning))
-
     def _put(self, item: _Write) -> concurrent.futures.Future[Any]:
         if self._writer is None:
             raise StoreError("database is not started")
-        shape = _insert_shape(item.sql) if item.kind != "script" and not item.returning else None
+        shape = _plain_insert(item.sql) if item.kind != "script" and not item.returning else None
         if shape is not None and (
             len(item.params) != shape.columns
             if item.kind == "one"
@@ -343,11 +386,6 @@ class Database:
                     raise StoreError(f"read failed: {exc}") from exc
                 log.info("remote read failed (%s); retrying on a new connection", exc)
         raise AssertionError("unreachable")
-
-    async def aquery(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
-        """Read on the reader pool so the calling loop never blocks."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._readers, self.query, sql, params)
 
     async def aread(self, fn: Callable[[Database], T]) -> T:
         """Run a blocking repository function on the reader pool."""
@@ -478,7 +516,7 @@ class Database:
             i = 0
             while i < len(batch):
                 item = batch[i]
-                shape = _insert_shape(item.sql) if item.kind != "script" and not item.returning else None
+                shape = _plain_insert(item.sql) if item.kind != "script" and not item.returning else None
                 if shape is None:
                     results[i] = self._execute(conn, item)
                     i += 1
@@ -543,7 +581,7 @@ class Database:
         return cur.fetchall() if item.returning else cur.rowcount
 
     def _insert_rows(self, conn: Any, shape: _InsertShape, rows: list[tuple[Any, ...]]) -> None:
-        per = max(1, min(_ROWS_PER_STATEMENT, _PARAMS_PER_STATEMENT // max(1, shape.columns)))
+        per = shape.rows_per_statement
         for start in range(0, len(rows), per):
             chunk = rows[start : start + per]
             conn.execute(shape.statement(len(chunk)), [value for row in chunk for value in row])

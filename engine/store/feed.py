@@ -12,11 +12,10 @@ import concurrent.futures
 import dataclasses
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from engine.events import Event
+from engine.events import Event, ModelStatusChanged
 from engine.logging_setup import mask_phone
 from engine.store.db import Database
 
@@ -68,7 +67,7 @@ def append(
 
 def summarize(event: Event) -> str:
     """One human line for an event; callers' numbers are masked."""
-    fields = dataclasses.asdict(event)  # type: ignore[call-overload]
+    fields = dataclasses.asdict(event)
     if isinstance(fields.get("summary"), str):
         return fields["summary"]
     parts = []
@@ -123,14 +122,12 @@ def event_statement(event: Event) -> tuple[str, tuple[Any, ...]]:
     )
 
 
-def recorder(db: Database) -> Callable[[Event], None]:
-    """A bus subscriber that keeps every non-sample event in the feed, without blocking."""
-
-    def record(event: Event) -> None:
-        if type(event).__name__ not in SAMPLE_TYPES:
-            append_event(db, event)
-
-    return record
+def keeps(event: Event) -> bool:
+    """Whether a bus event belongs in the feed: not samples, nor a model load's progress
+    (one event per loaded tensor group); the load's outcome (ready, failed, fallback) does."""
+    if type(event).__name__ in SAMPLE_TYPES:
+        return False
+    return not (isinstance(event, ModelStatusChanged) and event.state in ("loading", "warming"))
 
 
 def recent(

@@ -14,11 +14,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from engine.store.db import Database
+from engine.store.db import Database, Statement
 
 Channel = Literal["sms", "email", "voicemail"]
 Direction = Literal["in", "out"]
-Statement = tuple[str, tuple[Any, ...]]
 
 STATUS_RANK: dict[str, int] = {
     "received": 0,

@@ -11,13 +11,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Literal
 
-from engine.store.db import Database
+from engine.store.db import Database, Statement
 
 Kind = Literal["sms", "email", "voice"]
 _COLUMN: dict[str, str] = {"sms": "sms_count", "email": "email_count", "voice": "voice_seconds"}
-Statement = tuple[str, tuple[Any, ...]]
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,7 @@ import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from engine.control import ACTIONS
-from engine.events import CallEnded, Command, Event, Listen, WireError, from_wire
+from engine.events import CallEnded, Command, Event, Listen, Unlisten, WireError, from_wire
 from engine.supervisor import protocol as p
 
 log = logging.getLogger("xswarm.supervisor.client")
@@ -378,8 +377,8 @@ class SupervisorClient:
             raise CommandError(str(answer.get("error")), answer.get("code"), answer)
         if isinstance(command, Listen):
             self._listening[command.call_id] = options.get("codec", "pcm16")
-        elif ACTIONS.get(type(command)) == "unlisten":
-            self._listening.pop(command.call_id, None)  # type: ignore[attr-defined]
+        elif isinstance(command, Unlisten):
+            self._listening.pop(command.call_id, None)
         return {**answer, "ok": True}
 
     async def ping(self, timeout: float = 5.0) -> float:

@@ -20,13 +20,13 @@ import json
 import struct
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
 from engine.control import ACTIONS
 from engine.events import PROTOCOL_VERSION as VERSION
-from engine.events import Command, Wire, WireError, from_wire
+from engine.events import Command, Mode, Wire, WireError, from_wire
 
 SAMPLE_RATE = 24_000
 """Every audio frame on the socket is mono 24 kHz, the model's own rate: no resampling on the
@@ -295,6 +295,7 @@ def schemas() -> dict[str, dict[str, Any]]:
     import typing
 
     from engine import events
+    from engine.snapshot import section_schemas
 
     def field_schema(tp: Any) -> dict[str, Any]:
         origin = typing.get_origin(tp)
@@ -329,6 +330,7 @@ def schemas() -> dict[str, dict[str, Any]]:
 
     out: dict[str, dict[str, Any]] = {}
     any_object = {"type": "object"}
+    sections = section_schemas()
     out[AUTH] = message(
         AUTH, ["token"], {"token": {"type": "string"}, "name": {"type": ["string", "null"]}}, with_id=True
     )
@@ -346,10 +348,10 @@ def schemas() -> dict[str, dict[str, Any]]:
                 },
                 "server_time": {"type": "number"},
                 "opus": {"type": "boolean"},
-                "node": any_object,
-                "model": any_object,
-                "slots": any_object,
-                "calls": {"type": "array", "items": {"type": "object", "required": ["call_id", "mode"]}},
+                "node": sections["node"],
+                "model": sections["model"],
+                "slots": sections["slots"],
+                "calls": {"type": "array", "items": sections["call"]},
                 "recent_events": {"type": "array", "items": any_object},
                 "system": {"type": ["object", "null"]},
             },
@@ -364,7 +366,7 @@ def schemas() -> dict[str, dict[str, Any]]:
             {
                 "type_of": {"type": "string"},
                 "call_id": {"type": "string"},
-                "mode": {"enum": ["ai", "operator", "muted"]},
+                "mode": {"enum": list(get_args(Mode))},
                 "operator": {"type": ["string", "null"]},
             },
             with_id=True,
@@ -387,7 +389,7 @@ def schemas() -> dict[str, dict[str, Any]]:
     }
     for name, cls in sorted(events._REGISTRY.items(), key=lambda item: (item[1].kind, item[0])):
         hints = typing.get_type_hints(cls, vars(events))
-        fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+        fields = dataclasses.fields(cls)
         props = {f.name: field_schema(hints[f.name]) for f in fields}
         if issubclass(cls, Command):
             required = [

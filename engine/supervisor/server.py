@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import re
 import socket
@@ -32,16 +31,15 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from engine.calls import CallControlError
-from engine.control import CallControl
+from engine.control import CallControl, ControlHost
 from engine.events import (
     CallEnded,
     Event,
@@ -51,6 +49,8 @@ from engine.events import (
     TickSampled,
     Unlisten,
 )
+from engine.http_answers import json_response, with_body
+from engine.ratelimit import RateLimit, TokenBucket
 from engine.store import feed
 from engine.supervisor import origin
 from engine.supervisor import protocol as p
@@ -69,7 +69,7 @@ from engine.supervisor.tokens import TokenWatch
 from engine.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
-    from engine.runtime import Runtime
+    from engine.models.base import VoiceModel
     from engine.telemetry.metrics import Metrics
 
 log = logging.getLogger("xswarm.supervisor")
@@ -87,8 +87,7 @@ late audio is worth less than live audio."""
 SEND_STALL_S = 10.0
 """A client whose socket accepted nothing for this long is disconnected."""
 MAX_CLIENTS = 100
-COMMAND_RATE = 20.0
-COMMAND_BURST = 40.0
+COMMAND_LIMIT = RateLimit(rate=20.0, burst=40.0)
 """Commands per second a client may sustain, and its burst: every command is an audit row,
 so a runaway script must not turn into a database flood."""
 SEND_BUFFER_BYTES = 64 * 1024
@@ -156,24 +155,29 @@ class _Client:
     decoders: dict[str, p.OpusDecoder] = field(default_factory=dict)
     last_error_at: float = 0.0
     closing: bool = False
-    credits: float = COMMAND_BURST
-    credited_at: float = field(default_factory=time.monotonic)
+    commands: TokenBucket = field(default_factory=lambda: TokenBucket(COMMAND_LIMIT))
+    """Commands this client may send (``COMMAND_LIMIT``)."""
 
-    def take_credit(self) -> bool:
-        """Token bucket for commands (see COMMAND_RATE)."""
-        now = time.monotonic()
-        self.credits = min(COMMAND_BURST, self.credits + (now - self.credited_at) * COMMAND_RATE)
-        self.credited_at = now
-        if self.credits < 1.0:
-            return False
-        self.credits -= 1.0
-        return True
+
+class SupervisorHost(ControlHost, Protocol):
+    """What the supervisor server uses of the runtime: what call control uses, and the rest
+    below (which covers the metrics' ``MetricsHost``)."""
+
+    @property
+    def model(self) -> VoiceModel | None: ...
+    @property
+    def model_spec(self) -> str: ...
+    @property
+    def node_state(self) -> str: ...
+    @property
+    def started_at(self) -> float: ...
+    def snapshot(self, *, mask_callers: bool = False) -> dict[str, Any]: ...
 
 
 class SupervisorServer:
     """The supervisor WebSocket, /health and /metrics of one runtime."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: SupervisorHost) -> None:
         self.runtime = runtime
         self.control = CallControl(runtime)
         self.port: int | None = None
@@ -258,12 +262,12 @@ class SupervisorServer:
     async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
         if path == "/health":
-            return _json_response(conn, 200, self._health())
+            return json_response(conn, 200, self._health())
         if path == "/metrics":
             assert self.metrics is not None
             body, content_type = self.metrics.render()
             response = conn.respond(200, "")
-            return _with_body(response, body, content_type)
+            return with_body(response, body, content_type)
         if not is_upgrade(request):
             assert self._static is not None
             page = self._static.response(request)
@@ -447,12 +451,12 @@ class SupervisorServer:
             return
         command = request.command
         assert command is not None
-        if not client.take_credit():
+        if not client.commands.take():
             self._push_event(
                 client,
                 p.error_frame(
                     request.id,
-                    f"more than {COMMAND_RATE:.0f} commands a second",
+                    f"more than {COMMAND_LIMIT.rate:.0f} commands a second",
                     code="rate_limited",
                     type_of=request.type,
                 ),
@@ -743,16 +747,3 @@ def _name(value: Any) -> str | None:
         return None
     cleaned = _NAME.sub("", value)[:40]
     return cleaned or None
-
-
-def _json_response(conn: ServerConnection, status: int, body: dict[str, Any]) -> Response:
-    return _with_body(conn.respond(status, ""), json.dumps(body).encode(), "application/json")
-
-
-def _with_body(response: Response, body: bytes, content_type: str) -> Response:
-    headers = Headers(
-        (k, v) for k, v in response.headers.raw_items() if k.lower() not in ("content-type", "content-length")
-    )
-    headers["Content-Type"] = content_type
-    headers["Content-Length"] = str(len(body))
-    return Response(response.status_code, response.reason_phrase, headers, body)

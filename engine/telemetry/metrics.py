@@ -18,7 +18,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -38,14 +38,35 @@ from engine.paths import resolve_paths
 disable_created_metrics()  # no `_created` series beside every counter: Prometheus ignores them in this format
 
 if TYPE_CHECKING:
-    from engine.runtime import Runtime
+    from engine.calls import CallRegistry
+    from engine.events import EventBus
+    from engine.models.base import VoiceModel
     from engine.supervisor.server import SupervisorServer
+
+
+class MetricsHost(Protocol):
+    """What the metrics read of the runtime (at scrape time, from the scraping thread)."""
+
+    @property
+    def bus(self) -> EventBus: ...
+    @property
+    def calls(self) -> CallRegistry: ...
+    @property
+    def model(self) -> VoiceModel | None: ...
+    @property
+    def started_at(self) -> float: ...
+    @property
+    def node_id(self) -> str: ...
+    @property
+    def model_spec(self) -> str: ...
+    @property
+    def node_state(self) -> str: ...
 
 
 class Metrics:
     """The registry behind /metrics; subscribes to the bus for webhook counts."""
 
-    def __init__(self, runtime: Runtime, *, supervisor: SupervisorServer | None = None) -> None:
+    def __init__(self, runtime: MetricsHost, *, supervisor: SupervisorServer | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.webhooks = Counter(
             "xswarm_webhooks_received",
@@ -106,7 +127,7 @@ class Metrics:
 class _RuntimeCollector(Collector):
     """Reads the runtime's live figures at scrape time (runs on the scraping thread: reads only)."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: MetricsHost) -> None:
         self.runtime = runtime
         self.system: SystemSampled | None = None
         """The newest CPU/RAM/GPU sample from the bus (the runtime's sampler, every second)."""

@@ -44,6 +44,7 @@ def capacity(
 ) -> None:
     """Calls that fit a GPU for each weights x KV cache choice, from measured runs."""
     from engine.doctor import capacity as cap
+    from engine.tick import FRAME_S
 
     if gpu_memory_gib is not None and not 1 <= gpu_memory_gib <= 4096:
         fail("--gpu-memory-gib must be between 1 and 4096", EXIT_BAD_INPUT)
@@ -69,7 +70,7 @@ def capacity(
     _, outside_measured = cap.outside_allocator_bytes()
     typer.echo(
         f"MOSHI 7B on {where}, context {context} steps: each call's model remembers the last "
-        f"{context * cap.STEP_S:g} s of the conversation"
+        f"{context * FRAME_S:g} s of the conversation"
     )
     typer.echo(render_choices(rows))
     typer.echo(

@@ -9,9 +9,10 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
+from textual.signal import Signal
 from textual.widgets import Footer, Header, Label, RichLog, Sparkline, Static
 
-from xswarm_tui.state import CallView, ConsoleState, mask_caller
+from xswarm_tui.state import CLOCK, CallView, ConsoleState, StateChanged, mask_caller
 from xswarm_tui.widgets.format import bar, duration, level_fraction, ms
 
 SPARKS = (("step", "step time", "step_ms"), ("bal", "bridge-added latency", "bal_ms"), ("lag", "playout lag", "lag_ms"))
@@ -23,12 +24,20 @@ class CallDetailScreen(Screen[None]):
     BINDINGS = [Binding("escape", "app.pop_screen", "Back", id="detail.back")]
     BINDING_GROUP_TITLE = "Call detail"
 
-    def __init__(self, call_id: str, state: ConsoleState, clock: Callable[[], float], reveal: bool) -> None:
+    def __init__(
+        self,
+        call_id: str,
+        state: ConsoleState,
+        clock: Callable[[], float],
+        reveal: bool,
+        changes: Signal[StateChanged],
+    ) -> None:
         super().__init__()
         self.call_id = call_id
         self.state = state
         self.clock = clock
         self.reveal = reveal
+        self._changes = changes
         self._transcript_seen = 0
 
     def compose(self) -> ComposeResult:
@@ -51,6 +60,11 @@ class CallDetailScreen(Screen[None]):
         self.query_one("#transcript").border_title = "Transcript"
         self.query_one("#actions").border_title = "Supervisor actions"
         self.refresh_detail()
+        self._changes.subscribe(self, self._state_changed, immediate=True)
+
+    def _state_changed(self, change: StateChanged) -> None:
+        if CLOCK in change.parts or self.call_id in change.calls:
+            self.refresh_detail()
 
     @property
     def call(self) -> CallView | None:

@@ -14,6 +14,7 @@ Three things an operator relies on here:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,9 +23,10 @@ from textual import on
 from textual.binding import Binding
 from textual.events import Resize
 from textual.markup import escape
+from textual.signal import Signal
 from textual.widgets import DataTable
 
-from xswarm_tui.state import CallView, ConsoleState, mask_caller
+from xswarm_tui.state import CallView, ConsoleState, StateChanged, mask_caller
 from xswarm_tui.widgets.format import bar, duration, level_fraction, ms
 
 
@@ -111,6 +113,7 @@ class CallBoard(DataTable):
         self,
         state: ConsoleState,
         clock: Callable[[], float],
+        changes: Signal[StateChanged],
         *,
         node_of: Callable[[str], str | None] | None = None,
         **kwargs: object,
@@ -119,6 +122,8 @@ class CallBoard(DataTable):
         super().__init__(cursor_type="row", zebra_stripes=False, **kwargs)  # type: ignore[arg-type]
         self.state = state
         self.clock = clock
+        self._changes = changes
+        self._durations_at = 0.0
         self.node_of = node_of
         self.reveal = False
         """Show callers' full numbers (masked by default: the screen may be shared or recorded)."""
@@ -140,6 +145,13 @@ class CallBoard(DataTable):
     def on_mount(self) -> None:
         self._layout(self.size.width or 120)
         self._title()
+        self._changes.subscribe(self, self._state_changed, immediate=True)
+
+    def _state_changed(self, change: StateChanged) -> None:
+        if "calls" in change.parts:
+            self.refresh_rows(set(change.calls))
+        if time.monotonic() - self._durations_at >= 1.0:  # ride along: one table redraw, not two
+            self.tick_durations()
 
     # ------------------------------------------------------------------------ queries
     @property
@@ -226,6 +238,7 @@ class CallBoard(DataTable):
 
     def tick_durations(self) -> None:
         """Once a second: only the duration column moves by itself."""
+        self._durations_at = time.monotonic()
         if not any(c.key == "duration" for c in self._columns):
             return
         now = self.clock()

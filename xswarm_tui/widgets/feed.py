@@ -10,9 +10,10 @@ import time
 from rich.text import Text
 from textual.binding import Binding
 from textual.markup import escape
+from textual.signal import Signal
 from textual.widgets import DataTable
 
-from xswarm_tui.state import FEED_SIZE, ConsoleState, FeedItem
+from xswarm_tui.state import FEED_SIZE, ConsoleState, FeedItem, StateChanged
 
 CATEGORY_COLOURS = {
     "payment": "event-money",
@@ -37,12 +38,13 @@ class EventsFeed(DataTable):
         Binding("G,end", "scroll_bottom", "Bottom", show=False, id="events.bottom"),
     ]
 
-    def __init__(self, state: ConsoleState, **kwargs: object) -> None:
+    def __init__(self, state: ConsoleState, changes: Signal[StateChanged], **kwargs: object) -> None:
         super().__init__(cursor_type="row", show_cursor=False, **kwargs)  # type: ignore[arg-type]
         self.state = state
         self.filter_text = ""
         self._shown: list[int] = []
         self._last_seq = 0
+        self._changes = changes
         self._items: dict[str, FeedItem] = {}
         """Shown rows by key, for the detail view."""
 
@@ -67,8 +69,26 @@ class EventsFeed(DataTable):
     def on_mount(self) -> None:
         self.add_column("Time", key="at", width=8)
         self.add_column("Kind", key="kind", width=10)
-        self.add_column("Event", key="text")
+        self.add_column("Event", key="text", width=self._text_width())
         self._title()
+        self.refresh_feed()  # events folded before this widget was mounted
+        self._changes.subscribe(self, self._state_changed, immediate=True)
+
+    def _state_changed(self, change: StateChanged) -> None:
+        if "feed" in change.parts:
+            self.refresh_feed()
+
+    def on_resize(self) -> None:
+        column = self.columns.get("text")  # type: ignore[call-overload]
+        if column is not None:  # a resize can come before on_mount added the columns
+            column.width = self._text_width()
+            self.refresh()
+
+    def _text_width(self) -> int:
+        """The Event column takes the rest of the panel. A fixed width, not measured from the
+        rows: a long event would widen the table past the panel, and the measurement happens
+        only when the table next goes idle (so a quiet feed could keep a stale, narrow one)."""
+        return max(10, self.size.width - (8 + 10) - 3 * 2 - 2)  # two fixed columns, padding, scrollbar
 
     def matches(self, item: FeedItem) -> bool:
         f = self.filter_text.lower()
@@ -76,6 +96,8 @@ class EventsFeed(DataTable):
 
     def refresh_feed(self) -> None:
         """Append what is new since the last call; drop rows beyond the feed size."""
+        if not self.columns:
+            return  # not mounted yet: on_mount adds the columns, then every item so far
         colours = self.app.theme_variables
         at_end = self.scroll_y >= self.max_scroll_y
         for item in self.state.feed:

@@ -8,9 +8,11 @@ from collections.abc import Callable
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
+from textual.signal import Signal
 from textual.widgets import Sparkline, Static
 
-from xswarm_tui.state import TICK_MS, ConsoleState
+from engine.tick import FRAME_S
+from xswarm_tui.state import CLOCK, ConsoleState, StateChanged
 from xswarm_tui.widgets.format import bar, gib
 
 STALE_AFTER = 3.0
@@ -20,12 +22,29 @@ STALE_AFTER = 3.0
 class SystemPanel(Vertical):
     """Shows only measured values; "n/a" or a plain sentence where a source is missing."""
 
-    def __init__(self, state: ConsoleState, clock: Callable[[], float], interval_s: float, **kwargs: object) -> None:
+    def __init__(
+        self,
+        state: ConsoleState,
+        clock: Callable[[], float],
+        interval_s: float,
+        changes: Signal[StateChanged],
+        **kwargs: object,
+    ) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.state = state
         self.clock = clock
         self.interval_s = interval_s
+        self._changes = changes
         self.border_title = "[u]G[/u]PU & system"
+
+    def on_mount(self) -> None:
+        self._changes.subscribe(self, self._state_changed, immediate=True)
+
+    def _state_changed(self, change: StateChanged) -> None:
+        if change.parts & {"system", "model"}:
+            self.refresh_panel()
+        elif CLOCK in change.parts:
+            self.check_stale()
 
     def compose(self) -> ComposeResult:
         yield Static(id="system-text")
@@ -93,7 +112,7 @@ class SystemPanel(Vertical):
             # The budget is the whole tick's work (gather, model step, hand-off): all of it must
             # fit in 80 ms. Older nodes only report the model step; fall back to that.
             work = tick.tick_work_ms_p50 if tick.tick_work_ms_p50 is not None else tick.step_ms_p50
-            budget = work / TICK_MS
+            budget = work / (FRAME_S * 1000)
             grade = "latency-good" if budget < 0.6 else "latency-warn" if budget < 0.9 else "latency-bad"
             # The scheduler reports only while it ticks, so its last sample would say "2 active"
             # forever after the last call ended: no live calls means an empty batch.

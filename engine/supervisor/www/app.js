@@ -244,9 +244,13 @@ async function act(type, callId, fields = {}) {
   }
 }
 
-function confirmAction(text) {
+// Resolves true or false; with `askNumber`, the typed number ("" for none) instead of true.
+function confirmAction(text, askNumber = false) {
   const dialog = $("confirm");
   $("confirm-text").textContent = text;
+  const numberField = $("confirm-to");
+  numberField.hidden = !askNumber;
+  numberField.querySelector("input").value = "";
   return new Promise((resolve) => {
     const done = (answer) => {
       $("confirm-ok").onclick = null;
@@ -255,7 +259,7 @@ function confirmAction(text) {
       if (dialog.open) dialog.close();
       resolve(answer);
     };
-    $("confirm-ok").onclick = () => done(true);
+    $("confirm-ok").onclick = () => done(askNumber ? numberField.querySelector("input").value.trim() : true);
     $("confirm-cancel").onclick = () => done(false);
     dialog.onclose = () => done(false); // Escape
     dialog.showModal();
@@ -323,9 +327,9 @@ const ACTIONS = {
     if (await confirmAction(`Hang up call ${id}? The caller is disconnected.`)) await act("HangUp", id).catch(() => {});
   },
   async transfer(id) {
-    if (await confirmAction(`Transfer call ${id} to the configured transfer number? The AI leaves the call.`)) {
-      await act("Transfer", id).catch(() => {});
-    }
+    const to = await confirmAction(`Transfer call ${id}? The AI leaves the call.`, true);
+    if (to === false) return;
+    await act("Transfer", id, to ? { to } : {}).catch(() => {});
   },
 };
 
