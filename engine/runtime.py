@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from engine.bridge.server import BridgeServer
     from engine.storage.service import StorageService
     from engine.supervisor.server import SupervisorServer
-    from webhooks.server import WebhooksServer
+    from webhooks.workers import WebhookProcesses
 
 log = logging.getLogger("xswarm.runtime")
 VERSION = importlib.metadata.version("xswarm")
@@ -108,7 +108,7 @@ class Runtime:
         self.webhooks_port: int | None = None
         self.bridge: BridgeServer | None = None
         self.supervisor: SupervisorServer | None = None
-        self.webhooks: WebhooksServer | None = None
+        self.webhooks: WebhookProcesses | None = None
         self.storage: StorageService | None = None
         self.system_sampler = SystemSampler(self.bus.publish, settings.ui.poll_interval_s)
         """CPU, RAM and GPU as ``SystemSampled`` on the bus (the TUI and supervisors show them)."""

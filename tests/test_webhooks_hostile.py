@@ -20,9 +20,9 @@ from test_webhooks import alice, db, fakes, make, sms
 from twilio.request_validator import RequestValidator
 from webhooks_support import SendGridKey, post, stripe_event, stripe_post, twilio_post, wait_processed
 
+from engine.ratelimit import RateLimit
 from engine.store import inbox
 from engine.store.db import Database, StoreError
-from webhooks.limits import RateLimit
 
 __all__ = ["alice", "db", "fakes", "make"]  # fixtures shared with test_webhooks
 
@@ -228,3 +228,16 @@ async def test_a_replayed_voice_webhook_mints_no_more_tokens(db: Database, alice
     )
     status, text = await h.twilio("/twilio/voice", call())
     assert status == 200 and "<Hangup" in text and "<Stream" not in text and "token" not in text
+
+
+def test_the_refusal_limiter_stays_bounded_under_many_sources() -> None:
+    from engine.ratelimit import RateLimit
+    from webhooks.limits import RateLimiter
+
+    limiter = RateLimiter(RateLimit(1.0, 2.0), max_sources=3)
+    for i in range(10):
+        limiter.charge("twilio", f"198.51.100.{i}", now=float(i))
+    assert len(limiter._buckets) <= 3
+    limiter.charge("twilio", "203.0.113.1", 2.0, now=100.0)
+    assert limiter.exhausted("twilio", "203.0.113.1", now=100.0)
+    assert not limiter.exhausted("twilio", "203.0.113.1", now=102.0)

@@ -66,7 +66,7 @@ class RateLimiter:
 
     def _forget_idle(self, moment: float) -> None:
         full_after = self.limit.burst / self.limit.rate
-        for key in [k for k, bucket in self._buckets.items() if moment - bucket.at > full_after]:
+        for key in [k for k, bucket in self._buckets.items() if moment - bucket[1] > full_after]:
             del self._buckets[key]
         if len(self._buckets) >= self.max_sources:  # still full: a flood of distinct sources
             self._buckets.clear()

@@ -41,6 +41,7 @@ from engine.config import secret
 from engine.http_answers import json_response
 from engine.ratelimit import RateLimit, TokenBucket
 from engine.store import calltokens
+from engine.store.db import Database
 from engine.telemetry.latency import Histogram
 from engine.telephony import twilio_rest
 from engine.telephony.calltoken import Claims, TokenError, TokenLedger, Verified
@@ -98,6 +99,8 @@ class BridgeHost(Protocol):
     def node_id(self) -> str: ...
     @property
     def started_at(self) -> float: ...
+    @property
+    def db(self) -> Database | None: ...
 
 
 class BridgeServer:
