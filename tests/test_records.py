@@ -26,7 +26,7 @@ from engine.bridge.simulator import StreamTarget, stream_call
 from engine.config import load_settings
 from engine.store import audit, messages
 from engine.store.migrations import open_database
-from engine.telephony.calltoken import mint
+from engine.telephony.calltoken import Claims, mint
 from engine.telephony.voicemail import VoicemailError, audio_url
 from xswarm_tui.cli import app
 from xswarm_tui.commands.records import parse_since
@@ -192,7 +192,11 @@ def test_a_real_call_is_listed_shown_and_its_recording_fetched(tmp_path: Path, m
         audio = mulaw.encode((0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)).tobytes()
         target = StreamTarget(
             f"ws://127.0.0.1:{runtime.bridge_port}/twilio",
-            {"token": mint("call-token-secret-for-records-test", call_sid), "caller": CALLER, "user_id": user.id},
+            {
+                "token": mint(
+                    "call-token-secret-for-records-test", call_sid, claims=Claims(user_id=user.id, caller=CALLER)
+                )
+            },
         )
         asyncio.run(stream_call(target, audio, auth_token="auth-token-for-records-test", call_sid=call_sid))
         deadline = time.time() + 15
@@ -284,10 +288,6 @@ def test_doctor_sees_a_port_in_time_wait_as_free() -> None:
         assert not port_free("127.0.0.1", busy.getsockname()[1])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the caller's number travels in the signed call token: issue 13 (remove this mark when it lands)",
-)
 def test_the_contract_a_call_through_the_signed_voice_webhook_lists_its_caller(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -312,7 +312,17 @@ def test_the_contract_a_call_through_the_signed_voice_webhook_lists_its_caller(
         while runtime.calls.capacity == 0 and time.monotonic() < deadline:
             time.sleep(0.02)
         time.sleep(0.2)  # the node row's first heartbeat lands
-        placed = xswarm("call", "--webhooks", f"http://127.0.0.1:{webhooks_port}", "--from", CALLER, "--tail", "0")
+        placed = xswarm(
+            "call",
+            "--webhooks",
+            f"http://127.0.0.1:{webhooks_port}",
+            "--bridge",
+            f"ws://127.0.0.1:{bridge_port}",
+            "--from",
+            CALLER,
+            "--tail",
+            "0",
+        )
         assert placed.exit_code == 0, placed.output
     finally:
         runtime.stop()
