@@ -239,6 +239,38 @@ def test_webhooks_never_import_torch_textual_or_models() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+async def test_a_wake_or_a_stop_that_lands_during_a_claim_is_not_lost(tmp_path: Path) -> None:
+    """A wake-up (new rows) or ``stop`` that arrives while the processor's claim is in flight
+    takes effect at once, not after ``poll_s``: a lost stop held the webhooks server's
+    shutdown for a whole poll (or back-off pause)."""
+    from webhooks.hub import Hub, Outcome
+    from webhooks.processor import InboxProcessor
+
+    db = Database(Target(str(tmp_path / "w.db"))).start()
+    migrate(db)
+    seen = asyncio.Event()
+
+    async def effect(hub: Any, row: inbox.InboxRow) -> Outcome:
+        seen.set()
+        return Outcome([], [])
+
+    hub = Hub(make_settings(), db, EventBus())
+    processor = InboxProcessor(hub, {"test": effect}, poll_s=60)
+    processor.start()
+    try:
+        await asyncio.sleep(0)  # the loop now awaits its first claim, which finds nothing
+        inbox.put(db, "test", "late", "t", "{}").result()  # blocks the loop: the claim's answer waits
+        hub.wake()  # as the route does after committing a row
+        await asyncio.wait_for(seen.wait(), 10)
+    finally:
+        await processor.stop()
+    again = InboxProcessor(hub, {"test": effect}, poll_s=60)
+    again.start()
+    await asyncio.sleep(0)  # its first claim is in flight when the stop comes
+    await asyncio.wait_for(again.stop(), 10)
+    db.close()
+
+
 async def test_rows_committed_together_one_bad_row_fails_alone(tmp_path: Path) -> None:
     """Rows finishing together share one transaction with merged inserts; when one row's
     statements fail, the others still commit and only that row is retried."""

@@ -98,6 +98,10 @@ class InboxProcessor:
     async def _run(self) -> None:
         pause = 0.0
         while not self._stopping:
+            # Cleared before the claim, not after it: a wake-up (new rows, or ``stop``) that
+            # arrives while the claim is in flight must not be lost, or the loop sleeps a
+            # whole ``poll_s`` (or back-off ``pause``) before it sees the rows or the stop.
+            self._wake.clear()
             free = self.concurrency - len(self._active)
             rows: list[inbox.InboxRow] = []
             if free > 0:
@@ -115,7 +119,6 @@ class InboxProcessor:
                 task.add_done_callback(self._done)
             if rows and len(rows) == min(self.batch, free):
                 continue  # more may be waiting
-            self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), pause or self.poll_s)
             except TimeoutError:

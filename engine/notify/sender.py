@@ -92,6 +92,7 @@ class OutboxSender:
     async def _run(self) -> None:
         pause = 0.0
         while not self._stopping:
+            self._wake.clear()  # before the batch: a wake-up during it means more rows, now
             try:
                 busy = await self.drain_once()
                 pause = 0.0
@@ -101,7 +102,6 @@ class OutboxSender:
                 busy = False
             if busy:
                 continue
-            self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), pause or self.poll_s)
             except TimeoutError:
