@@ -122,7 +122,7 @@ class FakeApi:
     async def start(self, routes: Callable[[FakeApi], list[web.RouteDef]]) -> FakeApi:
         app = web.Application()
         app.add_routes(routes(self))
-        self.runner = web.AppRunner(app, access_log=None)
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()

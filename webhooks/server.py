@@ -87,7 +87,9 @@ class WebhooksServer:
     async def start(self, host: str = "127.0.0.1", port: int = 8787, *, reuse_port: bool = False) -> None:
         """``reuse_port``: share the port with sibling worker processes (``webhooks.workers``)."""
         await self.hub.open()
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # A request still in flight at stop gets Twilio's own webhook timeout (15 s) to finish,
+        # not aiohttp's default 60 s wait plus 60 s after cancelling it.
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=15.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, reuse_address=True, reuse_port=reuse_port or None)
         try:

@@ -21,7 +21,7 @@ import secrets
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import KW_ONLY, asdict, dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -44,6 +44,7 @@ class StreamTarget:
 
     url: str
     parameters: dict[str, str] = field(default_factory=dict)
+    _: KW_ONLY
     signed_url: str | None = None
     """The URL Twilio would have dialled, which the signature covers (a node with
     ``server.bridge_public_url`` checks against that); None: ``url`` itself."""
@@ -148,7 +149,8 @@ def parse_twiml(body: str) -> StreamTarget:
     params = {p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")}
     connect = root.find("./Connect")
     said = " ".join((el.text or "").strip() for el in root.iter("Say"))
-    return StreamTarget(stream.get("url", ""), params, connect.get("action") if connect is not None else None, said)
+    action = connect.get("action") if connect is not None else None
+    return StreamTarget(stream.get("url", ""), params, action=action, said=said)
 
 
 class _Playout:

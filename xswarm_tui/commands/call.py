@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,7 @@ def call(
         """A stream TwiML sent to this node's public bridge URL: open it on ``bridge_url``,
         signed for the public URL (the address Twilio would have dialled)."""
         if public_stream and target.url == public_stream:
-            return simulator.StreamTarget(bridge_url, target.parameters, signed_url=public_stream)
+            return replace(target, url=bridge_url, signed_url=public_stream)
         return target
 
     async def one(k: int) -> simulator.CallReport:
