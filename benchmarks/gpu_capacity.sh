@@ -11,6 +11,18 @@
 #   MODEL=synthetic:tiny DEVICE=cpu PYTHON=.venv/bin/python EXTRA="--steps 4 --max-batch 4 \
 #     --calibrate-batch 2 --big-batch 4 --fidelity-steps 4 --target-ms 200" bash benchmarks/gpu_capacity.sh
 # Results: $OUT (or .bench/capacity)/gpu_capacity.json, the log, and nvidia-smi's view.
+#
+# Filling ./.whl (git-ignored) on a machine that reaches PyPI, for the GPU box's Python (e.g. 3.12):
+#   python3 -m pip download -d .whl --no-deps --only-binary=:all: --python-version 3.12 \
+#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 moshi==0.2.13 torchao==0.18.0 \
+#     einops sentencepiece safetensors huggingface_hub tqdm pyyaml requests urllib3 idna certifi \
+#     charset-normalizer pydantic pydantic-core pydantic-settings python-dotenv annotated-types \
+#     typing-inspection typing-extensions filelock fsspec packaging
+# The run takes about 5.5 minutes (the sweep starts no new choice after BUDGET_S, default 300 s).
+# Then keep the JSON as benchmarks/results/gpu_capacity_<gpu>_synthetic7b.json and rebuild the
+# packaged figures that `xswarm capacity` and doctor read (and the README's table, printed):
+#   .venv/bin/python benchmarks/capacity_table.py benchmarks/results/gpu_engine_h200_synthetic7b.json \
+#     benchmarks/results/gpu_capacity_<gpu>_synthetic7b.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
