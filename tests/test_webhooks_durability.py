@@ -26,6 +26,7 @@ from tests.webhooks_support import (
     llm_routes,
     make_settings,
     post,
+    serve_cli,
     twilio_post,
     twilio_rest_routes,
     wait_processed,
@@ -177,33 +178,14 @@ async def test_retries_back_off_then_dead_letter_then_cli_replay(
 def test_serve_command_binds_answers_health_and_stops_on_sigterm(tmp_path: Path) -> None:
     """`xswarm webhooks serve --host 127.0.0.1 --port N` as a process: health, a signed SMS,
     a clean exit on SIGTERM."""
-    import os
     import signal
-    import subprocess
-    import sys
     import time
     import urllib.request
 
     from fixtures.sqld import free_port
 
     port = free_port()
-    env = {**os.environ, "TWILIO_AUTH_TOKEN": TWILIO_TOKEN, "XSWARM_PUBLIC_URL": "https://hooks.example.com"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from xswarm_tui.commands.webhooks import app; app()",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = serve_cli(port)
     try:
         line = proc.stdout.readline() if proc.stdout else ""
         assert f"http://127.0.0.1:{port}" in line

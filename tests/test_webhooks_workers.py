@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import sqlite3
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -18,7 +16,7 @@ from typing import Any
 import psutil
 import pytest
 from fixtures.sqld import free_port
-from webhooks_support import PUBLIC_URL, TWILIO_TOKEN, twilio_post
+from webhooks_support import serve_cli, twilio_post
 
 from webhooks.limits import RateLimit
 from webhooks.workers import WorkerPlan
@@ -26,31 +24,10 @@ from webhooks.workers import WorkerPlan
 SENDER = "+14155550123"
 
 
-def serve(port: int, *extra: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "TWILIO_AUTH_TOKEN": TWILIO_TOKEN, "XSWARM_PUBLIC_URL": PUBLIC_URL}
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from xswarm_tui.commands.webhooks import app; app()",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            *extra,
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 @pytest.fixture
 def two_workers(xswarm_home: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
     port = free_port()
-    proc = serve(port, "--workers", "2")
+    proc = serve_cli(port, "--workers", "2")
     try:
         line = proc.stdout.readline() if proc.stdout else ""
         assert f"listening on http://127.0.0.1:{port} (2 workers" in line, line + (
@@ -154,7 +131,7 @@ def test_workers_refuse_a_taken_port_clearly(xswarm_home: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        proc = serve(taken.getsockname()[1], "--workers", "2")
+        proc = serve_cli(taken.getsockname()[1], "--workers", "2")
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1
     assert "cannot listen on 127.0.0.1" in err and "Traceback" not in err

@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -194,3 +197,16 @@ async def wait_processed(
 async def post(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
     async with session.post(url, data=body, headers=headers) as resp:
         return resp.status, await resp.text()
+
+
+def serve_cli(port: int, *extra: str) -> subprocess.Popen[str]:
+    """`xswarm webhooks serve` on 127.0.0.1:``port`` as its own process, signing with the test token."""
+    env = {**os.environ, "TWILIO_AUTH_TOKEN": TWILIO_TOKEN, "XSWARM_PUBLIC_URL": PUBLIC_URL}
+    command = [sys.executable, "-c", "from xswarm_tui.commands.webhooks import app; app()", "serve"]
+    return subprocess.Popen(
+        [*command, "--host", "127.0.0.1", "--port", str(port), *extra],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
