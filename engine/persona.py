@@ -9,7 +9,9 @@ A theme that cannot be loaded costs the greeting, never the call.
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 from typing import Any
 
 from themes import ThemeError, load_theme
@@ -17,9 +19,16 @@ from themes import ThemeError, load_theme
 log = logging.getLogger("xswarm.persona")
 
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+"""A theme name, never a path: an untrusted stream parameter must not pick a file to read."""
+
+
+@functools.lru_cache(maxsize=64)
 def greeting(theme: str | None, default: str) -> str | None:
-    """The greeting of ``theme`` (else ``default``), or None when there is none to say."""
-    name = theme or default
+    """The greeting of ``theme`` (else ``default``), or None when there is none to say.
+
+    Read once per name per process: calls start on the loop that carries the tick."""
+    name = theme if theme and _NAME.fullmatch(theme) else default
     try:
         text = load_theme(name).persona.greeting.strip()
     except (ThemeError, OSError) as exc:

@@ -56,9 +56,9 @@ VERSION = importlib.metadata.version("xswarm")
 RECENT_EVENTS = 50
 SWITCH_INTERVAL_S = 0.001
 CLOSE_CALLS_S = 5.0
+"""How long shutdown waits for all live calls' streams to close, together."""
 WEBHOOKS_NICE = 10
 """The webhook child processes' niceness over ours: under CPU contention, calls come first."""
-"""How long shutdown waits for all live calls' streams to close, together."""
 _QUIET_EVENTS = (events.LatencySampled, events.TickSampled, events.SystemSampled)
 """High-rate samples are not kept in the snapshot's recent-events list."""
 

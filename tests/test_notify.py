@@ -244,6 +244,12 @@ async def test_voicemail_reaches_the_user_with_transcript_and_a_listen_link(worl
         assert await resp.read() == b"ID3 fake mp3 of RE1"
     async with world.session.get(local.replace("/RE1?", "/RE2?")) as resp:
         assert resp.status == 403  # the signature names one recording
+    # Non-ASCII in a signature or an expiry is a forged link (403), not a server error.
+    for query in ("e=9999999999&s=%C3%A9", "e=%C2%B2&s=x"):
+        async with world.session.get(f"{world.base}/notify/voicemail/RE1?{query}") as resp:
+            assert resp.status == 403, query
+    async with world.session.get(f"{world.base}/notify/unsubscribe?u=u-nobody&k=welcome&s=%C3%A9") as resp:
+        assert resp.status == 403
 
 
 async def test_voicemail_from_a_stranger_goes_to_the_operator_with_a_notice(world: World) -> None:

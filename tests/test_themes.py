@@ -104,3 +104,14 @@ def test_user_theme_overrides_and_extends(xswarm_home: Path) -> None:
     assert "night-shift" in list_themes()
     assert load_theme("night-shift").persona.name == "Night"
     assert load_theme("kitt").persona.name == "My KITT"
+
+
+def test_a_greeting_names_a_theme_never_a_file(tmp_path: Path) -> None:
+    """The theme comes from a stream parameter: a path in it falls back to the default theme."""
+    from engine.persona import greeting
+
+    planted = tmp_path / "evil.toml"
+    planted.write_text('[persona]\ngreeting = "read from a planted file"\n')
+    expected = greeting(None, "xswarm")
+    assert greeting(str(planted), "xswarm") == expected
+    assert greeting("../../etc/passwd", "xswarm") == expected

@@ -200,7 +200,7 @@ async def reroute(request: web.Request) -> web.Response:
     raw, form = await _verified_form(hub, request)
     call_sid = _call_sid(form)
     leg_text = request.query.get("leg", "")
-    if not leg_text.isdigit() or not 1 <= int(leg_text) <= MAX_LEGS:
+    if not (leg_text.isascii() and leg_text.isdigit()) or not 1 <= int(leg_text) <= MAX_LEGS:
         raise web.HTTPBadRequest(text="leg must be a number from 1 to 4")
     leg = int(leg_text)
     if form.get("CallStatus") in TERMINAL:

@@ -14,6 +14,7 @@ import binascii
 import json
 import re
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii as _quote
 from typing import Any
 
 SID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -139,8 +140,9 @@ class MediaWriter:
 
 
 def mark_message(stream_sid: str, name: str) -> str:
-    """A mark Twilio echoes once the audio sent before it has been played."""
-    return _encode({"event": "mark", "streamSid": stream_sid, "mark": {"name": name}})
+    """A mark Twilio echoes once the audio sent before it has been played (one per frame, so
+    the two strings are quoted by json's C string encoder rather than the whole encoder)."""
+    return f'{{"event":"mark","streamSid":{_quote(stream_sid)},"mark":{{"name":{_quote(name)}}}}}'
 
 
 def clear_message(stream_sid: str) -> str:

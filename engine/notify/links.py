@@ -42,7 +42,9 @@ def unsubscribe_url(settings: Settings, user_id: str, kind: str) -> str | None:
 
 def check_unsubscribe(settings: Settings, user_id: str, kind: str, signature: str) -> bool:
     key = secret(settings.notify.link_secret)
-    return bool(key) and hmac.compare_digest(_sign(key or "", "unsubscribe", user_id, kind), signature)
+    return bool(key) and hmac.compare_digest(
+        _sign(key or "", "unsubscribe", user_id, kind).encode(), signature.encode()
+    )
 
 
 def listen_url(settings: Settings, recording_sid: str, *, now: float | None = None) -> str | None:
@@ -58,6 +60,6 @@ def listen_url(settings: Settings, recording_sid: str, *, now: float | None = No
 
 def check_listen(settings: Settings, recording_sid: str, expires: str, signature: str) -> bool:
     key = secret(settings.notify.link_secret)
-    if not key or not expires.isdigit() or int(expires) < time.time():
+    if not key or not (expires.isascii() and expires.isdigit()) or int(expires) < time.time():
         return False
-    return hmac.compare_digest(_sign(key, "listen", recording_sid, expires), signature)
+    return hmac.compare_digest(_sign(key, "listen", recording_sid, expires).encode(), signature.encode())

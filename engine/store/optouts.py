@@ -11,11 +11,8 @@ keyword wins, so a replayed old STOP never undoes a later START.
 from __future__ import annotations
 
 import time
-from typing import Any
 
-from engine.store.db import Database
-
-Statement = tuple[str, tuple[Any, ...]]
+from engine.store.db import Database, Statement
 
 STOP_WORDS = frozenset({"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "OPTOUT", "REVOKE"})
 START_WORDS = frozenset({"START", "YES", "UNSTOP", "OPTIN"})

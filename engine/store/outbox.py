@@ -16,11 +16,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from engine.store.db import Database
+from engine.store.db import Database, Statement
 from engine.store.inbox import backoff_ms
 
 Channel = Literal["sms", "email"]
-Statement = tuple[str, tuple[Any, ...]]
 
 KINDS = ("welcome", "voicemail", "quota", "payment_failed", "billing")
 """What a user can turn off, one by one (``xswarm notify off USER KIND``)."""

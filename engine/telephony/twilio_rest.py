@@ -76,10 +76,6 @@ class TwilioClient:
         self._timeout_s = timeout_s
         self._sdk: Any = None
 
-    @property
-    def configured(self) -> bool:
-        return credentials(self.settings) is not None
-
     def _client(self) -> Any:
         if self._sdk is None:
             creds = credentials(self.settings)

@@ -283,7 +283,11 @@ class EndedCallScreen(RecordScreen):
             store = self.link.object_store()
         except Exception as exc:  # a misconfigured store must not hide the call
             store, why_no_store = None, str(exc)
-        details = call_details(db, store, self.call_sid, self.reveal)
+        try:
+            details = call_details(db, store, self.call_sid, self.reveal)
+        except Exception as exc:  # a database that is down: say so rather than "loading…" forever
+            self.app.call_from_thread(self._show, None, f"cannot read call {self.call_sid}: {exc}")
+            return
         if details is not None and why_no_store:
             details["storage_error"] = why_no_store
         self.app.call_from_thread(self._show, details, None if details else f"no call {self.call_sid} in the database")
@@ -310,10 +314,14 @@ class EndedCallScreen(RecordScreen):
 
     @work(thread=True, exclusive=True, group="playback", exit_on_error=False, description="Playing the recording")
     def _play(self, audio: Any, key: str) -> None:
-        data = self.link.object_store().get_bytes(key)
-        with wave.open(io.BytesIO(data)) as wav:
-            rate, channels = wav.getframerate(), wav.getnchannels()
-            pcm = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2").astype(np.float32) / 32768.0
+        try:
+            data = self.link.object_store().get_bytes(key)
+            with wave.open(io.BytesIO(data)) as wav:
+                rate, channels = wav.getframerate(), wav.getnchannels()
+                pcm = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2").astype(np.float32) / 32768.0
+        except Exception as exc:  # store down or a damaged file: tell the operator, who pressed a key
+            self.app.call_from_thread(self.notify, f"cannot play: {exc}", severity="error", markup=False)
+            return
         mono = pcm.reshape(-1, channels).mean(axis=1) if channels > 1 else pcm  # caller and AI together
         audio.play_clip(mono, rate)
         self.app.call_from_thread(self.notify, f"playing {len(mono) / rate:.0f} s (s stops)", timeout=4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -66,6 +67,5 @@ class UsersScreen(Screen[None]):
         status.update(f"{len(rows)} users")
         table.clear()
         for r in rows:
-            table.add_row(
-                r.user_id, r.name, r.tier, r.phone or "—", f"{r.voice_minutes:.1f}", r.sms, r.email, key=r.user_id
-            )
+            cells = (r.user_id, r.name, r.tier, r.phone or "—", f"{r.voice_minutes:.1f}", r.sms, r.email)
+            table.add_row(*(Text(str(c)) for c in cells), key=r.user_id)  # names are data, not markup
