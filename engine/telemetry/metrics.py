@@ -18,6 +18,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import (
@@ -39,6 +40,7 @@ disable_created_metrics()  # no `_created` series beside every counter: Promethe
 
 if TYPE_CHECKING:
     from engine.calls import CallRegistry
+    from engine.config import Settings
     from engine.events import EventBus
     from engine.models.base import VoiceModel
     from engine.supervisor.server import SupervisorServer
@@ -47,6 +49,8 @@ if TYPE_CHECKING:
 class MetricsHost(Protocol):
     """What the metrics read of the runtime (at scrape time, from the scraping thread)."""
 
+    @property
+    def settings(self) -> Settings: ...
     @property
     def bus(self) -> EventBus: ...
     @property
@@ -129,6 +133,9 @@ class _RuntimeCollector(Collector):
 
     def __init__(self, runtime: MetricsHost) -> None:
         self.runtime = runtime
+        database = runtime.settings.database.path
+        self.data_dir = Path(database).parent if database else resolve_paths().data
+        """The folder whose file system the disk gauges watch: the database's (worked out once)."""
         self.system: SystemSampled | None = None
         """The newest CPU/RAM/GPU sample from the bus (the runtime's sampler, every second)."""
 
@@ -213,7 +220,7 @@ class _RuntimeCollector(Collector):
             "xswarm_admission_refusals", "Calls refused at admission (no free slot, bad token …).", bridge, "refusals"
         )
         yield from self._gpus()
-        yield from _data_filesystem()
+        yield from _data_filesystem(self.data_dir)
         storage = getattr(rt, "storage", None)
         backup_at = getattr(storage, "last_backup_at", None)
         if backup_at is not None:
@@ -239,10 +246,9 @@ class _RuntimeCollector(Collector):
         yield total
 
 
-def _data_filesystem() -> Iterator[Metric]:
-    """Free and total bytes of the file system holding the data folder (database, storage
-    folder, backups staged for upload)."""
-    data = resolve_paths().data
+def _data_filesystem(data: Path) -> Iterator[Metric]:
+    """Free and total bytes of the file system holding ``data`` (the database's folder, where
+    the storage folder and staged backups live by default)."""
     try:
         usage = shutil.disk_usage(data)
     except OSError:
