@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 
 class MetricsHost(Protocol):
-    """What the metrics read of the runtime (at scrape time, from the scraping thread)."""
+    """What the metrics read of the runtime (at scrape time, on the runtime loop that answers /metrics)."""
 
     @property
     def settings(self) -> Settings: ...
@@ -129,7 +129,7 @@ class Metrics:
 
 
 class _RuntimeCollector(Collector):
-    """Reads the runtime's live figures at scrape time (runs on the scraping thread: reads only)."""
+    """Reads the runtime's live figures at scrape time (on the runtime loop that answers /metrics: reads only)."""
 
     def __init__(self, runtime: MetricsHost) -> None:
         self.runtime = runtime
