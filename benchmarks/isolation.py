@@ -5,8 +5,9 @@ process, 127.0.0.1 as the trusted proxy). Twenty echo calls stream through the b
 signed SMS arrive at 20/s while three attacker processes run for ``--seconds``:
 
 - ``forms``: unsigned 100,000-field forms to ``/twilio/sms`` from one address;
-- ``mail``: unsigned 29 MiB bodies to ``/sendgrid/inbound``, each from a new address (so the
-  refusal limit never stops them: this measures the isolation, not the limiter);
+- ``mail``: 29 MiB bodies to ``/sendgrid/inbound`` with a well-formed signature by another
+  key, each from a new address (so the refusal limit never stops them: this measures the
+  isolation, not the limiter);
 - ``flood``: small unsigned POSTs, 32 at a time, each from a new address.
 
 Goals (issue 13): 0 late frames and 0 missed ticks during the attack, signed SMS p99 ≤ 50 ms,
@@ -41,6 +42,17 @@ SMS_RATE = 20.0
 MIB = 1024 * 1024
 
 
+def _forged() -> str:
+    """A well-formed ECDSA signature (base64 DER) by some other key: the node must read and
+    hash the whole body to refuse it, the costliest refusal an attacker can ask for."""
+    import base64
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return base64.b64encode(ec.generate_private_key(ec.SECP256R1()).sign(b"x", ec.ECDSA(hashes.SHA256()))).decode()
+
+
 async def attack(kind: str, port: int, seconds: float) -> dict[str, int]:
     """One attacker: send ``kind`` until ``seconds`` have passed; counts of answers."""
     import aiohttp
@@ -53,7 +65,10 @@ async def attack(kind: str, port: int, seconds: float) -> dict[str, int]:
         headers = {"X-Twilio-Signature": "forged", "Content-Type": "application/x-www-form-urlencoded"}
     elif kind == "mail":
         path, body, concurrency = "/sendgrid/inbound", b"m" * (29 * MIB), 2
-        headers = {"Content-Type": "multipart/form-data; boundary=b", "X-Twilio-Email-Event-Webhook-Signature": "x"}
+        headers = {
+            "Content-Type": "multipart/form-data; boundary=b",
+            "X-Twilio-Email-Event-Webhook-Signature": _forged(),
+        }
     else:
         path, body, concurrency = "/twilio/sms", b"From=%2B15550000000&Body=hi", 32
         headers = {"X-Twilio-Signature": "forged", "Content-Type": "application/x-www-form-urlencoded"}

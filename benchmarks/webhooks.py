@@ -2,7 +2,7 @@
 
 The server (WebhooksServer with its inbox processor, embedded SQLite file, no LLM provider so the
 reply is the canned one) runs in its own process, as `xswarm webhooks serve` runs it (uvloop,
-quiet_gc after start; XSWARM_BENCH_ASYNCIO_LOOP=1 / XSWARM_BENCH_DEFAULT_GC=1 turn those off);
+tune_server_process after start; XSWARM_BENCH_ASYNCIO_LOOP=1 / XSWARM_BENCH_DEFAULT_GC=1 turn those off);
 the load comes from `wrk` in another process (or, without wrk, from an aiohttp client process).
 Every request carries a unique MessageSid signed with the twilio SDK's RequestValidator, so every request is verified,
 stored in webhook_inbox through the group-commit writer and answered with TwiML.
@@ -101,7 +101,7 @@ def serve(port_file: Path) -> None:
     from engine.logging_setup import configure
     from engine.store.migrations import open_database
     from webhooks.limits import RateLimit
-    from webhooks.server import WebhooksServer, quiet_gc
+    from webhooks.server import WebhooksServer, tune_server_process
     from webhooks.server import run as run_server
 
     configure()
@@ -115,7 +115,7 @@ def serve(port_file: Path) -> None:
         )  # as `xswarm webhooks serve` runs it
         await server.start("127.0.0.1", 0)
         if QUIET_GC:
-            quiet_gc()
+            tune_server_process()
         port_file.write_text(str(server.port))
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
         await server.stop()

@@ -31,7 +31,7 @@ FORM = "application/x-www-form-urlencoded"
 
 @pytest.fixture
 def collector_off() -> Iterator[None]:
-    """As in a worker after ``quiet_gc``: cyclic garbage is collected rarely, if at all."""
+    """As in a worker after ``tune_server_process``: cyclic garbage is collected rarely, if at all."""
     gc.collect()
     gc.disable()
     try:
@@ -79,9 +79,10 @@ async def test_a_form_with_too_many_fields_is_refused_before_any_hmac(
     assert status == 403 and len(hmacs) == 2
 
 
-async def _answer_without_body(port: int, path: str) -> bytes:
+async def _answer_without_body(port: int, path: str, headers: dict[str, str] | None = None) -> bytes:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 30000000\r\n\r\n".encode())
+    head = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\n{head}Content-Length: 30000000\r\n\r\n".encode())
     await writer.drain()
     head = await asyncio.wait_for(reader.readline(), 5)  # answered without sending a byte of body
     writer.close()
@@ -95,6 +96,40 @@ async def test_unsigned_requests_are_refused_before_the_body_is_read(db: Databas
         assert head.startswith(b"HTTP/1.1 403"), (path, head)
     unconfigured = await make(server_kw={"rate_limit": None})  # no SendGrid key: 503, also before the body
     assert (await _answer_without_body(unconfigured.server.port, "/sendgrid/inbound")).startswith(b"HTTP/1.1 503")
+
+
+async def test_a_sendgrid_signature_that_cannot_be_right_is_refused_before_the_body_is_read(
+    db: Database, make: Any
+) -> None:
+    key = SendGridKey()
+    h = await make(sendgrid={"webhook_public_key": key.public_b64}, server_kw={"rate_limit": None})
+    good = key.headers(b"mail")
+    stale = key.headers(b"mail", timestamp=int(time.time()) - 3600)
+    for headers in (
+        {**good, "X-Twilio-Email-Event-Webhook-Signature": "x"},  # not base64
+        {**good, "X-Twilio-Email-Event-Webhook-Signature": "AAAA"},  # base64, not DER
+        stale,
+    ):
+        for path in ("/sendgrid/inbound", "/sendgrid/events"):
+            head = await _answer_without_body(h.server.port, path, headers)
+            assert head.startswith(b"HTTP/1.1 403"), (path, headers, head)
+
+
+async def test_a_forged_mail_is_checked_without_copying_its_body(db: Database, make: Any) -> None:
+    """A well-formed signature over other bytes must be read to be refused; it is hashed as it
+    arrives, never copied whole (each whole copy of 29 MiB held every other request up)."""
+    key = SendGridKey()
+    h = await make(sendgrid={"webhook_public_key": key.public_b64}, server_kw={"rate_limit": None})
+    body = b"x" * (16 * 1024 * 1024)
+    headers = {**key.headers(b"other bytes"), "Content-Type": "multipart/form-data; boundary=x"}
+    tracemalloc.start()
+    try:
+        status, _ = await post(h.session, h.base + "/sendgrid/inbound", body, headers)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert status == 403
+    assert peak < 2.5 * len(body), f"refusing a 16 MiB mail peaked at {peak / 2**20:.0f} MiB"
 
 
 async def test_behind_a_trusted_proxy_the_limit_keys_on_the_forwarded_client(

@@ -59,7 +59,7 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     ``webhooks.limits``. Every refusal is answered with a fresh response, never by letting the
     exception travel on: its traceback holds the handler's frames and with them the request
     body, and in a reference cycle that the collector (tuned down in a server process, see
-    ``quiet_gc``) reaches late, so 30 refused 29 MB bodies grew a worker to ~1 GB."""
+    ``tune_server_process``) reaches late, so 30 refused 29 MB bodies grew a worker to ~1 GB."""
     hub: Hub = request.app[HUB]
     group = _group(request.path)
     limiter = hub.limiter if group is not None else None

@@ -8,6 +8,7 @@ lets each route pick its limit and refuse early from ``Content-Length``.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from urllib.parse import parse_qsl
 
 from aiohttp import web
@@ -30,10 +31,14 @@ def _too_large(limit: int) -> web.HTTPRequestEntityTooLarge:
     return web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=limit + 1, text=f"body over {limit} bytes")
 
 
-async def read_body(request: web.Request, limit: int = DEFAULT_LIMIT) -> bytes:
-    """The whole body, or 413 as soon as it is known to exceed ``limit``, or 408 when it
-    takes longer than the app's ``BODY_TIMEOUT_S`` to arrive (a slow sender holds a
-    connection and its buffer for as long as we wait)."""
+async def read_chunks(
+    request: web.Request, limit: int = DEFAULT_LIMIT, feed: Callable[[bytes], object] | None = None
+) -> list[bytes]:
+    """The body as it arrived, each chunk handed to ``feed`` first (e.g. a digest's
+    ``update``, so a signature is checked without a second pass over a whole copy). 413 as
+    soon as the body is known to exceed ``limit``; 408 when it takes longer than the app's
+    ``BODY_TIMEOUT_S`` to arrive (a slow sender holds a connection and its buffer for as
+    long as we wait)."""
     declared = request.content_length
     if declared is not None and declared > limit:
         raise _too_large(limit)
@@ -48,10 +53,21 @@ async def read_body(request: web.Request, limit: int = DEFAULT_LIMIT) -> bytes:
                 size += len(chunk)
                 if size > limit:
                     raise _too_large(limit)
+                if feed is not None:
+                    feed(chunk)
                 chunks.append(chunk)
     except TimeoutError:
         raise web.HTTPRequestTimeout(text="request body too slow") from None
+    return chunks
+
+
+def joined(chunks: list[bytes]) -> bytes:
     return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+
+
+async def read_body(request: web.Request, limit: int = DEFAULT_LIMIT) -> bytes:
+    """The whole body (see ``read_chunks``)."""
+    return joined(await read_chunks(request, limit))
 
 
 def parse_form(request: web.Request, raw: bytes) -> MultiDict[str]:

@@ -33,7 +33,7 @@ from engine.store.db import Statement
 from engine.store.inbox import InboxRow
 from engine.store.users import User, find_by_email
 from engine.tiers import TIERS
-from webhooks.body import INBOUND_MAIL_LIMIT, read_body
+from webhooks.body import DEFAULT_LIMIT, INBOUND_MAIL_LIMIT
 from webhooks.hub import HUB, Hub, Outcome
 from webhooks.processor import PermanentError, received
 
@@ -125,8 +125,7 @@ def _store_files(store: ObjectStore, files: list[tuple[str, str, bytes]]) -> lis
 
 async def inbound(request: web.Request) -> web.Response:
     hub: Hub = request.app[HUB]
-    raw = await read_body(request, INBOUND_MAIL_LIMIT)
-    hub.sendgrid.check(request, raw)
+    raw = await hub.sendgrid.read(request, INBOUND_MAIL_LIMIT)
     try:
         fields, files = await asyncio.to_thread(parse_inbound, request.headers.get("Content-Type", ""), raw)
     except MailFormatError as exc:
@@ -237,8 +236,7 @@ def _strip_html(html: str) -> str:
 
 async def events(request: web.Request) -> web.Response:
     hub: Hub = request.app[HUB]
-    raw = await read_body(request)
-    hub.sendgrid.check(request, raw)
+    raw = await hub.sendgrid.read(request, DEFAULT_LIMIT)
     try:
         items = json.loads(raw)
     except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes

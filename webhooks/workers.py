@@ -221,7 +221,7 @@ def _worker_main(
     from engine.logging_setup import forward_to
     from engine.store.db import StoreError
     from engine.store.migrations import open_database
-    from webhooks.server import WebhooksServer, quiet_gc, run
+    from webhooks.server import WebhooksServer, run, tune_server_process
 
     forward_to(records)
     label = f"{index + 1}/{plan.count}"
@@ -258,7 +258,7 @@ def _worker_main(
             except OSError as exc:
                 report(f"cannot listen on {plan.host}:{plan.port}: {exc}")
                 return
-            quiet_gc()
+            tune_server_process()
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGTERM, stop.set)

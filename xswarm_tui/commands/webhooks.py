@@ -39,7 +39,7 @@ def serve(
     from engine.events import EventBus
     from engine.logging_setup import configure
     from webhooks.limits import RateLimit
-    from webhooks.server import WebhooksServer, quiet_gc
+    from webhooks.server import WebhooksServer, tune_server_process
     from webhooks.server import run as run_server
 
     if rate_limit < 0:
@@ -66,7 +66,7 @@ def serve(
                 await server.start(bind_host, bind_port)
             except OSError as exc:
                 fail(f"cannot listen on {bind_host}:{bind_port}: {exc}")
-            quiet_gc()  # this process is the server alone
+            tune_server_process()  # this process is the server alone
             typer.echo(f"webhooks listening on http://{bind_host}:{server.port} (logs: {log_file})")
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
