@@ -370,7 +370,7 @@ async def every(period_s: float, until: float, sample: Callable[[], Any]) -> Non
         if asyncio.iscoroutine(result):
             await result
         next_at += period_s
-        await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+        await asyncio.sleep(max(0.0, min(next_at, until) - time.monotonic()))
 
 
 def _calls_main(argv: list[str]) -> None:

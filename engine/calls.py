@@ -270,6 +270,8 @@ class CallRegistry:
         self.by_slot: list[CallSession | None] = []
         self.admitted: set[int] = set()
         """Slots filled since the scheduler's last gather (their model state must be reset)."""
+        self.ended_late_frames = 0
+        """Late frames of the calls that have ended (the live ones count their own)."""
         self._on_start = on_start
         self._on_end = on_end
         self.gate: Callable[[], str | None] | None = None
@@ -350,6 +352,7 @@ class CallRegistry:
             return
         session.ended = True
         session.end_reason = reason
+        self.ended_late_frames += session.late_frames
         if self._by_id.get(session.call_id) is session:
             del self._by_id[session.call_id]
             if 0 <= session.slot < len(self.by_slot) and self.by_slot[session.slot] is session:

@@ -108,7 +108,6 @@ class Scheduler:
         self.admission_ms = Histogram()
         self.missed_ticks = 0
         self.failed_ticks = 0
-        self.late_frames = 0
         self.ticks = 0
         self.steps = 0
         self._window_steps: list[tuple[float, float]] = []
@@ -211,9 +210,7 @@ class Scheduler:
                 s.first_tick_at = now
                 self.admission_ms.observe((now - s.admitted_at) * 1000)
             if s.inbound is not None:
-                late = s.inbound.late
                 frame, completed_at = s.inbound.pop(now)
-                self.late_frames += s.inbound.late - late
                 s.last_input_at = completed_at
                 if frame is not None:
                     frame_slots.append(slot)
@@ -375,6 +372,11 @@ class Scheduler:
             except Exception:  # a broken listener is dropped once, not logged every frame
                 log.exception("tap on call %s failed; removed", s.call_id)
                 s.taps.remove(tap)
+
+    @property
+    def late_frames(self) -> int:
+        """Late frames of every call this scheduler has carried (ended and live)."""
+        return self.calls.ended_late_frames + sum(s.late_frames for s in self.calls)
 
     # ------------------------------------------------------------------ admission
 

@@ -195,8 +195,9 @@ def test_inbound_late_chunk_is_concealed_and_the_margin_grows_then_relaxes() -> 
         frames.push(b"\x20" * CHUNK_BYTES, at=0.08 + 0.02 * i)
     frame, completed = frames.pop(0.15)
     assert frame == b"\x20" * (3 * CHUNK_BYTES) + b"\xff" * CHUNK_BYTES and completed is None
-    assert frames.late == 1 and frames.depth == 1
+    assert frames.late == 0 and frames.depth == 1  # late once the stream shows it went on
     frames.push(b"\x21" * CHUNK_BYTES, at=0.152)  # the straggler becomes 20 ms of margin
+    assert frames.late == 1
     for i in range(4):
         frames.push(b"\x30" * CHUNK_BYTES, at=0.16 + 0.02 * i)
     frame, completed = frames.pop(0.23)
@@ -255,6 +256,21 @@ def test_inbound_burst_after_a_stall_is_trimmed_at_once() -> None:
     frame, completed = frames.pop(0.41)
     assert frame == b"".join(bytes([0x20 + i]) * CHUNK_BYTES for i in range(8, 12))  # the newest audio
     assert frames.buffered == 0 and frames.dropped_bytes == 8 * CHUNK_BYTES and completed == 0.4
+
+
+def test_a_frame_cut_short_by_the_end_of_the_stream_is_not_late() -> None:
+    """The caller hangs up two chunks into a frame and a tick fires before its ``stop``: the
+    frame is concealed, but nothing came late; the stream ended."""
+    frames = InboundFrames(guard_s=0.002)
+    for i in range(4):
+        frames.push(b"\x10" * CHUNK_BYTES, at=0.02 * i)
+    frames.pop(0.07)
+    for i in range(2):
+        frames.push(b"\x20" * CHUNK_BYTES, at=0.08 + 0.02 * i)
+    frame, completed = frames.pop(0.15)
+    assert frame == b"\x20" * (2 * CHUNK_BYTES) + b"\xff" * (2 * CHUNK_BYTES) and completed is None
+    assert frames.late == 0
+    assert frames.pop(0.23) == (b"\xff" * FRAME_BYTES, None) and frames.late == 0  # nothing more came
 
 
 def test_inbound_nothing_sent_is_not_late() -> None:

@@ -27,7 +27,6 @@ from engine.config import load_settings
 from engine.store import audit, messages
 from engine.store.migrations import open_database
 from engine.telephony.calltoken import Claims, mint
-from engine.telephony.voicemail import VoicemailError, audio_url
 from xswarm_tui.cli import app
 from xswarm_tui.commands.records import parse_since
 
@@ -112,19 +111,31 @@ def test_messages_and_audit_filters_on_a_real_database() -> None:
     assert [e["actor"] for e in as_json("audit", "list", "--json", "--since", "1h")] == ["bob@desk"]
 
 
-def test_voicemail_audio_is_fetched_only_from_the_twilio_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The RecordingUrl came over the internet: credentials go only to the configured API host."""
+def test_voicemail_audio_is_fetched_by_its_recording_sid_from_the_twilio_api(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stored RecordingUrl came over the internet: it is never fetched. The audio comes
+    from the configured API host by the RecordingSid, with the account's credentials."""
     seen: list[str] = []
+    evil: list[str] = []
 
     async def recording(request: web.Request) -> web.Response:
         seen.append(request.headers.get("Authorization", ""))
         return web.Response(body=b"RIFF....WAVEfake", content_type="audio/x-wav")
 
+    async def elsewhere(request: web.Request) -> web.Response:
+        evil.append(request.headers.get("Authorization", ""))
+        return web.Response(body=b"not from twilio")
+
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     server, port = asyncio.run_coroutine_threadsafe(
-        start_local_app(web.get("/2010-04-01/Accounts/AC1/Recordings/RE9.wav", recording)), loop
+        start_local_app(
+            web.get("/2010-04-01/Accounts/AC1/Recordings/RE9.wav", recording),
+            web.get("/evil/{tail:.*}", elsewhere),
+        ),
+        loop,
     ).result(10)
     try:
         base = f"http://127.0.0.1:{port}"
@@ -133,10 +144,7 @@ def test_voicemail_audio_is_fetched_only_from_the_twilio_host(tmp_path: Path, mo
         monkeypatch.setenv("TWILIO_AUTH_TOKEN", "voicemail-test-token")
         db = open_database(load_settings())
         try:
-            for sid, url in (
-                ("RE9", f"{base}/2010-04-01/Accounts/AC1/Recordings/RE9"),
-                ("RE6", "https://evil.example/RE6"),
-            ):
+            for sid in ("RE9", "CA1:voicemail"):  # the second: Twilio sent no RecordingSid
                 db.submit(
                     *messages.insert_statement(
                         channel="voicemail",
@@ -147,7 +155,7 @@ def test_voicemail_audio_is_fetched_only_from_the_twilio_host(tmp_path: Path, mo
                         to_addr=None,
                         body=None,
                         status="received",
-                        meta={"recording_url": url},
+                        meta={"recording_url": f"{base}/evil/{sid}"},
                     )
                 ).result()
         finally:
@@ -156,15 +164,14 @@ def test_voicemail_audio_is_fetched_only_from_the_twilio_host(tmp_path: Path, mo
         result = xswarm("messages", "audio", "RE9", "--to", str(out))
         assert result.exit_code == 0, result.stderr
         assert out.read_bytes() == b"RIFF....WAVEfake" and seen and seen[0].startswith("Basic ")
-        refused = xswarm("messages", "audio", "RE6", "--to", str(tmp_path / "evil.wav"))
-        assert refused.exit_code == 1 and "not sending credentials" in refused.stderr and len(seen) == 1
-        assert not (tmp_path / "evil.wav").exists()
+        refused = xswarm("messages", "audio", "CA1:voicemail", "--to", str(tmp_path / "none.wav"))
+        assert refused.exit_code == 1 and "not a Twilio RecordingSid" in refused.stderr
+        assert not (tmp_path / "none.wav").exists() and len(seen) == 1 and evil == []
+        assert list(tmp_path.glob(".*.part")) == []
     finally:
         asyncio.run_coroutine_threadsafe(server.cleanup(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
-    with pytest.raises(VoicemailError):
-        audio_url(load_settings().twilio, "")
 
 
 def test_a_real_call_is_listed_shown_and_its_recording_fetched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -225,6 +232,12 @@ def test_a_real_call_is_listed_shown_and_its_recording_fetched(tmp_path: Path, m
     assert result.exit_code == 0, result.stderr
     with wave.open(str(out)) as wav:
         assert wav.getnchannels() == 2 and wav.getnframes() > 24_000
+    monkeypatch.setenv("XSWARM_S3__ENDPOINT_URL", "http://127.0.0.1:9")  # a store that cannot be opened
+    unstored = xswarm("calls", "show", call_sid)
+    assert unstored.exit_code == 0, unstored.stderr  # the call is still shown, with why there is no recording
+    assert (
+        "listened    ann@desk" in unstored.stdout and "recording   unknown: XSWARM_S3_ENDPOINT_URL" in unstored.stdout
+    )
 
 
 def _recordings() -> list[Any]:

@@ -141,9 +141,13 @@ def test_late_slot_gets_silence_and_a_count_while_others_go_on() -> None:
     assert np.abs(second.pcm[1][:400]).min() > 0.1
     assert np.abs(second.pcm[1][480 + 80 :]).max() == 0.0
     assert np.abs(second.pcm[0]).max() > 0.0  # the other call is untouched
+    assert late.late_frames == 0  # concealed; late once the caller's audio goes on
+    late.inbound.push(b"\x20" * CHUNK_BYTES, t + 0.01)  # type: ignore[union-attr]
     assert late.late_frames == 1 and ok.late_frames == 0 and scheduler.late_frames == 1
     assert np.abs(second.pcm[2]).max() == 0.0  # idle slot
     assert len(ok_sink.frames) == 2 and len(late_sink.frames) == 2  # the model clock moved for both
+    calls.finish(late, "caller hung up")  # an ended call's late frames stay counted
+    assert scheduler.late_frames == 1
 
 
 def test_echo_returns_input_one_frame_later_through_the_codec() -> None:

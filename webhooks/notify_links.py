@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import html
 import logging
-import re
 
 from aiohttp import web
 
@@ -19,12 +18,11 @@ from engine.notify import links
 from engine.store import optouts
 from engine.store.db import StoreError
 from engine.store.outbox import KINDS
-from engine.telephony.twilio_rest import TwilioError
+from engine.telephony.twilio_rest import RECORDING_SID, TwilioError
 from webhooks.body import read_body
 from webhooks.hub import HUB, Hub
 
 log = logging.getLogger("xswarm.webhooks.links")
-_SID = re.compile(r"^[A-Za-z0-9]{2,64}$")
 _PAGE = (
     "<!doctype html><meta charset=utf-8><title>xswarm</title>"
     "<form method=post><p>Stop xswarm {kind} messages?</p><button>Unsubscribe</button></form>"
@@ -55,11 +53,11 @@ async def voicemail(request: web.Request) -> web.Response:
     hub: Hub = request.app[HUB]
     sid = request.match_info["sid"]
     expires, signature = request.query.get("e", ""), request.query.get("s", "")
-    if not _SID.match(sid) or not links.check_listen(hub.settings, sid, expires, signature):
+    if not RECORDING_SID.fullmatch(sid) or not links.check_listen(hub.settings, sid, expires, signature):
         raise _forbidden()
     assert hub.twilio_rest is not None
     try:
-        audio = await hub.twilio_rest.recording_mp3(sid)
+        audio = await hub.twilio_rest.recording(sid, "mp3")
     except TwilioError as exc:
         log.warning("voicemail %s not relayed: %s", sid, exc)
         raise web.HTTPBadGateway(text="the recording could not be fetched") from None

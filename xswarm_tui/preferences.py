@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
+
+from engine.files import write_atomically
 
 log = logging.getLogger("xswarm.tui.preferences")
 
@@ -36,10 +37,7 @@ def remembered_theme(state: Path) -> str | None:
 def remember_theme(state: Path, theme: str) -> None:
     """Save the theme for the next start (atomically: a crash never leaves half a file)."""
     state.mkdir(parents=True, exist_ok=True)
-    path = _path(state)
-    tmp = path.with_name(f".{FILE}.tmp")
-    tmp.write_text(json.dumps({"theme": theme}), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomically(_path(state), json.dumps({"theme": theme}).encode())
 
 
 def choose_theme(flag: str | None, settings: Any, state: Path, available: list[str]) -> str:

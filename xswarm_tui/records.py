@@ -5,6 +5,7 @@ Audit screens (so the two never disagree). Callers' numbers are masked unless re
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,6 +15,11 @@ def iso(ms: int | float | None) -> str | None:
     if ms is None:
         return None
     return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def table_time(value: str | None) -> str:
+    """An ``iso`` time as a table cell: ``2026-12-04 18:20:01``, "—" for none."""
+    return value.replace("T", " ").rstrip("Z") if value else "—"
 
 
 def _caller(number: str | None, reveal: bool) -> str | None:
@@ -53,8 +59,10 @@ def clock_duration(seconds: float | None) -> str:
     return f"{m}:{s:02d}"
 
 
-def call_details(db: Any, store: Any, call_sid: str, reveal: bool) -> dict[str, Any] | None:
-    """A call with who acted on it (audit log) and its recording and transcript, if stored."""
+def call_details(db: Any, open_store: Callable[[], Any], call_sid: str, reveal: bool) -> dict[str, Any] | None:
+    """A call with who acted on it (audit log) and its recording and transcript, if stored.
+    ``open_store`` gives the object store (or None); one that cannot be opened or read is
+    reported in ``storage_error`` and never hides the call itself."""
     from engine.storage import StorageError
     from engine.storage.recordings import find_recording
     from engine.store import audit, calls
@@ -69,15 +77,15 @@ def call_details(db: Any, store: Any, call_sid: str, reveal: bool) -> dict[str, 
     recording: dict[str, Any] | None = None
     transcript: list[dict[str, Any]] | None = None
     storage_error = None
-    if store is not None:
-        try:
-            found = find_recording(store, call_sid)
-            if found is not None:
-                recording = {"key": found.key, "size_bytes": found.size_bytes, "day": found.day}
-                if found.transcript_key:
-                    transcript = json.loads(store.get_bytes(found.transcript_key)).get("transcript")
-        except (StorageError, ValueError) as exc:  # a store that is down must not hide the call itself
-            storage_error = str(exc)
+    try:
+        store = open_store()
+        found = find_recording(store, call_sid) if store is not None else None
+        if found is not None:
+            recording = {"key": found.key, "size_bytes": found.size_bytes, "day": found.day}
+            if found.transcript_key:
+                transcript = json.loads(store.get_bytes(found.transcript_key)).get("transcript")
+    except (StorageError, ValueError) as exc:
+        storage_error = str(exc)
     return call_record(row, reveal) | {
         "slot": row["slot"],
         "listened": _actors(actions, "listen"),
@@ -154,4 +162,18 @@ def message_record(m: Any, reveal: bool = True) -> dict[str, Any]:
         "created_at": iso(m.created_at),
         "updated_at": iso(m.updated_at),
         "meta": m.meta,
+    }
+
+
+def audit_record(e: Any) -> dict[str, Any]:
+    """One ``audit`` entry (``engine.store.audit``) as JSON."""
+    return {
+        "id": e.id,
+        "at": iso(e.at),
+        "actor": e.actor,
+        "role": e.role,
+        "action": e.action,
+        "call_sid": e.call_id,
+        "result": e.result,
+        "detail": e.detail,
     }

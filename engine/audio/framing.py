@@ -8,8 +8,10 @@ instead choose, once, the frame boundary that ends on the newest chunk that arri
 ``guard_s`` before a tick, so the wait is ``guard_s`` plus at most one chunk (20 ms). After that
 frames are taken strictly in order.
 
-A frame whose chunks have not all arrived by the tick is late: what did arrive is used and the
-gap is filled with silence. The buffer then adapts: it keeps the last missing chunk when it
+A frame whose chunks have not all arrived by the tick is concealed: what did arrive is used and
+the gap is filled with silence. It counts as late once more audio arrives: a frame concealed at
+a tick just before the caller's ``stop`` is where the stream ended (the caller hung up part way
+through a frame), not audio that came late. The buffer then adapts: it keeps the last missing chunk when it
 comes (one more chunk, 20 ms, of margin against this caller's jitter, up to ``max_depth``)
 and discards the rest (a late packet is a lost packet), so a stall never shifts the stream by
 more than the margin. A margin unused for ``relax_after_ticks`` is given back, and a backlog
@@ -65,6 +67,8 @@ class InboundFrames:
         self.lead = 0
         """Alignment of the first frame: silence bytes put in front (negative: oldest bytes dropped)."""
         self.late = 0
+        """Concealed frames that more audio followed (see the module docstring)."""
+        self._concealed = 0  # concealed since the last payload: late if the stream goes on
         self.dropped_bytes = 0
 
     @property
@@ -77,6 +81,8 @@ class InboundFrames:
 
     def push(self, payload: bytes, at: float) -> None:
         """Queue one media payload that arrived at monotonic time ``at``."""
+        self.late += self._concealed
+        self._concealed = 0
         if self._skip:
             skipped = min(self._skip, len(payload))
             self._skip -= skipped
@@ -119,7 +125,7 @@ class InboundFrames:
     def _conceal(self, have: int) -> bytes:
         """Late frame: the bytes that made it, then silence. The missing bytes are discarded
         when they come, except the last chunk while the margin may still grow."""
-        self.late += 1
+        self._concealed += 1
         frame = bytes(self._buf[:have]) + bytes([SILENCE]) * (FRAME_BYTES - have)
         self._drop(have)
         owed = FRAME_BYTES - have

@@ -16,13 +16,12 @@ for the life of the process; these functions refuse to touch it and say so.
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.config import Settings
+from engine.files import write_atomically
 from engine.paths import Paths
 from engine.supervisor.auth import ROLES, AuthConfigError, Role, fingerprint, load_tokens, token_file, token_list
 
@@ -123,13 +122,4 @@ def _read(path: Path) -> dict[str, object]:
 
 
 def _write(path: Path, data: dict[str, object]) -> None:
-    fd, temporary = tempfile.mkstemp(prefix=".supervisor-tokens-", dir=path.parent)  # created 0600
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomically(path, json.dumps(data).encode())  # 0600, like the file it replaces

@@ -18,11 +18,12 @@ SDK is imported when a client is built, so ``xswarm --help`` never loads it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 
@@ -34,7 +35,9 @@ NOT_FOUND = 20404
 UNSUBSCRIBED = 21610
 """Twilio's error code for a message to a number that texted STOP to ours."""
 RECORDING_LIMIT = 32 * 1024 * 1024
-"""Largest recording we relay (a 2-minute voicemail as MP3 is about 1 MB)."""
+"""Largest recording we fetch (a 2-minute voicemail is about 1 MB as MP3, 2 MB as WAV)."""
+RECORDING_SID = re.compile(r"RE[0-9A-Za-z]{1,62}")
+"""What may stand for a RecordingSid in a media URL (Twilio's are RE + 32 hex digits)."""
 
 
 class TwilioError(Exception):
@@ -99,13 +102,18 @@ class TwilioClient:
         found = await _call(self._client().messages.list_async(to=to, from_=from_, limit=limit))
         return [SentSms(str(m.sid), str(m.to), str(m.from_), m.body or "", m.date_created) for m in found]
 
-    async def recording_mp3(self, recording_sid: str, *, limit: int = RECORDING_LIMIT) -> bytes:
-        """A recording's audio as MP3. The SDK fetches a recording's metadata only, so this is
-        a plain authenticated GET of its media URL, on the same session and ``api_base``."""
+    async def recording(self, recording_sid: str, fmt: Literal["mp3", "wav"], *, limit: int = RECORDING_LIMIT) -> bytes:
+        """A recording's audio (MP3 for the browser link, WAV for the operator's download).
+        The SDK fetches a recording's metadata only, so this is a plain authenticated GET of
+        its media URL, built here from ``api_base`` and the SID: never from a URL a webhook
+        brought, which could send our credentials anywhere."""
         creds = credentials(self.settings)
         if creds is None:
             raise TwilioError("TWILIO_ACCOUNT_SID / TWILIO_AUTH_TOKEN not configured")
-        url = f"{self.settings.api_base.rstrip('/')}/2010-04-01/Accounts/{creds[0]}/Recordings/{recording_sid}.mp3"
+        if not RECORDING_SID.fullmatch(recording_sid):
+            raise TwilioError(f"{recording_sid!r} is not a Twilio RecordingSid")
+        base = self.settings.api_base.rstrip("/")
+        url = f"{base}/2010-04-01/Accounts/{creds[0]}/Recordings/{recording_sid}.{fmt}"
         headers = {"Authorization": aiohttp.encode_basic_auth(*creds)}
         try:
             async with self._session.get(

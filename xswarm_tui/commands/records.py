@@ -19,7 +19,16 @@ from typing import Any
 import typer
 
 from xswarm_tui.commands._common import EXIT_BAD_INPUT, EXIT_FAILED, database, fail, load
-from xswarm_tui.records import call_details, call_record, clock_duration, describe_call, iso, message_record
+from xswarm_tui.records import (
+    audit_record,
+    call_details,
+    call_record,
+    clock_duration,
+    describe_call,
+    iso,
+    message_record,
+    table_time,
+)
 
 calls_app = typer.Typer(help="Calls this node (and its fleet) answered: list and show.", no_args_is_help=True)
 messages_app = typer.Typer(help="SMS, email and voicemail, both directions.", no_args_is_help=True)
@@ -33,6 +42,8 @@ SINCE_HELP = (
     "(2026-12-01, 2026-12-01T08:00; UTC unless it has an offset)."
 )
 LIMIT_OPTION = typer.Option(100, "--limit", min=1, max=100_000, help="At most this many rows.")
+VOICEMAIL_TIMEOUT_S = 60.0
+"""A voicemail download, start to end (a few MB at most)."""
 
 
 def parse_since(text: str, now: float | None = None) -> int:
@@ -94,7 +105,7 @@ def calls_list(
     for r in rows:
         table.append(
             (
-                (r["started_at"] or "").replace("T", " ").rstrip("Z"),
+                table_time(r["started_at"]),
                 r["call_sid"],
                 r["caller"] or "—",
                 r["user_id"] or "—",
@@ -123,9 +134,11 @@ def calls_show(
     reveal: bool = typer.Option(False, "--reveal", help="The full caller number."),
 ) -> None:
     """One call: times, duration, end reason, node, who listened or took over, latency, recording."""
-    store = _open_store()
-    with database() as db:
-        details = call_details(db, store, call_sid, reveal)
+    from engine.storage import open_store
+
+    settings = load()
+    with database(settings) as db:
+        details = call_details(db, lambda: open_store(settings), call_sid, reveal)
     if details is None:
         fail(f"no call {call_sid!r} (list them: xswarm calls list)", EXIT_FAILED)
     if as_json:
@@ -163,7 +176,7 @@ def messages_list(
             text = f"{float(r['meta'].get('duration_s') or 0):.0f} s of audio"
         table.append(
             (
-                (r["created_at"] or "").replace("T", " ").rstrip("Z"),
+                table_time(r["created_at"]),
                 r["kind"],
                 r["direction"],
                 r["from"] or "—",
@@ -182,20 +195,31 @@ def messages_audio(
     to: Path = typer.Option(..., "--to", help="Where to write the WAV file."),
 ) -> None:
     """Download a voicemail's audio from Twilio (needs twilio.account_sid and TWILIO_AUTH_TOKEN)."""
-    from engine.store import messages
-    from engine.telephony.voicemail import VoicemailError, download_voicemail
+    import asyncio
 
-    with database() as db:
+    from engine.files import write_atomically
+    from engine.store import messages
+    from engine.telephony.twilio_rest import TwilioError, open_client
+
+    settings = load()
+    with database(settings) as db:
         found = messages.get(db, message_id)
     if found is None or found.channel != "voicemail":
         fail(f"no voicemail {message_id!r} (list them: xswarm messages list --kind voicemail)")
+    sid = found.provider_id or ""
+
+    async def fetch() -> bytes:
+        async with open_client(settings.twilio, timeout_s=VOICEMAIL_TIMEOUT_S) as twilio:
+            return await twilio.recording(sid, "wav")
+
     try:
-        size = download_voicemail(load(), str(found.meta.get("recording_url") or ""), to)
-    except VoicemailError as exc:
-        fail(str(exc))
+        audio = asyncio.run(fetch())
+        write_atomically(to, audio)
+    except TwilioError as exc:
+        fail(f"voicemail {sid or message_id}: {exc}")
     except OSError as exc:
         fail(f"cannot write {to}: {exc}")
-    typer.echo(f"wrote {to} ({size} bytes)")
+    typer.echo(f"wrote {to} ({len(audio)} bytes)")
 
 
 # ------------------------------------------------------------------------------------- audit
@@ -212,19 +236,7 @@ def audit_list(
     since_ms = _since(since)
     with database() as db:
         entries = audit.recent(db, since_ms=since_ms, call_id=call, limit=limit)
-    rows: list[dict[str, Any]] = [
-        {
-            "id": e.id,
-            "at": iso(e.at),
-            "actor": e.actor,
-            "role": e.role,
-            "action": e.action,
-            "call_sid": e.call_id,
-            "result": e.result,
-            "detail": e.detail,
-        }
-        for e in entries
-    ]
+    rows = [audit_record(e) for e in entries]
     if as_json:
         typer.echo(json.dumps(rows))
         return
@@ -234,7 +246,7 @@ def audit_list(
     table: list[tuple[Any, ...]] = [("AT (UTC)", "ACTOR", "ROLE", "ACTION", "CALL", "RESULT")]
     table += [
         (
-            (r["at"] or "").replace("T", " ").rstrip("Z"),
+            table_time(r["at"]),
             r["actor"],
             r["role"] or "—",
             r["action"],

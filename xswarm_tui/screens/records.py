@@ -24,7 +24,15 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
 from xswarm_tui.link import Link
-from xswarm_tui.records import call_details, call_record, clock_duration, describe_call, iso, message_record
+from xswarm_tui.records import (
+    audit_record,
+    call_details,
+    call_record,
+    clock_duration,
+    describe_call,
+    message_record,
+    table_time,
+)
 
 LIMIT = 500
 """Newest records shown per screen; older ones are a `xswarm … list --limit` away."""
@@ -116,10 +124,6 @@ class RecordsScreen(Screen[None]):
         self.app.push_screen(RecordScreen(self.NAME, json.dumps(record, indent=2, ensure_ascii=False)))
 
 
-def _when(value: str | None) -> str:
-    return (value or "—").replace("T", " ").rstrip("Z")
-
-
 class HistoryScreen(RecordsScreen):
     NAME = "History"
     COLUMNS = (
@@ -141,7 +145,7 @@ class HistoryScreen(RecordsScreen):
                 continue  # live calls are on the board
             r = call_record(row, self.reveal)
             cells = (
-                _when(r["started_at"]),
+                table_time(r["started_at"]),
                 r["call_sid"],
                 r["caller"] or "—",
                 r["user_id"] or "—",
@@ -181,7 +185,7 @@ class InboxScreen(RecordsScreen):
             if r["kind"] == "voicemail":
                 text = f"{float(r['meta'].get('duration_s') or 0):.0f} s of audio: xswarm messages audio {r['id']}"
             cells = (
-                _when(r["created_at"]),
+                table_time(r["created_at"]),
                 r["kind"],
                 r["direction"],
                 r["from"] or "—",
@@ -212,17 +216,8 @@ class AuditScreen(RecordsScreen):
 
         rows: list[Row] = []
         for e in audit.recent(db, limit=LIMIT):
-            record: dict[str, Any] = {
-                "id": e.id,
-                "at": iso(e.at),
-                "actor": e.actor,
-                "role": e.role,
-                "action": e.action,
-                "call_sid": e.call_id,
-                "result": e.result,
-                "detail": e.detail,
-            }
-            cells = (_when(record["at"]), e.actor, e.role or "—", e.action, e.call_id or "—", e.result)
+            record = audit_record(e)
+            cells = (table_time(record["at"]), e.actor, e.role or "—", e.action, e.call_id or "—", e.result)
             rows.append((str(e.id), cells, record))
         return rows
 
@@ -278,18 +273,11 @@ class EndedCallScreen(RecordScreen):
         if db is None:
             self.app.call_from_thread(self._show, None, self.link.records_unavailable or "no database")
             return
-        why_no_store: str | None = None
         try:
-            store = self.link.object_store()
-        except Exception as exc:  # a misconfigured store must not hide the call
-            store, why_no_store = None, str(exc)
-        try:
-            details = call_details(db, store, self.call_sid, self.reveal)
+            details = call_details(db, self.link.object_store, self.call_sid, self.reveal)
         except Exception as exc:  # a database that is down: say so rather than "loading…" forever
             self.app.call_from_thread(self._show, None, f"cannot read call {self.call_sid}: {exc}")
             return
-        if details is not None and why_no_store:
-            details["storage_error"] = why_no_store
         self.app.call_from_thread(self._show, details, None if details else f"no call {self.call_sid} in the database")
 
     def _show(self, details: dict[str, Any] | None, why: str | None) -> None:
@@ -301,19 +289,22 @@ class EndedCallScreen(RecordScreen):
         if self.details is None or not self.details.get("recording"):
             self.notify("this call has no recording", severity="warning", timeout=4)
             return
-        audio = self.link.local_audio()
-        if isinstance(audio, str):
-            self.notify(audio, title="Cannot play", severity="warning", timeout=8, markup=False)
-            return
-        self._play(audio, self.details["recording"]["key"])
+        self._play(self.details["recording"]["key"])
 
+    @work(thread=True, group="playback-stop", exit_on_error=False, description="Stopping playback")
     def action_stop(self) -> None:
-        audio = self.link.local_audio()
+        audio = self.link.local_audio()  # opening the sound device may take a while: off the UI thread
         if not isinstance(audio, str):
             audio.stop_clip()
 
     @work(thread=True, exclusive=True, group="playback", exit_on_error=False, description="Playing the recording")
-    def _play(self, audio: Any, key: str) -> None:
+    def _play(self, key: str) -> None:
+        audio = self.link.local_audio()  # opening the sound device may take a while: off the UI thread
+        if isinstance(audio, str):
+            self.app.call_from_thread(
+                self.notify, audio, title="Cannot play", severity="warning", timeout=8, markup=False
+            )
+            return
         try:
             data = self.link.object_store().get_bytes(key)
             with wave.open(io.BytesIO(data)) as wav:
