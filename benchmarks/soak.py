@@ -10,7 +10,11 @@ file descriptors of the node process and of its webhook worker.
 Goals (issue 13): 0 late frames; RSS and open files flat (growth ≤ 5 % from the end of the
 first 5 minutes to the end); BAL p99 over the last 5 minutes within 10 % of the first 5.
 
-    .venv/bin/python benchmarks/soak.py --minutes 30 [--out FILE]
+The callers run on the same box, in processes of 10; each reports its own worst send delay,
+and the late frames are split by it. ``--pin`` keeps the node (and its webhook process) on
+CPU 0 and every load process on the others, as when callers are elsewhere.
+
+    .venv/bin/python benchmarks/soak.py --minutes 30 [--pin] [--out FILE]
 
 Prints ONE JSON object on stdout (progress on stderr).
 """
@@ -26,9 +30,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.node_load import CallsProcess, Node, Sms, every, listeners, log, percentile  # noqa: E402
+from benchmarks.node_load import CallsProcess, Node, Sms, every, listeners, log, percentile, pin  # noqa: E402
 from benchmarks.report import emit, machine  # noqa: E402
 
+LATE_SEND_MS = 20.0
+"""A caller that sent a chunk this late (one chunk's length) can miss a tick whatever the node
+does."""
 CALLS = 30
 SMS_RATE = 20.0
 SUPERVISORS = 3
@@ -86,6 +93,14 @@ async def measure(node: Node, minutes: float) -> dict[str, Any]:
         supervision,
     )
     placed = await asyncio.to_thread(calls.result, 180.0)
+    late_by_call = dict(node.query("SELECT id, late_frames FROM calls WHERE late_frames > 0"))
+    sent_late = {r["call_sid"]: r["send_late_ms_max"] or 0.0 for r in calls.reports}
+    caller_late = sum(n for sid, n in late_by_call.items() if sent_late.get(sid, 0.0) >= LATE_SEND_MS)
+    attribution = {
+        f"late_frames_on_calls_whose_caller_sent_{LATE_SEND_MS:.0f}ms_late": caller_late,
+        "late_frames_on_other_calls": sum(late_by_call.values()) - caller_late,
+        "calls_with_late_frames": len(late_by_call),
+    }
     listened = supervision.result()
     stored = sms.stored()
 
@@ -115,6 +130,10 @@ async def measure(node: Node, minutes: float) -> dict[str, Any]:
         "calls_concurrent": CALLS,
         "calls_client": placed,
         "late_frames": last.get("late_frames"),
+        "late_frames_note": "a late frame is caller audio not all there at its tick; the callers run on this "
+        "same box, so a frame is also late when the caller's own process sent it late (below, by each call's "
+        "worst send delay as the caller measured it)",
+        "late_frames_by_caller": attribution,
         "missed_ticks": last.get("missed_ticks"),
         "bal_ms_p99": {"first_window_mean": bal_first, "last_window_mean": bal_last, "window_s": window},
         **growths,
@@ -144,10 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minutes", type=float, default=30.0)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--label", default=None, help="stored in the report (e.g. '2-core box shared with other work')")
+    ap.add_argument("--pin", action="store_true", help="the node and its webhooks on CPU 0, all the load on the others")
     args = ap.parse_args(argv)
     node = Node(slots=CALLS + 4)
     try:
+        pinned = pin([node.proc.pid, *node.webhook_pids()]) if args.pin else None
         report = asyncio.run(measure(node, args.minutes))
+        report["cpu_pinning"] = pinned
     finally:
         node.stop()
     if args.label:

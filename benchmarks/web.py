@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from browser_support import chromium_path, launch_args  # noqa: E402
 
+from benchmarks.node_load import pin  # noqa: E402
 from benchmarks.report import emit, machine  # noqa: E402
 from benchmarks.supervisor import (  # noqa: E402
     MONITOR,
@@ -239,21 +240,6 @@ async def measure(args: argparse.Namespace, node: Node) -> dict[str, Any]:
     }
 
 
-def pin(node: Node) -> dict[str, list[int]] | None:
-    """Put the node on CPU 0 and everything else this benchmark starts (load calls, Chromium)
-    on the other CPUs, as if the dashboards ran on the supervisors' own machines, which is where
-    browsers are; on a 2-core box the browser otherwise takes its CPU from the calls."""
-    import psutil
-
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        return None
-    for thread in psutil.Process(node.server.pid).threads():
-        os.sched_setaffinity(thread.id, {cpus[0]})
-    os.sched_setaffinity(0, set(cpus[1:]))  # inherited by the load process and Chromium
-    return {"node": cpus[:1], "load_and_browser": cpus[1:]}
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=50, help="live calls in all, one of them the listen probe")
@@ -267,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     node = Node.start(slots=args.calls + 4)
     load = None
     try:
-        args.pinned = pin(node) if args.pin else None
+        args.pinned = pin([node.server.pid]) if args.pin else None
         log(f"node ready (pid {node.server.pid}); starting {args.calls - 1} load calls")
         load = node.start_load(args.calls - 1, 3 * args.seconds + 150)
         report = asyncio.run(measure(args, node))

@@ -35,6 +35,7 @@ from engine.config import Settings
 from engine.events import EventBus, ModelLoad
 from engine.models import registry as models
 from engine.models.base import VoiceModel
+from engine.priority import BACKGROUND_NICE
 from engine.scheduler import Scheduler
 from engine.snapshot import ModelInfo, ModelState, NodeInfo, SlotInfo, Snapshot
 from engine.store import calls as call_rows
@@ -57,8 +58,6 @@ RECENT_EVENTS = 50
 SWITCH_INTERVAL_S = 0.001
 CLOSE_CALLS_S = 5.0
 """How long shutdown waits for all live calls' streams to close, together."""
-WEBHOOKS_NICE = 10
-"""The webhook child processes' niceness over ours: under CPU contention, calls come first."""
 _QUIET_EVENTS = (events.LatencySampled, events.TickSampled, events.SystemSampled)
 """High-rate samples are not kept in the snapshot's recent-events list."""
 
@@ -228,7 +227,7 @@ class Runtime:
             server.webhooks_workers,
             DEFAULT_RATE_LIMIT,
             settings=self.settings,
-            nice=WEBHOOKS_NICE,
+            nice=BACKGROUND_NICE,
         )
         self.webhooks = WebhookProcesses(plan, bus=self.bus)
         self.webhooks_port = self.webhooks.start()

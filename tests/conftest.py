@@ -22,3 +22,13 @@ def xswarm_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
         if name.startswith("XSWARM_") and name != "XSWARM_HOME" or name in ALIASES:
             monkeypatch.delenv(name, raising=False)
     yield home
+
+
+@pytest.fixture(autouse=True)
+def background_priority(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Commands run in-process here (``CliRunner``) must not lower the test process's own CPU
+    and I/O priority for every later test: ``run_in_background`` is recorded instead.
+    ``tests/test_priority.py`` checks the real one in a process of its own."""
+    calls: list[str] = []
+    monkeypatch.setattr("engine.priority.run_in_background", lambda: calls.append("background"))
+    return calls

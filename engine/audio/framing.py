@@ -11,12 +11,12 @@ frames are taken strictly in order.
 A frame whose chunks have not all arrived by the tick is concealed: what did arrive is used and
 the gap is filled with silence. It counts as late once more audio arrives: a frame concealed at
 a tick just before the caller's ``stop`` is where the stream ended (the caller hung up part way
-through a frame), not audio that came late. The buffer then adapts: it keeps the last missing chunk when it
-comes (one more chunk, 20 ms, of margin against this caller's jitter, up to ``max_depth``)
-and discards the rest (a late packet is a lost packet), so a stall never shifts the stream by
-more than the margin. A margin unused for ``relax_after_ticks`` is given back, and a backlog
-beyond the margin that persists (the caller's clock runs fast, a burst after a stall) is
-trimmed, so the delay cannot creep up.
+through a frame), not audio that came late. The buffer then adapts: it keeps the last missing
+chunk when it comes (one more chunk, 20 ms, of margin against this caller's jitter, up to
+``max_depth``) and discards the rest (a late packet is a lost packet), so a stall never shifts
+the stream by more than the margin. A margin unused for ``relax_after_ticks`` is given back,
+and a backlog beyond the margin that persists (the caller's clock runs fast, a burst after a
+stall) is trimmed, so the delay cannot creep up.
 
 Outbound is simpler: one 640-byte frame becomes four 160-byte payloads.
 """
@@ -123,7 +123,7 @@ class InboundFrames:
         return frame, completed_at
 
     def _conceal(self, have: int) -> bytes:
-        """Late frame: the bytes that made it, then silence. The missing bytes are discarded
+        """A concealed frame: the bytes that made it, then silence. The missing bytes are discarded
         when they come, except the last chunk while the margin may still grow."""
         self._concealed += 1
         frame = bytes(self._buf[:have]) + bytes([SILENCE]) * (FRAME_BYTES - have)

@@ -341,7 +341,7 @@ async def stream_call(
     report.gap_ms = gaps.summary()
     report.playout_lag_ms = lag.summary()
     report.send_late_ms = pace.summary()
-    in_reply = echo_delay_ms(audio, report.reply)
+    in_reply = await asyncio.to_thread(echo_delay_ms, audio, report.reply)  # FFTs: off the pacing loop
     if in_reply is not None and first_audio_at is not None:
         report.echo_delay_ms = round(in_reply + (first_audio_at - origin) * 1000, 3)
     return report
@@ -349,8 +349,9 @@ async def stream_call(
 
 def echo_delay_ms(sent: bytes, reply: bytes, max_delay_s: float = 1.0) -> float | None:
     """Where our own audio reappears in the reply (FFT cross-correlation), in ms; None if it
-    does not. FFT because a direct correlation of seconds of audio would stall the event loop
-    that is pacing the other simulated calls."""
+    does not. FFT because a direct correlation of seconds of audio would take seconds; numpy
+    releases the GIL for it, so ``stream_call`` runs it on a thread, off the loop that paces
+    the other simulated calls."""
     x = mulaw.decode(sent)
     y = mulaw.decode(reply)
     n = min(len(x), 8000 * 4)
