@@ -277,7 +277,10 @@ class Sms:
         url = f"http://127.0.0.1:{self.node.webhooks_port}/twilio/sms"
         k = self.first_sid
         start = time.monotonic() - self.first_sid / self.rate
-        async with aiohttp.ClientSession() as session:
+        # Idle keep-alive connections close after 1 s: the extra ones opened while two answers
+        # overlapped would otherwise stay open and read as the node's file descriptors growing.
+        connector = aiohttp.TCPConnector(keepalive_timeout=1.0)
+        async with aiohttp.ClientSession(connector=connector) as session:
             pending: set[asyncio.Task[None]] = set()
 
             async def one(n: int) -> None:

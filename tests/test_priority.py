@@ -29,7 +29,7 @@ def test_a_background_process_runs_below_the_calls() -> None:
     assert ioclass == int(psutil.IOPRIO_CLASS_IDLE)
 
 
-def test_backup_create_runs_in_the_background(background_priority: list[str], tmp_path: Path) -> None:
+def test_backup_create_runs_in_the_background(background_priority: list[str]) -> None:
     from typer.testing import CliRunner
 
     from engine.config import load_settings

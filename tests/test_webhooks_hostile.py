@@ -81,8 +81,8 @@ async def test_a_form_with_too_many_fields_is_refused_before_any_hmac(
 
 async def _answer_without_body(port: int, path: str, headers: dict[str, str] | None = None) -> bytes:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    head = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
-    writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\n{head}Content-Length: 30000000\r\n\r\n".encode())
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\n{extra}Content-Length: 30000000\r\n\r\n".encode())
     await writer.drain()
     head = await asyncio.wait_for(reader.readline(), 5)  # answered without sending a byte of body
     writer.close()

@@ -14,9 +14,7 @@ import asyncio
 import functools
 import hashlib
 import io
-import os
 import re
-import tempfile
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -24,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
+
+from engine.files import atomic_file
 
 CHUNK = 1024 * 1024
 T = TypeVar("T")
@@ -172,17 +172,8 @@ class ObjectStore(ABC):
         check_key(key)
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-        try:
-            with os.fdopen(fd, "w+b") as fileobj:
-                info = self._verified(key, Sink(fileobj))
-                fileobj.flush()
-                os.fsync(fileobj.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return info
+        with atomic_file(dest) as fileobj:
+            return self._verified(key, Sink(fileobj))
 
     def get_bytes(self, key: str) -> bytes:
         check_key(key)
