@@ -358,8 +358,13 @@ async def test_a_refused_token_offers_retry_or_quit(served_runtime: Runtime) -> 
     )
     app = XswarmApp(link)
     async with app.run_test(size=(120, 40)) as pilot:
+
+        def shown_text() -> str:
+            return " ".join(str(w.render()) for w in app.screen.query("Static"))
+
         await _until(pilot, lambda: isinstance(app.screen, RuntimeFailedScreen), timeout=8)
-        text = " ".join(str(w.render()) for w in app.screen.query("Static"))
+        await _until(pilot, lambda: bool(shown_text()), timeout=5)  # pushed, then composed
+        text = shown_text()
         assert "refused the token" in text and "xswarm supervisor" in text
         shown = {b.binding.action for b in app.screen_stack[0].active_bindings.values() if b.binding.show}
         assert "take_over" not in app.screen_stack[0].active_bindings or not app._allowed(
