@@ -65,9 +65,8 @@ def tune_server_process() -> None:
 
     The GIL switch interval: 0.5 ms instead of 5 ms. Every stored delivery waits on the
     database writer thread, which needs the GIL back after each SQLite call; with the event
-    loop busy (a flood of refusals), each of those waits lasted a whole interval, and a signed
-    SMS behind an attack took ~60 ms at p99 instead of ~48 (docs/performance.md,
-    "Hostile traffic")."""
+    loop busy (a flood of refusals), each of those waits lasted a whole interval and signed
+    SMS queued behind the attack (docs/performance.md, "Webhooks")."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
