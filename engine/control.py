@@ -36,13 +36,11 @@ from engine.events import (
     Whisper,
     wire_types,
 )
+from engine.host import RuntimeHost
 from engine.phone import E164
 from engine.telephony import twilio_rest
 
 if TYPE_CHECKING:
-    from engine.calls import CallRegistry
-    from engine.config import Settings
-    from engine.events import EventBus
     from engine.store.db import Database
 
 log = logging.getLogger("xswarm.control")
@@ -68,19 +66,11 @@ class ControlError(Exception):
         self.extra = extra
 
 
-class ControlHost(Protocol):
+class ControlHost(RuntimeHost, Protocol):
     """What call control uses of the runtime."""
 
     @property
-    def settings(self) -> Settings: ...
-    @property
-    def bus(self) -> EventBus: ...
-    @property
-    def calls(self) -> CallRegistry: ...
-    @property
     def db(self) -> Database | None: ...
-    @property
-    def node_id(self) -> str: ...
     async def start_local_call(self) -> str: ...
 
 

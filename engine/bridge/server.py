@@ -38,6 +38,7 @@ from engine.audio.framing import InboundFrames, split_frame
 from engine.bridge import twilio_wire as wire
 from engine.calls import CallControlError, CallSession, NoFreeSlot, NoHeadroom
 from engine.config import secret
+from engine.host import RuntimeHost
 from engine.http_answers import json_response
 from engine.ratelimit import RateLimit, TokenBucket
 from engine.store import calltokens
@@ -47,9 +48,6 @@ from engine.telephony import twilio_rest
 from engine.telephony.calltoken import Claims, TokenError, TokenLedger, Verified
 
 if TYPE_CHECKING:
-    from engine.calls import CallRegistry
-    from engine.config import Settings
-    from engine.events import EventBus
     from engine.models.base import VoiceModel
 
 log = logging.getLogger("xswarm.bridge")
@@ -82,21 +80,13 @@ NOT_READY = 4010
 NO_HEADROOM = 4011
 
 
-class BridgeHost(Protocol):
+class BridgeHost(RuntimeHost, Protocol):
     """What the bridge uses of the runtime that hosts it."""
 
-    @property
-    def settings(self) -> Settings: ...
-    @property
-    def bus(self) -> EventBus: ...
-    @property
-    def calls(self) -> CallRegistry: ...
     @property
     def model(self) -> VoiceModel | None: ...
     @property
     def model_state(self) -> str: ...
-    @property
-    def node_id(self) -> str: ...
     @property
     def started_at(self) -> float: ...
     @property

@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 from engine import events
+from engine.host import RuntimeHost
 from engine.paths import resolve_paths
 from engine.storage import ObjectStore, StorageError, open_store
 from engine.storage.backup import (
@@ -29,9 +30,6 @@ from engine.storage.recordings import CallRecordings, prune_recordings
 from engine.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
-    from engine.calls import CallRegistry
-    from engine.config import Settings
-    from engine.events import EventBus
     from engine.store.db import Database
 
 log = logging.getLogger("xswarm.storage")
@@ -39,19 +37,11 @@ log = logging.getLogger("xswarm.storage")
 DAY_S = 86400.0
 
 
-class StorageHost(Protocol):
+class StorageHost(RuntimeHost, Protocol):
     """What the storage service uses of the runtime."""
 
     @property
-    def settings(self) -> Settings: ...
-    @property
-    def bus(self) -> EventBus: ...
-    @property
-    def calls(self) -> CallRegistry: ...
-    @property
     def db(self) -> Database | None: ...
-    @property
-    def node_id(self) -> str: ...
 
 
 class StorageService:

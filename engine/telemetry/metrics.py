@@ -34,33 +34,23 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from engine.events import Event, SystemSampled, WebhookFailed, WebhookReceived
+from engine.host import RuntimeHost
 from engine.paths import resolve_paths
 
 disable_created_metrics()  # no `_created` series beside every counter: Prometheus ignores them in this format
 
 if TYPE_CHECKING:
-    from engine.calls import CallRegistry
-    from engine.config import Settings
-    from engine.events import EventBus
     from engine.models.base import VoiceModel
     from engine.supervisor.server import SupervisorServer
 
 
-class MetricsHost(Protocol):
+class MetricsHost(RuntimeHost, Protocol):
     """What the metrics read of the runtime (at scrape time, on the runtime loop that answers /metrics)."""
 
-    @property
-    def settings(self) -> Settings: ...
-    @property
-    def bus(self) -> EventBus: ...
-    @property
-    def calls(self) -> CallRegistry: ...
     @property
     def model(self) -> VoiceModel | None: ...
     @property
     def started_at(self) -> float: ...
-    @property
-    def node_id(self) -> str: ...
     @property
     def model_spec(self) -> str: ...
     @property
